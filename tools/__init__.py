@@ -1,0 +1,1 @@
+"""Programs installed as console scripts; the logic lives in the tensorcom package."""
