@@ -1,0 +1,549 @@
+"""``PipelineBuilder``: an SPDL-style pipeline run by an asyncio event loop in a background thread.
+
+::
+
+    pipeline = (
+        PipelineBuilder()
+        .add_source(range(1000))                  # sequence, iterable, async iterable or tensorcom pipeline
+        .pipe(load, concurrency=8)                # sync ops run in a thread pool, async ops on the loop
+        .aggregate(32)                            # lists of 32 items (the last one shorter unless drop_last)
+        .pipe(collate)
+        .add_sink(4)                              # at most 4 finished items wait for the consumer
+        .build()
+    )
+    for batch in pipeline: ...
+
+The loop starts on the first ``next`` and stops on ``close()``, on leaving a ``with`` block, when a ``for`` loop over
+the pipeline ends or breaks, and at garbage collection. An exception in an op stops the pipeline and reaches the
+consumer as :class:`~tensorcom.errors.PipelineError` naming the stage and input (the op's exception is its
+``__cause__``), after the items that came before it.
+
+State and resume: the state is the source's state as of the last item delivered to the consumer. Sequences and
+tensorcom pipelines resume and ``skip`` in O(1) (arithmetic); plain iterables and async iterables resume by replay
+from their start. With ``output_order="completion"`` items leave a stage out of order, so ``state()`` refuses (no
+exact resume point exists); use ``"input"`` (the default) where resume matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import math
+import threading
+import weakref
+from collections.abc import AsyncIterable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tensorcom.errors import ConfigError, PipelineError, StateError
+from tensorcom.pipeline._base import Pipeline, Record
+from tensorcom.pipeline.collate import merge_records
+from tensorcom.pipeline.map import _function_name
+from tensorcom.pipeline.sources import as_stage
+from tensorcom.pipeline.state import require_int, require_keys
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BuiltPipeline", "PipelineBuilder"]
+
+_QUEUE_SIZE = 2
+_JOIN_S = 5.0
+
+
+@dataclass(frozen=True)
+class _PipeConfig:
+    op: Callable[..., Any]
+    concurrency: int
+    output_order: str
+    name: str
+
+    def __post_init__(self) -> None:
+        if not callable(self.op):
+            raise ConfigError(f"op must be callable. Found: {self.op!r}")
+        if (
+            isinstance(self.concurrency, bool)
+            or not isinstance(self.concurrency, int)
+            or self.concurrency <= 0
+        ):
+            raise ConfigError(f"concurrency must be an int > 0. Found: {self.concurrency!r}")
+        if self.output_order not in ("input", "completion"):
+            raise ConfigError(f"output_order must be 'input' or 'completion'. Found: {self.output_order!r}")
+
+    @property
+    def is_async(self) -> bool:
+        op = self.op
+        if inspect.iscoroutinefunction(op):
+            return True
+        return not inspect.isroutine(op) and inspect.iscoroutinefunction(type(op).__call__)
+
+
+@dataclass(frozen=True)
+class _AggregateConfig:
+    size: int
+    drop_last: bool
+    name: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
+            raise ConfigError(f"aggregate size must be an int > 0. Found: {self.size!r}")
+
+
+@dataclass(frozen=True)
+class _SinkConfig:
+    buffer_size: int
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.buffer_size, bool)
+            or not isinstance(self.buffer_size, int)
+            or self.buffer_size <= 0
+        ):
+            raise ConfigError(f"buffer_size must be an int > 0. Found: {self.buffer_size!r}")
+
+
+class PipelineBuilder:
+    """Configure a pipeline step by step; ``build()`` returns a :class:`BuiltPipeline`."""
+
+    def __init__(self) -> None:
+        self._source: Any = None
+        self._has_source = False
+        self._stages: list[_PipeConfig | _AggregateConfig] = []
+        self._sink: _SinkConfig | None = None
+
+    def add_source(self, source: Any) -> PipelineBuilder:
+        """Items come from ``source``: a sequence, an iterable, an async iterable or a tensorcom pipeline."""
+        if self._has_source:
+            raise ConfigError("add_source was already called; a pipeline has one source")
+        self._source, self._has_source = source, True
+        return self
+
+    def pipe(
+        self,
+        op: Callable[..., Any],
+        concurrency: int = 1,
+        output_order: Literal["input", "completion"] = "input",
+        name: str | None = None,
+    ) -> PipelineBuilder:
+        """Apply ``op`` (sync or ``async``) to every item, ``concurrency`` items at a time."""
+        self._check_open("pipe")
+        label = name or f"pipe({_function_name(op) if callable(op) else repr(op)})"
+        self._stages.append(_PipeConfig(op, concurrency, output_order, f"{len(self._stages) + 1}:{label}"))
+        return self
+
+    def aggregate(self, num_items: int, drop_last: bool = False) -> PipelineBuilder:
+        """Group items into lists of ``num_items`` (the last one shorter unless ``drop_last``)."""
+        self._check_open("aggregate")
+        self._stages.append(
+            _AggregateConfig(num_items, drop_last, f"{len(self._stages) + 1}:aggregate({num_items})")
+        )
+        return self
+
+    def add_sink(self, buffer_size: int = 3) -> PipelineBuilder:
+        """Hold at most ``buffer_size`` finished items for the consumer."""
+        self._check_open("add_sink")
+        self._sink = _SinkConfig(buffer_size)
+        return self
+
+    def _check_open(self, what: str) -> None:
+        if not self._has_source:
+            raise ConfigError(f"{what} needs a source first; call add_source")
+        if self._sink is not None:
+            raise ConfigError(f"{what} after add_sink; the sink is the last step")
+
+    def build(self, num_threads: int | None = None) -> BuiltPipeline:
+        """Return the runnable pipeline (nothing starts until the first item is requested)."""
+        if not self._has_source:
+            raise ConfigError("build needs a source; call add_source")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads <= 0):
+            raise ConfigError(f"num_threads must be an int > 0. Found: {num_threads!r}")
+        sink = self._sink or _SinkConfig(3)
+        return BuiltPipeline(self._source, list(self._stages), sink, num_threads)
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+@dataclass(frozen=True)
+class _Item:
+    record: Record
+    state_after: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+_Message = _Item | _End | _Failure
+
+
+class _AsyncReplaySource:
+    """An async iterable read from its start; ``position`` items are skipped by reading them."""
+
+    def __init__(self, source: AsyncIterable[Any]) -> None:
+        self.source = source
+        self.position = 0
+        self.started = False
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "AsyncIterable", "type": type(self.source).__qualname__}
+
+
+class _Runner:
+    """One run of the pipeline: a thread with an event loop, and the consumer-side handle on its sink."""
+
+    def __init__(
+        self,
+        source: Pipeline | _AsyncReplaySource,
+        stages: list[_PipeConfig | _AggregateConfig],
+        sink: _SinkConfig,
+        num_threads: int,
+    ) -> None:
+        self._source = source
+        self._stages = stages
+        self._loop = asyncio.new_event_loop()
+        self._source_executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="tc-builder-source"
+        )
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            num_threads, thread_name_prefix="tc-builder-op"
+        )
+        self._sink: asyncio.Queue[_Message] = asyncio.Queue(sink.buffer_size)
+        self._main: asyncio.Task[None] | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._thread_main, name="tc-builder-loop", daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def _thread_main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._main = self._loop.create_task(self._run())
+        self._started.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    async def _run(self) -> None:
+        queues: list[asyncio.Queue[_Message]] = [asyncio.Queue(_QUEUE_SIZE) for _ in self._stages]
+        outputs = [*queues[1:], self._sink]
+        tasks = [asyncio.ensure_future(self._produce(queues[0] if queues else self._sink))]
+        for stage, inq, outq in zip(self._stages, queues, outputs, strict=True):
+            if isinstance(stage, _AggregateConfig):
+                tasks.append(asyncio.ensure_future(self._aggregate(stage, inq, outq)))
+            elif stage.output_order == "input":
+                tasks.append(asyncio.ensure_future(self._pipe_ordered(stage, inq, outq)))
+            else:
+                tasks.append(asyncio.ensure_future(self._pipe_unordered(stage, inq, outq)))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _produce(self, out: asyncio.Queue[_Message]) -> None:
+        source = self._source
+        try:
+            if isinstance(source, _AsyncReplaySource):
+                iterator = source.source.__aiter__()
+                if iterator is source.source and source.started:
+                    raise StateError(
+                        "an async generator (or other one-shot async iterator) cannot be replayed to resume or skip; "
+                        "pass an object whose __aiter__ returns a fresh iterator"
+                    )
+                source.started = True
+                for _ in range(source.position):
+                    await iterator.__anext__()
+                position = source.position
+                async for value in _rest(iterator):
+                    position += 1
+                    await out.put(_Item(Record(value, 0, (position - 1,)), {"position": position}))
+            else:
+                loop = asyncio.get_running_loop()
+                while True:
+                    message = await loop.run_in_executor(self._source_executor, _pull_with_state, source)
+                    if isinstance(message, _End):
+                        break
+                    await out.put(message)
+        except StopAsyncIteration:
+            pass
+        except Exception as exc:
+            error = PipelineError(f"stage 'source' failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            await out.put(_Failure(error))
+            return
+        await out.put(_END)
+
+    async def _apply(self, stage: _PipeConfig, item: _Item) -> _Message:
+        try:
+            if stage.is_async:
+                value = await stage.op(item.record.value)
+            else:
+                loop = asyncio.get_running_loop()
+                value = await loop.run_in_executor(self._executor, stage.op, item.record.value)
+        except Exception as exc:
+            index = list(item.record.indices)
+            where = index[0] if len(index) == 1 else index
+            error = PipelineError(
+                f"stage {stage.name!r} failed on input {where}: {type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+            return _Failure(error)
+        return _Item(item.record.with_value(value), item.state_after)
+
+    async def _pipe_ordered(
+        self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: asyncio.Queue[_Message]
+    ) -> None:
+        pending: asyncio.Queue[asyncio.Future[_Message] | _End | _Failure] = asyncio.Queue(stage.concurrency)
+
+        async def feed() -> None:
+            while True:
+                message = await inq.get()
+                if isinstance(message, _Item):
+                    await pending.put(asyncio.ensure_future(self._apply(stage, message)))
+                else:
+                    await pending.put(message)
+                    return
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            while True:
+                entry = await pending.get()
+                result = await entry if isinstance(entry, asyncio.Future) else entry
+                await out.put(result)
+                if not isinstance(result, _Item):
+                    return
+        finally:
+            feeder.cancel()
+            while not pending.empty():
+                entry = pending.get_nowait()
+                if isinstance(entry, asyncio.Future):
+                    entry.cancel()
+
+    async def _pipe_unordered(
+        self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: asyncio.Queue[_Message]
+    ) -> None:
+        slots = asyncio.Semaphore(stage.concurrency)
+        running: set[asyncio.Future[None]] = set()
+        failed = asyncio.Event()
+
+        async def one(item: _Item) -> None:
+            try:
+                result = await self._apply(stage, item)
+                if isinstance(result, _Failure):
+                    failed.set()
+                await out.put(result)
+            finally:
+                slots.release()
+
+        try:
+            while not failed.is_set():
+                message = await inq.get()
+                if not isinstance(message, _Item):
+                    await asyncio.gather(*running)
+                    if not failed.is_set():
+                        await out.put(message)
+                    return
+                await slots.acquire()
+                task = asyncio.ensure_future(one(message))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            for leftover in list(running):
+                leftover.cancel()
+
+    async def _aggregate(
+        self, stage: _AggregateConfig, inq: asyncio.Queue[_Message], out: asyncio.Queue[_Message]
+    ) -> None:
+        group: list[_Item] = []
+        while True:
+            message = await inq.get()
+            if isinstance(message, _Item):
+                group.append(message)
+                if len(group) == stage.size:
+                    await out.put(_group(group))
+                    group = []
+                continue
+            if isinstance(message, _End) and group and not stage.drop_last:
+                await out.put(_group(group))
+            await out.put(message)
+            return
+
+    def get(self) -> _Message:
+        """Wait for the next message from the sink (the consumer side)."""
+        future = asyncio.run_coroutine_threadsafe(self._sink.get(), self._loop)
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if not self._thread.is_alive():
+                    future.cancel()
+                    raise PipelineError("the pipeline's event loop stopped unexpectedly") from None
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            except RuntimeError:
+                logger.debug("builder loop already closed")
+            self._thread.join(_JOIN_S)
+            if self._thread.is_alive():
+                logger.warning("builder loop thread did not stop within %.1f s", _JOIN_S)
+        self._source_executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _rest(iterator: Any) -> Any:
+    while True:
+        try:
+            value = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        yield value
+
+
+def _pull_with_state(source: Pipeline) -> _Message:
+    try:
+        record = source._pull()
+    except StopIteration:
+        return _END
+    return _Item(record, source._get_state())
+
+
+def _group(items: list[_Item]) -> _Item:
+    record = merge_records([i.record for i in items], [i.record.value for i in items])
+    return _Item(record, items[-1].state_after)
+
+
+class BuiltPipeline(Pipeline):
+    """A built :class:`PipelineBuilder` pipeline: iterate it; ``state``/``load_state``/``skip``/``fingerprint`` too."""
+
+    def __init__(
+        self,
+        source: Any,
+        stages: list[_PipeConfig | _AggregateConfig],
+        sink: _SinkConfig,
+        num_threads: int | None,
+    ) -> None:
+        if isinstance(source, AsyncIterable):
+            self._source: Pipeline | _AsyncReplaySource = _AsyncReplaySource(source)
+        else:
+            self._source = as_stage(source)
+        self._stages = stages
+        self._sink_config = sink
+        pipes = [s for s in stages if isinstance(s, _PipeConfig)]
+        self._num_threads = num_threads or max(1, sum(s.concurrency for s in pipes if not s.is_async))
+        self._runner: _Runner | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._ended = False
+        self._delivered = self._source_state()
+        self._items_per_output = math.prod(s.size for s in stages if isinstance(s, _AggregateConfig))
+
+    def _source_state(self) -> dict[str, Any]:
+        if isinstance(self._source, _AsyncReplaySource):
+            return {"position": self._source.position}
+        return self._source._get_state()
+
+    def _pull(self) -> Record:
+        if self._ended:
+            raise StopIteration
+        if self._runner is None:
+            self._runner = _Runner(self._source, self._stages, self._sink_config, self._num_threads)
+            self._finalizer = weakref.finalize(self, self._runner.stop)
+        message = self._runner.get()
+        if isinstance(message, _Item):
+            self._delivered = message.state_after
+            return message.record
+        self._stop()
+        if isinstance(message, _Failure):
+            self._rewind()
+            raise message.error
+        self._ended = True
+        raise StopIteration
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            while True:
+                try:
+                    value = next(self)
+                except StopIteration:
+                    return
+                yield value
+        finally:
+            self.close()
+
+    def _stop(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._runner, self._finalizer = None, None
+
+    def _rewind(self) -> None:
+        """Put the source back at the last delivered item (the runner must be stopped)."""
+        self._set_source_state(self._delivered)
+
+    def _set_source_state(self, state: Any) -> None:
+        if isinstance(self._source, _AsyncReplaySource):
+            state = require_keys(state, ("position",), "BuiltPipeline")
+            self._source.position = require_int(state, "position", "BuiltPipeline")
+        else:
+            self._source._set_state(state)
+        self._delivered = self._source_state()
+
+    def _get_state(self) -> dict[str, Any]:
+        unordered = [
+            s.name for s in self._stages if isinstance(s, _PipeConfig) and s.output_order == "completion"
+        ]
+        if unordered:
+            raise StateError(
+                f"BuiltPipeline: no exact resume point with output_order='completion' in {unordered}; use 'input'"
+            )
+        return dict(self._delivered)
+
+    def _set_state(self, state: Any) -> None:
+        self._stop()
+        self._ended = False
+        self._set_source_state(state)
+
+    def _skip(self, n: int) -> None:
+        if n <= 0:
+            return
+        self._stop()
+        self._rewind()
+        self._ended = False
+        count = n * self._items_per_output
+        if isinstance(self._source, _AsyncReplaySource):
+            self._source.position += count
+        else:
+            self._source._skip(count)
+        self._delivered = self._source_state()
+
+    def _config(self) -> dict[str, Any]:
+        source = (
+            self._source.config() if isinstance(self._source, _AsyncReplaySource) else self._source._config()
+        )
+        stages: list[dict[str, Any]] = []
+        for stage in self._stages:
+            if isinstance(stage, _AggregateConfig):
+                stages.append({"kind": "aggregate", "size": stage.size, "drop_last": stage.drop_last})
+            else:
+                stages.append({"kind": "pipe", "op": _function_name(stage.op)})
+        return {"kind": "Builder", "source": source, "stages": stages}
+
+    def _close(self) -> None:
+        if self._runner is not None:
+            self._stop()
+            self._rewind()
+        if isinstance(self._source, Pipeline):
+            self._source._close()
