@@ -6,6 +6,7 @@ Lifecycle and directory map: see ``README.md`` beside this file.
 from __future__ import annotations
 
 from tensorcom.pipeline._base import Pipeline, Stage, Transform
+from tensorcom.pipeline.builder import BuiltPipeline, PipelineBuilder
 from tensorcom.pipeline.collate import Collate, collate
 from tensorcom.pipeline.conveyer import Conveyer
 from tensorcom.pipeline.join import Join
@@ -14,6 +15,7 @@ from tensorcom.pipeline.partition import Partition
 from tensorcom.pipeline.sources import IterableSource, Permutation, Range, SequenceSource
 
 __all__ = [
+    "BuiltPipeline",
     "Collate",
     "Conveyer",
     "DistributedBatchedMap",
@@ -23,6 +25,7 @@ __all__ = [
     "Partition",
     "Permutation",
     "Pipeline",
+    "PipelineBuilder",
     "Range",
     "SequenceSource",
     "Stage",

@@ -134,6 +134,7 @@ class WorkerPool:
         self._queues: list[Any] = []
         self._connections: list[Connection] = []
         self._pending: list[set[int]] = []
+        self._alive: list[bool] = []
         self._finalizer = weakref.finalize(self, _stop, self._processes, self._queues, self._connections)
         for i in range(n_workers):
             tasks = ctx.Queue()
@@ -144,23 +145,33 @@ class WorkerPool:
             self._queues.append(tasks)
             self._connections.append(reader)
             self._pending.append(set())
+            self._alive.append(True)
             proc.start()
             writer.close()
             self._processes.append(proc)
         logger.debug("%s: started %d worker processes", name, n_workers)
 
+    @property
+    def alive(self) -> int:
+        """Number of workers not known to have died."""
+        return sum(self._alive)
+
     def submit(self, seq: int, value: Any, key: int | None) -> None:
-        worker = min(range(len(self._pending)), key=lambda i: len(self._pending[i]))
+        candidates = [i for i in range(len(self._pending)) if self._alive[i]]
+        if not candidates:
+            raise WorkerDied(-1, None, [seq])
+        worker = min(candidates, key=lambda i: len(self._pending[i]))
         self._pending[worker].add(seq)
         self._queues[worker].put((seq, value, key))
 
-    def wait(self, timeout: float | None) -> list[tuple[int, bool, Any]]:
-        """Return the results that are ready (empty after ``timeout``); raise WorkerDied when a busy worker died."""
-        sentinels = {proc.sentinel: i for i, proc in enumerate(self._processes)}
-        conns = {id(conn): i for i, conn in enumerate(self._connections)}
-        ready = multiprocessing.connection.wait([*self._connections, *sentinels], timeout)
+    def wait(self, timeout: float | None) -> tuple[list[tuple[int, bool, Any]], list[WorkerDied]]:
+        """Return the results that are ready (none after ``timeout``) and the workers found dead since last time."""
+        live = [i for i in range(len(self._processes)) if self._alive[i]]
+        sentinels = {self._processes[i].sentinel: i for i in live}
+        conns = {id(self._connections[i]): i for i in live}
+        ready = multiprocessing.connection.wait([*(self._connections[i] for i in live), *sentinels], timeout)
         out: list[tuple[int, bool, Any]] = []
-        dead: list[int] = []
+        dead: set[int] = set()
         for obj in ready:
             if isinstance(obj, Connection):
                 worker = conns[id(obj)]
@@ -168,21 +179,23 @@ class WorkerPool:
                     while obj.poll():
                         out.append(self._received(worker, obj.recv()))
                 except (EOFError, OSError):
-                    dead.append(worker)
+                    dead.add(worker)
             elif isinstance(obj, int):
-                dead.append(sentinels[obj])
-        for worker in dead:
+                dead.add(sentinels[obj])
+        deaths = []
+        for worker in sorted(dead):
             conn = self._connections[worker]
             try:
                 while conn.poll():
                     out.append(self._received(worker, conn.recv()))
             except (EOFError, OSError):
                 pass
-            if self._pending[worker] or not out:
-                proc = self._processes[worker]
-                proc.join(timeout=0.1)
-                raise WorkerDied(worker, proc.exitcode, sorted(self._pending[worker]))
-        return out
+            proc = self._processes[worker]
+            proc.join(timeout=0.5)
+            self._alive[worker] = False
+            deaths.append(WorkerDied(worker, proc.exitcode, sorted(self._pending[worker])))
+            logger.debug("%s: worker %d died with exit code %s", self.name, worker, proc.exitcode)
+        return out, deaths
 
     def _received(self, worker: int, message: tuple[int, bool, Any]) -> tuple[int, bool, Any]:
         self._pending[worker].discard(message[0])

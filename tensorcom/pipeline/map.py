@@ -6,7 +6,7 @@ same sample whichever process computes it. The seed is the stage's ``seed`` if g
 ``Permutation`` seed; 0 for ``Range``). Both stages have the same fingerprint for the same ``fn`` and seed: a state
 saved with one loads into the other.
 
-``DistributedBatchedMap`` keeps up to ``buffer_size`` items in flight (default ``2 * n_workers``) and delivers them
+``DistributedBatchedMap`` keeps up to ``buffer_size`` items in flight (default ``4 * n_workers``) and delivers them
 in input order. Its state is the stream state as of the last item *delivered*, not prefetched, so neither
 ``n_workers`` nor ``buffer_size`` changes anything that can be saved or resumed. ``fn`` must be picklable (a
 module-level function or a ``functools.partial`` of one).
@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from tensorcom.errors import ConfigError, PipelineError, WorkerError
 from tensorcom.pipeline._base import Record, Transform
@@ -132,7 +132,7 @@ class DistributedBatchedMap(_MapBase):
         if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers <= 0:
             raise ConfigError(f"n_workers must be an int > 0. Found: {n_workers!r}")
         if buffer_size is None:
-            buffer_size = 2 * n_workers
+            buffer_size = 4 * n_workers
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size <= 0:
             raise ConfigError(f"buffer_size must be an int > 0. Found: {buffer_size!r}")
         if timeout is not None and not timeout > 0:
@@ -145,6 +145,7 @@ class DistributedBatchedMap(_MapBase):
         self._inflight: collections.deque[_InFlight] = collections.deque()
         self._results: dict[int, tuple[bool, Any]] = {}
         self._abandoned: set[int] = set()
+        self._lost: dict[int, WorkerDied] = {}
         self._seq = 0
         self._exhausted = False
         self._pending_error: tuple[BaseException, dict[str, Any]] | None = None
@@ -153,7 +154,15 @@ class DistributedBatchedMap(_MapBase):
 
     def _fill(self) -> None:
         upstream = self.upstream
-        while len(self._inflight) < self.buffer_size and not self._exhausted and self._pending_error is None:
+        if self._pool is not None and self._pool.alive < self.n_workers and not self._inflight:
+            self._close()
+        while (
+            len(self._inflight) < self.buffer_size
+            and not self._exhausted
+            and self._pending_error is None
+            and not self._lost
+            and (self._pool is None or self._pool.alive == self.n_workers)
+        ):
             state_before = upstream._get_state()
             try:
                 record = upstream._pull()
@@ -199,13 +208,22 @@ class DistributedBatchedMap(_MapBase):
         if pool is None:
             raise PipelineError(f"stage {self.stage_name!r}: items in flight but no workers")
         while head.seq not in self._results:
+            if head.seq in self._lost:
+                died = self._lost[head.seq]
+                self._fail(head, f"worker process {died.worker} died (exit code {died.exitcode})")
+            if pool.alive == 0:
+                self._fail(head, "every worker process died")
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self._fail(head, f"no result within timeout={self.timeout} s")
-            try:
-                messages = pool.wait(left)
-            except WorkerDied as died:
-                self._fail(head, f"worker process {died.worker} died (exit code {died.exitcode})")
+            messages, deaths = pool.wait(left)
+            for died in deaths:
+                if not died.pending:
+                    logger.warning(
+                        "%s: idle worker %d died (exit code %s)", self.stage_name, died.worker, died.exitcode
+                    )
+                for seq in died.pending:
+                    self._lost[seq] = died
             for seq, ok, payload in messages:
                 if seq in self._abandoned:
                     self._abandoned.discard(seq)
@@ -213,7 +231,7 @@ class DistributedBatchedMap(_MapBase):
                     self._results[seq] = (ok, payload)
         return self._results.pop(head.seq)
 
-    def _fail(self, head: _InFlight, why: str) -> None:
+    def _fail(self, head: _InFlight, why: str) -> NoReturn:
         """Stop the workers, rewind to the lost item so a later pull retries it, and raise WorkerError."""
         state = head.state_before
         self._reset()
@@ -275,6 +293,7 @@ class DistributedBatchedMap(_MapBase):
             self._pool.close()
             self._pool = None
         self._abandoned.clear()
+        self._lost.clear()
         self._results.clear()
         if self._inflight:
             state = self._inflight[0].state_before
