@@ -1,0 +1,186 @@
+"""The sending side: a server that encodes batches and sends them over push/pub sockets without copying them.
+
+Stream mode (``zpush``, ``zpub``, ``zrpush``, ``zrpub``) sends every batch of a source as fast as the clients take
+them. Send queues are bounded in whole batches (``queue``), so a slow client slows the server instead of growing its
+memory. A PUB URL opens an XPUB socket with XPUB_NODROP unless ``drop=True``: subscribers are slowed down rather than
+silently losing batches, and the server waits for its first subscriber before sending. When the source is exhausted,
+:meth:`Server.run` returns only after the queued batches have left (bounded by ``linger`` seconds).
+
+Batches must not be modified after they are handed to the server: their memory is sent in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import zmq
+
+from tensorcom import codec
+from tensorcom.errors import ConfigError, Timeout
+from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints, send_frames
+
+__all__ = ["Server", "serve"]
+
+log = logging.getLogger(__name__)
+
+_SENDING = {"PUSH", "PUB"}
+
+
+def _as_arrays(batch: Any) -> Sequence[Any]:
+    if isinstance(batch, (list, tuple)):
+        return batch
+    if isinstance(batch, dict):
+        raise ConfigError(
+            "stream mode sends lists or tuples of arrays; convert dict batches to a tuple first"
+        )
+    return [batch]
+
+
+class Server:
+    """Send batches to clients over one or more stream URLs.
+
+    Args:
+        source: an iterable of batches (lists or tuples of arrays) for :meth:`run`, or None to call :meth:`send`.
+        urls: one URL, a whitespace-separated string, or a list; braces expand. Each URL gets its own socket and
+            every batch goes to each socket: a PUSH socket hands it to one of its clients, a PUB socket to all.
+        queue: batches each socket may queue per peer before :meth:`send` blocks (the send high-water mark).
+        linger: seconds :meth:`close` waits for queued batches to leave before dropping them.
+        send_timeout: seconds to wait for a client to take a batch before raising :class:`tensorcom.Timeout`
+            (None: wait for clients forever, logging every ``report_interval``).
+        drop: for PUB URLs, use plain PUB semantics (drop batches for slow or absent subscribers).
+        infos: per-array labels (up to 8 ASCII characters) written into the .ten headers.
+        report_interval: seconds between rate reports through ``logging``.
+    """
+
+    def __init__(
+        self,
+        source: Iterable[Any] | None = None,
+        urls: str | Sequence[str] = "zpub://0.0.0.0:7880",
+        *,
+        queue: int = 2,
+        linger: float = 30.0,
+        send_timeout: float | None = None,
+        drop: bool = False,
+        infos: Sequence[str] | None = None,
+        report_interval: float = 10.0,
+    ) -> None:
+        if linger < 0:
+            raise ConfigError(f"linger must be >= 0 seconds. Found: {linger}")
+        if send_timeout is not None and send_timeout <= 0:
+            raise ConfigError(f"send_timeout must be > 0 seconds or None. Found: {send_timeout}")
+        if report_interval <= 0:
+            raise ConfigError(f"report_interval must be > 0 seconds. Found: {report_interval}")
+        parsed = parse_endpoints(urls, _SENDING, "stream Server")
+        self.source = source
+        self.linger = linger
+        self.send_timeout = send_timeout
+        self.infos = list(infos) if infos is not None else None
+        self.report_interval = report_interval
+        self.count = 0
+        self.nbytes = 0
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._endpoints: list[Endpoint] = []
+        try:
+            for url in parsed:
+                self._endpoints.append(open_endpoint(self._context, url, queue=queue, xpub=not drop))
+        except BaseException:
+            self.close()
+            raise
+        self._subscribed = {id(e): e.socket.type != zmq.XPUB for e in self._endpoints}
+        self._started = time.monotonic()
+        self._last_report = (self._started, 0, 0)
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The addresses the server sends on (bound addresses are read back, so port 0 shows its port)."""
+        return [endpoint.address for endpoint in self._endpoints]
+
+    def _await_subscriber(self, endpoint: Endpoint) -> None:
+        """Block until an XPUB socket has a subscriber, so the first batches are not published to nobody."""
+        waited = 0.0
+        while not endpoint.socket.poll(int(self.report_interval * 1000), zmq.POLLIN):
+            waited += self.report_interval
+            if self.send_timeout is not None and waited >= self.send_timeout:
+                raise Timeout(f"no subscriber on {endpoint} within {self.send_timeout} s")
+            log.info("waiting for a subscriber on %s (%.0f s so far)", endpoint, waited)
+        self._drain_subscriptions(endpoint)
+        self._subscribed[id(endpoint)] = True
+
+    @staticmethod
+    def _drain_subscriptions(endpoint: Endpoint) -> None:
+        while endpoint.socket.poll(0, zmq.POLLIN):
+            endpoint.socket.recv(copy=True)
+
+    def send(self, batch: Any) -> None:
+        """Encode one batch and queue it on every socket (blocking while the queues are full)."""
+        arrays = _as_arrays(batch)
+        frames = codec.encode(arrays, self.infos)
+        for endpoint in self._endpoints:
+            if not self._subscribed[id(endpoint)]:
+                self._await_subscriber(endpoint)
+            elif endpoint.socket.type == zmq.XPUB:
+                self._drain_subscriptions(endpoint)
+            message = [endpoint.url.topic, *frames] if endpoint.url.topic else frames
+            send_frames(endpoint, message, timeout=self.send_timeout)
+        self.count += 1
+        self.nbytes += sum(getattr(a, "nbytes", 0) for a in arrays)
+        self._maybe_report()
+
+    def _maybe_report(self) -> None:
+        now = time.monotonic()
+        then, count, nbytes = self._last_report
+        if now - then >= self.report_interval:
+            seconds = now - then
+            log.info(
+                "sent %d batches: %.1f batches/s, %.1f MB/s on %s",
+                self.count,
+                (self.count - count) / seconds,
+                (self.nbytes - nbytes) / seconds / 1e6,
+                ", ".join(self.endpoints),
+            )
+            self._last_report = (now, self.count, self.nbytes)
+
+    def run(self, count: int | None = None) -> int:
+        """Send the source's batches (at most ``count``), then close, waiting up to ``linger`` s for them to leave.
+
+        Returns the number of batches sent.
+        """
+        if self.source is None:
+            raise ConfigError("this Server has no source; pass one to Server(...) or call send() yourself")
+        if count is not None and count < 0:
+            raise ConfigError(f"count must be >= 0 or None. Found: {count}")
+        try:
+            for batch in self.source:
+                if count is not None and self.count >= count:
+                    break
+                self.send(batch)
+        except BaseException:
+            self.close(linger=0)  # interrupted or failed: do not hold the process for queued batches
+            raise
+        self.close()
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        log.info("finished: %d batches, %.1f MB in %.1f s", self.count, self.nbytes / 1e6, elapsed)
+        return self.count
+
+    def close(self, linger: float | None = None) -> None:
+        """Close the sockets, waiting up to ``linger`` seconds (default: the server's) for queued batches to leave."""
+        wait_ms = int((self.linger if linger is None else linger) * 1000)
+        for endpoint in self._endpoints:
+            endpoint.socket.close(linger=wait_ms)
+        self._endpoints = []
+        if not self._context.closed:
+            self._context.term()  # blocks until queued messages are sent or the linger time is over
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def serve(source: Iterable[Any], urls: str | Sequence[str], **options: Any) -> int:
+    """Send every batch of ``source`` on ``urls`` and return the number sent; see :class:`Server` for options."""
+    return Server(source, urls, **options).run()
