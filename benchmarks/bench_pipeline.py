@@ -65,7 +65,8 @@ def ours(fn: Callable[[int], Any], n: int, workers: int) -> float:
 def torch_loader(fn: Callable[[int], Any], n: int, workers: int) -> float:
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(Dataset(fn, n), batch_size=None, num_workers=workers, shuffle=False)
+    dataset: Any = Dataset(fn, n)
+    loader: Any = DataLoader(dataset, batch_size=None, num_workers=workers, shuffle=False)
     iterator = iter(loader)
     try:
         return rate(iterator, n)

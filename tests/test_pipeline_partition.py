@@ -79,7 +79,7 @@ def test_elastic_resume_of_batches() -> None:
     old = [make(r, 4) for r in range(4)]
     before = [tuple(next(s).tolist()) for _ in range(2) for s in old]
     state = old[0].state()
-    after = []
+    after: list[tuple[int, ...]] = []
     for r in range(3):
         p = make(r, 3)
         p.load_state(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -111,7 +113,7 @@ def test_callable_and_context_manager() -> None:
     [
         (lambda: Range(0), "n must be an int > 0. Found: 0"),
         (lambda: Permutation(5, seed=-1), "seed must be an int in [0, 2**64). Found: -1"),
-        (lambda: Permutation(5, seed=1.5), "seed must be an int"),
+        (lambda: Permutation(5, seed=cast(int, 1.5)), "seed must be an int"),
         (lambda: Range(5, epoch=-2), "epoch must be an int >= 0. Found: -2"),
         (lambda: Range(5).skip(-1), "n must be an int >= 0. Found: -1"),
     ],
