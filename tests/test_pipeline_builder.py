@@ -120,7 +120,7 @@ def test_one_shot_async_source_cannot_replay(no_loop_threads: None) -> None:
 
 
 def test_op_exception_reaches_consumer_with_stage_name(no_loop_threads: None) -> None:
-    """An op's exception arrives after the earlier items, as PipelineError naming the stage and input."""
+    """An op's exception arrives after the earlier items, naming the stage and input; the stream then goes on."""
     p = PipelineBuilder().add_source(range(10)).pipe(explode_on_four, concurrency=3).build()
     got = []
     with pytest.raises(PipelineError) as info:
@@ -129,6 +129,8 @@ def test_op_exception_reaches_consumer_with_stage_name(no_loop_threads: None) ->
     assert got == [0, 1, 2, 3]
     assert "explode_on_four" in str(info.value) and "input 4" in str(info.value)
     assert isinstance(info.value.__cause__, ValueError)
+    assert p.state()["stream"]["position"] == 5
+    assert list(p) == [5, 6, 7, 8, 9]
 
 
 def test_break_shuts_down_and_resumes(no_loop_threads: None) -> None:

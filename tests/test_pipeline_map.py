@@ -18,7 +18,7 @@ from pipeline_harness import (
 )
 
 from tensorcom.errors import ConfigError, PipelineError, WorkerError
-from tensorcom.pipeline import Conveyer, DistributedBatchedMap, Map, Partition, Permutation, Range
+from tensorcom.pipeline import Collate, Conveyer, DistributedBatchedMap, Map, Partition, Permutation, Range
 from tensorcom.pipeline.map import DistributedBatchedMap as _DBM
 
 
@@ -110,7 +110,7 @@ def test_worker_exception_reaches_caller(no_orphans: None) -> None:
 
 @pytest.mark.parametrize("fn", [exit_on_five, kill_on_five], ids=["os-exit", "sigkill"])
 def test_worker_death_is_detected(fn: Callable[[int], int], no_orphans: None) -> None:
-    """A worker that dies raises WorkerError (no hang), stops the other workers, and the state stays consistent."""
+    """A dying worker raises WorkerError after the earlier items (no hang), stops all workers, and moves past it."""
     stage = DistributedBatchedMap(fn, n_workers=2)
     with Conveyer([Range(20), stage]) as p:
         got = []
@@ -120,7 +120,8 @@ def test_worker_death_is_detected(fn: Callable[[int], int], no_orphans: None) ->
                 pids = _worker_pids(stage)
         assert got == list(range(5)) and "sample index 5" in str(info.value)
         assert stage._pool is None and _gone(pids)
-        assert p.state()["stream"]["position"] == 5
+        assert p.state()["stream"]["position"] == 6
+        assert next(p) == 6
 
 
 def test_timeout_raises_and_kills_workers(no_orphans: None) -> None:
@@ -159,6 +160,22 @@ def test_garbage_collection_stops_workers(no_orphans: None) -> None:
 
     gc.collect()
     assert _gone(pids)
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [lambda: Map(fail_on_seven), lambda: DistributedBatchedMap(fail_on_seven, n_workers=2)],
+    ids=["map", "dbm"],
+)
+def test_failed_item_skips_its_whole_batch(stage: Callable[[], Map], no_orphans: None) -> None:
+    """An error inside a batch skips that batch only, so later batches are the same as without the error."""
+    with Conveyer([Range(16), stage(), Collate(4)]) as p:
+        assert next(p).tolist() == [0, 1, 2, 3]
+        with pytest.raises((KeyError, WorkerError)) as info:
+            next(p)
+        assert any("whole batch was skipped" in note for note in info.value.__notes__)
+        assert p.state()["stream"]["position"] == 8
+        assert [b.tolist() for b in p] == [[8, 9, 10, 11], [12, 13, 14, 15]]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@
 The loop starts on the first ``next`` and stops on ``close()``, on leaving a ``with`` block, when a ``for`` loop over
 the pipeline ends or breaks, and at garbage collection. An exception in an op stops the pipeline and reaches the
 consumer as :class:`~tensorcom.errors.PipelineError` naming the stage and input (the op's exception is its
-``__cause__``), after the items that came before it.
+``__cause__``), after the items that came before it; the next ``next`` starts the pipeline again after the
+failed output item (load a saved state to retry it instead).
 
 State and resume: the state is the source's state as of the last item delivered to the consumer. Sequences and
 tensorcom pipelines resume and ``skip`` in O(1) (arithmetic); plain iterables and async iterables resume by replay
@@ -469,6 +470,7 @@ class BuiltPipeline(Pipeline):
         self._stop()
         if isinstance(message, _Failure):
             self._rewind()
+            self._advance_source(1)
             raise message.error
         self._ended = True
         raise StopIteration
@@ -522,7 +524,11 @@ class BuiltPipeline(Pipeline):
         self._stop()
         self._rewind()
         self._ended = False
-        count = n * self._items_per_output
+        self._advance_source(n)
+
+    def _advance_source(self, outputs: int) -> None:
+        """Move the (stopped) source past ``outputs`` output items; each takes the product of the aggregate sizes."""
+        count = outputs * self._items_per_output
         if isinstance(self._source, _AsyncReplaySource):
             self._source.position += count
         else:

@@ -81,7 +81,9 @@ def merge_records(records: Sequence[Record], value: Any) -> Record:
 class Collate(Transform):
     """Batches of ``batch_size`` items; at the end of a finite stream a last, smaller batch unless told not to.
 
-    On a repeating source, batches run across epoch boundaries (a batch's ``epoch`` is its first sample's).
+    On a repeating source, batches run across epoch boundaries (a batch's ``epoch`` is its first sample's). When an
+    upstream stage fails on one of a batch's items, the whole batch is skipped and the error raised, so the batches
+    after it are the same as in a run without the failure.
     """
 
     def __init__(self, batch_size: int, return_partial_batch: bool = True) -> None:
@@ -93,12 +95,20 @@ class Collate(Transform):
     def _pull(self) -> Record:
         upstream = self.upstream
         records: list[Record] = []
+        state_before = upstream._get_state()
         try:
             while len(records) < self.batch_size:
                 records.append(upstream._pull())
         except StopIteration:
             if not records or not self.return_partial_batch:
                 raise
+        except Exception as exc:
+            upstream._set_state(state_before)
+            upstream._skip(self.batch_size)
+            exc.add_note(
+                f"in Collate({self.batch_size}): the whole batch was skipped, so later batches keep their places"
+            )
+            raise
         return merge_records(records, collate([r.value for r in records]))
 
     def _skip(self, n: int) -> None:

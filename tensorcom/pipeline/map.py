@@ -112,10 +112,11 @@ class DistributedBatchedMap(_MapBase):
     """Apply ``fn`` in ``n_workers`` worker processes and deliver the results in input order.
 
     A failure in ``fn`` raises :class:`~tensorcom.errors.WorkerError` in the caller naming the stage and the input
-    (the remote traceback is attached as a note; the original exception is the ``__cause__`` when it pickles); the
-    stream then continues after that item. A worker that dies, or no result within ``timeout`` seconds, raises
-    :class:`~tensorcom.errors.WorkerError` too: the workers are stopped and the next pull restarts them from the
-    item that was lost. ``close()`` (also at garbage collection and interpreter exit) stops every worker.
+    (the remote traceback is attached as a note; the original exception is the ``__cause__`` when it pickles). A
+    worker that dies, or no result within ``timeout`` seconds, raises :class:`~tensorcom.errors.WorkerError` too,
+    after the items before the lost one have been delivered, and stops every worker (the next pull starts new
+    ones). In every case the stream then continues after the failed item; to retry it instead, ``load_state`` a
+    state saved before it. ``close()`` (also at garbage collection and interpreter exit) stops every worker.
     """
 
     def __init__(
@@ -232,10 +233,11 @@ class DistributedBatchedMap(_MapBase):
         return self._results.pop(head.seq)
 
     def _fail(self, head: _InFlight, why: str) -> NoReturn:
-        """Stop the workers, rewind to the lost item so a later pull retries it, and raise WorkerError."""
+        """Stop the workers, move past the lost item (as for any failed item), and raise WorkerError."""
         state = head.state_before
         self._reset()
         self.upstream._set_state(state)
+        self.upstream._skip(1)
         raise WorkerError(
             f"stage {self.stage_name!r}: {why} while computing input #{head.seq} ({_describe(head.record)})"
         )
