@@ -18,7 +18,16 @@ from pipeline_harness import (
 )
 
 from tensorcom.errors import ConfigError, PipelineError, WorkerError
-from tensorcom.pipeline import Collate, Conveyer, DistributedBatchedMap, Map, Partition, Permutation, Range
+from tensorcom.pipeline import (
+    Collate,
+    Conveyer,
+    DistributedBatchedMap,
+    Join,
+    Map,
+    Partition,
+    Permutation,
+    Range,
+)
 from tensorcom.pipeline.map import DistributedBatchedMap as _DBM
 
 
@@ -75,13 +84,13 @@ def test_rng_depends_on_seed_and_epoch() -> None:
 
 
 def test_map_exception_has_a_note_and_stream_continues() -> None:
-    """An in-process Map lets fn's exception through, noted with the stage and sample, and continues after it."""
+    """An in-process Map lets fn's exception through with a note, then continues after it with aligned steps."""
     p = Conveyer([Range(10), Map(fail_on_seven)])
     assert [next(p) for _ in range(7)] == list(range(7))
     with pytest.raises(KeyError) as info:
         next(p)
     assert any("fail_on_seven" in note and "sample index 7" in note for note in info.value.__notes__)
-    assert next(p) == 8
+    assert p.next_with_meta() == (8, {"epoch": 0, "indices": [8], "step": 8})
 
 
 def test_map_stop_iteration_is_not_end_of_stream() -> None:
@@ -192,3 +201,30 @@ def test_bad_worker_arguments(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         DistributedBatchedMap(square, **kwargs)  # type: ignore[arg-type]
     assert message in str(info.value)
+
+
+def test_failures_keep_later_steps_in_place(no_orphans: None) -> None:
+    """After failures anywhere (Join source, Partition, workers), every later item and step equals a clean run's."""
+
+    def make(fn: Callable[[int], int]) -> Join:
+        return Join(
+            [
+                (Conveyer([Range(30, repeating=True), Partition(1, 2), DistributedBatchedMap(fn, 2)]), 0.5),
+                (Range(40, repeating=True), 0.5),
+            ],
+            seed=3,
+        )
+
+    reference = make(square)
+    clean = [reference.next_with_meta() for _ in range(20)]
+    reference.close()
+    with make(fail_on_seven) as faulty:
+        got: list[dict[str, object] | None] = []
+        for _ in range(20):
+            try:
+                got.append(faulty.next_with_meta()[1])
+            except WorkerError:
+                got.append(None)
+    failed = [i for i, meta in enumerate(got) if meta is None]
+    assert len(failed) == 1
+    assert [m for m in got if m is not None] == [m for i, (_, m) in enumerate(clean) if i not in failed]

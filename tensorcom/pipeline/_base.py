@@ -139,7 +139,15 @@ class Pipeline(Stage):
     _fingerprint: str | None = None
 
     def __next__(self) -> Any:
-        record = self._pull()
+        try:
+            record = self._pull()
+        except StopIteration:
+            raise
+        except Exception:
+            # Stages move past a failed item, so the step counter does too: later steps keep their numbers.
+            self._step += 1
+            self._last = None
+            raise
         self._last = record
         self._step += 1
         return record.value

@@ -91,7 +91,13 @@ class Join(Pipeline):
         if self._exhausted:
             raise StopIteration
         s = self.source_at(self._position)
-        record = self._sources[s]._pull()
+        try:
+            record = self._sources[s]._pull()
+        except StopIteration:
+            raise
+        except Exception:
+            self._position += 1
+            raise
         self._position += 1
         salt = derive_words(b"tc-join-item", [self._salts[s], record.salt], 1)[0]
         return Record(record.value, record.epoch, record.indices, salt, (s,) * len(record.indices))

@@ -51,7 +51,13 @@ class Partition(Transform):
             if remaining < self.n_ranks:
                 raise StopIteration
         upstream._skip(self.rank)
-        record = upstream._pull()
+        try:
+            record = upstream._pull()
+        except StopIteration:
+            raise
+        except Exception:
+            upstream._skip(self.n_ranks - 1 - self.rank)
+            raise
         upstream._skip(self.n_ranks - 1 - self.rank)
         return record
 

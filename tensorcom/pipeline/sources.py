@@ -68,10 +68,9 @@ class _EpochSource(Pipeline):
     def _pull(self) -> Record:
         if self._position >= self._n:
             raise StopIteration
-        index = self._index(self._epoch, self._position)
-        record = Record(self._value(index), self._epoch, (index,), self._salt)
+        epoch, index = self._epoch, self._index(self._epoch, self._position)
         self._skip(1)
-        return record
+        return Record(self._value(index), epoch, (index,), self._salt)
 
     def _skip(self, n: int) -> None:
         position = self._position + n
