@@ -1,9 +1,15 @@
-"""tensorcom: deterministic, disaggregated data loading over ZeroMQ."""
+"""tensorcom: deterministic, disaggregated data loading over ZeroMQ.
+
+The codec, URL and error modules load eagerly and need only numpy; the zmq-based client and server load on first
+use, so ``import tensorcom.codec`` (or ``tensorcom.pipeline``) pulls in neither zmq nor torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tensorcom import codec
-from tensorcom.connection import BatchInfo, Connection
 from tensorcom.errors import (
     ConfigError,
     DecodeError,
@@ -16,21 +22,31 @@ from tensorcom.errors import (
     URLError,
     WorkerError,
 )
-from tensorcom.server import Server, serve
 from tensorcom.urls import ParsedURL, expand_urls, parse_url
+
+if TYPE_CHECKING:
+    from tensorcom.connection import BatchInfo, Connection
+    from tensorcom.server import Server, serve
 
 __version__ = "0.2.0.dev0"
 
+_LAZY = {
+    "BatchInfo": "tensorcom.connection",
+    "Connection": "tensorcom.connection",
+    "Server": "tensorcom.server",
+    "serve": "tensorcom.server",
+}
+
 __all__ = [
     "BatchInfo",
-    "Connection",
-    "ParsedURL",
-    "Server",
     "ConfigError",
+    "Connection",
     "DecodeError",
+    "ParsedURL",
     "PipelineError",
     "ProtocolError",
     "RemoteError",
+    "Server",
     "StateError",
     "TensorcomError",
     "Timeout",
@@ -42,3 +58,12 @@ __all__ = [
     "parse_url",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tensorcom' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

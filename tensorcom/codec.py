@@ -38,7 +38,7 @@ Buffers and files
 A single buffer (and a ``.ten`` file, which is one buffer) holds the chunks one after another, each chunk framed.
 Two framings exist, and readers accept both, chunk by chunk:
 
-Original framing (tensorcom 0.1; payloads sit at offsets = 16 mod 64)::
+Original framing (tensorcom 0.1; chunk k's payload sits at offset 16·(k+1) mod 64, so most are unaligned)::
 
     +----------+---------+---------------------------+
     | ~TenBin~ | n: i64  | payload (n bytes), zeros  |   chunk length = 16 + roundup(n, 64)

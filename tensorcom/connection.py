@@ -125,7 +125,10 @@ class Connection:
             if endpoint.url.topic:
                 frames = frames[1:]
             try:
-                arrays, infos = codec.decode(frames, infos=True)
+                if len(frames) == 1:  # tensorcom 0.1's single-buffer mode: one frame holding a .ten buffer
+                    arrays, infos = codec.decode_buffer(frames[0], infos=True)
+                else:
+                    arrays, infos = codec.decode(frames, infos=True)
             except DecodeError as error:
                 message = f"malformed batch from {endpoint}: {error}"
                 if self.on_malformed == "raise":
@@ -145,10 +148,18 @@ class Connection:
             yield self.recv()
             produced += 1
 
+    def __len__(self) -> int:
+        """The number of batches an iteration yields (``epoch``), for frameworks that ask for a length."""
+        if self.epoch is None:
+            raise TypeError(
+                "this Connection has no length; pass epoch=N (batches per iteration) to give it one"
+            )
+        return self.epoch
+
     def close(self) -> None:
         """Close every socket at once (nothing is waiting to be sent from a receiving client)."""
         for endpoint in self._endpoints:
-            endpoint.socket.close(linger=0)
+            endpoint.close()
         self._endpoints = []
         if not self._context.closed:
             self._context.term()

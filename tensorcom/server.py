@@ -4,7 +4,8 @@ Stream mode (``zpush``, ``zpub``, ``zrpush``, ``zrpub``) sends every batch of a 
 them. Send queues are bounded in whole batches (``queue``), so a slow client slows the server instead of growing its
 memory. A PUB URL opens an XPUB socket with XPUB_NODROP unless ``drop=True``: subscribers are slowed down rather than
 silently losing batches, and the server waits for its first subscriber before sending. When the source is exhausted,
-:meth:`Server.run` returns only after the queued batches have left (bounded by ``linger`` seconds).
+:meth:`Server.run` returns only after the queued batches have left and the clients have disconnected (bounded by
+``linger`` seconds).
 
 Batches must not be modified after they are handed to the server: their memory is sent in place.
 """
@@ -85,7 +86,9 @@ class Server:
         self._endpoints: list[Endpoint] = []
         try:
             for url in parsed:
-                self._endpoints.append(open_endpoint(self._context, url, queue=queue, xpub=not drop))
+                self._endpoints.append(
+                    open_endpoint(self._context, url, queue=queue, xpub=not drop, monitor=True)
+                )
         except BaseException:
             self.close()
             raise
@@ -165,11 +168,24 @@ class Server:
         log.info("finished: %d batches, %.1f MB in %.1f s", self.count, self.nbytes / 1e6, elapsed)
         return self.count
 
+    def _await_disconnect(self, seconds: float) -> None:
+        """Keep the sockets open until every client has disconnected, or for at most ``seconds``.
+
+        A batch that has left this process can still be lost if the connection closes first: over ipc, a receiver
+        whose queue is full drops what its kernel buffer still holds when the sender hangs up. So a finished server
+        lingers while clients remain connected, and closes once they have gone.
+        """
+        deadline = time.monotonic() + seconds
+        while any(endpoint.count_peers() for endpoint in self._endpoints) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     def close(self, linger: float | None = None) -> None:
-        """Close the sockets, waiting up to ``linger`` seconds (default: the server's) for queued batches to leave."""
-        wait_ms = int((self.linger if linger is None else linger) * 1000)
+        """Close the sockets, waiting up to ``linger`` seconds (default: the server's) for queued batches to leave
+        and for connected clients to go."""
+        seconds = self.linger if linger is None else linger
+        self._await_disconnect(seconds)
         for endpoint in self._endpoints:
-            endpoint.socket.close(linger=wait_ms)
+            endpoint.close(linger=seconds)
         self._endpoints = []
         if not self._context.closed:
             self._context.term()  # blocks until queued messages are sent or the linger time is over

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from tensorcom.errors import ConfigError, Timeout, URLError
 from tensorcom.urls import ParsedURL, expand_urls, parse_url
@@ -39,9 +40,30 @@ class Endpoint:
     url: ParsedURL
     socket: zmq.Socket[Any]
     address: str
+    monitor: zmq.Socket[Any] | None = None
+    peers: int = 0
 
     def __str__(self) -> str:
         return self.address
+
+    def count_peers(self) -> int:
+        """Update ``peers`` (connections currently open) from the socket's monitor events, without blocking."""
+        if self.monitor is not None:
+            while self.monitor.poll(0, zmq.POLLIN):
+                event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+                if event in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
+                    self.peers += 1
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self.peers = max(0, self.peers - 1)
+        return self.peers
+
+    def close(self, linger: float = 0.0) -> None:
+        """Close the socket (and its monitor), letting queued messages leave for up to ``linger`` seconds."""
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        self.socket.close(linger=int(linger * 1000))
 
 
 def parse_endpoints(urls: str | Sequence[str], allowed: set[str], role: str) -> list[ParsedURL]:
@@ -56,11 +78,14 @@ def parse_endpoints(urls: str | Sequence[str], allowed: set[str], role: str) -> 
     return parsed
 
 
-def open_endpoint(context: zmq.Context[Any], url: ParsedURL, *, queue: int, xpub: bool = False) -> Endpoint:
+def open_endpoint(
+    context: zmq.Context[Any], url: ParsedURL, *, queue: int, xpub: bool = False, monitor: bool = False
+) -> Endpoint:
     """Create, configure and bind or connect a socket for ``url``.
 
     ``queue`` bounds both directions' high-water marks in whole messages. With ``xpub`` a PUB URL opens an XPUB
-    socket with XPUB_NODROP, so a slow subscriber slows the publisher instead of losing batches.
+    socket with XPUB_NODROP, so a slow subscriber slows the publisher instead of losing batches. With ``monitor``
+    the endpoint counts its open connections (see :meth:`Endpoint.count_peers`).
     """
     if queue < 1:
         raise ConfigError(f"queue must be >= 1 (batches). Found: {queue}")
@@ -73,6 +98,8 @@ def open_endpoint(context: zmq.Context[Any], url: ParsedURL, *, queue: int, xpub
         socket.setsockopt(zmq.XPUB_NODROP, 1)
     if url.socket_type == "SUB":
         socket.setsockopt(zmq.SUBSCRIBE, url.topic)
+    events = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+    monitor_socket = socket.get_monitor_socket(events) if monitor else None
     try:
         if url.bind:
             socket.bind(url.address)
@@ -81,11 +108,11 @@ def open_endpoint(context: zmq.Context[Any], url: ParsedURL, *, queue: int, xpub
             socket.connect(url.address)
             address = url.address
     except zmq.ZMQError as error:
-        socket.close(linger=0)
+        Endpoint(url, socket, url.address, monitor_socket).close()
         verb = "bind" if url.bind else "connect"
         raise URLError(f"cannot {verb} {url.url!r} (zmq address {url.address}): {error}") from error
     log.debug("%s %s socket on %s", "bound" if url.bind else "connected", url.socket_type, address)
-    return Endpoint(url, socket, address)
+    return Endpoint(url, socket, address, monitor_socket)
 
 
 def send_frames(

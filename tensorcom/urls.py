@@ -75,12 +75,10 @@ def _alternatives(body: str, text: str) -> list[str]:
             raise URLError(
                 f"{text!r}: range {{{body}}} expands to {len(numbers)} items; at most {_MAX_EXPANSION}"
             )
-        width = (
-            max(len(first.lstrip("-")), len(last.lstrip("-")))
-            if first.startswith("0") or last.startswith("0")
-            else 0
-        )
-        return [str(n).zfill(width) if width else str(n) for n in numbers]
+        digits = (first.lstrip("-"), last.lstrip("-"))
+        padded = any(len(d) > 1 and d.startswith("0") for d in digits)  # {00..10} pads, {0..10} does not
+        width = max(len(d) for d in digits) if padded else 0
+        return [str(n).zfill(width) for n in numbers]
     if "," in body:
         return body.split(",")
     raise URLError(f"{text!r}: brace group {{{body}}} must be a range like {{0..3}} or a list like {{a,b}}")

@@ -1,0 +1,60 @@
+"""Shared fixtures: real server processes on local sockets, with teardown that never leaves one behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+SERVER_STOP_SECONDS = 10
+
+
+@pytest.fixture
+def start_process() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start real child processes; on teardown terminate each and join it within a time limit (then kill)."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, **options: object) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([sys.executable, *args], **options)  # type: ignore[call-overload]
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=SERVER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=SERVER_STOP_SECONDS)
+
+
+@pytest.fixture
+def synthetic_server(
+    start_process: Callable[..., subprocess.Popen[bytes]],
+) -> Callable[..., subprocess.Popen[bytes]]:
+    """Start ``serve-synthetic`` (small batches by default) as a real process sending on the given URLs."""
+
+    def start(
+        *urls: str, batch_size: int = 4, size: int = 8, count: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        args = ["-m", "tensorcom_servers.synthetic", "-q", "-b", str(batch_size), "--size", str(size)]
+        if count is not None:
+            args += ["-n", str(count)]
+        return start_process(*args, *urls)
+
+    return start
+
+
+@pytest.fixture
+def ipc_url(tmp_path: Path) -> Callable[[str, str], str]:
+    """Build an ipc URL for a scheme under the test's temporary folder."""
+
+    def make(scheme: str, name: str = "socket") -> str:
+        return f"{scheme}+ipc://{tmp_path / name}"
+
+    return make
