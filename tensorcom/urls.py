@@ -10,7 +10,8 @@ A URL names the socket kind and whether it binds or connects; the transport foll
     zreq://host:7880             DEALER, connects (client of the deterministic request protocol)
     zpush+ipc:///tmp/socket      ipc transport           zsub+inproc://name          inproc transport
 
-A SUB URL may carry ``?topic=NAME``; without it the socket subscribes to everything.
+A PUB or SUB URL may carry ``?topic=NAME``: a publisher with a topic sends it as an extra first frame, and a
+subscriber with a topic receives only that publisher's batches. Without it a SUB socket takes everything.
 """
 
 from __future__ import annotations
@@ -155,8 +156,10 @@ def parse_url(url: str) -> ParsedURL:
                 f"{url!r}: unknown query parameter(s) {', '.join(sorted(unknown))}; only 'topic' is known"
             )
         if "topic" in params:
-            if socket_type != "SUB":
-                raise URLError(f"{url!r}: a topic only applies to SUB sockets (zsub, zrsub)")
+            if socket_type not in ("SUB", "PUB"):
+                raise URLError(
+                    f"{url!r}: a topic only applies to PUB and SUB sockets (zpub, zsub, zrpub, zrsub)"
+                )
             topic = params["topic"][-1].encode()
     if not location:
         raise URLError(f"{url!r}: missing address after '://'")

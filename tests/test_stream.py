@@ -236,3 +236,18 @@ def test_send_timeout_when_no_client_takes_batches(ipc_url: Callable[..., str]) 
         assert connection.endpoints[0] in str(raised.value)
         assert 1 <= server.count < 100
         server.close()
+
+
+def test_topic_frames_are_filtered_and_stripped(ipc_url: Callable[..., str]) -> None:
+    """A subscriber to the publisher's topic gets its batches without the topic frame; another topic gets none."""
+    publisher = Server(None, ipc_url("zpub") + "?topic=train", linger=0, send_timeout=20)
+    with (
+        Connection(ipc_url("zsub") + "?topic=train", timeout=20) as matching,
+        Connection(ipc_url("zsub") + "?topic=val", timeout=0.5) as other,
+    ):
+        publisher.send([np.array([1])])
+        publisher.send([np.array([2])])
+        assert [int(matching.recv()[0][0]) for _ in range(2)] == [1, 2]
+        with pytest.raises(Timeout):
+            other.recv()
+    publisher.close()

@@ -121,7 +121,7 @@ BAD_URLS = {
     "path-on-tcp": ("zpush://host:1/path", "no path"),
     "empty-address": ("zpush+ipc://", "missing address"),
     "unknown-query": ("zsub://h:1?hwm=3", "unknown query parameter"),
-    "topic-on-push": ("zpush://h:1?topic=a", "only applies to SUB"),
+    "topic-on-push": ("zpush://h:1?topic=a", "only applies to PUB and SUB"),
 }
 
 

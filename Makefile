@@ -1,0 +1,42 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+.PHONY: demo test lint bench interop clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test,torch]'
+	touch $(STAMP)
+
+## demo: start a synthetic image server, read from it for a few seconds, print batches/s and GB/s
+demo: $(STAMP)
+	$(BIN)/tensorcom demo --seconds 5
+
+## test: lint, type-check and run the whole test suite
+test: $(STAMP)
+	$(BIN)/ruff check tensorcom servers tools tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check tensorcom servers tools tests benchmarks
+	$(BIN)/ruff format --check tensorcom servers tools tests benchmarks
+	$(BIN)/mypy
+
+## bench: run every benchmark in benchmarks/ and print their ratio tables
+bench: $(STAMP)
+	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+## interop: check the wire format against tensorcom 0.1 installed in its own virtual environment
+interop: $(STAMP)
+	test -x .venv-tc01/bin/python || ($(PYTHON) -m venv .venv-tc01 && .venv-tc01/bin/pip install --quiet $(TORCH) 'tensorcom==0.1.0')
+	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/pytest -q tests/test_interop.py
+
+clean:
+	rm -rf $(VENV) .venv-tc01 build *.egg-info .pytest_cache .mypy_cache .ruff_cache
