@@ -30,9 +30,8 @@ def check(arrays, i):
 
 
 def main(command, target, count=3):
-    from tensorcom.zcom import Connection
-
     from tensorcom import tenbin
+    from tensorcom.zcom import Connection
 
     count = int(count)
     if command == "serve":
