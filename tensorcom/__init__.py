@@ -22,6 +22,17 @@ from tensorcom.errors import (
     URLError,
     WorkerError,
 )
+from tensorcom.pipeline import (
+    Collate,
+    Conveyer,
+    DistributedBatchedMap,
+    Join,
+    Map,
+    Partition,
+    Permutation,
+    PipelineBuilder,
+    Range,
+)
 from tensorcom.urls import ParsedURL, expand_urls, parse_url
 
 if TYPE_CHECKING:
@@ -39,12 +50,21 @@ _LAZY = {
 
 __all__ = [
     "BatchInfo",
+    "Collate",
     "ConfigError",
     "Connection",
+    "Conveyer",
     "DecodeError",
+    "DistributedBatchedMap",
+    "Join",
+    "Map",
     "ParsedURL",
+    "Partition",
+    "Permutation",
+    "PipelineBuilder",
     "PipelineError",
     "ProtocolError",
+    "Range",
     "RemoteError",
     "Server",
     "StateError",

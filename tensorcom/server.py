@@ -102,20 +102,27 @@ class Server:
         return [endpoint.address for endpoint in self._endpoints]
 
     def _await_subscriber(self, endpoint: Endpoint) -> None:
-        """Block until an XPUB socket has a subscriber, so the first batches are not published to nobody."""
-        waited = 0.0
-        while not endpoint.socket.poll(int(self.report_interval * 1000), zmq.POLLIN):
-            waited += self.report_interval
+        """Block until an XPUB socket has a subscriber for its topic, so the first batches reach someone."""
+        started = time.monotonic()
+        while not self._drain_subscriptions(endpoint):
+            waited = time.monotonic() - started
             if self.send_timeout is not None and waited >= self.send_timeout:
                 raise Timeout(f"no subscriber on {endpoint} within {self.send_timeout} s")
-            log.info("waiting for a subscriber on %s (%.0f s so far)", endpoint, waited)
-        self._drain_subscriptions(endpoint)
+            if not endpoint.socket.poll(int(self.report_interval * 1000), zmq.POLLIN):
+                log.info(
+                    "waiting for a subscriber on %s (%.0f s so far)", endpoint, waited + self.report_interval
+                )
         self._subscribed[id(endpoint)] = True
 
     @staticmethod
-    def _drain_subscriptions(endpoint: Endpoint) -> None:
+    def _drain_subscriptions(endpoint: Endpoint) -> bool:
+        """Read pending (un)subscription messages; True if one subscribes to this endpoint's topic."""
+        matched = False
         while endpoint.socket.poll(0, zmq.POLLIN):
-            endpoint.socket.recv(copy=True)
+            message = endpoint.socket.recv(copy=True)
+            if message[:1] == b"\x01" and endpoint.url.topic.startswith(message[1:]):
+                matched = True
+        return matched
 
     def send(self, batch: Any) -> None:
         """Encode one batch and queue it on every socket (blocking while the queues are full)."""

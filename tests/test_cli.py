@@ -61,3 +61,26 @@ def test_sigterm_stops_a_serving_server_cleanly(tmp_path: Path) -> None:
     _, errors = process.communicate(timeout=20)
     assert process.returncode == 0
     assert "Traceback" not in errors
+
+
+def test_import_tensorcom_pulls_in_neither_torch_nor_zmq_until_used() -> None:
+    """`import tensorcom` loads neither torch nor zmq; the codec, URLs and pipeline never need zmq."""
+    code = (
+        "import sys, tensorcom, tensorcom.codec, tensorcom.urls, tensorcom.pipeline\n"
+        "print('torch' in sys.modules, 'zmq' in sys.modules)\n"
+        "tensorcom.Connection\n"
+        "print('torch' in sys.modules, 'zmq' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "False", "False", "True"]
+
+
+def test_public_names_are_sorted_and_importable() -> None:
+    """tensorcom.__all__ is sorted and every name in it resolves."""
+    import tensorcom
+
+    assert tensorcom.__all__ == sorted(tensorcom.__all__)
+    for name in tensorcom.__all__:
+        assert getattr(tensorcom, name) is not None

@@ -134,12 +134,13 @@ def test_epoch_and_total_limit_iteration(ipc_url: Callable[..., str]) -> None:
     """epoch= ends each iteration after that many batches; total= ends all iteration for good."""
     with Connection(ipc_url("zpull"), epoch=3, total=7, timeout=20) as connection:
         thread = threading.Thread(
-            target=serve, args=(([np.array([i])] for i in range(20)), ipc_url("zpush")), kwargs={"linger": 0}
+            target=serve, args=(([np.array([i])] for i in range(7)), ipc_url("zpush")), kwargs={"linger": 10}
         )
         thread.start()
         assert len(connection) == 3
         runs = [[int(b[0][0]) for b in connection] for _ in range(4)]
     thread.join(timeout=20)
+    assert not thread.is_alive()
     assert runs == [[0, 1, 2], [3, 4, 5], [6], []]
 
 
