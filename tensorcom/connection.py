@@ -17,8 +17,9 @@ import zmq
 
 from tensorcom import codec
 from tensorcom.convert import ConverterSpec, make_converters
-from tensorcom.errors import ConfigError, DecodeError, Timeout, URLError
+from tensorcom.errors import ConfigError, DecodeError, Timeout
 from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints
+from tensorcom.urls import expand_urls
 
 __all__ = ["BatchInfo", "Connection"]
 
@@ -29,16 +30,26 @@ _RECEIVING = {"PULL", "SUB"}
 
 @dataclass
 class BatchInfo:
-    """What is known about the last batch received, besides its arrays."""
+    """What is known about the last batch received, besides its arrays.
+
+    ``endpoint`` is the socket address (stream mode) or the server's name (zreq); ``step``, ``epoch`` and
+    ``indices`` (the dataset indices of its samples) are known for zreq batches only.
+    """
 
     endpoint: str = ""
     nbytes: int = 0
     infos: list[str] = field(default_factory=list)
     count: int = 0
+    step: int | None = None
+    epoch: int | None = None
+    indices: list[int] = field(default_factory=list)
 
 
 class Connection:
     """Receive batches from one or more servers.
+
+    Given ``zreq://`` URLs, ``Connection(urls, seed=..., rank=..., world_size=..., state=...)`` returns a
+    :class:`tensorcom.request_client.RequestConnection`: the deterministic, resumable request protocol.
 
     Args:
         urls: one URL, a whitespace-separated string of URLs, or a list; braces expand (``zsub://h:788{0..3}``).
@@ -50,6 +61,13 @@ class Connection:
         on_malformed: "raise" (default) raises :class:`tensorcom.DecodeError` naming the server; "log" logs it,
             counts it in ``malformed`` and goes on to the next batch.
     """
+
+    def __new__(cls, urls: str | Sequence[str] = (), *args: Any, **options: Any) -> Connection:
+        if cls is Connection and any(url.startswith("zreq") for url in expand_urls(urls)):
+            from tensorcom.request_client import RequestConnection
+
+            return super().__new__(RequestConnection)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -69,12 +87,7 @@ class Connection:
             raise ConfigError(f"timeout must be > 0 seconds or None. Found: {timeout}")
         if on_malformed not in ("raise", "log"):
             raise ConfigError(f"on_malformed must be 'raise' or 'log'. Found: {on_malformed!r}")
-        parsed = parse_endpoints(urls, _RECEIVING | {"DEALER"}, "Connection")
-        if any(p.is_request for p in parsed):
-            raise URLError(
-                f"{urls!r}: the deterministic request protocol (zreq://) is not available in this version; "
-                "use a stream scheme (zpull, zsub, zrpull, zrsub)"
-            )
+        parsed = parse_endpoints(urls, _RECEIVING, "Connection")
         self.timeout = timeout
         self.epoch = epoch
         self.total = total

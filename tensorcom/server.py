@@ -22,6 +22,7 @@ import zmq
 from tensorcom import codec
 from tensorcom.errors import ConfigError, Timeout
 from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints, send_frames
+from tensorcom.urls import expand_urls
 
 __all__ = ["Server", "serve"]
 
@@ -43,6 +44,9 @@ def _as_arrays(batch: Any) -> Sequence[Any]:
 class Server:
     """Send batches to clients over one or more stream URLs.
 
+    Given ``zrep://`` URLs, ``Server(factory, urls, workers=N)`` returns a
+    :class:`tensorcom.request_server.RequestServer` instead, which serves the deterministic request protocol.
+
     Args:
         source: an iterable of batches (lists or tuples of arrays) for :meth:`run`, or None to call :meth:`send`.
         urls: one URL, a whitespace-separated string, or a list; braces expand. Each URL gets its own socket and
@@ -55,6 +59,15 @@ class Server:
         infos: per-array labels (up to 8 ASCII characters) written into the .ten headers.
         report_interval: seconds between rate reports through ``logging``.
     """
+
+    def __new__(
+        cls, source: Any = None, urls: str | Sequence[str] = "zpub://0.0.0.0:7880", **options: Any
+    ) -> Any:
+        if cls is Server and any(url.startswith("zrep") for url in expand_urls(urls)):
+            from tensorcom.request_server import RequestServer
+
+            return RequestServer(source, urls, **options)
+        return super().__new__(cls)
 
     def __init__(
         self,

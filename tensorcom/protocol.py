@@ -1,0 +1,123 @@
+"""The deterministic request protocol (``zreq`` clients, ``zrep`` servers): commands and the message header.
+
+Every message starts with one header frame, a msgpack map, followed by the tensor frames of the ``.ten`` codec
+where the command carries a batch. msgpack is used for this small header only: nothing is ever unpickled.
+
+::
+
+    client (DEALER)                                   server (ROUTER)
+    HELLO    {seed, rank, world_size, base}     ->    WELCOME {fingerprint, state, server}   (or ERROR)
+    REQUEST  {gen, step, seed, rank, ..., base} ->    BATCH   {gen, step, epoch, indices, state, kind, keys}
+                                                       + tensor frames [hdr0, data0, ...]
+                                                      END     {gen, step, epoch}      the epoch has no step `step`
+                                                      ERROR   {gen, step, error, message}
+    PING     {}                                 ->    PONG    {server}
+
+``base`` says where step 0 starts: ``{"state": <pipeline state> | None, "epoch": <int> | None}``; a server builds the
+pipeline with the client's seed, rank and world size, loads that state (or sets that epoch), skips ``step``
+batches by random access and computes the next one. ``gen`` is echoed back, so a client that reloaded its state
+can drop late replies to requests it made before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from tensorcom.errors import ProtocolError
+
+__all__ = ["MAX_HEADER_BYTES", "VERSION", "Command", "Message"]
+
+VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+
+
+class Command(IntEnum):
+    """What a message asks for or answers."""
+
+    HELLO = 1
+    WELCOME = 2
+    REQUEST = 3
+    BATCH = 4
+    END = 5
+    ERROR = 6
+    PING = 7
+    PONG = 8
+
+
+@dataclass(frozen=True)
+class Message:
+    """One protocol header: a command and its fields (plain msgpack-able data)."""
+
+    command: Command
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """The header frame: ``{"v": VERSION, "cmd": command, ...fields}`` as msgpack."""
+        return msgpack.packb({"v": VERSION, "cmd": int(self.command), **self.fields}, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, frame: Any, source: str = "peer") -> Message:
+        """Parse and check a header frame; anything malformed raises :class:`ProtocolError` naming ``source``."""
+        data = bytes(getattr(frame, "bytes", frame))
+        if len(data) > MAX_HEADER_BYTES:
+            raise ProtocolError(f"header from {source} is {len(data)} bytes; at most {MAX_HEADER_BYTES}")
+        try:
+            header = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as error:  # msgpack raises several unrelated types for bad input
+            raise ProtocolError(f"header from {source} is not valid msgpack: {error}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError(f"header from {source} must be a map. Found: {type(header).__name__}")
+        version = header.pop("v", None)
+        if version != VERSION:
+            raise ProtocolError(
+                f"{source} speaks protocol version {version!r}; this tensorcom speaks {VERSION}"
+            )
+        try:
+            command = Command(header.pop("cmd", None))
+        except ValueError:
+            raise ProtocolError(f"unknown command from {source}: {header.get('cmd')!r}") from None
+        return cls(command, header)
+
+    def integer(self, name: str, minimum: int = 0) -> int:
+        """Field ``name`` as an int >= ``minimum``, or :class:`ProtocolError`."""
+        value = self.fields.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ProtocolError(
+                f"{self.command.name} field {name!r} must be an integer >= {minimum}. Found: {value!r}"
+            )
+        return value
+
+
+def flatten_batch(batch: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Split a batch (tuple, list, dict of arrays, or one array) into arrays and the fields that rebuild it."""
+    if isinstance(batch, dict):
+        keys = list(batch)
+        if not all(isinstance(key, str) for key in keys):
+            raise ProtocolError(f"dict batches need string keys. Found: {keys!r}")
+        return [batch[key] for key in keys], {"kind": "dict", "keys": keys}
+    if isinstance(batch, tuple):
+        return list(batch), {"kind": "tuple"}
+    if isinstance(batch, list):
+        return batch, {"kind": "list"}
+    return [batch], {"kind": "single"}
+
+
+def rebuild_batch(values: list[Any], message: Message) -> Any:
+    """Inverse of :func:`flatten_batch`, from a BATCH header's ``kind`` and ``keys``."""
+    kind = message.fields.get("kind")
+    if kind == "dict":
+        keys = message.fields.get("keys")
+        if not isinstance(keys, list) or len(keys) != len(values):
+            raise ProtocolError(f"BATCH keys {keys!r} do not match its {len(values)} arrays")
+        return dict(zip(keys, values, strict=True))
+    if kind == "tuple":
+        return tuple(values)
+    if kind == "list":
+        return values
+    if kind == "single" and len(values) == 1:
+        return values[0]
+    raise ProtocolError(f"BATCH kind {kind!r} with {len(values)} arrays cannot be rebuilt")

@@ -1,0 +1,427 @@
+"""The ``zreq`` client: numbered batches from any number of stateless servers, exactly once and in order.
+
+A :class:`RequestConnection` (what ``Connection("zreq://...")`` returns) holds one DEALER per server. It keeps a
+window of ``prefetch`` requests outstanding, spread over the servers it believes alive, and yields replies in step
+order. Every server is pinged each ``heartbeat`` seconds; one that stays silent for ``dead_after`` seconds is
+considered down and its outstanding steps are asked of the others. It is used again as soon as it answers. A reply
+that arrives late, twice, or for a state the client has since left is dropped, so delivery is exactly once.
+
+Its :meth:`state` is small plain data (the pipeline's own state after the last batch delivered, plus the seed and a
+fingerprint of the pipeline) and is the same on every rank of a synchronous job; a new connection given that
+state, with any number of servers and any world size, continues where it left off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from tensorcom import codec
+from tensorcom.connection import BatchInfo, Connection
+from tensorcom.convert import ConverterSpec, make_converters
+from tensorcom.errors import ConfigError, ProtocolError, RemoteError, StateError, Timeout
+from tensorcom.protocol import Command, Message, rebuild_batch
+from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints
+
+__all__ = ["RequestConnection", "default_rank_and_world_size"]
+
+log = logging.getLogger(__name__)
+
+STATE_KIND = "tensorcom.zreq"
+STATE_FORMAT = 1
+
+
+def default_rank_and_world_size() -> tuple[int, int]:
+    """torch.distributed's rank and world size when it is initialised, else $RANK/$WORLD_SIZE, else (0, 1)."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return int(distributed.get_rank()), int(distributed.get_world_size())
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclass
+class _Server:
+    endpoint: Endpoint
+    alive: bool = True
+    last_heard: float = 0.0
+    last_ping: float = 0.0
+    outstanding: set[int] = field(default_factory=set)
+    fingerprint: str | None = None
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+
+class RequestConnection(Connection):
+    """Receive the deterministic stream ``factory(seed, rank, world_size)`` from ``zreq`` servers.
+
+    Args:
+        urls: ``zreq://host:port`` URLs (braces expand), one per server.
+        seed: the pipeline seed; with rank and world size it fixes every batch.
+        rank, world_size: default to torch.distributed, else $RANK/$WORLD_SIZE, else 0 and 1.
+        prefetch: requests outstanding at once (the credit window), spread over live servers.
+        timeout: seconds without the next batch before :class:`tensorcom.Timeout` (names every endpoint).
+        heartbeat: seconds between pings to each server.
+        dead_after: seconds of silence after which a server's outstanding steps go elsewhere (default
+            ``max(3 * heartbeat, 2)``).
+        state: a :meth:`state` saved earlier (by any rank, with any world size) to continue from.
+        converters, epoch, total: as for stream connections.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        prefetch: int = 4,
+        timeout: float | None = 60.0,
+        heartbeat: float = 1.0,
+        dead_after: float | None = None,
+        state: dict[str, Any] | None = None,
+        converters: ConverterSpec = None,
+        epoch: int | None = None,
+        total: int | None = None,
+    ) -> None:
+        default_rank, default_world = default_rank_and_world_size()
+        rank = default_rank if rank is None else rank
+        world_size = default_world if world_size is None else world_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(
+                f"rank must be in [0, world_size) and world_size >= 1. Found: rank={rank}, world_size={world_size}"
+            )
+        if prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1. Found: {prefetch}")
+        if heartbeat <= 0:
+            raise ConfigError(f"heartbeat must be > 0 seconds. Found: {heartbeat}")
+        for name, value in (("epoch", epoch), ("total", total)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 batch or None. Found: {value}")
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds or None. Found: {timeout}")
+        parsed = parse_endpoints(urls, {"DEALER"}, "zreq Connection")
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.prefetch = prefetch
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after if dead_after is not None else max(3 * heartbeat, 2.0)
+        self.epoch = epoch
+        self.total = total
+        self.convert = make_converters(converters)
+        self.count = 0
+        self.malformed = 0
+        self.last = BatchInfo()
+        self.fingerprint: str | None = None
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._endpoints: list[Endpoint] = []
+        self._servers: list[_Server] = []
+        try:
+            for url in parsed:
+                endpoint = open_endpoint(self._context, url, queue=prefetch + 16)
+                endpoint.socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a server that is not there
+                self._endpoints.append(endpoint)
+                self._servers.append(_Server(endpoint))
+        except BaseException:
+            self.close()
+            raise
+        self._poller = zmq.Poller()
+        for server in self._servers:
+            self._poller.register(server.endpoint.socket, zmq.POLLIN)
+        self._by_socket = {server.endpoint.socket: server for server in self._servers}
+        self._generation = 0
+        self._base: dict[str, Any] = {"state": None, "epoch": None}
+        self._state: dict[str, Any] | None = None  # pipeline state after the last batch delivered
+        self._next_step = 0  # the step the caller gets next
+        self._next_request = 0  # the lowest step never requested
+        self._end_step: int | None = None
+        self._last_epoch: int | None = None
+        self._to_request: list[int] = []
+        self._replies: dict[int, tuple[Message, list[Any]]] = {}
+        self._expected_fingerprint: str | None = None
+        self._started_waiting = time.monotonic()
+        if state is not None:
+            self.load_state(state)
+        self._hello()
+
+    # state
+
+    def state(self) -> dict[str, Any]:
+        """Where the stream stands: plain data to store in a checkpoint and pass to ``Connection(state=...)``."""
+        return {
+            "kind": STATE_KIND,
+            "format": STATE_FORMAT,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "pipeline": self._state if self._state is not None else self._base["state"],
+            "epoch": None if self._state is not None else self._base["epoch"],
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next batch is the one after the batch the state was taken at."""
+        if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
+            raise StateError(
+                f"not a zreq connection state (expected kind {STATE_KIND!r}). Found: {str(state)[:200]}"
+            )
+        if state.get("format") != STATE_FORMAT:
+            raise StateError(
+                f"state format {state.get('format')!r} is not supported; expected {STATE_FORMAT}"
+            )
+        if state.get("seed") != self.seed:
+            raise StateError(
+                f"the state was saved with seed {state.get('seed')!r}; this connection has seed {self.seed}"
+            )
+        if self.fingerprint is not None and state.get("fingerprint") not in (None, self.fingerprint):
+            raise StateError(
+                f"the state was saved from pipeline {state.get('fingerprint')}; the servers serve {self.fingerprint}"
+            )
+        self._restart({"state": state.get("pipeline"), "epoch": state.get("epoch")})
+        self._expected_fingerprint = state.get("fingerprint")
+
+    set_state = load_state
+
+    def _restart(self, base: dict[str, Any]) -> None:
+        self._generation += 1
+        self._base = base
+        self._state = None
+        self._next_step = self._next_request = 0
+        self._end_step = None
+        self._to_request = []
+        self._replies = {}
+        for server in self._servers:
+            server.outstanding.clear()
+
+    # messages
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "base": self._base,
+            "gen": self._generation,
+        }
+
+    def _send(self, server: _Server, message: Message) -> bool:
+        try:
+            server.endpoint.socket.send(message.encode(), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # not connected (IMMEDIATE) or its queue is full
+            return False
+
+    def _hello(self) -> None:
+        """Greet every server and wait for the first WELCOME: it checks our state against the served pipeline."""
+        hello = Message(Command.HELLO, self._fields())
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        greeted: set[int] = set()
+        while self.fingerprint is None:
+            for index, server in enumerate(self._servers):
+                if index not in greeted and self._send(server, hello):
+                    greeted.add(index)
+            self._poll_once(min(self.heartbeat, 0.1))
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"no zreq server answered within {self.timeout} s: {self._describe_servers()}")
+
+    def _on_welcome(self, server: _Server, message: Message) -> None:
+        fingerprint = message.fields.get("fingerprint")
+        server.fingerprint = fingerprint
+        expected = self._expected_fingerprint
+        if expected is not None and fingerprint != expected:
+            raise StateError(
+                f"the state was saved from pipeline {expected}; server {server.address} serves {fingerprint}"
+            )
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint
+        elif fingerprint != self.fingerprint:
+            raise ProtocolError(
+                f"server {server.address} serves pipeline {fingerprint}, but others serve {self.fingerprint}"
+            )
+
+    def _poll_once(self, seconds: float) -> None:
+        for socket, _ in self._poller.poll(int(seconds * 1000)):
+            server = self._by_socket[socket]
+            while True:
+                try:
+                    frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_message(server, frames)
+
+    def _on_message(self, server: _Server, frames: list[Any]) -> None:
+        server.last_heard = time.monotonic()
+        if not server.alive:
+            log.info("server %s answers again", server.address)
+            server.alive = True
+        message = Message.decode(frames[0], f"server {server.address}")
+        command = message.command
+        if command == Command.PONG:
+            return
+        if command == Command.WELCOME:
+            self._on_welcome(server, message)
+            return
+        if message.fields.get("gen") != self._generation:
+            return  # a reply to a request made before the last load_state
+        step = message.fields.get("step")
+        if not isinstance(step, int):
+            raise ProtocolError(f"server {server.address} sent {command.name} without a step")
+        server.outstanding.discard(step)
+        if command == Command.ERROR:
+            kind = message.fields.get("error")
+            text = f"server {server.address} failed at step {step}: {message.fields.get('message')}"
+            if kind == "state":
+                raise StateError(text)
+            if kind == "protocol":
+                raise ProtocolError(text)
+            self._replies.setdefault(step, (message, []))
+            return
+        if command == Command.END:
+            self._end_step = step if self._end_step is None else min(self._end_step, step)
+            return
+        if command != Command.BATCH:
+            raise ProtocolError(f"server {server.address} sent an unexpected {command.name}")
+        if message.fields.get("fingerprint") != self.fingerprint:
+            raise ProtocolError(
+                f"server {server.address} now serves pipeline {message.fields.get('fingerprint')}, "
+                f"not {self.fingerprint}: it was restarted with a different configuration"
+            )
+        if step >= self._next_step and step not in self._replies:
+            self._replies[step] = (message, frames[1:])
+
+    # the request window
+
+    def _live(self) -> list[_Server]:
+        return [server for server in self._servers if server.alive]
+
+    def _fill_window(self) -> None:
+        while True:
+            in_flight = sum(len(s.outstanding) for s in self._servers) + len(self._replies)
+            if self._to_request:
+                step = self._to_request[0]
+            elif in_flight < self.prefetch and (
+                self._end_step is None or self._next_request < self._end_step
+            ):
+                step = self._next_request
+            else:
+                return
+            if (
+                step < self._next_step
+                or step in self._replies
+                or (self._end_step is not None and step >= self._end_step)
+            ):
+                self._to_request.pop(0)
+                continue
+            for server in sorted(self._live(), key=lambda s: len(s.outstanding)):
+                if self._send(server, Message(Command.REQUEST, {**self._fields(), "step": step})):
+                    server.outstanding.add(step)
+                    break
+            else:
+                return  # no live server takes requests now; heartbeats will tell when one does
+            if self._to_request and self._to_request[0] == step:
+                self._to_request.pop(0)
+            else:
+                self._next_request += 1
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        for server in self._servers:
+            if now - server.last_ping >= self.heartbeat:
+                self._send(server, Message(Command.PING, {}))
+                server.last_ping = now
+            silent = now - max(server.last_heard, self._started_waiting)
+            if server.alive and silent > self.dead_after:
+                server.alive = False
+                lost = sorted(server.outstanding)
+                server.outstanding.clear()
+                self._to_request = sorted(set(self._to_request) | set(lost))
+                log.warning(
+                    "server %s silent for %.1f s; asking others for steps %s", server.address, silent, lost
+                )
+
+    def _describe_servers(self) -> str:
+        return ", ".join(f"{s.address} ({'up' if s.alive else 'down'})" for s in self._servers)
+
+    def recv(self) -> Any:
+        """The next batch of the stream. Raises StopIteration at the end of a finite epoch."""
+        if self._context.closed:
+            raise ConfigError("this Connection is closed")
+        step = self._next_step
+        self._started_waiting = time.monotonic()
+        deadline = None if self.timeout is None else self._started_waiting + self.timeout
+        while step not in self._replies:
+            if self._end_step is not None and step >= self._end_step:
+                self._finish_epoch()
+                raise StopIteration
+            self._check_liveness()
+            self._fill_window()
+            self._poll_once(min(self.heartbeat, 0.05) if step not in self._replies else 0)
+            if step not in self._replies and deadline is not None and time.monotonic() > deadline:
+                raise Timeout(
+                    f"no batch for step {step} within {self.timeout} s from {self._describe_servers()}"
+                )
+        message, frames = self._replies.pop(step)
+        self._next_step += 1
+        self._fill_window()
+        if message.command == Command.ERROR:
+            raise RemoteError(
+                f"server {message.fields.get('server')} failed at step {step}: {message.fields.get('message')}"
+            )
+        arrays, infos = codec.decode(frames, infos=True)
+        self._state = message.fields.get("state")
+        epoch = message.fields.get("epoch")
+        self._last_epoch = epoch if isinstance(epoch, int) else self._last_epoch
+        self.count += 1
+        self.last = BatchInfo(
+            endpoint=str(message.fields.get("server", "")),
+            nbytes=sum(a.nbytes for a in arrays),
+            infos=infos,
+            count=self.count,
+            step=step,
+            epoch=self._last_epoch,
+            indices=list(message.fields.get("indices", [])),
+        )
+        return rebuild_batch(self.convert(arrays), message)
+
+    def _finish_epoch(self) -> None:
+        """After the last batch of a finite epoch, the next request starts the following epoch at position 0."""
+        epoch = self._last_epoch if self._last_epoch is not None else _epoch_in(self._base.get("state")) or 0
+        self._restart({"state": None, "epoch": epoch + 1})
+        self._last_epoch = None
+
+    def __iter__(self) -> Iterator[Any]:
+        produced = 0
+        while self.epoch is None or produced < self.epoch:
+            if self.total is not None and self.count >= self.total:
+                return
+            try:
+                yield self.recv()
+            except StopIteration:
+                return
+            produced += 1
+
+
+def _epoch_in(state: Any) -> int | None:
+    """The first 'epoch' found in a pipeline state (its source's), or None."""
+    if isinstance(state, dict):
+        if isinstance(state.get("epoch"), int):
+            return int(state["epoch"])
+        values: Any = state.values()
+    elif isinstance(state, list):
+        values = state
+    else:
+        return None
+    for value in values:
+        found = _epoch_in(value)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,512 @@
+"""The ``zrep`` server of the deterministic request protocol: a ROUTER front end and worker processes.
+
+::
+
+    clients (DEALER)          front end (this process)                    workers (processes)
+    zreq://host:7880  ──────► ROUTER ─ per-client queues ─ round robin ──► ROUTER ──ipc──► DEALER: factory(...)
+                      ◄────── replies routed back by client identity ◄──────────────────── BATCH/END/ERROR
+
+The front end answers PING itself, so a server busy computing still shows it is alive. It hands HELLO and REQUEST
+messages to workers, at most ``worker_queue`` at a time each, taking clients in turn so every client (every rank of
+every job) is served fairly. Workers are stateless between requests as far as the client can tell: any worker of
+any server computes any step from (factory, seed, rank, world size, base, step). A worker keeps recently used
+pipelines so consecutive steps cost one ``next`` and others a random-access ``skip``. A worker that dies is
+restarted and its requests are given to another; a pipeline error becomes an ERROR reply for that step only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+import traceback
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from tensorcom import codec
+from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError
+from tensorcom.protocol import Command, Message, flatten_batch
+from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints
+
+__all__ = ["RequestHandler", "RequestServer", "load_factory"]
+
+log = logging.getLogger(__name__)
+
+Factory = Callable[..., Any]
+_MAX_PENDING_PER_CLIENT = 256
+_CACHED_PIPELINES = 8
+_MAX_ATTEMPTS = 3
+
+
+def load_factory(spec: str | Factory) -> Factory:
+    """Return the factory named by ``"module:function"`` (or the callable itself)."""
+    if callable(spec):
+        return spec
+    module_name, colon, name = str(spec).partition(":")
+    if not colon or not module_name or not name:
+        raise ConfigError(
+            f"factory must be MODULE:FUNCTION, e.g. mypackage.data:make_pipeline. Found: {spec!r}"
+        )
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"cannot import module {module_name!r} for factory {spec!r}: {error}") from error
+    for part in name.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ConfigError(f"module {module_name!r} has no attribute {name!r} (factory {spec!r})")
+    if not callable(target):
+        raise ConfigError(f"factory {spec!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def _base_key(fields: dict[str, Any]) -> str:
+    return json.dumps(
+        [fields.get("seed"), fields.get("rank"), fields.get("world_size"), fields.get("base")],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+class RequestHandler:
+    """Computes replies from requests: what a worker process (or a server with ``workers=0``) runs."""
+
+    def __init__(self, factory: Factory, server: str = "") -> None:
+        self.factory = factory
+        self.server = server
+        self._pipelines: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+
+    def _client_config(self, message: Message) -> tuple[int, int, int, dict[str, Any]]:
+        seed = message.integer("seed")
+        world_size = message.integer("world_size", 1)
+        rank = message.integer("rank")
+        if rank >= world_size:
+            raise ProtocolError(f"rank must be < world_size ({world_size}). Found: {rank}")
+        base = message.fields.get("base") or {}
+        if not isinstance(base, dict):
+            raise ProtocolError(f"base must be a map. Found: {base!r}")
+        return seed, rank, world_size, base
+
+    def _build(self, message: Message) -> Any:
+        seed, rank, world_size, base = self._client_config(message)
+        pipeline = self.factory(seed=seed, rank=rank, world_size=world_size)
+        for method in ("next_with_meta", "load_state", "skip", "state"):
+            if not hasattr(pipeline, method):
+                raise ConfigError(
+                    f"the factory returned a {type(pipeline).__name__}, which has no {method}(); "
+                    "it must return a tensorcom pipeline (a Conveyer, Join or built PipelineBuilder)"
+                )
+        if base.get("state") is not None:
+            pipeline.load_state(base["state"])
+        elif base.get("epoch") is not None:
+            pipeline.set_epoch(int(base["epoch"]))
+        return pipeline
+
+    def _pipeline_at(self, message: Message, step: int) -> Any:
+        key = _base_key(message.fields)
+        pipeline, position = self._pipelines.pop(key, (None, 0))
+        if pipeline is not None and position > step:
+            pipeline.close()
+            pipeline = None
+        if pipeline is None:
+            pipeline, position = self._build(message), 0
+        if step > position:
+            pipeline.skip(step - position)
+        self._pipelines[key] = (pipeline, step)
+        while len(self._pipelines) > _CACHED_PIPELINES:
+            _, (old, _) = self._pipelines.popitem(last=False)
+            old.close()
+        return pipeline
+
+    def _forget(self, message: Message) -> None:
+        pipeline, _ = self._pipelines.pop(_base_key(message.fields), (None, 0))
+        if pipeline is not None:
+            pipeline.close()
+
+    def handle(self, message: Message) -> tuple[Message, list[Any]]:
+        """Answer one HELLO or REQUEST with (header, tensor frames); errors become ERROR replies."""
+        gen = message.fields.get("gen", 0)
+        step = message.fields.get("step", 0)
+        try:
+            if message.command == Command.HELLO:
+                pipeline = self._build(message)
+                try:
+                    reply = {
+                        "fingerprint": pipeline.fingerprint,
+                        "state": pipeline.state(),
+                        "server": self.server,
+                    }
+                finally:
+                    pipeline.close()
+                return Message(Command.WELCOME, reply), []
+            if message.command != Command.REQUEST:
+                raise ProtocolError(f"a worker cannot handle {message.command.name}")
+            step = message.integer("step")
+            pipeline = self._pipeline_at(message, step)
+            try:
+                batch, meta = pipeline.next_with_meta()
+            except StopIteration:
+                self._forget(message)
+                return Message(Command.END, {"gen": gen, "step": step, "server": self.server}), []
+            self._pipelines[_base_key(message.fields)] = (pipeline, step + 1)
+            arrays, shape = flatten_batch(batch)
+            frames = codec.encode(arrays)
+            fields = {
+                "gen": gen,
+                "step": step,
+                "epoch": int(meta.get("epoch", 0)),
+                "indices": [int(i) for i in meta.get("indices", [])],
+                "state": pipeline.state(),
+                "fingerprint": pipeline.fingerprint,
+                "server": self.server,
+                **shape,
+            }
+            return Message(Command.BATCH, fields), frames
+        except Exception as error:  # every failure becomes an ERROR reply; the server goes on
+            self._forget(message)
+            kind = (
+                "state"
+                if isinstance(error, StateError)
+                else "protocol"
+                if isinstance(error, ProtocolError)
+                else "pipeline"
+            )
+            if kind == "pipeline" and not isinstance(error, TensorcomError):
+                log.warning(
+                    "pipeline error at step %s: %s",
+                    step,
+                    "".join(traceback.format_exception_only(error)).strip(),
+                )
+            text = f"{type(error).__name__}: {error}"
+            return Message(
+                Command.ERROR,
+                {"gen": gen, "step": step, "error": kind, "message": text, "server": self.server},
+            ), []
+
+    def close(self) -> None:
+        """Close every cached pipeline (stopping their worker processes, if any)."""
+        for pipeline, _ in self._pipelines.values():
+            pipeline.close()
+        self._pipelines.clear()
+
+
+def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: int, server: str) -> None:
+    """A worker process: take requests from the front end, compute replies, until told to stop or orphaned."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
+    handler = RequestHandler(load_factory(factory), server)
+    context: zmq.Context[Any] = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, identity)
+    socket.setsockopt(zmq.LINGER, 1000)
+    socket.setsockopt(zmq.SNDHWM, 8)
+    socket.setsockopt(zmq.RCVHWM, 8)
+    socket.connect(backend)
+    socket.send_multipart([b"READY"])
+    try:
+        while os.getppid() == parent:
+            if not socket.poll(500, zmq.POLLIN):
+                continue
+            frames = socket.recv_multipart(copy=True)
+            if frames == [b"STOP"]:
+                break
+            client, header = frames[0], frames[1]
+            reply, tensors = handler.handle(Message.decode(header, "front end"))
+            socket.send_multipart([client, reply.encode(), *tensors], copy=False)
+    finally:
+        handler.close()
+        socket.close()
+        context.term()
+
+
+class _Worker:
+    """The front end's record of one worker process and the requests it holds."""
+
+    def __init__(self, index: int) -> None:
+        self.identity = b"worker-%d" % index
+        self.process: Any = None
+        self.ready = False
+        self.outstanding: dict[int, tuple[bytes, list[bytes], int]] = {}
+        self.next_ticket = 0
+
+
+class RequestServer:
+    """Serve numbered batches of ``factory(seed=..., rank=..., world_size=...)`` to ``zreq`` clients.
+
+    Args:
+        factory: a callable (module-level, so worker processes can import it) or ``"module:function"``.
+        urls: ``zrep://`` URLs to bind (braces expand).
+        workers: worker processes computing batches; 0 computes in this process (no extra hop, but a batch being
+            computed delays heartbeat answers).
+        worker_queue: requests handed to one worker at a time.
+        queue: replies queued per client before sending blocks.
+        report_interval: seconds between rate reports through ``logging``.
+    """
+
+    def __init__(
+        self,
+        factory: str | Factory,
+        urls: str | Sequence[str] = "zrep://0.0.0.0:7880",
+        *,
+        workers: int = 2,
+        worker_queue: int = 2,
+        queue: int = 16,
+        report_interval: float = 10.0,
+        name: str | None = None,
+    ) -> None:
+        if workers < 0:
+            raise ConfigError(f"workers must be >= 0. Found: {workers}")
+        if worker_queue < 1:
+            raise ConfigError(f"worker_queue must be >= 1. Found: {worker_queue}")
+        self.factory = factory
+        load_factory(factory)  # fail now, not in a worker
+        self.workers = workers
+        self.worker_queue = worker_queue
+        self.report_interval = report_interval
+        parsed = parse_endpoints(urls, {"ROUTER"}, "request Server")
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._frontends: list[Endpoint] = []
+        self._folder = tempfile.TemporaryDirectory(prefix="tensorcom-server-")
+        self._processes: list[_Worker] = []
+        self._handler: RequestHandler | None = None
+        self._stopping = False
+        try:
+            for url in parsed:
+                endpoint = open_endpoint(self._context, url, queue=queue)
+                endpoint.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                self._frontends.append(endpoint)
+        except BaseException:
+            self.close()
+            raise
+        self.name = name or f"{os.uname().nodename}:{os.getpid()}"
+        self._backend = self._context.socket(zmq.ROUTER)
+        self._backend.setsockopt(zmq.LINGER, 0)
+        self._backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._backend_address = f"ipc://{self._folder.name}/workers"
+        self._backend.bind(self._backend_address)
+        self._pending: OrderedDict[tuple[int, bytes], deque[tuple[list[Any], int]]] = OrderedDict()
+        self.served = 0
+        self.nbytes = 0
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The addresses clients connect to (bound addresses are read back, so port 0 shows its port)."""
+        return [endpoint.address for endpoint in self._frontends]
+
+    # worker supervision
+
+    def _start_worker(self, worker: _Worker) -> None:
+        context = multiprocessing.get_context("spawn")
+        worker.process = context.Process(
+            target=_worker_main,
+            args=(self.factory, self._backend_address, worker.identity, os.getpid(), self.name),
+            name=f"tensorcom-{worker.identity.decode()}",
+            daemon=True,
+        )
+        worker.ready = False
+        worker.process.start()
+
+    def _supervise(self) -> None:
+        for worker in self._processes:
+            if worker.process is not None and not worker.process.is_alive() and not self._stopping:
+                log.warning(
+                    "worker %s died (exit code %s); restarting it",
+                    worker.identity.decode(),
+                    worker.process.exitcode,
+                )
+                for client, frames, attempts in worker.outstanding.values():
+                    self._requeue(client, frames, attempts + 1)
+                worker.outstanding.clear()
+                self._start_worker(worker)
+
+    def _requeue(self, client: tuple[int, bytes], frames: list[Any], attempts: int) -> None:
+        if attempts >= _MAX_ATTEMPTS:
+            message = Message.decode(frames[0], "client")
+            text = f"the request killed {attempts} worker processes in a row"
+            self._reply(client, Message(Command.ERROR, self._error_fields(message, "pipeline", text)), [])
+            return
+        self._pending.setdefault(client, deque()).appendleft((frames, attempts))
+
+    # front end
+
+    def _error_fields(self, message: Message | None, kind: str, text: str) -> dict[str, Any]:
+        fields = message.fields if message is not None else {}
+        return {
+            "gen": fields.get("gen", 0),
+            "step": fields.get("step", 0),
+            "error": kind,
+            "message": text,
+            "server": self.name,
+        }
+
+    def _reply(self, client: tuple[int, bytes], header: Message | bytes, frames: Sequence[Any]) -> None:
+        endpoint = self._frontends[client[0]]
+        data = header.encode() if isinstance(header, Message) else header
+        try:
+            endpoint.socket.send_multipart([client[1], data, *frames], copy=False)
+        except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH) or hopelessly behind
+            log.info("dropping a reply to a client of %s: %s", endpoint, error)
+        if frames:
+            self.served += 1
+            self.nbytes += sum(len(f) for f in frames[1::2])
+
+    def _receive_client(self, index: int) -> None:
+        endpoint = self._frontends[index]
+        frames = endpoint.socket.recv_multipart(copy=False)
+        client = (index, frames[0].bytes)
+        if len(frames) < 2:
+            return
+        try:
+            message = Message.decode(frames[1], f"client of {endpoint}")
+        except ProtocolError as error:
+            self._reply(client, Message(Command.ERROR, self._error_fields(None, "protocol", str(error))), [])
+            return
+        if message.command == Command.PING:
+            self._reply(client, Message(Command.PONG, {"server": self.name}), [])
+            return
+        if message.command not in (Command.HELLO, Command.REQUEST):
+            text = f"a server does not accept {message.command.name} messages"
+            self._reply(client, Message(Command.ERROR, self._error_fields(message, "protocol", text)), [])
+            return
+        queue = self._pending.setdefault(client, deque())
+        if len(queue) >= _MAX_PENDING_PER_CLIENT:
+            text = f"more than {_MAX_PENDING_PER_CLIENT} requests pending from one client"
+            self._reply(client, Message(Command.ERROR, self._error_fields(message, "protocol", text)), [])
+            return
+        queue.append(([frames[1].bytes], 0))
+
+    def _dispatch(self) -> None:
+        """Hand pending requests to workers with room, one client at a time in turn."""
+        while self._pending:
+            if self.workers:
+                free = [w for w in self._processes if w.ready and len(w.outstanding) < self.worker_queue]
+                if not free:
+                    return
+                worker = min(free, key=lambda w: len(w.outstanding))
+            client, queue = next(iter(self._pending.items()))
+            frames, attempts = queue.popleft()
+            self._pending.move_to_end(client)  # round robin over clients
+            if not queue:
+                del self._pending[client]
+            if not self.workers:
+                self._handle_inline(client, frames)
+                continue
+            ticket = worker.next_ticket
+            worker.next_ticket += 1
+            worker.outstanding[ticket] = (client, frames, attempts)
+            route = b"%d:%d:" % (client[0], ticket) + client[1]
+            self._backend.send_multipart([worker.identity, route, *frames])
+
+    def _handle_inline(self, client: tuple[int, bytes], frames: list[Any]) -> None:
+        if self._handler is None:
+            self._handler = RequestHandler(load_factory(self.factory), self.name)
+        reply, tensors = self._handler.handle(Message.decode(frames[0], "client"))
+        self._reply(client, reply, tensors)
+
+    def _receive_worker(self) -> None:
+        frames = self._backend.recv_multipart(copy=False)
+        identity = frames[0].bytes
+        worker = next((w for w in self._processes if w.identity == identity), None)
+        if worker is None:
+            return
+        if len(frames) == 2 and frames[1].bytes == b"READY":
+            worker.ready = True
+            log.debug("worker %s ready", identity.decode())
+            return
+        index, ticket, client_identity = frames[1].bytes.split(b":", 2)
+        held = worker.outstanding.pop(int(ticket), None)
+        if held is None:
+            return
+        self._reply((int(index), client_identity), frames[2].bytes, frames[3:])
+
+    def run(self, duration: float | None = None) -> None:
+        """Serve until interrupted (SIGINT/SIGTERM raise KeyboardInterrupt) or for ``duration`` seconds."""
+        self._processes = [_Worker(i) for i in range(self.workers)]
+        for worker in self._processes:
+            self._start_worker(worker)
+        poller = zmq.Poller()
+        for endpoint in self._frontends:
+            poller.register(endpoint.socket, zmq.POLLIN)
+        poller.register(self._backend, zmq.POLLIN)
+        sockets = {endpoint.socket: index for index, endpoint in enumerate(self._frontends)}
+        started = last_report = last_check = time.monotonic()
+        reported = 0
+        log.info(
+            "serving %s on %s with %d workers", self._factory_name(), ", ".join(self.endpoints), self.workers
+        )
+        try:
+            while duration is None or time.monotonic() - started < duration:
+                for socket, _ in poller.poll(100):
+                    if socket is self._backend:
+                        self._receive_worker()
+                    else:
+                        self._receive_client(sockets[socket])
+                self._dispatch()
+                now = time.monotonic()
+                if now - last_check > 0.25:
+                    self._supervise()
+                    last_check = now
+                if now - last_report >= self.report_interval:
+                    log.info(
+                        "served %d batches: %.1f batches/s",
+                        self.served,
+                        (self.served - reported) / (now - last_report),
+                    )
+                    last_report, reported = now, self.served
+        finally:
+            self.close()
+
+    def _factory_name(self) -> str:
+        factory = self.factory
+        return (
+            factory
+            if isinstance(factory, str)
+            else f"{factory.__module__}:{getattr(factory, '__qualname__', factory)}"
+        )
+
+    def close(self) -> None:
+        """Stop the workers (asking first, then terminating, then killing) and close every socket."""
+        self._stopping = True
+        for worker in self._processes:
+            if worker.process is not None and worker.process.is_alive():
+                try:
+                    self._backend.send_multipart([worker.identity, b"STOP"], flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        deadline = time.monotonic() + 5
+        for worker in self._processes:
+            if worker.process is None:
+                continue
+            worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(timeout=5)
+        self._processes = []
+        if self._handler is not None:
+            self._handler.close()
+            self._handler = None
+        for endpoint in self._frontends:
+            endpoint.close()
+        self._frontends = []
+        if hasattr(self, "_backend"):
+            self._backend.close(linger=0)
+        if not self._context.closed:
+            self._context.term()
+        self._folder.cleanup()
+
+    def __enter__(self) -> RequestServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
