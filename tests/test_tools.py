@@ -1,0 +1,382 @@
+"""tensormon, tensorshow and tensorstat against real server processes sending known content, and the modules behind
+them (tensorcom.monitor, tensorcom.images, tensorcom.statistics, tensorcom.plots)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tensorcom import codec
+from tensorcom.images import IMAGENET_MEAN, IMAGENET_STD, load_class_names, to_display_images
+from tensorcom.monitor import ThroughputMonitor
+from tensorcom.plots import PANEL_HEIGHT, PANEL_WIDTH, PLOT_BOX
+from tensorcom.statistics import ArrayStatistics
+from tensorcom_tools import tensormon, tensorshow, tensorstat
+
+Start = Callable[..., subprocess.Popen[bytes]]
+Batches = list[list[np.ndarray]]
+
+SERVE_FILES = (
+    "import sys\n"
+    "from tensorcom import codec, serve\n"
+    "serve([codec.load(path) for path in sys.argv[2:]], sys.argv[1], linger=20)\n"
+)
+
+
+@pytest.fixture
+def file_server(start_process: Start, tmp_path: Path) -> Callable[[str, Batches], subprocess.Popen[bytes]]:
+    """Start a server process that sends the given batches (saved as .ten files) on a URL, then exits."""
+
+    def start(url: str, batches: Batches) -> subprocess.Popen[bytes]:
+        paths = []
+        for number, batch in enumerate(batches):
+            path = tmp_path / f"batch{number}.ten"
+            codec.save(path, batch)
+            paths.append(str(path))
+        return start_process("-c", SERVE_FILES, url, *paths)
+
+    return start
+
+
+def invoke(program: object, *args: str) -> str:
+    """Run a program in process with CliRunner; return its output after checking it succeeded."""
+    result = CliRunner().invoke(program, list(args))  # type: ignore[arg-type]
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def read_png(path: Path, mode: str = "RGB") -> np.ndarray:
+    """The pixels of a PNG file as an array (rows, columns[, channels])."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert(mode))
+
+
+# tensormon ------------------------------------------------------------------------------------------------------
+
+
+def test_tensormon_counts_and_rates_match_what_was_sent(
+    synthetic_server: Start, ipc_url: Callable[..., str]
+) -> None:
+    """--json reports exactly the batches, samples and bytes sent, rates equal to them over the time taken."""
+    synthetic_server(ipc_url("zrpush"), count=20, batch_size=4, size=8)
+    output = invoke(tensormon.main, ipc_url("zrpull"), "--count", "20", "--json", "--interval", "0.001")
+    lines = [json.loads(line) for line in output.splitlines()]
+    summary = lines[-1]
+    assert summary["type"] == "summary" and all(line["type"] == "interval" for line in lines[:-1])
+    assert (summary["batches"], summary["samples"]) == (20, 80)
+    assert summary["bytes"] == 20 * (4 * 8 * 8 * 3 + 4 * 8)
+    assert summary["mb_per_s"] == pytest.approx(summary["bytes"] / 1e6 / summary["seconds"])
+    assert summary["samples_per_s"] == pytest.approx(80 / summary["seconds"])
+    assert 0 < summary["latency_median_s"] <= summary["latency_p99_s"] <= summary["seconds"]
+    assert 0 < summary["stall_s"] <= summary["seconds"]
+    assert sum(line["batches"] for line in lines[:-1]) <= 20
+    assert list(summary["servers"]) == [ipc_url("zrpull").replace("zrpull+", "")]
+
+
+def test_tensormon_reports_each_server(synthetic_server: Start, ipc_url: Callable[..., str]) -> None:
+    """With two servers (brace-expanded URL), per-server counts are what each sent and sum to the total."""
+    synthetic_server(ipc_url("zrpush", "s0"), count=10, batch_size=4)
+    synthetic_server(ipc_url("zrpush", "s1"), count=10, batch_size=3)
+    output = invoke(tensormon.main, ipc_url("zrpull", "s{0,1}"), "--count", "20", "--json")
+    summary = json.loads(output.splitlines()[-1])
+    servers = summary["servers"]
+    assert sorted((s["batches"], s["samples"]) for s in servers.values()) == [(10, 30), (10, 40)]
+    assert summary["batches"] == 20 and summary["samples"] == 70
+    assert sum(s["bytes"] for s in servers.values()) == summary["bytes"]
+
+
+@pytest.mark.parametrize("display", ["--no-live", "--live"], ids=["plain-lines", "rich-live"])
+def test_tensormon_prints_a_summary_line(
+    synthetic_server: Start, ipc_url: Callable[..., str], display: str
+) -> None:
+    """Plain and in-place displays both end with a summary line giving the counts and rates."""
+    synthetic_server(ipc_url("zrpush"), count=8)
+    output = invoke(tensormon.main, ipc_url("zrpull"), "-n", "8", "--interval", "0.001", display)
+    assert "summary: 8 batches" in output and "samples/s" in output and "latency" in output
+    if display == "--no-live":
+        assert all("batches" in line for line in output.splitlines())
+
+
+def test_monitor_latency_and_stall_figures() -> None:
+    """Latencies are the gaps between arrivals (per server too), stall the summed waits, rates over the time."""
+    clock = iter([0.0]).__next__
+    monitor = ThroughputMonitor(clock=clock)
+    arrivals = [(1.0, "a", 0.5), (1.5, "b", 0.5), (2.5, "a", 1.0), (2.6, "b", 0.1)]
+    for now, endpoint, waited in arrivals:
+        monitor.record(endpoint, 10, 1000, waited, now=now)
+    report = monitor.summary(now=4.0)
+    assert report.first_batch == 1.0
+    assert (report.total.batches, report.total.samples, report.total.nbytes) == (4, 40, 4000)
+    assert report.total.latency_median == pytest.approx(np.median([0.5, 1.0, 0.1]))
+    assert report.total.stall == pytest.approx(2.1) and report.total.stall_fraction == pytest.approx(2.1 / 4)
+    assert report.total.megabytes_per_second == pytest.approx(4000 / 1e6 / 4)
+    assert report.servers["a"].latency_median == pytest.approx(1.5)
+    assert report.servers["b"].latency_p99 == pytest.approx(1.1)
+    first = monitor.interval(now=2.0)
+    second = monitor.interval(now=3.0)
+    assert (first.total.batches, second.total.batches) == (4, 0) and second.total.seconds == 1.0
+
+
+# tensorshow -----------------------------------------------------------------------------------------------------
+
+COLOURS = np.array(
+    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [200, 100, 50], [10, 20, 30], [128, 128, 128]], np.uint8
+)
+SIZE = 8
+
+
+def solid_images(colours: np.ndarray, layout: str, dtype: str) -> np.ndarray:
+    """A batch of SIZE x SIZE images, image i filled with colours[i], in the given layout and value encoding."""
+    images = np.broadcast_to(colours[:, None, None, :], (len(colours), SIZE, SIZE, 3)).astype(np.float64)
+    if layout in ("nhw", "nhw1", "n1hw"):
+        images = images[..., :1]
+    if dtype == "unit":
+        images = images / 255
+    elif dtype == "imagenet":
+        images = (images / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    if layout in ("nchw", "n1hw"):
+        images = images.transpose(0, 3, 1, 2)
+    elif layout == "nhw":
+        images = images[..., 0]
+    return np.ascontiguousarray(images.astype(np.uint8 if dtype == "uint8" else np.float32))
+
+
+@pytest.mark.parametrize(
+    "layout, dtype, tolerance",
+    [
+        ("nhwc", "uint8", 0),
+        ("nchw", "unit", 0),
+        ("nchw", "imagenet", 1),
+        ("nhw", "uint8", 0),
+        ("nhw1", "uint8", 0),
+        ("n1hw", "unit", 0),
+    ],
+    ids=["nhwc-uint8", "nchw-float01", "nchw-imagenet", "grey-nhw", "grey-nhw1", "grey-n1hw-float"],
+)
+def test_tensorshow_grid_holds_the_sent_images(
+    file_server: Callable[[str, Batches], object],
+    ipc_url: Callable[..., str],
+    tmp_path: Path,
+    layout: str,
+    dtype: str,
+    tolerance: int,
+) -> None:
+    """Two batches of 3 solid images make a 3x2 grid of the expected size whose cells show the sent colours."""
+    colours = COLOURS if layout in ("nhwc", "nchw") else np.repeat(COLOURS[:, :1], 3, axis=1)
+    labels = np.arange(6, dtype=np.int64)
+    batches = [[solid_images(colours[i : i + 3], layout, dtype), labels[i : i + 3]] for i in (0, 3)]
+    file_server(ipc_url("zrpush"), batches)
+    output_path = tmp_path / "grid.png"
+    output = invoke(
+        tensorshow.main,
+        ipc_url("zrpull"),
+        "-n",
+        "2",
+        "--output",
+        str(output_path),
+        "--scale",
+        "4",
+        "--columns",
+        "3",
+    )
+    assert f"wrote {output_path}: 6 images from 2 batches in a 3x2 grid" in output
+    picture = read_png(output_path)
+    cell_width, cell_height = 4 * SIZE + 2 * 2, 4 * SIZE + 2 * 2 + 14  # padding 2 around, a 14 px label strip
+    assert picture.shape == (2 * cell_height, 3 * cell_width, 3)
+    for index, colour in enumerate(colours):
+        row, column = divmod(index, 3)
+        centre = picture[row * cell_height + 2 + 2 * SIZE, column * cell_width + 2 + 2 * SIZE]
+        assert np.abs(centre.astype(int) - colour.astype(int)).max() <= tolerance, (index, centre, colour)
+    strip = picture[4 * SIZE + 4 : cell_height, : cell_width - 1]
+    assert strip.min() < 128  # the label is drawn in the strip under the image
+
+
+def test_tensorshow_picks_the_array_and_stretches_other_floats(
+    file_server: Callable[[str, Batches], object], ipc_url: Callable[..., str], tmp_path: Path
+) -> None:
+    """--index chooses the image array; floats outside [0,255] and ImageNet's range are min-max stretched."""
+    images = np.zeros((2, 1, SIZE, SIZE), np.float32)
+    images[:, :, :, SIZE // 2 :] = 1000.0
+    images -= 500.0
+    decoy = np.zeros((2, SIZE, SIZE), np.uint8)
+    file_server(ipc_url("zrpush"), [[np.array([7, 9], np.int64), decoy, images]])
+    output_path = tmp_path / "grid.png"
+    invoke(tensorshow.main, ipc_url("zrpull"), "--index", "2", "-o", str(output_path), "--scale", "1")
+    picture = read_png(output_path, "L")
+    assert picture.shape == (SIZE + 4 + 14, 2 * (SIZE + 4))
+    assert picture[2 + 4, 2 + 1] == 0 and picture[2 + 4, 2 + SIZE - 2] == 255
+
+
+def test_tensorshow_writes_a_png_without_a_display(
+    file_server: Callable[[str, Batches], object],
+    ipc_url: Callable[..., str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no DISPLAY and no --output, the grid goes to tensorshow.png, labelled with names from --classes."""
+    classes = tmp_path / "names.json"
+    classes.write_text(json.dumps({"0": ["n01440764", "tench"], "1": ["n01443537", "goldfish"]}))
+    file_server(ipc_url("zrpush"), [[np.zeros((2, SIZE, SIZE, 3), np.uint8), np.array([0, 1])]])
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner(env={"DISPLAY": None, "WAYLAND_DISPLAY": None}).invoke(
+        tensorshow.main, [ipc_url("zrpull"), "--classes", str(classes)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote tensorshow.png: 2 images" in result.output
+    assert read_png(tmp_path / "tensorshow.png").shape[1] > 0
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (["cat", "dog"], {0: "cat", 1: "dog"}),
+        ({"3": "cat", "7": "dog"}, {3: "cat", 7: "dog"}),
+        ({"0": ["n01440764", "tench"]}, {0: "tench"}),
+    ],
+    ids=["list", "object", "imagenet-style"],
+)
+def test_class_names_files(tmp_path: Path, content: object, expected: dict[int, str]) -> None:
+    """Class names load from a JSON list, an object keyed by number, or ImageNet's [wnid, name] pairs."""
+    path = tmp_path / "names.json"
+    path.write_text(json.dumps(content))
+    assert load_class_names(path) == expected
+
+
+def test_display_images_clip_nan_and_keep_uint8() -> None:
+    """uint8 images pass through untouched; NaN pixels of float images show black."""
+    pixels = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    assert np.array_equal(to_display_images(pixels), pixels)
+    floats = np.full((1, 3, 2, 2), 0.5, np.float32)
+    floats[0, :, 0, 0] = np.nan
+    shown = to_display_images(floats)
+    assert shown[0, 0, 0].tolist() == [0, 0, 0] and shown[0, 1, 1].tolist() == [128, 128, 128]
+
+
+# tensorstat -----------------------------------------------------------------------------------------------------
+
+
+def stat_batches() -> Batches:
+    """Three batches of different lengths: float values with NaN and Inf, int64 labels, uint8 images."""
+    rng = np.random.default_rng(5)
+    batches: Batches = []
+    for length in (4, 6, 3):
+        values = rng.normal(3.0, 2.0, (length, 5)).astype(np.float32)
+        labels = rng.integers(0, 7, length, dtype=np.int64)
+        images = rng.integers(0, 256, (length, 2, 2, 3), dtype=np.uint8)
+        batches.append([values, labels, images])
+    batches[0][0][0, 0] = np.nan
+    batches[1][0][1, 2] = np.inf
+    batches[1][0][2, 3] = -np.inf
+    batches[2][0][0, :2] = np.nan
+    return batches
+
+
+def test_tensorstat_figures_equal_numpys(
+    file_server: Callable[[str, Batches], object], ipc_url: Callable[..., str], tmp_path: Path
+) -> None:
+    """--json gives numpy's min, max, mean and std of the finite values, NaN/Inf counts, shapes and class counts."""
+    batches = stat_batches()
+    file_server(ipc_url("zrpush"), batches)
+    plot = tmp_path / "hist.png"
+    output = invoke(tensorstat.main, ipc_url("zrpull"), "-n", "3", "--json", "--plot", str(plot))
+    report = json.loads(output.splitlines()[0])
+    assert report["batches"] == 3 and len(report["positions"]) == 3
+    for position, figures in enumerate(report["positions"]):
+        everything = np.concatenate([batch[position].reshape(-1) for batch in batches])
+        finite = everything[np.isfinite(everything)].astype(np.float64)
+        assert figures["min"] == finite.min() and figures["max"] == finite.max()
+        assert figures["mean"] == pytest.approx(finite.mean(), rel=1e-12)
+        assert figures["std"] == pytest.approx(finite.std(), rel=1e-12)
+        assert figures["nan"] == np.isnan(everything).sum() and figures["inf"] == np.isinf(everything).sum()
+        assert figures["elements"] == everything.size
+        assert figures["dtypes"] == {str(batches[0][position].dtype): 3}
+        assert [s["shape"] for s in figures["shapes"]] == [list(batch[position].shape) for batch in batches]
+    assert (report["positions"][0]["nan"], report["positions"][0]["inf"]) == (3, 2)
+    labels = np.concatenate([batch[1] for batch in batches])
+    assert report["positions"][1]["classes"] == {
+        str(k): v for k, v in sorted(Counter(labels.tolist()).items())
+    }
+    assert "classes" not in report["positions"][0] and "classes" not in report["positions"][2]
+    picture = read_png(plot)
+    assert picture.shape == (3 * PANEL_HEIGHT, PANEL_WIDTH, 3)
+    left, top, right, bottom = PLOT_BOX
+    for panel in range(3):
+        area = picture[panel * PANEL_HEIGHT + top : panel * PANEL_HEIGHT + bottom, left:right]
+        assert (area != 255).any()  # bars were drawn
+
+
+def test_tensorstat_text_report(synthetic_server: Start, ipc_url: Callable[..., str]) -> None:
+    """The text report names each position's dtype and shapes, and lists the classes of the label array."""
+    synthetic_server(ipc_url("zrpush"), count=3, batch_size=2)
+    output = invoke(tensorstat.main, ipc_url("zrpull"), "-n", "3")
+    assert output.splitlines()[:2] == ["3 batches", "[0] uint8  shapes (2, 8, 8, 3) x3"]
+    assert "[1] int64  shapes (2,) x3" in output
+    assert "classes (6 distinct): 0:1 1:1 2:1 3:1 4:1 5:1" in output
+
+
+def test_statistics_merge_batches_like_one_array() -> None:
+    """Figures merged over many uneven batches equal numpy's on the whole, for ints and floats alike."""
+    rng = np.random.default_rng(0)
+    for values in (rng.normal(1e6, 1.0, 1000), rng.integers(-50, 50, 1000)):
+        statistics = ArrayStatistics()
+        for chunk in np.split(values, [1, 7, 300, 301, 999]):
+            statistics.update(chunk)
+        assert statistics.minimum == values.min() and statistics.maximum == values.max()
+        assert statistics.mean == pytest.approx(values.mean(), rel=1e-12)
+        assert statistics.std == pytest.approx(values.std(), rel=1e-9)
+
+
+# clean errors -----------------------------------------------------------------------------------------------------
+
+PROGRAMS = ["tensormon", "tensorshow", "tensorstat"]
+
+
+@pytest.mark.parametrize("program", PROGRAMS, ids=PROGRAMS)
+def test_timeout_is_one_clean_line(program: str, tmp_path: Path) -> None:
+    """With no server answering, each program ends after --timeout with one 'Error:' line and exit code 4."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            f"tensorcom_tools.{program}",
+            f"zrpull+ipc://{tmp_path}/none",
+            "--timeout",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 4
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"Error: no batch within 0.5 s from ipc://{tmp_path}/none"]
+
+
+@pytest.mark.parametrize(
+    "program, url",
+    [
+        ("tensormon", "zpush://127.0.0.1:5"),
+        ("tensorshow", "zfoo://127.0.0.1:5"),
+        ("tensorstat", "zpull://nonsense"),
+    ],
+    ids=PROGRAMS,
+)
+def test_bad_url_is_one_clean_line(program: str, url: str) -> None:
+    """A bad URL ends each program at once with one 'Error:' line quoting it and exit code 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"tensorcom_tools.{program}", url], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and url in lines[0]

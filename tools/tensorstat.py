@@ -1,0 +1,103 @@
+"""tensorstat: statistics of every array position over the next batches from one or more URLs."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from tensorcom.cli import TensorcomCommand
+from tensorcom.errors import ConfigError
+from tensorcom.plots import BarChart, draw_bar_charts
+from tensorcom.statistics import ArrayStatistics, BatchStatistics
+from tensorcom_tools._connect import connection_options, open_connection
+
+PLOT_SAMPLES = 200_000
+SHOWN_CLASSES = 20
+
+
+def _number(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def describe(position: int, statistics: ArrayStatistics) -> list[str]:
+    """Lines for people about one position: dtypes, shapes, figures, and the classes of a label array."""
+    dtypes = ", ".join(statistics.dtypes)
+    shapes = ", ".join(f"{shape} x{n}" for shape, n in statistics.shapes.items())
+    lines = [
+        f"[{position}] {dtypes}  shapes {shapes}",
+        f"    min {_number(statistics.minimum)}  max {_number(statistics.maximum)}  "
+        f"mean {_number(statistics.mean)}  std {_number(statistics.std)}  "
+        f"nan {statistics.nan}  inf {statistics.inf}  ({statistics.elements} values)",
+    ]
+    if statistics.is_labels and statistics.classes is not None:
+        classes = statistics.classes
+        if len(classes) <= SHOWN_CLASSES:
+            shown = " ".join(f"{label}:{n}" for label, n in sorted(classes.items()))
+        else:
+            common = " ".join(f"{label}:{n}" for label, n in classes.most_common(10))
+            counts = classes.values()
+            shown = f"most common {common} ...; {min(counts)} to {max(counts)} per class"
+        lines.append(f"    classes ({len(classes)} distinct): {shown}")
+    return lines
+
+
+def charts(statistics: BatchStatistics) -> list[BarChart]:
+    """One histogram per position: label counts for label arrays, values (a sample of them) otherwise."""
+    result = []
+    for position, figures in enumerate(statistics.positions):
+        counts, low, high = figures.histogram()
+        if figures.minimum is not None and figures.maximum is not None:
+            low, high = figures.minimum, figures.maximum  # the axis shows the values seen, not the bin edges
+        what = "classes" if figures.is_labels else "values"
+        shapes = ", ".join(str(shape) for shape in figures.shapes)
+        title = f"[{position}] {', '.join(figures.dtypes)} {shapes}: {what}"
+        result.append(BarChart(title, counts.tolist(), low, high))
+    return result
+
+
+@click.command(cls=TensorcomCommand)
+@connection_options
+@click.option(
+    "-n", "--count", type=click.IntRange(min=1), default=10, show_default=True, help="Batches to read."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON document.")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), default=None, help="Write histograms to this PNG file."
+)
+def main(
+    urls: tuple[str, ...],
+    timeout: float,
+    seed: int | None,
+    rank: int | None,
+    world_size: int | None,
+    count: int,
+    as_json: bool,
+    plot: str | None,
+) -> None:
+    """Read --count batches from URLS and report, per array position: dtype, shapes, min, max, mean, std, NaN and
+    Inf counts (figures over the finite values), and the class histogram of 1-D integer (label) arrays."""
+    statistics = BatchStatistics(sample_limit=PLOT_SAMPLES if plot else 0)
+    with open_connection(urls, timeout, seed=seed, rank=rank, world_size=world_size) as connection:
+        for _ in range(count):
+            statistics.update(connection.recv())
+    if as_json:
+        click.echo(json.dumps(statistics.to_dict(), allow_nan=False))
+    else:
+        click.echo(f"{statistics.batches} batches")
+        for position, figures in enumerate(statistics.positions):
+            for line in describe(position, figures):
+                click.echo(line)
+    if plot:
+        picture = draw_bar_charts(charts(statistics))
+        try:
+            picture.save(plot, format="PNG")
+        except OSError as error:
+            raise ConfigError(f"cannot write {plot!r}: {error}") from error
+        click.echo(f"wrote {plot}: {len(statistics.positions)} histograms", err=as_json)
+
+
+if __name__ == "__main__":
+    main()
