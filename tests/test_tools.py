@@ -4,6 +4,7 @@ them (tensorcom.monitor, tensorcom.images, tensorcom.statistics, tensorcom.plots
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -105,6 +106,33 @@ def test_tensormon_prints_a_summary_line(
     assert "summary: 8 batches" in output and "samples/s" in output and "latency" in output
     if display == "--no-live":
         assert all("batches" in line for line in output.splitlines())
+
+
+ZREQ_FACTORY = """
+import numpy as np
+from tensorcom.pipeline import Collate, Conveyer, Map, Partition, Range
+
+def sample(index):
+    return np.full((2, 2, 3), index % 256, np.uint8), index
+
+def stream(*, seed, rank, world_size):
+    return Conveyer([Range(1000), Partition(rank, world_size), Map(sample), Collate(5)])
+"""
+
+
+def test_tensormon_follows_a_zreq_stream(
+    start_process: Start, ipc_url: Callable[..., str], tmp_path: Path
+) -> None:
+    """Against a zrep server process, tensormon requests as the given rank and reports the last step."""
+    (tmp_path / "zreq_factory.py").write_text(ZREQ_FACTORY)
+    server_url = ipc_url("zrep", "request")
+    serve = "from tensorcom.request_server import RequestServer; RequestServer('zreq_factory:stream', %r, workers=0).run()"
+    start_process("-c", serve % server_url, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    url = server_url.replace("zrep", "zreq")
+    output = invoke(tensormon.main, url, "--rank", "1", "--world-size", "2", "-n", "12", "--json")
+    summary = json.loads(output.splitlines()[-1])
+    assert (summary["batches"], summary["samples"], summary["step"]) == (12, 60, 11)
+    assert summary["bytes"] == 12 * (5 * 2 * 2 * 3 + 5 * 8)
 
 
 def test_monitor_latency_and_stall_figures() -> None:
@@ -380,3 +408,10 @@ def test_bad_url_is_one_clean_line(program: str, url: str) -> None:
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and url in lines[0]
+
+
+def test_request_options_need_zreq_urls() -> None:
+    """--rank with a stream URL is refused with one clean line (exit code 2) before anything connects."""
+    result = CliRunner().invoke(tensorstat.main, ["zrpull://127.0.0.1:5", "--rank", "1"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: --rank: only for zreq:// URLs. Found: zrpull://127.0.0.1:5"

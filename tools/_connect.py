@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,10 +9,9 @@ import click
 
 from tensorcom.connection import Connection
 from tensorcom.errors import ConfigError
+from tensorcom.urls import expand_urls, parse_url
 
 Function = TypeVar("Function", bound=Callable[..., Any])
-
-_REQUEST_OPTIONS = ("seed", "rank", "world_size")
 
 
 def connection_options(function: Function) -> Function:
@@ -39,15 +37,12 @@ def connection_options(function: Function) -> Function:
 
 
 def open_connection(urls: tuple[str, ...], timeout: float, **request: int | None) -> Connection:
-    """A Connection to the URLs (brace expansion applies); request options are passed on only when given."""
-    given: dict[str, Any] = {
-        name: value for name, value in request.items() if name in _REQUEST_OPTIONS and value is not None
-    }
-    accepted = inspect.signature(Connection).parameters
-    missing = [name for name in given if name not in accepted]
-    if missing:
-        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
-        raise ConfigError(
-            f"{flags}: this version's Connection does not take {', '.join(missing)} (zreq only)"
-        )
+    """A Connection to the URLs (brace expansion applies). The request options (seed, rank, world_size) are passed
+    on only when given, and only to zreq:// URLs, whose stream they choose."""
+    given: dict[str, Any] = {name: value for name, value in request.items() if value is not None}
+    if given:
+        parsed = [parse_url(url) for url in expand_urls(urls)]
+        if not all(url.is_request for url in parsed):
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ConfigError(f"{flags}: only for zreq:// URLs. Found: {' '.join(urls)}")
     return Connection(list(urls), timeout=timeout, **given)

@@ -118,7 +118,7 @@ def main(
     grid_images = np.concatenate(images)[:max_images]
     grid_labels = labels[:max_images] if any(labels) else None
     picture, grid = make_grid(grid_images, grid_labels, columns=columns, scale=scale)
-    description = f"{grid.count} images from {count} batches in a {grid.columns}x{grid.rows} grid, {grid.size[0]}x{grid.size[1]} px"
+    description = f"{grid.count} images from {count} batch{'es' if count > 1 else ''} in a {grid.columns}x{grid.rows} grid, {grid.size[0]}x{grid.size[1]} px"
     if output is None and has_display():
         picture.show(title="tensorshow")
         click.echo(f"showing {description}")
