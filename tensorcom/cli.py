@@ -118,3 +118,85 @@ def demo(seconds: float, batch_size: int, size: int, url: str | None) -> None:
         f"received {count} batches of {tuple(images.shape)} uint8 + labels in {elapsed:.1f} s: "
         f"{count / elapsed:.1f} batches/s, {nbytes / elapsed / 1e9:.2f} GB/s"
     )
+
+
+def _factory_options(options: tuple[str, ...]) -> dict[str, Any]:
+    """Parse KEY=VALUE pairs; values are JSON where they parse as JSON (numbers, true/false, lists), else strings."""
+    import json
+
+    parsed: dict[str, Any] = {}
+    for option in options:
+        key, equals, value = option.partition("=")
+        if not equals or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE with KEY a Python name. Found: {option!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError:
+            parsed[key] = value
+    return parsed
+
+
+@main.command()
+@click.argument("factory")
+@click.option(
+    "--bind",
+    "urls",
+    multiple=True,
+    default=["zrep://0.0.0.0:7880"],
+    show_default=True,
+    help="zrep:// URL to listen on (repeatable; braces expand; port 0 picks a free port).",
+)
+@click.option(
+    "-w", "--workers", default=2, show_default=True, help="Worker processes computing batches (0: inline)."
+)
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Extra keyword argument for the factory, e.g. -o batch_size=64 (JSON values; repeatable).",
+)
+@click.option("--report", default=10.0, show_default=True, help="Seconds between rate reports.")
+@click.option("-q", "--quiet", is_flag=True, help="Only log warnings.")
+@click.option("-v", "--verbose", count=True, help="Log debug messages.")
+def serve(
+    factory: str,
+    urls: tuple[str, ...],
+    workers: int,
+    options: tuple[str, ...],
+    report: float,
+    quiet: bool,
+    verbose: int,
+) -> None:
+    """Serve the deterministic pipeline FACTORY (MODULE:FUNCTION) over the zreq/zrep protocol.
+
+    FACTORY is called as FUNCTION(seed=S, rank=R, world_size=W, **options) for each client configuration and must
+    return a tensorcom pipeline whose items are batches. Clients connect with
+    Connection("zreq://HOST:PORT", seed=S, rank=R, world_size=W). Once listening, prints "ready URL...".
+    Stops cleanly on SIGINT or SIGTERM.
+    """
+    import functools
+
+    from tensorcom.request_server import RequestServer, load_factory
+
+    setup_logging(verbose, quiet)
+    stop_on_sigterm()
+    target = load_factory(factory)
+    extra = _factory_options(options)
+    server = RequestServer(
+        functools.partial(target, **extra) if extra else factory,
+        list(urls),
+        workers=workers,
+        report_interval=report,
+    )
+    click.echo("ready " + " ".join(server.endpoints), nl=True)
+    sys.stdout.flush()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -55,6 +55,7 @@ class _Server:
     last_ping: float = 0.0
     outstanding: set[int] = field(default_factory=set)
     fingerprint: str | None = None
+    disconnects: int = 0
 
     @property
     def address(self) -> str:
@@ -129,7 +130,7 @@ class RequestConnection(Connection):
         self._servers: list[_Server] = []
         try:
             for url in parsed:
-                endpoint = open_endpoint(self._context, url, queue=prefetch + 16)
+                endpoint = open_endpoint(self._context, url, queue=prefetch + 16, monitor=True)
                 endpoint.socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a server that is not there
                 self._endpoints.append(endpoint)
                 self._servers.append(_Server(endpoint))
@@ -278,11 +279,15 @@ class RequestConnection(Connection):
         server.outstanding.discard(step)
         if command == Command.ERROR:
             kind = message.fields.get("error")
-            text = f"server {server.address} failed at step {step}: {message.fields.get('message')}"
+            hello = message.fields.get("request") == "HELLO"
+            where = "refused this connection" if hello else f"failed at step {step}"
+            text = f"server {server.address} {where}: {message.fields.get('message')}"
             if kind == "state":
                 raise StateError(text)
             if kind == "protocol":
                 raise ProtocolError(text)
+            if hello:
+                raise RemoteError(text)
             self._replies.setdefault(step, (message, []))
             return
         if command == Command.END:
@@ -332,9 +337,23 @@ class RequestConnection(Connection):
             else:
                 self._next_request += 1
 
+    def _lose(self, server: _Server, why: str) -> None:
+        """Ask other servers for what ``server`` owed us, and wait for it to answer before using it again."""
+        server.alive = False
+        lost = sorted(server.outstanding)
+        server.outstanding.clear()
+        self._to_request = sorted(set(self._to_request) | set(lost))
+        log.warning("server %s %s; asking others for steps %s", server.address, why, lost)
+
     def _check_liveness(self) -> None:
         now = time.monotonic()
         for server in self._servers:
+            server.endpoint.count_peers()
+            if (
+                server.endpoint.disconnects > server.disconnects
+            ):  # its connection dropped: replies owed are lost
+                server.disconnects = server.endpoint.disconnects
+                self._lose(server, "disconnected")
             if now - server.last_ping >= self.heartbeat:
                 self._send(server, Message(Command.PING, {}))
                 server.last_ping = now

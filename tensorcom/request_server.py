@@ -64,7 +64,7 @@ def load_factory(spec: str | Factory) -> Factory:
             raise ConfigError(f"module {module_name!r} has no attribute {name!r} (factory {spec!r})")
     if not callable(target):
         raise ConfigError(f"factory {spec!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def _base_key(fields: dict[str, Any]) -> str:
@@ -185,10 +185,8 @@ class RequestHandler:
                     "".join(traceback.format_exception_only(error)).strip(),
                 )
             text = f"{type(error).__name__}: {error}"
-            return Message(
-                Command.ERROR,
-                {"gen": gen, "step": step, "error": kind, "message": text, "server": self.server},
-            ), []
+            fields = {"gen": gen, "step": step, "error": kind, "message": text, "server": self.server}
+            return Message(Command.ERROR, {**fields, "request": message.command.name}), []
 
     def close(self) -> None:
         """Close every cached pipeline (stopping their worker processes, if any)."""
@@ -234,7 +232,7 @@ class _Worker:
         self.identity = b"worker-%d" % index
         self.process: Any = None
         self.ready = False
-        self.outstanding: dict[int, tuple[bytes, list[bytes], int]] = {}
+        self.outstanding: dict[int, tuple[tuple[int, bytes], list[Any], int]] = {}
         self.next_ticket = 0
 
 
@@ -278,6 +276,7 @@ class RequestServer:
         self._processes: list[_Worker] = []
         self._handler: RequestHandler | None = None
         self._stopping = False
+        self._stop_requested = False
         try:
             for url in parsed:
                 endpoint = open_endpoint(self._context, url, queue=queue)
@@ -339,12 +338,14 @@ class RequestServer:
 
     def _error_fields(self, message: Message | None, kind: str, text: str) -> dict[str, Any]:
         fields = message.fields if message is not None else {}
+        request = message.command.name if message is not None else None
         return {
             "gen": fields.get("gen", 0),
             "step": fields.get("step", 0),
             "error": kind,
             "message": text,
             "server": self.name,
+            "request": request,
         }
 
     def _reply(self, client: tuple[int, bytes], header: Message | bytes, frames: Sequence[Any]) -> None:
@@ -443,7 +444,7 @@ class RequestServer:
             "serving %s on %s with %d workers", self._factory_name(), ", ".join(self.endpoints), self.workers
         )
         try:
-            while duration is None or time.monotonic() - started < duration:
+            while not self._stop_requested and (duration is None or time.monotonic() - started < duration):
                 for socket, _ in poller.poll(100):
                     if socket is self._backend:
                         self._receive_worker()
@@ -463,6 +464,10 @@ class RequestServer:
                     last_report, reported = now, self.served
         finally:
             self.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` (in another thread) to return and close the server."""
+        self._stop_requested = True
 
     def _factory_name(self) -> str:
         factory = self.factory

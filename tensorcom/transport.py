@@ -42,6 +42,7 @@ class Endpoint:
     address: str
     monitor: zmq.Socket[Any] | None = None
     peers: int = 0
+    disconnects: int = 0
 
     def __str__(self) -> str:
         return self.address
@@ -55,6 +56,7 @@ class Endpoint:
                     self.peers += 1
                 elif event == zmq.EVENT_DISCONNECTED:
                     self.peers = max(0, self.peers - 1)
+                    self.disconnects += 1
         return self.peers
 
     def close(self, linger: float = 0.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -31,6 +32,9 @@ def start_process() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=SERVER_STOP_SECONDS)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
 
 
 @pytest.fixture
@@ -58,3 +62,39 @@ def ipc_url(tmp_path: Path) -> Callable[[str, str], str]:
         return f"{scheme}+ipc://{tmp_path / name}"
 
     return make
+
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def request_server(
+    start_process: Callable[..., subprocess.Popen[bytes]],
+) -> Callable[..., tuple[subprocess.Popen[bytes], str]]:
+    """Start `tensorcom serve FACTORY` as a real process (factories from tests/factories.py) and return it with
+    its zreq URL once it prints that it is ready."""
+
+    def start(
+        factory: str, *options: str, workers: int = 1, port: int = 0
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+        args = [
+            "-m",
+            "tensorcom.cli",
+            "serve",
+            factory,
+            "-q",
+            "--bind",
+            f"zrep://127.0.0.1:{port}",
+            "-w",
+            str(workers),
+        ]
+        for option in options:
+            args += ["-o", option]
+        process = start_process(*args, stdout=subprocess.PIPE, env=env)
+        assert process.stdout is not None
+        line = process.stdout.readline().decode().split()
+        assert line[:1] == [b"ready".decode()], f"server did not start: {line}"
+        return process, line[1].replace("tcp://", "zreq://")
+
+    return start

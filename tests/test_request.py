@@ -1,0 +1,345 @@
+"""The deterministic request protocol end to end: real `tensorcom serve` processes and zreq Connections."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import factories
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from tensorcom import ConfigError, Connection, ProtocolError, RemoteError, Server, StateError, Timeout
+from tensorcom.protocol import Command, Message
+from tensorcom.request_client import RequestConnection
+
+StartServer = Callable[..., tuple[subprocess.Popen[bytes], str]]
+
+
+def reference(factory: Callable[..., Any], count: int | None = None, **config: Any) -> list[Any]:
+    """The batches of the factory's pipeline computed in this process, without any server."""
+    with factory(**config) as pipeline:
+        batches = []
+        for batch in pipeline:
+            batches.append(batch)
+            if count is not None and len(batches) == count:
+                break
+        return batches
+
+
+def same(left: list[Any], right: list[Any]) -> bool:
+    if len(left) != len(right):
+        return False
+    for a, b in zip(left, right, strict=True):
+        if isinstance(a, dict):
+            if a.keys() != b.keys() or not all(np.array_equal(a[k], b[k]) for k in a):
+                return False
+        elif not all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)):
+            return False
+    return True
+
+
+def urls_of(*servers: tuple[subprocess.Popen[bytes], str]) -> list[str]:
+    return [url for _, url in servers]
+
+
+@pytest.mark.parametrize(
+    "servers, workers", [(1, 1), (2, 2), (3, 1), (1, 0)], ids=["1x1", "2x2", "3x1", "1-inline"]
+)
+def test_stream_is_bit_identical_to_the_in_process_pipeline(
+    request_server: StartServer, servers: int, workers: int
+) -> None:
+    """Whatever the number of servers and workers, a rank receives exactly the batches of its pipeline, in order."""
+    started = [request_server("factories:small", workers=workers) for _ in range(servers)]
+    expected = reference(factories.small, seed=7, rank=1, world_size=2)
+    with Connection(urls_of(*started), seed=7, rank=1, world_size=2, timeout=30, prefetch=4) as connection:
+        assert isinstance(connection, RequestConnection)
+        received = list(connection)
+        steps = connection.last.step
+    assert same(received, expected)
+    assert len(received) == 8 and steps == 7  # 60 samples, 2 ranks, batches of 4: 7 full and one of 2
+
+
+def test_each_batch_carries_its_metadata(request_server: StartServer) -> None:
+    """connection.last gives the step, epoch and dataset indices of the batch just received."""
+    _, url = request_server("factories:small")
+    with Connection(url, seed=1, rank=0, world_size=1, timeout=30) as connection:
+        images, labels = connection.recv()
+        assert connection.last.step == 0 and connection.last.epoch == 0
+        assert connection.last.indices == labels.tolist()
+        connection.recv()
+        assert connection.last.step == 1
+
+
+def test_epochs_end_and_the_next_iteration_starts_the_next_epoch(request_server: StartServer) -> None:
+    """A finite epoch ends iteration; iterating again yields the next epoch's new order."""
+    _, url = request_server("factories:small")
+    with Connection(url, seed=5, rank=0, world_size=1, timeout=30) as connection:
+        first = [labels.tolist() for _, labels in connection]
+        second = [labels.tolist() for _, labels in connection]
+        assert connection.last.epoch == 1
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(60))
+    assert first != second
+
+
+@pytest.mark.parametrize("stop_at", [0, 3, 7], ids=["start", "middle", "last"])
+def test_resume_from_state_on_new_servers_continues_exactly(
+    request_server: StartServer, stop_at: int
+) -> None:
+    """Save at step k, stop every server and the client, start new ones from the state: the continuation matches."""
+    expected = reference(factories.small, seed=3, rank=0, world_size=2)
+    first = request_server("factories:small")
+    with Connection(urls_of(first), seed=3, rank=0, world_size=2, timeout=30) as connection:
+        before = [connection.recv() for _ in range(stop_at)]
+        state = connection.state()
+    first[0].send_signal(signal.SIGTERM)
+    assert first[0].wait(timeout=20) == 0
+    assert msgpack.unpackb(msgpack.packb(state)) == state  # plain data
+    new = [request_server("factories:small", workers=2) for _ in range(2)]
+    with Connection(urls_of(*new), seed=3, rank=0, world_size=2, timeout=30, state=state) as connection:
+        after = list(connection)
+    assert same(before + after, expected)
+
+
+def test_elastic_resume_with_another_world_size_sees_every_sample_once(request_server: StartServer) -> None:
+    """A state saved by 2 ranks, resumed by 3, covers the rest of the epoch exactly once across ranks."""
+    _, url = request_server("factories:small", "n=120", workers=2)
+    seen: list[int] = []
+    states = []
+    for rank in range(2):
+        with Connection(url, seed=9, rank=rank, world_size=2, timeout=30) as connection:
+            for _ in range(5):
+                seen += connection.recv()[1].tolist()
+            states.append(connection.state())
+    assert states[0] == states[1]  # the same state on every rank of a synchronous job
+    for rank in range(3):
+        with Connection(url, seed=9, rank=rank, world_size=3, timeout=30, state=states[0]) as connection:
+            seen += [label for _, labels in connection for label in labels.tolist()]
+    assert sorted(seen) == list(range(120))
+
+
+def test_killing_a_server_loses_and_repeats_nothing(request_server: StartServer) -> None:
+    """kill -9 of one of two servers mid-epoch: every batch arrives once, in order, bit-identical."""
+    expected = reference(factories.big, count=40, seed=2, rank=0, world_size=1, nbytes=4096, delay=0.01)
+    victim = request_server("factories:big", "nbytes=4096", "delay=0.01")
+    survivor = request_server("factories:big", "nbytes=4096", "delay=0.01")
+    received = []
+    with Connection(urls_of(victim, survivor), seed=2, timeout=30, prefetch=6, heartbeat=0.2) as connection:
+        for step in range(40):
+            received.append(connection.recv())
+            if step == 10:
+                victim[0].kill()
+        servers = {server.address: server.alive for server in connection._servers}
+    assert same(received, expected)
+    assert list(servers.values()).count(False) == 1
+
+
+def test_no_server_times_out_then_the_stream_continues_when_one_is_back(request_server: StartServer) -> None:
+    """With every server gone, recv raises Timeout naming the endpoint; a server restarted there resumes the stream."""
+    expected = reference(factories.small, seed=4, rank=0, world_size=1, repeating=True, count=12)
+    process, url = request_server("factories:small", "repeating=true")
+    port = int(url.rsplit(":", 1)[1])
+    with Connection(url, seed=4, timeout=2, heartbeat=0.2) as connection:
+        received = [connection.recv() for _ in range(4)]
+        process.kill()
+        process.wait(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(Timeout, match=f"127.0.0.1:{port}"):
+            for _ in range(100):  # batches already prefetched may still arrive first
+                received.append(connection.recv())
+        assert time.monotonic() - started < 10
+        request_server("factories:small", "repeating=true", port=port)
+        connection.timeout = 30
+        while len(received) < 12:
+            received.append(connection.recv())
+    assert same(received, expected)
+
+
+def test_pipeline_error_reaches_the_client_with_step_and_message(request_server: StartServer) -> None:
+    """A batch whose pipeline fails raises RemoteError naming the step and the cause; the next batches still come."""
+    _, url = request_server("factories:failing")
+    with Connection(url, timeout=30) as connection:
+        labels = [connection.recv()["label"].tolist() for _ in range(3)]
+        with pytest.raises(RemoteError, match="step 3: .*sample 13 is corrupt"):
+            connection.recv()
+        labels.append(connection.recv()["label"].tolist())
+    assert labels == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [16, 17, 18, 19]]
+
+
+def test_several_clients_are_served_at_once(request_server: StartServer) -> None:
+    """Two clients with different seeds, interleaved on one server, each get their own exact stream."""
+    _, url = request_server("factories:small", workers=2)
+    with (
+        Connection(url, seed=1, timeout=30) as one,
+        Connection(url, seed=2, timeout=30) as two,
+    ):
+        got = [[], []]
+        for _ in range(8):
+            got[0].append(one.recv())
+            got[1].append(two.recv())
+    assert same(got[0], reference(factories.small, count=8, seed=1, rank=0, world_size=1))
+    assert same(got[1], reference(factories.small, count=8, seed=2, rank=0, world_size=1))
+
+
+def test_state_from_another_pipeline_is_refused(request_server: StartServer) -> None:
+    """A state saved from a differently configured pipeline raises StateError naming both fingerprints."""
+    _, url = request_server("factories:small")
+    with Connection(url, seed=1, timeout=30) as connection:
+        connection.recv()
+        state = connection.state()
+    _, other = request_server("factories:small", "batch_size=8")
+    with pytest.raises(StateError, match=state["fingerprint"]):
+        Connection(other, seed=1, timeout=30, state=state)
+    with pytest.raises(StateError, match="seed 1; this connection has seed 2"):
+        Connection(url, seed=2, timeout=30, state=state)
+
+
+def test_factory_that_returns_no_pipeline_is_reported(request_server: StartServer) -> None:
+    """A factory returning something else than a pipeline is an error reply the client raises, not a crash."""
+    process, url = request_server("factories:not_a_pipeline")
+    with pytest.raises(RemoteError, match="refused this connection: .*must return a tensorcom pipeline"):
+        Connection(url, timeout=30)
+    assert process.poll() is None
+
+
+def test_malformed_requests_get_error_replies_and_the_server_survives(request_server: StartServer) -> None:
+    """Garbage, an unknown version and a bad field each get an ERROR reply; the server then serves normally."""
+    process, url = request_server("factories:small")
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(url.replace("zreq://", "tcp://"))
+    bad = [
+        b"\xc1not msgpack",
+        msgpack.packb({"v": 99, "cmd": 3}),
+        msgpack.packb({"v": 1, "cmd": 3, "seed": -1, "rank": 0, "world_size": 1, "step": 0}),
+        msgpack.packb({"v": 1, "cmd": 77}),
+        Message(Command.BATCH, {}).encode(),
+    ]
+    try:
+        for frame in bad:
+            dealer.send(frame)
+            assert dealer.poll(20_000), "no reply to a malformed request"
+            reply = Message.decode(dealer.recv_multipart()[0])
+            assert reply.command == Command.ERROR and reply.fields["error"] in ("protocol", "pipeline")
+    finally:
+        dealer.close(linger=0)
+        context.term()
+    assert process.poll() is None
+    with Connection(url, timeout=30) as connection:
+        assert same([connection.recv()], reference(factories.small, count=1, seed=0, rank=0, world_size=1))
+
+
+def rss_kib(pid: int) -> int:
+    total = 0
+    for candidate in [pid, *children_of(pid)]:
+        try:
+            with open(f"/proc/{candidate}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+        except (FileNotFoundError, StopIteration):
+            pass
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_slow_consumer_keeps_server_memory_bounded(request_server: StartServer) -> None:
+    """A client that stops reading holds the server to its credit window: RSS stays flat while it waits."""
+    process, url = request_server("factories:big", "nbytes=4000000")
+    with Connection(url, timeout=30, prefetch=3) as connection:
+        connection.recv()
+        time.sleep(1.0)
+        before = rss_kib(process.pid)
+        time.sleep(3.0)  # an unbounded server would compute and queue ~8 MB batches all this time
+        after = rss_kib(process.pid)
+        for _ in range(5):
+            connection.recv()
+    assert after - before < 40_000, f"server RSS grew from {before} KiB to {after} KiB"
+
+
+def test_rank_and_world_size_default_to_the_environment(
+    request_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without rank/world_size, a Connection takes $RANK and $WORLD_SIZE."""
+    _, url = request_server("factories:small")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with Connection(url, timeout=30) as connection:
+        assert (connection.rank, connection.world_size) == (2, 3)
+        received = list(connection)
+    assert same(received, reference(factories.small, seed=0, rank=2, world_size=3))
+
+
+def test_in_process_server_object_serves_and_stops(tmp_path: Any) -> None:
+    """tensorcom.Server(factory, 'zrep://...') returns a request server that can run in a thread and stop."""
+    server = Server(factories.small, f"zrep+ipc://{tmp_path}/s", workers=0)
+    thread = threading.Thread(target=server.run, kwargs={"duration": 30})
+    thread.start()
+    try:
+        with Connection(f"zreq+ipc://{tmp_path}/s", seed=6, timeout=30) as connection:
+            received = list(connection)
+        assert same(received, reference(factories.small, seed=6, rank=0, world_size=1))
+    finally:
+        server.stop()
+        thread.join(timeout=40)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rank": 3, "world_size": 2}, "rank must be in"),
+        ({"prefetch": 0}, "prefetch must be >= 1"),
+        ({"heartbeat": 0}, "heartbeat must be > 0"),
+    ],
+    ids=["rank", "prefetch", "heartbeat"],
+)
+def test_bad_client_settings_are_refused(options: dict[str, Any], message: str) -> None:
+    """Impossible client settings raise ConfigError before any socket opens."""
+    with pytest.raises(ConfigError, match=message):
+        Connection("zreq://127.0.0.1:1", **options)
+
+
+def test_no_server_at_start_times_out_naming_it() -> None:
+    """A Connection to an address where nothing listens raises Timeout naming it."""
+    started = time.monotonic()
+    with pytest.raises(Timeout, match="127.0.0.1:9 \\(down\\)|127.0.0.1:9"):
+        Connection("zreq://127.0.0.1:9", timeout=0.5)
+    assert time.monotonic() - started < 10
+
+
+def test_sigterm_stops_server_and_its_workers(request_server: StartServer) -> None:
+    """SIGTERM ends `tensorcom serve` with exit code 0 and leaves no worker process behind."""
+    process, url = request_server("factories:small", workers=2)
+    with Connection(url, timeout=30) as connection:
+        connection.recv()
+    workers = children_of(process.pid)
+    assert len(workers) >= 2
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    time.sleep(0.2)
+    assert [pid for pid in workers if is_running(pid)] == []
+
+
+def is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_protocol_error_class_is_a_value_error() -> None:
+    """ProtocolError is also a ValueError, like the other bad-input errors."""
+    assert issubclass(ProtocolError, ValueError)
