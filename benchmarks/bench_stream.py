@@ -1,7 +1,8 @@
-"""Stream-mode throughput: tensorcom Server -> Connection against raw pyzmq PUSH/PULL, side by side in one run.
+"""Transport throughput, side by side in one run: raw pyzmq PUSH/PULL, tensorcom stream mode (Server ->
+Connection), and the deterministic zreq protocol (request server -> zreq Connection, inline and with one worker).
 
-Both sides send the same pre-made 64x224x224x3 uint8 batches with int64 labels (9.6 MB) between two processes,
-over ipc and tcp. Reports batches/s, GB/s (medians of alternating repeats), and tensorcom as a ratio of raw pyzmq.
+All send the same pre-made 64x224x224x3 uint8 batches with int64 labels (9.6 MB) between processes, over ipc and
+tcp. Reports batches/s, GB/s (medians of alternating repeats), and tensorcom as a ratio of raw pyzmq.
 
     python benchmarks/bench_stream.py [--batches 400] [--repeat 3] [--quick]
 """
@@ -12,6 +13,7 @@ import argparse
 import multiprocessing
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import zmq
@@ -45,6 +47,43 @@ def tensorcom_sender(address: str, count: int) -> None:
     ).run()
 
 
+class _SameBatch:
+    """Map function returning the pre-made batch whatever the index: the pipeline costs nothing."""
+
+    __name__ = "same_batch"
+
+    def __init__(self) -> None:
+        self.batch: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.batch is None:
+            self.batch = make_batch()
+        return self.batch
+
+
+def same_batches(*, seed: int, rank: int, world_size: int) -> Any:
+    """The zreq factory: an endless pipeline whose every item is the pre-made batch."""
+    from tensorcom.pipeline import Conveyer, Map, Range
+
+    return Conveyer([Range(1 << 40, repeating=True), Map(_SameBatch())])
+
+
+def zreq_sender(address: str, count: int, workers: int) -> None:
+    url = "zrep+" + address if address.startswith("ipc") else address.replace("tcp://", "zrep://")
+    server = Server(same_batches, url, workers=workers)
+    server.run(duration=120)
+
+
+def zreq_receive(address: str, count: int) -> float:
+    url = "zreq+" + address if address.startswith("ipc") else address.replace("tcp://", "zreq://")
+    with Connection(url, timeout=60, prefetch=4) as connection:
+        connection.recv()
+        start = time.perf_counter()
+        for _ in range(count - 1):
+            connection.recv()
+        return time.perf_counter() - start
+
+
 def raw_receive(address: str, count: int) -> float:
     context = zmq.Context()
     socket = context.socket(zmq.PULL)
@@ -70,13 +109,24 @@ def tensorcom_receive(address: str, count: int) -> float:
         return time.perf_counter() - start
 
 
+KINDS = {
+    "raw pyzmq": (raw_sender, (), raw_receive),
+    "stream": (tensorcom_sender, (), tensorcom_receive),
+    "zreq inline": (zreq_sender, (0,), zreq_receive),
+    "zreq 1 worker": (zreq_sender, (1,), zreq_receive),
+}
+
+
 def measure(kind: str, address: str, count: int) -> float:
-    sender = raw_sender if kind == "raw pyzmq" else tensorcom_sender
-    receive = raw_receive if kind == "raw pyzmq" else tensorcom_receive
-    process = multiprocessing.get_context("spawn").Process(target=sender, args=(address, count))
+    sender, extra, receive = KINDS[kind]
+    process = multiprocessing.get_context("spawn").Process(target=sender, args=(address, count, *extra))
     process.start()
-    elapsed = receive(address, count)
-    process.join(timeout=60)
+    try:
+        elapsed = receive(address, count)
+    finally:
+        if kind.startswith("zreq"):
+            process.terminate()
+        process.join(timeout=60)
     return (count - 1) / elapsed
 
 
@@ -101,7 +151,7 @@ def main() -> None:
         )
         print(f"{'transport':<10} {'sender/receiver':<16} {'batches/s':>10} {'GB/s':>7} {'vs raw':>7}")
         for transport, address in addresses.items():
-            samples: dict[str, list[float]] = {"raw pyzmq": [], "tensorcom": []}
+            samples: dict[str, list[float]] = {kind: [] for kind in KINDS}
             for _ in range(args.repeat):  # alternate, so drift on a shared machine hits both alike
                 for kind, values in samples.items():
                     values.append(measure(kind, address, count))
