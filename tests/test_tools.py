@@ -126,8 +126,18 @@ def test_tensormon_follows_a_zreq_stream(
     """Against a zrep server process, tensormon requests as the given rank and reports the last step."""
     (tmp_path / "zreq_factory.py").write_text(ZREQ_FACTORY)
     server_url = ipc_url("zrep", "request")
-    serve = "from tensorcom.request_server import RequestServer; RequestServer('zreq_factory:stream', %r, workers=0).run()"
-    start_process("-c", serve % server_url, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    serve = (
+        "from tensorcom.request_server import RequestServer\n"
+        "server = RequestServer('zreq_factory:stream', %r, workers=0)\n"
+        "print('ready', flush=True)\n"
+        "server.run()\n"
+    )
+    process = start_process(
+        "-c", serve % server_url, env={**os.environ, "PYTHONPATH": str(tmp_path)}, stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    with process.stdout:  # wait until the server is bound, so the client's first requests find it
+        assert process.stdout.readline() == b"ready\n"
     url = server_url.replace("zrep", "zreq")
     output = invoke(tensormon.main, url, "--rank", "1", "--world-size", "2", "-n", "12", "--json")
     summary = json.loads(output.splitlines()[-1])
