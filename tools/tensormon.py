@@ -104,7 +104,7 @@ class LiveDisplay:
     def summary(self, report: MonitorReport) -> None:
         self.close()
         for line in _summary_lines(report):
-            self._console.print(line, highlight=False, markup=False)
+            self._console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._live.is_started:
