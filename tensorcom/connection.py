@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import zmq
 
 from tensorcom import codec
 from tensorcom.convert import ConverterSpec, make_converters
-from tensorcom.errors import ConfigError, DecodeError, Timeout
+from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
+from tensorcom.protocol import META_INFO, Command, Message, rebuild_batch
 from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints
 from tensorcom.urls import expand_urls
 
@@ -108,6 +111,10 @@ class Connection:
         for endpoint in self._endpoints:
             self._poller.register(endpoint.socket, zmq.POLLIN)
         self._turn = 0
+        self._stash: deque[tuple[Endpoint, list[Any]]] = deque()
+        self._generation = 0
+        self._pipeline_state: Any = None
+        self._stream_meta: Message | None = None
 
     @property
     def endpoints(self) -> list[str]:
@@ -130,30 +137,118 @@ class Connection:
             if deadline is not None and time.monotonic() >= deadline:
                 raise Timeout(f"no batch within {self.timeout} s from {', '.join(self.endpoints)}")
 
-    def recv(self) -> list[Any]:
-        """Receive the next batch (a list of arrays or converted values); details of it go to ``self.last``."""
+    def _receive(self) -> tuple[Endpoint, list[Any]]:
+        if self._stash:
+            return self._stash.popleft()
+        endpoint = self._next_ready()
+        frames = endpoint.socket.recv_multipart(copy=False)
+        return endpoint, frames[1:] if endpoint.url.topic else frames
+
+    def _decode(self, endpoint: Endpoint, frames: list[Any]) -> tuple[list[Any], list[str]] | None:
+        """Decode a message; None if it is malformed and ``on_malformed="log"``."""
+        try:
+            if len(frames) == 1:  # tensorcom 0.1's single-buffer mode: one frame holding a .ten buffer
+                return codec.decode_buffer(frames[0], infos=True)
+            return codec.decode(frames, infos=True)
+        except DecodeError as error:
+            message = f"malformed batch from {endpoint}: {error}"
+            if self.on_malformed == "raise":
+                raise DecodeError(message) from error
+            self.malformed += 1
+            log.warning("%s (skipped; %d so far)", message, self.malformed)
+            return None
+
+    def recv(self) -> Any:
+        """Receive the next batch (a list of arrays or converted values); details of it go to ``self.last``.
+
+        Batches from a pipeline-mode server come back with their structure (tuple, dict, ...) and their metadata in
+        ``self.last`` (step, epoch, indices); batches sent before this client's last :meth:`seek` are dropped.
+        """
         while True:
-            endpoint = self._next_ready()
-            frames = endpoint.socket.recv_multipart(copy=False)
-            if endpoint.url.topic:
-                frames = frames[1:]
-            try:
-                if len(frames) == 1:  # tensorcom 0.1's single-buffer mode: one frame holding a .ten buffer
-                    arrays, infos = codec.decode_buffer(frames[0], infos=True)
-                else:
-                    arrays, infos = codec.decode(frames, infos=True)
-            except DecodeError as error:
-                message = f"malformed batch from {endpoint}: {error}"
-                if self.on_malformed == "raise":
-                    raise DecodeError(message) from error
-                self.malformed += 1
-                log.warning("%s (skipped; %d so far)", message, self.malformed)
+            endpoint, frames = self._receive()
+            decoded = self._decode(endpoint, frames)
+            if decoded is None:
                 continue
+            arrays, infos = decoded
+            meta = _metadata(arrays, infos, endpoint)
+            if meta is not None:
+                if meta.fields.get("gen", 0) < self._generation:
+                    continue  # sent before our seek
+                arrays, infos = arrays[:-1], infos[:-1]
+                self._pipeline_state = meta.fields.get("state")
+                self._stream_meta = meta
             self.count += 1
             self.last = BatchInfo(endpoint.address, sum(a.nbytes for a in arrays), infos, self.count)
-            return self.convert(arrays)
+            if meta is None:
+                return self.convert(arrays)
+            self.last.step = meta.fields.get("step")
+            self.last.epoch = meta.fields.get("epoch")
+            self.last.indices = list(meta.fields.get("indices", []))
+            return rebuild_batch(self.convert(arrays), meta)
 
-    def __iter__(self) -> Iterator[list[Any]]:
+    def state(self) -> dict[str, Any]:
+        """Where a pipeline-mode stream stands (after the last batch received), for :meth:`seek` after a restart.
+
+        Stream mode gives no exactly-once guarantee across several clients or servers; use zreq for that.
+        """
+        meta = self._stream_meta
+        if meta is None:
+            raise StateError(
+                "no batch with pipeline metadata received yet (the server must run a tensorcom pipeline)"
+            )
+        return {
+            "kind": "tensorcom.stream",
+            "format": 1,
+            "seed": meta.fields.get("seed"),
+            "fingerprint": meta.fields.get("fingerprint"),
+            "pipeline": self._pipeline_state,
+            "epoch": None,
+        }
+
+    def seek(self, control: str, state: dict[str, Any] | None = None, *, epoch: int | None = None) -> None:
+        """Ask the stream server whose control socket is ``control`` (a ``zreq://`` URL) to continue from ``state``
+        (a state from :meth:`state`, from a zreq connection, or a pipeline's own) or from the start of ``epoch``.
+
+        Batches it sent before the seek are dropped; the next batch received is the one after ``state``. Meant for
+        a connection that receives from that one server (after the server restarted, or to rewind it).
+        """
+        if len(self._endpoints) != 1:
+            raise ConfigError(f"seek needs a connection with one server; this one has {len(self._endpoints)}")
+        if (state is None) == (epoch is None):
+            raise ConfigError("seek needs a state or an epoch (one of them)")
+        pipeline_state = state.get("pipeline") if state is not None and "kind" in state else state
+        fields = {"state": pipeline_state} if pipeline_state is not None else {"epoch": epoch}
+        parsed = parse_endpoints(control, {"DEALER"}, "seek")[0]
+        dealer = open_endpoint(self._context, parsed, queue=4)
+        try:
+            dealer.socket.send(Message(Command.SEEK, fields).encode())
+            reply = self._await_reply(dealer)
+        finally:
+            dealer.close()
+        if reply.command == Command.ERROR:
+            error = StateError if reply.fields.get("error") == "state" else ProtocolError
+            raise error(f"server at {control} refused to seek: {reply.fields.get('message')}")
+        self._generation = reply.integer("gen")
+
+    def _await_reply(self, dealer: Endpoint) -> Message:
+        """Wait for the control reply, stashing (not losing) batches that arrive meanwhile."""
+        data = self._endpoints[0]
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        poller = zmq.Poller()
+        poller.register(dealer.socket, zmq.POLLIN)
+        poller.register(data.socket, zmq.POLLIN)
+        while deadline is None or time.monotonic() < deadline:
+            events = dict(poller.poll(100))
+            if dealer.socket in events:
+                return Message.decode(dealer.socket.recv(), f"control socket {dealer}")
+            if data.socket in events:
+                frames = data.socket.recv_multipart(copy=False)
+                self._stash.append((data, frames[1:] if data.url.topic else frames))
+                while len(self._stash) > 64:
+                    self._stash.popleft()  # older than anything the seek keeps
+        raise Timeout(f"no answer to SEEK within {self.timeout} s from {dealer}")
+
+    def __iter__(self) -> Iterator[Any]:
         produced = 0
         while self.epoch is None or produced < self.epoch:
             if self.total is not None and self.count >= self.total:
@@ -187,3 +282,16 @@ class Connection:
         context = getattr(self, "_context", None)
         if context is not None and not context.closed:
             self.close()
+
+
+def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Message | None:
+    """The metadata a pipeline-mode server appends to a batch, if this batch has it."""
+    if not infos or infos[-1] != META_INFO:
+        return None
+    try:
+        fields = msgpack.unpackb(arrays[-1].tobytes(), raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"malformed batch metadata from {endpoint}") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"batch metadata from {endpoint} must be a map")
+    return Message(Command.BATCH, fields)

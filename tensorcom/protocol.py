@@ -13,6 +13,13 @@ where the command carries a batch. msgpack is used for this small header only: n
                                                       ERROR   {gen, step, error, message}
     PING     {}                                 ->    PONG    {server}
 
+Stream servers that run a pipeline listen for control messages on a ROUTER of their own::
+
+    SEEK     {state | epoch}                    ->    SOUGHT  {gen, fingerprint}   (or ERROR)
+
+and then send from that state on, tagging every batch with the new ``gen`` in a trailing metadata array (a uint8
+array of msgpack bytes whose .ten info is ``META_INFO``), so the client can drop batches sent before the seek.
+
 ``base`` says where step 0 starts: ``{"state": <pipeline state> | None, "epoch": <int> | None}``; a server builds the
 pipeline with the client's seed, rank and world size, loads that state (or sets that epoch), skips ``step``
 batches by random access and computes the next one. ``gen`` is echoed back, so a client that reloaded its state
@@ -29,10 +36,11 @@ import msgpack
 
 from tensorcom.errors import ProtocolError
 
-__all__ = ["MAX_HEADER_BYTES", "VERSION", "Command", "Message"]
+__all__ = ["MAX_HEADER_BYTES", "META_INFO", "VERSION", "Command", "Message", "flatten_batch", "rebuild_batch"]
 
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
+META_INFO = "tcmeta"
 
 
 class Command(IntEnum):
@@ -46,6 +54,8 @@ class Command(IntEnum):
     ERROR = 6
     PING = 7
     PONG = 8
+    SEEK = 9
+    SOUGHT = 10
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,12 @@ class RequestConnection(Connection):
 
     set_state = load_state
 
+    def seek(self, control: str, state: dict[str, Any] | None = None, *, epoch: int | None = None) -> None:
+        """Stream servers only: a zreq connection moves with :meth:`load_state` instead."""
+        raise ConfigError(
+            "seek() is for stream connections; a zreq connection continues from a state with load_state()"
+        )
+
     def _restart(self, base: dict[str, Any]) -> None:
         self._generation += 1
         self._base = base

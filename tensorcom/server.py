@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import msgpack
+import numpy as np
 import zmq
 
 from tensorcom import codec
-from tensorcom.errors import ConfigError, Timeout
+from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
+from tensorcom.protocol import META_INFO, Command, Message, flatten_batch
 from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints, send_frames
 from tensorcom.urls import expand_urls
 
@@ -58,6 +61,11 @@ class Server:
         drop: for PUB URLs, use plain PUB semantics (drop batches for slow or absent subscribers).
         infos: per-array labels (up to 8 ASCII characters) written into the .ten headers.
         report_interval: seconds between rate reports through ``logging``.
+        control: a ``zrep://`` URL where clients send SEEK messages (pipeline sources only): the server then
+            continues from the client's state. See :meth:`tensorcom.Connection.seek`.
+        metadata: send each batch's step, epoch, indices and pipeline state in a trailing metadata array (default:
+            on for pipeline sources). Clients of tensorcom 0.1 see it as one more uint8 array; turn it off for them.
+        seed, rank, world_size: passed to ``source`` when it is a pipeline factory rather than an iterable.
     """
 
     def __new__(
@@ -71,7 +79,7 @@ class Server:
 
     def __init__(
         self,
-        source: Iterable[Any] | None = None,
+        source: Iterable[Any] | Callable[..., Any] | None = None,
         urls: str | Sequence[str] = "zpub://0.0.0.0:7880",
         *,
         queue: int = 2,
@@ -80,6 +88,11 @@ class Server:
         drop: bool = False,
         infos: Sequence[str] | None = None,
         report_interval: float = 10.0,
+        control: str | None = None,
+        metadata: bool | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if linger < 0:
             raise ConfigError(f"linger must be >= 0 seconds. Found: {linger}")
@@ -88,7 +101,17 @@ class Server:
         if report_interval <= 0:
             raise ConfigError(f"report_interval must be > 0 seconds. Found: {report_interval}")
         parsed = parse_endpoints(urls, _SENDING, "stream Server")
-        self.source = source
+        if callable(source) and not hasattr(source, "__iter__"):
+            source = source(seed=seed, rank=rank, world_size=world_size)  # a pipeline factory
+        self.pipeline: Any = source if hasattr(source, "next_with_meta") else None
+        if control is not None and self.pipeline is None:
+            raise ConfigError("control= needs a tensorcom pipeline (or a factory of one) as the source")
+        self.metadata = self.pipeline is not None if metadata is None else metadata
+        if self.metadata and self.pipeline is None:
+            raise ConfigError("metadata=True needs a tensorcom pipeline (or a factory of one) as the source")
+        self.seed = seed
+        self.generation = 0
+        self.source: Any = source
         self.linger = linger
         self.send_timeout = send_timeout
         self.infos = list(infos) if infos is not None else None
@@ -101,6 +124,11 @@ class Server:
             for url in parsed:
                 self._endpoints.append(
                     open_endpoint(self._context, url, queue=queue, xpub=not drop, monitor=True)
+                )
+            self._control = None
+            if control is not None:
+                self._control = open_endpoint(
+                    self._context, parse_endpoints(control, {"ROUTER"}, "control")[0], queue=8
                 )
         except BaseException:
             self.close()
@@ -137,10 +165,23 @@ class Server:
                 matched = True
         return matched
 
-    def send(self, batch: Any) -> None:
-        """Encode one batch and queue it on every socket (blocking while the queues are full)."""
-        arrays = _as_arrays(batch)
-        frames = codec.encode(arrays, self.infos)
+    @property
+    def control_endpoint(self) -> str | None:
+        """The address of the control socket (where clients send SEEK), if there is one."""
+        return self._control.address if self._control is not None else None
+
+    def send(self, batch: Any, meta: dict[str, Any] | None = None) -> None:
+        """Encode one batch and queue it on every socket (blocking while the queues are full).
+
+        With ``meta`` (pipeline mode), the batch's structure and metadata travel in a trailing metadata array.
+        """
+        if meta is None:
+            arrays = _as_arrays(batch)
+            frames = codec.encode(arrays, self.infos)
+        else:
+            values, shape = flatten_batch(batch)
+            arrays = [*values, np.frombuffer(msgpack.packb({**meta, **shape}, use_bin_type=True), np.uint8)]
+            frames = codec.encode(arrays, [*(self.infos or [""] * len(values)), META_INFO])
         for endpoint in self._endpoints:
             if not self._subscribed[id(endpoint)]:
                 self._await_subscriber(endpoint)
@@ -176,10 +217,10 @@ class Server:
         if count is not None and count < 0:
             raise ConfigError(f"count must be >= 0 or None. Found: {count}")
         try:
-            for batch in self.source:
+            for batch, meta in self._batches():
                 if count is not None and self.count >= count:
                     break
-                self.send(batch)
+                self.send(batch, meta)
         except BaseException:
             self.close(linger=0)  # interrupted or failed: do not hold the process for queued batches
             raise
@@ -199,6 +240,66 @@ class Server:
         while any(endpoint.count_peers() for endpoint in self._endpoints) and time.monotonic() < deadline:
             time.sleep(0.02)
 
+    def _batches(self) -> Iterator[tuple[Any, dict[str, Any] | None]]:
+        """The source's batches, with metadata in pipeline mode, obeying SEEK control messages between batches."""
+        if self.pipeline is None:
+            for batch in self.source:
+                yield batch, None
+            return
+        while True:
+            self._obey_control()
+            try:
+                batch, meta = self.pipeline.next_with_meta()
+            except StopIteration:
+                return
+            yield batch, self._metadata(meta) if self.metadata else None
+
+    def _metadata(self, meta: dict[str, Any]) -> dict[str, Any]:
+        pipeline = self.pipeline
+        return {
+            "gen": self.generation,
+            "step": int(meta.get("step", 0)),
+            "epoch": int(meta.get("epoch", 0)),
+            "indices": [int(i) for i in meta.get("indices", [])],
+            "state": pipeline.state(),
+            "fingerprint": pipeline.fingerprint,
+            "seed": self.seed,
+        }
+
+    def _obey_control(self) -> None:
+        """Handle pending SEEK messages: restart the pipeline from the state (or epoch) a client sent."""
+        control = self._control
+        if control is None:
+            return
+        while control.socket.poll(0, zmq.POLLIN):
+            frames = control.socket.recv_multipart()
+            if len(frames) < 2:
+                continue
+            client, reply = frames[0], self._seek(frames[1])
+            try:
+                control.socket.send_multipart([client, reply.encode()], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as error:
+                log.info("could not answer a control message on %s: %s", control, error)
+
+    def _seek(self, header: bytes) -> Message:
+        pipeline = self.pipeline
+        try:
+            message = Message.decode(header, f"control client of {self._control}")
+            if message.command != Command.SEEK:
+                raise ProtocolError(f"the control socket accepts SEEK only. Found: {message.command.name}")
+            if message.fields.get("state") is not None:
+                pipeline.load_state(message.fields["state"])
+            elif message.fields.get("epoch") is not None:
+                pipeline.set_epoch(message.integer("epoch"))
+            else:
+                raise ProtocolError("SEEK needs a state or an epoch")
+        except (TensorcomError, ValueError, TypeError, KeyError) as error:
+            kind = "state" if isinstance(error, StateError) else "protocol"
+            return Message(Command.ERROR, {"error": kind, "message": f"{type(error).__name__}: {error}"})
+        self.generation += 1
+        log.info("seek: continuing from step %d (generation %d)", pipeline.step, self.generation)
+        return Message(Command.SOUGHT, {"gen": self.generation, "fingerprint": pipeline.fingerprint})
+
     def close(self, linger: float | None = None) -> None:
         """Close the sockets, waiting up to ``linger`` seconds (default: the server's) for queued batches to leave
         and for connected clients to go."""
@@ -207,6 +308,12 @@ class Server:
         for endpoint in self._endpoints:
             endpoint.close(linger=seconds)
         self._endpoints = []
+        control: Endpoint | None = getattr(self, "_control", None)
+        if control is not None:
+            control.close()
+            self._control = None
+        if self.pipeline is not None:
+            self.pipeline.close()
         if not self._context.closed:
             self._context.term()  # blocks until queued messages are sent or the linger time is over
 

@@ -1,0 +1,122 @@
+"""Stream servers running a pipeline: metadata on every batch, and SEEK control so a restarted server resumes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import factories
+import numpy as np
+import pytest
+
+from tensorcom import ConfigError, Connection, Server, StateError, Timeout
+
+
+def reference(count: int, **config: Any) -> list[Any]:
+    with factories.small(**config) as pipeline:
+        return [next(pipeline) for _ in range(count)]
+
+
+def same(left: list[Any], right: list[Any]) -> bool:
+    return len(left) == len(right) and all(
+        all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)) for a, b in zip(left, right, strict=True)
+    )
+
+
+def serve_in_thread(server: Server, count: int | None = None) -> threading.Thread:
+    """Run the server in a thread; an endless one ends by send timeout once the test stops reading."""
+
+    def run() -> None:
+        try:
+            server.run(count)
+        except Timeout:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_pipeline_batches_carry_step_metadata(ipc_url: Callable[..., str]) -> None:
+    """A stream server running a pipeline sends its batches intact, with step, epoch and indices for our client."""
+    with Connection(ipc_url("zpull"), timeout=20) as connection:
+        server = Server(factories.small, ipc_url("zpush"), seed=5, linger=5)
+        thread = serve_in_thread(server, count=6)
+        received = [connection.recv() for _ in range(6)]
+        assert [connection.last.step, connection.last.epoch] == [5, 0]
+        assert connection.last.indices == received[-1][1].tolist()
+        assert isinstance(received[0], tuple)
+        assert connection.state()["pipeline"]["step"] == 6
+    thread.join(timeout=20)
+    assert same(received, reference(6, seed=5, rank=0, world_size=1))
+
+
+def test_metadata_can_be_turned_off_for_tensorcom_0_1_clients(ipc_url: Callable[..., str]) -> None:
+    """With metadata=False a pipeline server sends plain .ten batches: exactly the arrays, nothing appended."""
+    with Connection(ipc_url("zpull"), timeout=20) as connection:
+        thread = serve_in_thread(Server(factories.small, ipc_url("zpush"), metadata=False, linger=5), count=2)
+        batch = connection.recv()
+        assert isinstance(batch, list) and len(batch) == 2 and connection.last.step is None
+        connection.recv()
+    thread.join(timeout=20)
+
+
+def test_restarted_server_resumes_from_the_clients_state(ipc_url: Callable[..., str]) -> None:
+    """Read 3 batches, lose the server, start a new one, seek it to the client's state: the stream continues exactly."""
+    expected = reference(8, seed=2, rank=0, world_size=1)
+    with Connection(ipc_url("zpull"), timeout=20) as connection:
+        first = Server(factories.small, ipc_url("zpush"), seed=2, linger=0)
+        thread = serve_in_thread(first, count=4)
+        received = [connection.recv() for _ in range(3)]
+        state = connection.state()
+        thread.join(timeout=20)  # the first server is gone; its 4th batch may or may not have arrived
+        second = Server(
+            factories.small, ipc_url("zpush"), seed=2, control=ipc_url("zrep", "control"), linger=5
+        )
+        thread = serve_in_thread(second, count=12)
+        connection.seek(ipc_url("zreq", "control"), state)
+        received += [connection.recv() for _ in range(5)]
+    thread.join(timeout=20)
+    assert same(received, expected)
+
+
+def test_seek_rewinds_a_running_server_to_an_epoch(ipc_url: Callable[..., str]) -> None:
+    """SEEK to an epoch restarts that epoch: the next batch is the epoch's first, whatever was in flight.
+
+    (Step numbers keep counting the batches the server has produced.)
+    """
+    expected = reference(3, seed=8, rank=0, world_size=1)
+    with Connection(ipc_url("zpull"), timeout=20) as connection:
+        server = Server(
+            factories.small, ipc_url("zpush"), seed=8, control=ipc_url("zrep", "control"), send_timeout=2
+        )
+        thread = serve_in_thread(server)
+        for _ in range(5):
+            connection.recv()
+        connection.seek(ipc_url("zreq", "control"), epoch=0)
+        received = [connection.recv() for _ in range(3)]
+        assert connection.last.epoch == 0 and connection.last.step is not None
+    thread.join(timeout=20)
+    assert same(received, expected)
+
+
+def test_seek_with_a_foreign_state_is_refused(ipc_url: Callable[..., str]) -> None:
+    """A state from another pipeline configuration is refused by the server with StateError."""
+    with Connection(ipc_url("zpull"), timeout=20) as connection:
+        server = Server(
+            factories.small, ipc_url("zpush"), seed=1, control=ipc_url("zrep", "control"), send_timeout=2
+        )
+        thread = serve_in_thread(server)
+        connection.recv()
+        state = connection.state()
+        state["pipeline"]["fingerprint"] = "0" * 32
+        with pytest.raises(StateError, match="refused to seek"):
+            connection.seek(ipc_url("zreq", "control"), state)
+    thread.join(timeout=20)
+
+
+def test_control_needs_a_pipeline_source(ipc_url: Callable[..., str]) -> None:
+    """A plain iterable cannot seek, so control= with one is a ConfigError."""
+    with pytest.raises(ConfigError, match="control= needs a tensorcom pipeline"):
+        Server([[np.zeros(1)]], ipc_url("zpush"), control=ipc_url("zrep", "control"))
