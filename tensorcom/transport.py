@@ -141,5 +141,7 @@ def send_frames(
                     raise Timeout(
                         f"could not send a {what} on {endpoint} within {timeout} s (no peer took it)"
                     ) from None
-                if socket.poll(int(_POLL_STEP * 1000), zmq.POLLOUT) and index == 0:
-                    time.sleep(0.001)  # POLLOUT can report ready while XPUB_NODROP still refuses
+                if socket.type == zmq.XPUB:
+                    time.sleep(0.0002)  # XPUB reports POLLOUT even while XPUB_NODROP refuses: back off briefly
+                else:
+                    socket.poll(int(_POLL_STEP * 1000), zmq.POLLOUT)
