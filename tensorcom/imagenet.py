@@ -1,0 +1,687 @@
+"""ImageNet-style image datasets served deterministically: indexing, decoding, augmentation and pipelines.
+
+Two sources of labelled images, each indexed once into a fixed, sorted order:
+
+- :class:`ImageDirectory`: ``DIR/train/CLASS/*`` (or ``DIR/CLASS/*``). Classes are the sorted sub-folder names and
+  labels are their 0-based positions (tensorcom 0.1 sent label - 1, a bug not repeated here). Files are sorted by
+  their path relative to the class folder; only image extensions count.
+- :class:`ImageShards`: local tar files in the WebDataset layout (``KEY.jpg`` + ``KEY.cls`` per sample). Shards
+  are read in the order given (after brace expansion), members in tar order; ``.cls`` holds the 0-based label.
+  :func:`write_shards` turns any dataset into such shards, in the same sample order.
+
+:class:`ImageTransform` decodes one sample with Pillow and augments it for training: a random resized crop (area
+0.08-1, aspect ratio 3/4-4/3, as torchvision's) and a horizontal flip, every random number drawn from the
+pipeline's per-sample generator, so a zreq stream is a pure function of (seed, epoch, rank, world size, step).
+JPEGs are decoded in draft mode at 1/2, 1/4 or 1/8 scale when the crop still covers the output size at that scale.
+Output is uint8 HWC (or float32 normalised with the ImageNet mean and standard deviation) and an int64 label.
+
+**Unreadable images.** A sample whose file cannot be read or decoded is replaced by the next readable sample in
+index order (``i + 1``, ``i + 2``, ... modulo the dataset size), with the augmentation parameters sample ``i``
+would have had and the replacement's own label; the path is logged as a warning (once per process and path, then
+at debug level). Because the rule depends only on the files, every server and worker makes the same replacement,
+the batch keeps its size and step, and the stream stays deterministic. After
+:data:`MAX_REPLACEMENTS` unreadable samples in a row the item fails (a pipeline error for that batch only).
+
+:func:`image_pipeline` builds ``Permutation → Partition → Map(ImageTransform) → Collate``; the factories
+:func:`directory_pipeline` and :func:`shard_pipeline` work with ``tensorcom serve`` (the index is built once per
+process), and :func:`serve_images` runs the ``serve-imagenet-dir`` and ``serve-imagenet-shards`` programs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import math
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from tensorcom.errors import ConfigError, PipelineError, URLError
+from tensorcom.urls import expand_braces, expand_urls
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MAX_REPLACEMENTS",
+    "ImageDataset",
+    "ImageDirectory",
+    "ImageShards",
+    "ImageTransform",
+    "directory_pipeline",
+    "expand_shards",
+    "image_pipeline",
+    "serve_images",
+    "shard_pipeline",
+    "write_shards",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_REPLACEMENTS = 64
+_CROP_ATTEMPTS = 10
+_EVAL_CROP_FRACTION = 0.875
+_UNIFORMS = 4 * _CROP_ATTEMPTS + 1  # per attempt: area, log aspect ratio, left, top; then the flip
+
+
+class ImageDataset(Protocol):
+    """What :class:`ImageTransform` needs from a dataset: a length, bytes and a label per index, a name for logs."""
+
+    digest: str
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> bytes: ...
+
+    def label(self, index: int) -> int: ...
+
+    def describe(self, index: int) -> str: ...
+
+
+def _digest(lines: Iterable[str]) -> str:
+    hasher = hashlib.blake2b(digest_size=8)
+    for line in lines:
+        hasher.update(line.encode("utf-8", "surrogateescape"))
+        hasher.update(b"\n")
+    return hasher.hexdigest()
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+class ImageDirectory:
+    """The images under ``DIR/train/CLASS/`` (or ``DIR/CLASS/``), in a fixed order, with 0-based class labels.
+
+    Raises :class:`tensorcom.ConfigError` if the directory is missing or holds no class folder with images.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        given = os.fspath(directory)
+        if not os.path.isdir(given):
+            what = "is not a directory" if os.path.exists(given) else "does not exist"
+            raise ConfigError(f"image directory {given!r} {what}")
+        train = os.path.join(given, "train")
+        self.root = train if os.path.isdir(train) else given
+        try:
+            class_names = sorted(
+                entry.name
+                for entry in os.scandir(self.root)
+                if entry.is_dir() and not entry.name.startswith(".")
+            )
+        except OSError as error:
+            raise ConfigError(f"cannot list image directory {self.root!r}: {error}") from error
+        files: list[str] = []
+        labels: list[int] = []
+        classes: list[str] = []
+        for name in class_names:
+            found = _image_files(os.path.join(self.root, name))
+            if not found:
+                log.warning(
+                    "class folder %s holds no images; it gets no label", os.path.join(self.root, name)
+                )
+                continue
+            files.extend(os.path.join(name, file) for file in found)
+            labels.extend([len(classes)] * len(found))
+            classes.append(name)
+        if not files:
+            raise ConfigError(
+                f"image directory {given!r} holds no images in class folders; expected DIR/train/CLASS/*.JPEG "
+                f"or DIR/CLASS/*.jpg (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        self.classes = tuple(classes)
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.digest = _digest(f"{label}\t{file}" for label, file in zip(labels, files, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return f"ImageDirectory({self.root!r}: {len(self)} images, {len(self.classes)} classes)"
+
+    def path(self, index: int) -> str:
+        """The file of sample ``index``."""
+        return os.path.join(self.root, self.files[index])
+
+    def read(self, index: int) -> bytes:
+        with open(self.path(index), "rb") as file:
+            return file.read()
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return self.path(index)
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files below ``folder`` (recursively), as sorted paths relative to it."""
+    found: list[str] = []
+    for current, subfolders, names in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        relative = os.path.relpath(current, folder)
+        found.extend(
+            name if relative == "." else os.path.join(relative, name) for name in names if _is_image(name)
+        )
+    return sorted(found)
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Local shard paths from paths with braces (``/data/train-{0000..0146}.tar``) or ``file://`` URLs.
+
+    Remote URLs (``http://``, ``s3://``, ``pipe:``) are refused: shards are read with random access from local files.
+    """
+    paths: list[str] = []
+    for item in expand_urls(spec) if isinstance(spec, str) else [p for s in spec for p in expand_braces(s)]:
+        if item.startswith("file://"):
+            item = item[len("file://") :]
+        elif "://" in item or item.startswith("pipe:"):
+            raise URLError(f"shards must be local files (or file:// URLs). Found: {item!r}")
+        paths.append(item)
+    if not paths:
+        raise ConfigError(f"no shards given. Found: {spec!r}")
+    return paths
+
+
+class ImageShards:
+    """The samples of local WebDataset tar shards (``KEY.jpg`` + ``KEY.cls``), in shard order then tar order.
+
+    Indexing reads every tar header once and keeps the offset and size of each image, so a sample is one
+    ``pread`` later. A sample's key is its member path up to the first dot of the file name; members of one sample
+    must be adjacent, as WebDataset writes them. Samples without an image or a ``.cls`` are left out (logged).
+    """
+
+    def __init__(self, shards: str | Sequence[str]) -> None:
+        self.shards = expand_shards(shards)
+        missing = [path for path in self.shards if not os.path.isfile(path)]
+        if missing:
+            shown = ", ".join(repr(path) for path in missing[:3])
+            raise ConfigError(f"{len(missing)} of {len(self.shards)} shards do not exist: {shown}")
+        shard_numbers: list[int] = []
+        offsets: list[int] = []
+        sizes: list[int] = []
+        labels: list[int] = []
+        self.keys: list[str] = []
+        for number, path in enumerate(self.shards):
+            for key, offset, size, label in _shard_samples(path):
+                shard_numbers.append(number)
+                offsets.append(offset)
+                sizes.append(size)
+                labels.append(label)
+                self.keys.append(key)
+        if not self.keys:
+            raise ConfigError(f"the shards hold no samples with an image and a .cls label: {self.shards[:3]}")
+        self.shard_numbers = np.asarray(shard_numbers, dtype=np.int32)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.digest = _digest(
+            f"{os.path.basename(self.shards[n])}\t{k}\t{s}\t{label}"
+            for n, k, s, label in zip(shard_numbers, self.keys, sizes, labels, strict=True)
+        )
+        self._descriptors: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __repr__(self) -> str:
+        return f"ImageShards({len(self.shards)} shards, {len(self)} images)"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_descriptors"] = {}
+        return state
+
+    def __del__(self) -> None:
+        for descriptor in getattr(self, "_descriptors", {}).values():
+            try:
+                os.close(descriptor)
+            except OSError:
+                pass
+
+    def _descriptor(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked: descriptors are shared with the parent; pread does not care
+            self._pid = os.getpid()
+        descriptor = self._descriptors.get(shard)
+        if descriptor is None:
+            descriptor = self._descriptors[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return descriptor
+
+    def read(self, index: int) -> bytes:
+        size = int(self.sizes[index])
+        data = os.pread(self._descriptor(int(self.shard_numbers[index])), size, int(self.offsets[index]))
+        if len(data) != size:
+            raise OSError(f"short read: {len(data)} of {size} bytes (the shard changed since it was indexed)")
+        return data
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return f"{self.shards[int(self.shard_numbers[index])]}:{self.keys[index]}"
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    folder, base = os.path.split(name)
+    stem, dot, extension = base.partition(".")
+    return (os.path.join(folder, stem) if folder else stem), extension.lower() if dot else ""
+
+
+def _shard_samples(path: str) -> Iterable[tuple[str, int, int, int]]:
+    """(key, image offset, image size, label) of each complete sample of one tar shard."""
+    try:
+        with tarfile.open(path, "r:") as archive:
+            key: str | None = None
+            image: tuple[int, int] | None = None
+            label: int | None = None
+
+            def finish() -> Iterable[tuple[str, int, int, int]]:
+                if key is None:
+                    return
+                if image is None or label is None:
+                    log.warning(
+                        "shard %s: sample %r has no %s; left out",
+                        path,
+                        key,
+                        "image" if image is None else ".cls",
+                    )
+                    return
+                yield key, image[0], image[1], label
+
+            for member in archive:
+                if not member.isfile():
+                    continue
+                member_key, extension = _split_key(member.name)
+                if member_key != key:
+                    yield from finish()
+                    key, image, label = member_key, None, None
+                if "." + extension in IMAGE_EXTENSIONS and image is None:
+                    image = (member.offset_data, member.size)
+                elif extension == "cls":
+                    reader = archive.extractfile(member)
+                    text = reader.read().decode("ascii", "replace").strip() if reader is not None else ""
+                    try:
+                        label = int(text)
+                    except ValueError:
+                        raise ConfigError(
+                            f"shard {path}: {member.name} must hold an integer label. Found: {text[:40]!r}"
+                        ) from None
+            yield from finish()
+    except (tarfile.TarError, OSError) as error:
+        raise ConfigError(f"cannot read shard {path!r}: {error}") from error
+
+
+def write_shards(
+    dataset: ImageDataset, pattern: str, samples_per_shard: int = 1000, extension: str = "jpg"
+) -> list[str]:
+    """Write ``dataset`` as WebDataset tar shards in its own sample order; return the paths written.
+
+    ``pattern`` holds one ``%d``-style field for the shard number, e.g. ``/data/train-%06d.tar``. Sample ``i`` is
+    stored as ``{i:08d}.{extension}`` (the image bytes as they are) and ``{i:08d}.cls`` (the label).
+    """
+    if samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard must be >= 1. Found: {samples_per_shard}")
+    try:
+        pattern % 0
+    except TypeError as error:
+        raise ConfigError(
+            f"pattern must hold one %d field for the shard number. Found: {pattern!r}"
+        ) from error
+    paths: list[str] = []
+    for start in range(0, len(dataset), samples_per_shard):
+        path = pattern % (start // samples_per_shard)
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
+            for index in range(start, min(start + samples_per_shard, len(dataset))):
+                for name, data in (
+                    (f"{index:08d}.{extension}", dataset.read(index)),
+                    (f"{index:08d}.cls", str(dataset.label(index)).encode("ascii")),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    info.mtime = 0
+                    info.mode = 0o644
+                    archive.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _first_warning(description: str) -> bool:
+    with _WARNED_LOCK:
+        if description in _WARNED:
+            return False
+        _WARNED.add(description)
+        return True
+
+
+class ImageTransform:
+    """Decode sample ``index`` of ``dataset`` and crop, flip and resize it to ``size`` x ``size``.
+
+    Called as ``transform(index, rng)`` by a pipeline ``Map``; returns ``(image, label)`` with ``image`` uint8 HWC
+    RGB (float32, normalised with ``mean``/``std`` in 0-1 units, when ``normalize``) and ``label`` an int64.
+    With ``augment=False`` (evaluation) the crop is the central 87.5 % square and there is no flip. ``draft``
+    enables Pillow's reduced-size JPEG decoding when the crop allows it. Unreadable samples are replaced as
+    described in the module docstring.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        size: int = 224,
+        *,
+        normalize: bool = False,
+        augment: bool = True,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        draft: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"size must be an int >= 1. Found: {size!r}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"scale must be (low, high) with 0 < low <= high <= 1. Found: {scale!r}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ConfigError(f"ratio must be (low, high) with 0 < low <= high. Found: {ratio!r}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ConfigError(f"mean and std must hold 3 values, std > 0. Found: {mean!r}, {std!r}")
+        if len(dataset) < 1:
+            raise ConfigError("the dataset holds no samples")
+        self.dataset = dataset
+        self.size = size
+        self.normalize = normalize
+        self.augment = augment
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.draft = draft
+        self._mean = np.asarray(mean, dtype=np.float32) * 255
+        self._inverse_std = 1 / (np.asarray(std, dtype=np.float32) * 255)
+        # the pipeline fingerprint names the map function: make it name the data and the output too
+        self.__qualname__ = (
+            f"ImageTransform(size={size},normalize={normalize},augment={augment},scale={self.scale},"
+            f"ratio={self.ratio},draft={draft},data={dataset.digest})"
+        )
+        self.__name__ = "ImageTransform"
+
+    def __repr__(self) -> str:
+        return self.__qualname__
+
+    def __call__(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.int64]:
+        uniforms = rng.random(_UNIFORMS) if self.augment else None
+        count = len(self.dataset)
+        first_error: BaseException | None = None
+        for attempt in range(min(MAX_REPLACEMENTS + 1, count)):
+            sample = (index + attempt) % count
+            try:
+                image = self.load(sample, uniforms)
+            except Exception as error:  # any failure to read or decode counts as an unreadable file
+                first_error = first_error or error
+                self._report(sample, error)
+                continue
+            if attempt:
+                log.debug(
+                    "sample %d replaced by sample %d (%s)", index, sample, self.dataset.describe(sample)
+                )
+            return image, np.int64(self.dataset.label(sample))
+        raise PipelineError(
+            f"sample {index} ({self.dataset.describe(index)}) and the {min(MAX_REPLACEMENTS, count - 1)} samples "
+            f"after it are unreadable; first error: {type(first_error).__name__}: {first_error}"
+        ) from first_error
+
+    def _report(self, sample: int, error: BaseException) -> None:
+        description = self.dataset.describe(sample)
+        level = logging.WARNING if _first_warning(description) else logging.DEBUG
+        log.log(
+            level,
+            "unreadable image %s (%s: %s); sample %d is replaced by the next readable sample",
+            description,
+            type(error).__name__,
+            error,
+            sample,
+        )
+
+    def crop_box(
+        self, width: int, height: int, uniforms: np.ndarray | None
+    ) -> tuple[float, float, float, float]:
+        """The crop (left, top, right, bottom) for an image of ``width`` x ``height`` given the sample's uniforms."""
+        if uniforms is None:
+            side = min(width, height) * _EVAL_CROP_FRACTION
+            left, top = (width - side) / 2, (height - side) / 2
+            return left, top, left + side, top + side
+        area = width * height
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for attempt in range(_CROP_ATTEMPTS):
+            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * uniforms[attempt])
+            aspect = math.exp(log_low + (log_high - log_low) * uniforms[_CROP_ATTEMPTS + attempt])
+            crop_width = round(math.sqrt(target * aspect))
+            crop_height = round(math.sqrt(target / aspect))
+            if 0 < crop_width <= width and 0 < crop_height <= height:
+                horizontal = uniforms[2 * _CROP_ATTEMPTS + attempt]
+                vertical = uniforms[3 * _CROP_ATTEMPTS + attempt]
+                left = min(int(horizontal * (width - crop_width + 1)), width - crop_width)
+                top = min(int(vertical * (height - crop_height + 1)), height - crop_height)
+                return left, top, left + crop_width, top + crop_height
+        aspect = width / height
+        if aspect < self.ratio[0]:
+            crop_width, crop_height = width, round(width / self.ratio[0])
+        elif aspect > self.ratio[1]:
+            crop_width, crop_height = round(height * self.ratio[1]), height
+        else:
+            crop_width, crop_height = width, height
+        left, top = (width - crop_width) // 2, (height - crop_height) // 2
+        return left, top, left + crop_width, top + crop_height
+
+    def load(self, sample: int, uniforms: np.ndarray | None) -> np.ndarray:
+        """Decode and transform one sample (no replacement: errors propagate)."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.dataset.read(sample))) as image:
+            width, height = image.size
+            box = self.crop_box(width, height, uniforms)
+            if self.draft and image.format == "JPEG":
+                crop_width, crop_height = box[2] - box[0], box[3] - box[1]
+                wanted = (
+                    max(1, math.ceil(width * self.size / crop_width)),
+                    max(1, math.ceil(height * self.size / crop_height)),
+                )
+                reduced = image.draft("RGB", wanted)
+                if reduced is not None:
+                    factor = width / reduced[1][2]
+                    box = (box[0] / factor, box[1] / factor, box[2] / factor, box[3] / factor)
+            rgb = image.convert("RGB") if image.mode != "RGB" else image
+            rgb.load()
+            result = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+        if uniforms is not None and uniforms[-1] < 0.5:
+            result = result.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(result)
+        if array.shape != (self.size, self.size, 3):
+            raise ValueError(f"decoded image has shape {array.shape}, expected {(self.size, self.size, 3)}")
+        if not self.normalize:
+            return array
+        return (array.astype(np.float32) - self._mean) * self._inverse_std
+
+
+def image_pipeline(
+    *,
+    dataset: ImageDataset,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 64,
+    size: int = 224,
+    normalize: bool = False,
+    augment: bool = True,
+    workers: int = 0,
+    repeating: bool = True,
+    draft: bool = True,
+) -> Any:
+    """``Permutation(len(dataset), seed) → Partition(rank, world_size) → Map(ImageTransform) → Collate(batch_size)``.
+
+    Batches are ``(images, labels)``: ``images`` uint8 ``(B, size, size, 3)`` (float32 with ``normalize``),
+    ``labels`` int64 ``(B,)``. ``workers > 0`` decodes in that many worker processes (a ``DistributedBatchedMap``:
+    same batches, same fingerprint). ``repeating`` goes on with a new order each epoch.
+    """
+    from tensorcom.pipeline import Collate, Conveyer, DistributedBatchedMap, Map, Partition, Permutation
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1. Found: {batch_size!r}")
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0. Found: {workers}")
+    transform = ImageTransform(dataset, size, normalize=normalize, augment=augment, draft=draft)
+    decode: Any = DistributedBatchedMap(transform, n_workers=workers) if workers else Map(transform)
+    return Conveyer(
+        [
+            Permutation(len(dataset), seed=seed, repeating=repeating),
+            Partition(rank, world_size),
+            decode,
+            Collate(batch_size),
+        ]
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _directory(directory: str) -> ImageDirectory:
+    return ImageDirectory(directory)
+
+
+@functools.lru_cache(maxsize=4)
+def _shards(shards: str) -> ImageShards:
+    return ImageShards(shards)
+
+
+def directory_pipeline(
+    *, directory: str, seed: int = 0, rank: int = 0, world_size: int = 1, **options: Any
+) -> Any:
+    """Factory for ``tensorcom serve tensorcom.imagenet:directory_pipeline -o directory=DIR``: the
+    :func:`image_pipeline` of an :class:`ImageDirectory`, indexed once per process."""
+    return image_pipeline(
+        dataset=_directory(os.path.abspath(directory)), seed=seed, rank=rank, world_size=world_size, **options
+    )
+
+
+def shard_pipeline(*, shards: str, seed: int = 0, rank: int = 0, world_size: int = 1, **options: Any) -> Any:
+    """Factory for ``tensorcom serve tensorcom.imagenet:shard_pipeline -o shards='/data/train-{0..9}.tar'``."""
+    return image_pipeline(dataset=_shards(shards), seed=seed, rank=rank, world_size=world_size, **options)
+
+
+class _RateReporter(threading.Thread):
+    """Logs batches/s and images/s of a running server every ``interval`` seconds."""
+
+    def __init__(self, count: Callable[[], int], batch_size: int, interval: float) -> None:
+        super().__init__(name="tensorcom-rate", daemon=True)
+        self.count = count
+        self.batch_size = batch_size
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        then, before = time.monotonic(), self.count()
+        while not self.stopped.wait(self.interval):
+            now, count = time.monotonic(), self.count()
+            if count == before:
+                then = now
+                continue
+            seconds = max(now - then, 1e-9)
+            log.info(
+                "served %d batches: %.1f batches/s, %.0f images/s",
+                count,
+                (count - before) / seconds,
+                (count - before) * self.batch_size / seconds,
+            )
+            then, before = now, count
+
+
+def serve_images(
+    dataset: ImageDataset,
+    urls: Sequence[str],
+    *,
+    batch_size: int = 64,
+    size: int = 224,
+    normalize: bool = False,
+    augment: bool = True,
+    workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    report_interval: float = 10.0,
+    queue: int = 2,
+    control: str | None = None,
+    metadata: bool | None = None,
+    on_ready: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Serve ``dataset`` until interrupted: zreq for ``zrep://`` URLs, stream mode for push/pub URLs.
+
+    With zrep URLs each client chooses seed, rank and world size, and ``workers`` server processes compute
+    batches; in stream mode this server's ``seed``, ``rank`` and ``world_size`` fix the stream and ``workers``
+    decode in a :class:`~tensorcom.pipeline.DistributedBatchedMap`. ``on_ready`` gets the bound endpoints once the
+    sockets are open. Rates are logged every ``report_interval`` seconds.
+    """
+    expanded = expand_urls(list(urls))
+    request = [url.startswith("zrep") for url in expanded]
+    if any(request) and not all(request):
+        raise URLError(f"serve zrep:// URLs or stream URLs, not both at once. Found: {' '.join(expanded)}")
+    if report_interval <= 0:
+        raise ConfigError(f"report_interval must be > 0 seconds. Found: {report_interval}")
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "size": size,
+        "normalize": normalize,
+        "augment": augment,
+    }
+    ImageTransform(dataset, size, normalize=normalize, augment=augment)  # validate before opening sockets
+    server: Any
+    if all(request):
+        from tensorcom.request_server import RequestServer
+
+        if control is not None:
+            raise ConfigError("control= is for stream URLs; zreq clients send their state with each request")
+        factory = functools.partial(image_pipeline, dataset=dataset, **options)
+        server = RequestServer(factory, expanded, workers=workers, report_interval=1e9, queue=max(queue, 2))
+        count: Callable[[], int] = lambda: server.served  # noqa: E731
+    else:
+        from tensorcom.server import Server
+
+        pipeline = image_pipeline(
+            dataset=dataset, seed=seed, rank=rank, world_size=world_size, workers=workers, **options
+        )
+        try:
+            server = Server(
+                pipeline,
+                expanded,
+                queue=queue,
+                report_interval=1e9,
+                control=control,
+                metadata=metadata,
+                seed=seed,
+            )
+        except BaseException:
+            pipeline.close()
+            raise
+        count = lambda: server.count  # noqa: E731
+    log.info("serving %r on %s", dataset, ", ".join(server.endpoints))
+    if on_ready is not None:
+        on_ready(list(server.endpoints))
+    reporter = _RateReporter(count, batch_size, report_interval)
+    reporter.start()
+    try:
+        server.run()
+    finally:
+        reporter.stopped.set()
+        reporter.join(timeout=5)

@@ -1,0 +1,336 @@
+"""ImageNet-style serving: folder and shard indexing, decoding and augmentation, and the serve-imagenet-dir and
+serve-imagenet-shards programs end to end on real JPEG files."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from imagenet_fixtures import (
+    CLASSES,
+    CORRUPT,
+    PER_CLASS,
+    StartProcess,
+    make_image_folder,
+    make_shards,
+    same_batches,
+    start_image_server,
+)
+from PIL import Image
+
+from tensorcom import ConfigError, Connection, PipelineError, URLError
+from tensorcom.imagenet import (
+    ImageDirectory,
+    ImageShards,
+    ImageTransform,
+    directory_pipeline,
+    image_pipeline,
+    write_shards,
+)
+
+SIZE = 16
+BATCH = 4
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+def reference(folder: Path, seed: int, count: int, **options: object) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first ``count`` batches of the folder's pipeline computed in this process."""
+    with directory_pipeline(
+        directory=str(folder), seed=seed, batch_size=BATCH, size=SIZE, **options
+    ) as pipeline:
+        return [next(pipeline) for _ in range(count)]
+
+
+# indexing
+
+
+def test_directory_classes_are_sorted_and_labels_start_at_zero(folder: Path) -> None:
+    """train/CLASS folders give labels 0, 1, 2 in sorted order; non-image files are ignored, bad JPEGs indexed."""
+    dataset = ImageDirectory(folder)
+    assert dataset.classes == CLASSES
+    assert len(dataset) == len(CLASSES) * PER_CLASS + 1
+    for index in range(len(dataset)):
+        assert CLASSES[dataset.label(index)] == Path(dataset.files[index]).parts[0]
+    assert dataset.files.index(CORRUPT) == PER_CLASS + PER_CLASS  # after the four good dog images
+    assert not any(file.endswith(".txt") for file in dataset.files)
+
+
+def test_class_folders_directly_under_the_directory(tmp_path: Path) -> None:
+    """DIR/CLASS/* works as well as DIR/train/CLASS/*."""
+    make_image_folder(tmp_path, corrupt=False, train=False)
+    dataset = ImageDirectory(tmp_path)
+    assert dataset.classes == CLASSES and len(dataset) == len(CLASSES) * PER_CLASS
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "file"], ids=["missing", "empty", "file"])
+def test_unusable_directory_is_a_config_error(tmp_path: Path, kind: str) -> None:
+    """A missing, empty or non-directory path raises ConfigError quoting the path."""
+    path = tmp_path / "data"
+    if kind == "empty":
+        (path / "train" / "cat").mkdir(parents=True)
+    elif kind == "file":
+        path.write_text("x")
+    with pytest.raises(ConfigError, match="data"):
+        ImageDirectory(path)
+
+
+def test_shards_hold_the_folder_in_the_same_order(folder: Path, tmp_path: Path) -> None:
+    """write_shards then ImageShards gives the same bytes and labels at every index, across several shards."""
+    pattern = make_shards(folder, tmp_path / "shards", per_shard=5)
+    directory, shards = ImageDirectory(folder), ImageShards(pattern)
+    assert len(shards.shards) == 3 and len(shards) == len(directory)
+    for index in range(len(directory)):
+        assert shards.read(index) == directory.read(index)
+        assert shards.label(index) == directory.label(index)
+
+
+def test_remote_shard_urls_are_refused() -> None:
+    """Shards are local files: http:// and pipe: are refused with a URLError."""
+    for spec in ("http://example.com/train-{0..3}.tar", "pipe:curl x"):
+        with pytest.raises(URLError, match="local"):
+            ImageShards(spec)
+
+
+def test_missing_shards_are_named(tmp_path: Path) -> None:
+    """Shards that do not exist are a ConfigError naming them."""
+    with pytest.raises(ConfigError, match="do not exist"):
+        ImageShards(str(tmp_path / "train-{0..1}.tar"))
+
+
+# decoding and augmentation
+
+
+def test_batches_have_the_requested_shape_dtype_and_labels(folder: Path) -> None:
+    """uint8 NHWC images of the requested size, int64 labels matching each sample's folder; the class colour
+    survives the crop."""
+    dataset = ImageDirectory(folder)
+    with image_pipeline(dataset=dataset, seed=1, batch_size=BATCH, size=SIZE) as pipeline:
+        for _ in range(6):
+            (images, labels), meta = pipeline.next_with_meta()
+            assert images.shape == (BATCH, SIZE, SIZE, 3) and images.dtype == np.uint8
+            assert labels.dtype == np.int64
+            for image, label, index in zip(images, labels, meta["indices"], strict=True):
+                if dataset.files[index] != CORRUPT:
+                    assert label == dataset.label(index)
+                    assert int(np.argmax(image.reshape(-1, 3).mean(axis=0))) == label
+
+
+def test_normalize_gives_float32_around_zero(folder: Path) -> None:
+    """--normalize sends float32 (x/255 - mean) / std."""
+    images, _ = reference(folder, seed=0, count=1, normalize=True)[0]
+    assert images.dtype == np.float32 and images.shape == (BATCH, SIZE, SIZE, 3)
+    assert -2.2 < images.min() and images.max() < 2.7
+
+
+def test_same_seed_same_batches_other_seed_others(folder: Path) -> None:
+    """Augmentation depends on (seed, epoch, index) only: a repeat run is identical, another seed differs."""
+    assert same_batches(reference(folder, 5, 4), reference(folder, 5, 4))
+    assert not same_batches(reference(folder, 5, 4), reference(folder, 6, 4))
+
+
+def test_unreadable_image_is_replaced_by_the_next_readable_one(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The corrupt file becomes the next sample (its image and its label), and its path is logged."""
+    dataset = ImageDirectory(folder)
+    bad = dataset.files.index(CORRUPT)
+    transform = ImageTransform(dataset, SIZE)
+    rng = np.random.default_rng(0)
+    uniforms = np.random.default_rng(0).random(41)
+    with caplog.at_level(logging.WARNING, logger="tensorcom.imagenet"):
+        image, label = transform(bad, rng)
+    assert label == dataset.label(bad + 1)
+    assert np.array_equal(image, transform.load(bad + 1, uniforms))
+    assert str(folder / "train" / CORRUPT) in caplog.text
+
+
+def test_all_unreadable_fails_the_item(tmp_path: Path) -> None:
+    """When every image is unreadable the item fails with a PipelineError naming the sample."""
+    (tmp_path / "cat").mkdir()
+    for item in range(3):
+        (tmp_path / "cat" / f"{item}.jpg").write_bytes(b"junk")
+    transform = ImageTransform(ImageDirectory(tmp_path), SIZE)
+    with pytest.raises(PipelineError, match="unreadable"):
+        transform(0, np.random.default_rng(0))
+
+
+def test_crops_stay_inside_the_image() -> None:
+    """Random resized crops lie inside the image with an area in the scale range (or the central fallback)."""
+    transform = ImageTransform(_Fake(), SIZE)
+    rng = np.random.default_rng(0)
+    for width, height in [(32, 32), (500, 375), (40, 400), (1, 1)]:
+        for _ in range(200):
+            left, top, right, bottom = transform.crop_box(width, height, rng.random(41))
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+            assert (right - left) * (bottom - top) <= width * height
+
+
+def test_draft_mode_decodes_large_jpegs_at_reduced_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 512x512 JPEG cropped to 16x16 is decoded in draft mode; the result is close to the full decode."""
+    (tmp_path / "cat").mkdir()
+    gradient = np.linspace(0, 255, 512, dtype=np.float32)
+    pixels = np.stack(
+        np.broadcast_arrays(gradient[None, :], gradient[:, None], 128 + 0 * gradient[None, :]), -1
+    )
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "cat" / "big.jpg", quality=95)
+    dataset = ImageDirectory(tmp_path)
+    from PIL import JpegImagePlugin
+
+    scales: list[float] = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: JpegImagePlugin.JpegImageFile, mode: str | None, size: tuple[int, int] | None) -> object:
+        result = original(self, mode, size)
+        scales.append(512 / result[1][2] if result else 1.0)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    for augment in (True, False):
+        uniforms = np.random.default_rng(3).random(41) if augment else None
+        fast = ImageTransform(dataset, SIZE, augment=augment).load(0, uniforms)
+        full = ImageTransform(dataset, SIZE, augment=augment, draft=False).load(0, uniforms)
+        assert np.abs(fast.astype(int) - full.astype(int)).mean() < 6
+    assert max(scales) >= 4
+
+
+class _Fake:
+    digest = "fake"
+
+    def __len__(self) -> int:
+        return 1
+
+    def read(self, index: int) -> bytes:
+        raise OSError("no data")
+
+    def label(self, index: int) -> int:
+        return 0
+
+    def describe(self, index: int) -> str:
+        return "fake"
+
+
+# the programs, end to end
+
+
+def test_missing_directory_fails_with_one_line_error(tmp_path: Path) -> None:
+    """serve-imagenet-dir on a missing directory exits 2 with one 'Error:' line, before opening any socket."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorcom_servers.imagenet_dir",
+            "-d",
+            str(tmp_path / "nowhere"),
+            "zrep://127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"Error: image directory {str(tmp_path / 'nowhere')!r} does not exist"
+    ]
+    assert result.stdout == ""
+
+
+def test_directory_server_streams_the_in_process_pipeline_bit_for_bit(
+    folder: Path, tmp_path: Path, start_process: StartProcess
+) -> None:
+    """Two runs of serve-imagenet-dir with the same seed give identical batches, equal to the in-process pipeline;
+    labels match each sample's class folder; the corrupt file is replaced and its path logged."""
+    log_file = tmp_path / "server.log"
+    args = ("-d", str(folder), "-b", str(BATCH), "--size", str(SIZE), "-w", "1", "-q")
+    count = 12  # more than three epochs of 13 samples: the corrupt one is met
+    expected = reference(folder, seed=11, count=count)
+    dataset = ImageDirectory(folder)
+    runs = []
+    for _ in range(2):
+        process, url = start_image_server(start_process, "imagenet_dir", log_file, *args)
+        with Connection(url, seed=11, timeout=30) as connection:
+            batches = []
+            for _ in range(count):
+                images, labels = connection.recv()
+                assert images.shape == (BATCH, SIZE, SIZE, 3) and images.dtype == np.uint8
+                assert labels.dtype == np.int64
+                for label, index in zip(labels.tolist(), connection.last.indices, strict=True):
+                    replaced = dataset.files[index] == CORRUPT
+                    assert label == dataset.label(index + 1 if replaced else index)
+                batches.append((images, labels))
+        runs.append(batches)
+        process.terminate()
+        assert process.wait(timeout=20) == 0
+    assert same_batches(runs[0], expected) and same_batches(runs[1], expected)
+    assert str(folder / "train" / CORRUPT) in log_file.read_text()
+
+
+def test_shard_server_sends_what_the_directory_server_sends(
+    folder: Path, tmp_path: Path, start_process: StartProcess
+) -> None:
+    """serve-imagenet-shards on shards written from the folder gives the same stream as serve-imagenet-dir."""
+    pattern = make_shards(folder, tmp_path / "shards", per_shard=4)
+    common = ("-b", str(BATCH), "--size", str(SIZE), "-w", "1", "-q")
+    received = []
+    for program, source in (("imagenet_dir", ("-d", str(folder))), ("imagenet_shards", ("-s", pattern))):
+        _, url = start_image_server(start_process, program, tmp_path / f"{program}.log", *source, *common)
+        with Connection(url, seed=4, rank=1, world_size=2, timeout=30) as connection:
+            received.append([connection.recv() for _ in range(6)])
+    assert same_batches(received[0], received[1])
+    assert "train-002.tar:00000008" in (tmp_path / "imagenet_shards.log").read_text()  # the corrupt sample
+
+
+def test_stream_mode_sends_the_seeded_pipeline(
+    folder: Path, tmp_path: Path, start_process: StartProcess
+) -> None:
+    """With a stream URL the server runs its own --seed pipeline and sends batches with step metadata."""
+    socket = tmp_path / "stream"
+    _, _ = start_image_server(
+        start_process,
+        "imagenet_dir",
+        tmp_path / "server.log",
+        "-d",
+        str(folder),
+        "-b",
+        str(BATCH),
+        "--size",
+        str(SIZE),
+        "-w",
+        "0",
+        "--seed",
+        "8",
+        "-q",
+        url=f"zrpush+ipc://{socket}",
+    )
+    with Connection(f"zrpull+ipc://{socket}", timeout=30) as connection:
+        received = [connection.recv() for _ in range(5)]
+        assert connection.last.step == 4
+    assert same_batches(received, reference(folder, seed=8, count=5))
+
+
+def test_tensorcom_serve_accepts_the_directory_factory(folder: Path, request_server: object) -> None:
+    """`tensorcom serve tensorcom.imagenet:directory_pipeline -o directory=DIR` serves the same stream."""
+    _, url = request_server(  # type: ignore[operator]
+        "tensorcom.imagenet:directory_pipeline",
+        f"directory={folder}",
+        f"batch_size={BATCH}",
+        f"size={SIZE}",
+    )
+    with Connection(url, seed=2, timeout=30) as connection:
+        received = [connection.recv() for _ in range(3)]
+    assert same_batches(received, reference(folder, seed=2, count=3))
+
+
+def test_write_shards_needs_a_number_field(folder: Path, tmp_path: Path) -> None:
+    """A shard pattern without %d is refused."""
+    with pytest.raises(ConfigError, match="%d"):
+        write_shards(ImageDirectory(folder), str(tmp_path / "x.tar"))
