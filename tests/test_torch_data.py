@@ -1,0 +1,178 @@
+"""PyTorch adapters: DeviceTransfer on CPU, ConnectionDataset under DataLoader(batch_size=None) against a real
+serve-imagenet-dir process, resume from state_dict, and a tiny CNN whose loss falls on the sample images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from imagenet_fixtures import StartProcess, make_image_folder, same_batches, start_image_server
+from torch.utils.data import DataLoader
+
+from tensorcom import ConfigError
+from tensorcom.device import DeviceTransfer
+from tensorcom.imagenet import directory_pipeline
+from tensorcom.sample_images import make_sample_images
+from tensorcom.torch_data import ConnectionDataset, normalize_images
+
+SIZE = 16
+BATCH = 4
+
+
+# DeviceTransfer
+
+
+def test_arrays_become_tensors_sharing_memory_in_nested_batches() -> None:
+    """Arrays in tuples, lists and dicts become tensors on the device without a copy; other leaves pass through."""
+    images = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    labels = np.array([3, 4], dtype=np.int64)
+    batch = {"x": (images, [labels, 7, "name"]), "w": torch.ones(2)}
+    moved = DeviceTransfer("cpu")(batch)
+    tensor = moved["x"][0]
+    assert isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
+    assert tensor.data_ptr() == images.ctypes.data  # no copy
+    assert moved["x"][1][0].dtype == torch.int64 and moved["x"][1][1:] == [7, "name"]
+    assert isinstance(moved["x"], tuple) and isinstance(moved["x"][1], list)
+    assert moved["w"] is batch["w"]
+
+
+def test_bfloat16_and_read_only_arrays() -> None:
+    """bfloat16 arrays become bfloat16 tensors; a read-only array is copied instead of triggering torch's warning."""
+    values = np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16)
+    assert DeviceTransfer("cpu")([values])[0].dtype == torch.bfloat16
+    frozen = np.ones(3, np.float32)
+    frozen.flags.writeable = False
+    tensor = DeviceTransfer()([frozen])[0]
+    assert tensor.data_ptr() != frozen.ctypes.data and tensor.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_to_device_replaces_the_move() -> None:
+    """A to_device callable receives every tensor and its result goes into the batch."""
+    seen: list[torch.Tensor] = []
+
+    def mark(tensor: torch.Tensor) -> str:
+        seen.append(tensor)
+        return "moved"
+
+    assert DeviceTransfer("cpu", to_device=mark)((np.zeros(2), np.ones(1))) == ("moved", "moved")
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"max_batches_on_device": 0}, "must be >= 1"), ({"device": "nonsense"}, "torch device")],
+    ids=["no-batches", "bad-device"],
+)
+def test_bad_options_are_config_errors(options: dict[str, object], message: str) -> None:
+    """Invalid settings raise ConfigError with the value."""
+    with pytest.raises(ConfigError, match=message):
+        DeviceTransfer(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_cuda_without_cuda_is_a_clear_error() -> None:
+    """Asking for cuda where there is none fails at construction, not at the first batch."""
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        DeviceTransfer("cuda:0")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_transfer_bounds_batches_in_flight() -> None:
+    """On CUDA: pinned staging, values intact, never more than max_batches_on_device copies outstanding."""
+    transfer = DeviceTransfer("cuda", max_batches_on_device=2)
+    for step in range(6):
+        moved = transfer((np.full((256, 256), step, np.float32),))
+        assert transfer.batches_in_flight <= 2
+        assert moved[0].device.type == "cuda" and float(moved[0][0, 0]) == step
+    transfer.synchronize()
+    assert transfer.batches_in_flight == 0
+
+
+def test_importing_device_does_not_import_torch() -> None:
+    """tensorcom.device imports torch only when a batch is moved or a device is named."""
+    code = "import sys, tensorcom.device; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_normalize_images_gives_nchw_float() -> None:
+    """uint8 NHWC → float32 NCHW with (x/255 - mean)/std per channel."""
+    images = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
+    result = normalize_images(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5))
+    assert result.shape == (2, 3, 4, 4) and result.dtype == torch.float32
+    assert torch.allclose(result[:, 1], torch.full((2, 4, 4), 2.0))
+
+
+# ConnectionDataset against a real server
+
+
+@pytest.fixture
+def image_server(tmp_path: Path, start_process: StartProcess) -> tuple[Path, str]:
+    folder = make_image_folder(tmp_path / "images")
+    args = ("-d", str(folder), "-b", str(BATCH), "--size", str(SIZE), "-w", "1", "-q")
+    _, url = start_image_server(start_process, "imagenet_dir", tmp_path / "server.log", *args)
+    return folder, url
+
+
+def test_dataloader_yields_the_pipeline_as_tensors_and_resumes(image_server: tuple[Path, str]) -> None:
+    """DataLoader(dataset, batch_size=None) yields the served batches as CPU tensors; a new dataset given
+    state_dict() continues with exactly the next batches."""
+    folder, url = image_server
+    with directory_pipeline(directory=str(folder), seed=6, batch_size=BATCH, size=SIZE) as pipeline:
+        expected = [next(pipeline) for _ in range(8)]
+    with ConnectionDataset(url, seed=6, batches=5, device="cpu", timeout=30) as dataset:
+        assert len(dataset) == 5
+        first = [(images, labels) for images, labels in DataLoader(dataset, batch_size=None)]
+        assert all(images.dtype == torch.uint8 and labels.dtype == torch.int64 for images, labels in first)
+        assert dataset.last.step == 4
+        state = dataset.state_dict()
+    resumed = ConnectionDataset(url, seed=6, batches=3, timeout=30)
+    resumed.load_state_dict(state)
+    with resumed:
+        rest = list(DataLoader(resumed, batch_size=None))
+    received = [(images.numpy(), labels.numpy()) for images, labels in first + rest]
+    assert same_batches(received, expected)
+
+
+def test_zreq_dataset_refuses_several_loader_workers() -> None:
+    """num_workers=2 would duplicate a zreq stream: the worker raises a ConfigError before connecting."""
+    loader = DataLoader(ConnectionDataset("zreq://127.0.0.1:9", batches=2), batch_size=None, num_workers=2)
+    iterator = iter(loader)
+    try:
+        with pytest.raises(ConfigError, match="num_workers=0"):
+            next(iterator)
+    finally:
+        iterator._shutdown_workers()  # type: ignore[attr-defined]
+
+
+def test_a_small_cnn_learns_from_the_sample_images(tmp_path: Path, start_process: StartProcess) -> None:
+    """A tiny CNN trained through DataLoader(ConnectionDataset) on the generated sample set: the loss falls."""
+    folder = make_sample_images(tmp_path / "sample", per_class=10, size=32)
+    args = ("-d", folder, "-b", "16", "--size", str(SIZE), "-w", "1", "-q")
+    _, url = start_image_server(start_process, "imagenet_dir", tmp_path / "server.log", *args)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    with ConnectionDataset(url, seed=0, batches=60, device="cpu", timeout=30) as dataset:
+        for images, labels in DataLoader(dataset, batch_size=None):
+            loss = torch.nn.functional.cross_entropy(model(normalize_images(images)), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert len(losses) == 60
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.2
