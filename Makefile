@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint bench interop clean
+.PHONY: demo test lint bench bench-quick interop clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,13 +29,22 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check tensorcom servers tools tests benchmarks
 	$(BIN)/mypy
 
-## bench: run every benchmark in benchmarks/ and print their ratio tables
-bench: $(STAMP)
-	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+## bench: the benchmark suite (several minutes): benchmarks/results/latest.{json,md,png}; bench-quick: ~2 minutes
+bench: $(STAMP) .venv-tc01/bin/python
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/python benchmarks/suite.py
+
+bench-quick: $(STAMP) .venv-tc01/bin/python
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/python benchmarks/suite.py --quick
+
+# tensorcom 0.1.0 has our package name, so it lives in its own environment (the incumbent in benchmarks and interop)
+.venv-tc01/bin/python:
+	$(PYTHON) -m venv .venv-tc01
+	.venv-tc01/bin/pip install --quiet $(TORCH) 'tensorcom==0.1.0'
 
 ## interop: check the wire format against tensorcom 0.1 installed in its own virtual environment
-interop: $(STAMP)
-	test -x .venv-tc01/bin/python || ($(PYTHON) -m venv .venv-tc01 && .venv-tc01/bin/pip install --quiet $(TORCH) 'tensorcom==0.1.0')
+interop: $(STAMP) .venv-tc01/bin/python
 	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/pytest -q tests/test_interop.py
 
 clean:
