@@ -1,0 +1,474 @@
+"""SwiftLoader end to end: real server and worker processes over ipc, checked against the in-process pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import loader_datasets as datasets
+import numpy as np
+import pytest
+
+from tensorcom import codec
+from tensorcom.errors import ConfigError, PipelineError, RemoteError, StateError
+from tensorcom.loader import LOADER_ID_VARIABLE, NearbyPermutation, SwiftLoader
+from tensorcom.loader._pipeline import PipelineSpec, swift_pipeline
+from tensorcom.loader._tree import unpack_tree
+from tensorcom.protocol import Command, Message, flatten_batch, rebuild_batch
+
+TESTS = Path(__file__).parent
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _state_of(pid: int) -> str | None:
+    """The process state letter from /proc (None when there is no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def running(pid: int) -> bool:
+    state = _state_of(pid)
+    return state is not None and state != "Z"
+
+
+def loader_processes(loader_id: str) -> list[int]:
+    """Live processes (from the process table) whose environment marks them as workers of this loader."""
+    marker = f"{LOADER_ID_VARIABLE}={loader_id}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as stream:
+                environment = stream.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in environment and running(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def wait_for_workers(loader_id: str, count: int, seconds: float = 15.0) -> list[int]:
+    """The loader's worker processes, once ``count`` of them show in the process table (they may still be
+    starting: the environment of a process only shows once it has executed the interpreter)."""
+    deadline = time.monotonic() + seconds
+    while len(found := loader_processes(loader_id)) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
+def wait_until_gone(pids: list[int], seconds: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [pid for pid in pids if running(pid)]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return [pid for pid in pids if running(pid)]
+
+
+def server_pid(loader: SwiftLoader) -> int:
+    consumer = loader._consumer
+    assert consumer is not None and consumer.process is not None
+    return int(consumer.process.pid)
+
+
+def labels_of(loader: SwiftLoader) -> list[list[int]]:
+    """One epoch of batches as lists of labels, checking each batch against the indices the loader reports."""
+    epoch = []
+    for batch in loader:
+        labels = batch["label"].tolist()
+        assert labels == loader.last.indices
+        assert batch["x"][:, 0].tolist() == labels
+        epoch.append(labels)
+    return epoch
+
+
+def reference(
+    dataset_class: Any,
+    dataset_kwargs: dict[str, Any],
+    n: int,
+    *,
+    seed: int,
+    consumer: int = 0,
+    nb_consumer: int = 1,
+    batch_size: int = 4,
+    epoch: int = 0,
+    **spec: Any,
+) -> Iterator[Any]:
+    """The batches of one consumer's epoch computed in this process, sent through the codec and rebuilt."""
+    full_spec = PipelineSpec(dataset_class, dataset_kwargs, n, batch_size, True, 5 * batch_size, **spec)
+    with swift_pipeline(seed=seed, rank=consumer, world_size=nb_consumer, spec=full_spec) as pipeline:
+        pipeline.set_epoch(epoch)
+        for packed in pipeline:
+            arrays, shape = flatten_batch(packed)
+            received = rebuild_batch(codec.decode(codec.encode(arrays)), Message(Command.BATCH, shape))
+            yield unpack_tree(received)[0]
+
+
+def same(left: Any, right: Any) -> bool:
+    if isinstance(left, dict):
+        return (
+            isinstance(right, dict)
+            and left.keys() == right.keys()
+            and all(same(left[k], right[k]) for k in left)
+        )
+    if isinstance(left, tuple | list):
+        return type(left) is type(right) and len(left) == len(right) and all(map(same, left, right))
+    return bool(np.array_equal(np.asarray(left), np.asarray(right)))
+
+
+# -- options and validation (no processes) ---------------------------------------------------------------------
+
+
+def test_unknown_option_is_an_error_naming_it_and_the_known_ones() -> None:
+    """A misspelt option raises ConfigError with the name, a suggestion and the list of known options."""
+    with pytest.raises(
+        ConfigError, match=r"unknown SwiftLoader option 'seed'\. Did you mean 'seed_number'\?"
+    ) as info:
+        SwiftLoader(datasets.Labelled, {"n": 8}, batch_size=4, seed=1)
+    assert "data_queue_size" in str(info.value) and "max_buffer_size" in str(info.value)
+    with pytest.raises(ConfigError, match="'prefetch_factor'"):
+        SwiftLoader(datasets.Labelled, {"n": 8}, prefetch_factor=2)
+
+
+def _local_collate(samples: list[Any]) -> Any:
+    return samples
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
+        ({"nb_consumer": -1}, "nb_consumer must be an int >= 1"),
+        ({"data_queue_size": 0}, "data_queue_size must be an int >= 1"),
+        ({"collate_fn": lambda samples: samples}, "collate_fn must be defined at module level"),
+        ({"batch_encoder": datasets.to_bytes}, "batch_encoder and batch_decoder go together"),
+        ({"logger": {"path": "x", "colour": True}}, "logger dict keys must be among path, stdout, level"),
+        ({"logger": {"level": "LOUD"}}, "logger level must be"),
+        ({"seed_number": -3}, r"seed_number must be an int in \[0, 2\*\*64\)"),
+    ],
+    ids=["batch-size", "consumers", "queue", "lambda", "encoder-alone", "logger-key", "logger-level", "seed"],
+)
+def test_bad_options_are_config_errors(arguments: dict[str, Any], message: str) -> None:
+    """Each bad value is refused at construction with a message naming it."""
+    with pytest.raises(ConfigError, match=message):
+        SwiftLoader(datasets.Labelled, {"n": 8}, **{"validate": False, **arguments})
+
+
+def test_start_refuses_a_consumer_index_out_of_range() -> None:
+    """start() checks the index before starting anything."""
+    with SwiftLoader(datasets.Labelled, {"n": 8}, batch_size=4, nb_consumer=2, seed_number=1) as loader:
+        with pytest.raises(ConfigError, match=r"consumer_index must be in \[0, 2\)\. Found: 2"):
+            loader.start(2)
+        with pytest.raises(ConfigError, match="call loader.start"):
+            next(iter(loader))
+
+
+def test_validate_reports_a_broken_dataset_before_any_worker_starts() -> None:
+    """A __getitem__ that raises (named with its index) or a failing constructor fails in the parent, at once."""
+    import multiprocessing
+
+    with pytest.raises(
+        PipelineError, match=r"validation failed.*dataset\[2\].*ValueError: record 2 is corrupt"
+    ):
+        SwiftLoader(datasets.Faulty, {"n": 20, "raise_at": (2,)}, batch_size=4, shuffle=False, seed_number=1)
+    with pytest.raises(PipelineError, match="BrokenConstructor.*FileNotFoundError"):
+        SwiftLoader(datasets.BrokenConstructor, {}, batch_size=4, seed_number=1)
+    assert multiprocessing.active_children() == []
+
+
+def test_length_is_batches_per_consumer_per_epoch() -> None:
+    """len(loader) counts this consumer's batches: its share of the epoch, the last batch possibly short."""
+    loader = SwiftLoader(datasets.Labelled, {"n": 30}, batch_size=4, nb_consumer=4, seed_number=1)
+    assert len(loader) == 2  # consumer 0 (before start): positions 0, 4, ..., 28 → 8 samples
+    assert [SwiftLoader.batches_per_epoch(30, i, 4, 4) for i in range(4)] == [2, 2, 2, 2]
+    assert [SwiftLoader.batches_per_epoch(10, i, 3, 3) for i in range(3)] == [2, 1, 1]
+    assert loader.dataset_length == 30
+    loader.close()
+
+
+# -- the order of an epoch (in process) ------------------------------------------------------------------------
+
+
+def test_nearby_shuffle_keeps_every_sample_within_its_window() -> None:
+    """Every window of consecutive positions reads exactly one window of indices; orders change per epoch."""
+    n, window = 103, 10
+    orders = []
+    for epoch in range(2):
+        source = NearbyPermutation(n, window, seed=5, epoch=epoch)
+        order = list(source)
+        assert sorted(order) == list(range(n))
+        assert order == [source.index_at(p, epoch) for p in range(n)]  # random access agrees with iteration
+        for start in range(0, n, window):
+            block = order[start : start + window]
+            first = block[0] // window * window
+            assert sorted(block) == list(range(first, min(first + window, n)))
+        assert order[100:] != [100, 101, 102] or epoch > 0  # the short window comes last, shuffled too
+        assert sorted(order[100:]) == [100, 101, 102]
+        orders.append(order)
+    assert orders[0] != orders[1]
+    assert [orders[0][i] // window for i in range(0, 100, window)] != list(range(10))  # windows are shuffled
+
+
+def test_nearby_shuffle_golden_order() -> None:
+    """The order for a fixed seed is pinned, so a change to it cannot go unnoticed."""
+    source = NearbyPermutation(12, 4, seed=7)
+    assert list(source) == GOLDEN_NEARBY
+
+
+GOLDEN_NEARBY = [9, 10, 8, 11, 0, 3, 1, 2, 7, 5, 4, 6]
+
+
+def test_nearby_shuffle_state_and_fingerprint() -> None:
+    """The source resumes from its state and refuses a state saved with another seed."""
+    source = NearbyPermutation(50, 8, seed=3)
+    first = [next(source) for _ in range(13)]
+    state = source.state()
+    rest = list(source)
+    again = NearbyPermutation(50, 8, seed=3)
+    again.load_state(json.loads(json.dumps(state)))
+    assert list(again) == rest and sorted(first + rest) == list(range(50))
+    with pytest.raises(StateError):
+        NearbyPermutation(50, 8, seed=4).load_state(state)
+
+
+def test_loader_pipeline_batches_follow_the_nearby_windows() -> None:
+    """With one consumer, nearby_shuffle=8 and batches of 4, every two batches hold exactly one window."""
+    batches = [b["label"].tolist() for b in reference(datasets.Labelled, {"n": 40}, 40, seed=9, batch_size=4)]
+    assert len(batches) == 10
+    spec = PipelineSpec(datasets.Labelled, {"n": 40}, 40, 4, True, 8)
+    with swift_pipeline(seed=9, rank=0, world_size=1, spec=spec) as pipeline:
+        labels = [unpack_tree(packed)[0]["label"].tolist() for packed in pipeline]
+    for i in range(0, 10, 2):
+        window = labels[i] + labels[i + 1]
+        assert sorted(window) == list(range(min(window) // 8 * 8, min(window) // 8 * 8 + 8))
+
+
+def test_batches_keep_their_structure_tensors_and_strings() -> None:
+    """Nested dicts and lists of tensors, numpy scalars and strings survive the trip through the codec."""
+    batch = next(reference(datasets.Mixed, {}, 12, seed=1, batch_size=3))
+    import torch
+
+    assert isinstance(batch["image"], torch.Tensor) and batch["image"].shape == (3, 2, 2)
+    labels = batch["image"][:, 0, 0].long().tolist()
+    assert batch["name"] == [f"sample-{i}" for i in labels]
+    assert isinstance(batch["pair"], list) and batch["pair"][0].tolist() == labels
+    assert batch["pair"][1].dtype == np.int16 and batch["pair"][1][:, 1].tolist() == [-i for i in labels]
+
+
+# -- real processes --------------------------------------------------------------------------------------------
+
+
+def test_consumers_are_disjoint_and_complete_and_each_epoch_has_a_new_order() -> None:
+    """Two consumers split every epoch exactly; iteration stops at the epoch's end and the next starts anew."""
+    loaders = [
+        SwiftLoader(
+            datasets.Labelled, {"n": 30}, batch_size=4, nb_consumer=2, worker_per_consumer=1, seed_number=11
+        )
+        for _ in range(2)
+    ]
+    with loaders[0], loaders[1]:
+        for index, loader in enumerate(loaders):
+            loader.start(index)
+        epochs = []
+        for epoch in range(2):
+            shares = [labels_of(loader) for loader in loaders]
+            assert [len(share) for share in shares] == [len(loader) for loader in loaders] == [4, 4]
+            assert all(loader.last.epoch == epoch for loader in loaders)
+            flat = [[label for batch in share for label in batch] for share in shares]
+            assert not set(flat[0]) & set(flat[1])
+            assert sorted(flat[0] + flat[1]) == list(range(30))
+            epochs.append(flat)
+        assert epochs[0] != epochs[1]
+        assert epochs[0][0][:4] == GOLDEN_FIRST_BATCH
+        pids = [server_pid(loader) for loader in loaders]
+        workers = [pid for loader in loaders for pid in wait_for_workers(loader.id, 1)]
+        assert len(workers) == 2
+    assert wait_until_gone(pids + workers, 5) == []
+
+
+GOLDEN_FIRST_BATCH = [12, 13, 8, 5]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4], ids=["1-worker", "2-workers", "4-workers"])
+def test_batches_are_identical_whatever_worker_per_consumer(workers: int) -> None:
+    """With a fixed seed, the batches (per-sample randomness included) equal the in-process pipeline's."""
+    expected = [
+        *reference(datasets.Noisy, {"n": 26}, 26, seed=21, consumer=1, nb_consumer=2, getitem_wants_rng=True),
+        *reference(
+            datasets.Noisy, {"n": 26}, 26, seed=21, consumer=1, nb_consumer=2, epoch=1, getitem_wants_rng=True
+        ),
+    ]
+    with SwiftLoader(
+        datasets.Noisy, {"n": 26}, batch_size=4, nb_consumer=2, worker_per_consumer=workers, seed_number=21
+    ) as loader:
+        loader.start(1)
+        received = list(loader) + list(loader)
+    assert len(received) == 8
+    assert same(received, expected)
+
+
+def test_resume_mid_epoch_is_exact_in_both_receiving_modes() -> None:
+    """A state saved after 3 batches continues with exactly the rest, in this loader and in a new threaded one."""
+    options: dict[str, Any] = {"batch_size": 4, "nb_consumer": 1, "worker_per_consumer": 1, "seed_number": 4}
+    with SwiftLoader(datasets.Labelled, {"n": 36}, **options) as loader:
+        loader.start(0)
+        batches = iter(loader)
+        before = [next(batches)["label"].tolist() for _ in range(3)]
+        state = json.loads(json.dumps(loader.state()))  # plain data
+        rest = [batch["label"].tolist() for batch in batches]
+        assert len(before + rest) == 9 and sorted(sum(before + rest, [])) == list(range(36))
+        loader.load_state(state)
+        assert [batch["label"].tolist() for batch in loader] == rest
+        next_epoch = [batch["label"].tolist() for batch in loader]
+    with SwiftLoader(
+        datasets.Labelled, {"n": 36}, multithread=True, max_buffer_size=2, **options
+    ) as threaded:
+        threaded.load_state(state)
+        threaded.start(0)
+        assert [batch["label"].tolist() for batch in threaded] == rest
+        assert threaded.last.epoch == 0
+        assert [batch["label"].tolist() for batch in threaded] == next_epoch
+        with pytest.raises(StateError, match="seed_number"):
+            threaded.load_state({**state, "seed_number": 5})
+
+
+def test_logger_benchmark_file_custom_collate_and_device(tmp_path: Path) -> None:
+    """A logger dict writes the seed to its file, benchmark_file gets a JSON line per epoch, device='cpu' gives
+    torch tensors, and a collate_fn shapes the batch."""
+    import torch
+
+    benchmark_file = tmp_path / "bench.jsonl"
+    with SwiftLoader(
+        datasets.Labelled,
+        {"n": 12},
+        batch_size=4,
+        worker_per_consumer=1,
+        seed_number=77,
+        collate_fn=datasets.stack_labels,
+        logger={"path": str(tmp_path / "logs" / "run"), "stdout": False, "level": "DEBUG"},
+        benchmark=True,
+        benchmark_file=str(benchmark_file),
+    ) as loader:
+        loader.start(0, device="cpu")
+        batches = list(loader)
+    assert len(batches) == 3
+    for batch in batches:
+        assert isinstance(batch["total"], torch.Tensor) and batch["total"].device.type == "cpu"
+        assert batch["total"].tolist() == [float(sum(batch["labels"]))] * 3
+    assert sorted(label for batch in batches for label in batch["labels"]) == list(range(12))
+    text = (tmp_path / "logs" / "run_consumer0.log").read_text()
+    assert "seed_number=77" in text and "request_server" in text  # the server process logs there too
+    records = [json.loads(line) for line in benchmark_file.read_text().splitlines()]
+    assert records[0]["epoch"] == 0 and records[0]["complete"] and records[0]["samples"] == 12
+    assert {"loading_s", "batching_s", "encoding_s", "waiting_s", "decoding_s", "transfer_s"} <= records[
+        0
+    ].keys()
+
+
+def test_batch_encoder_and_decoder_are_used() -> None:
+    """batch_encoder runs in the workers (bytes on the wire), batch_decoder in the consumer."""
+    with SwiftLoader(
+        datasets.Labelled,
+        {"n": 10},
+        batch_size=5,
+        worker_per_consumer=1,
+        shuffle=False,
+        seed_number=1,
+        batch_encoder=datasets.to_bytes,
+        batch_decoder=datasets.from_bytes,
+    ) as loader:
+        loader.start(0)
+        assert list(loader) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+def test_worker_errors_reach_the_consumer_and_a_crash_leaves_no_orphans() -> None:
+    """A raising __getitem__ surfaces with its index and the epoch goes on; a worker killed three times over one
+    batch surfaces too; after close() no server or worker process is left and the socket folder is gone."""
+    loader = SwiftLoader(
+        datasets.Faulty,
+        {"n": 32, "raise_at": (13,), "exit_at": (26,)},
+        batch_size=4,
+        worker_per_consumer=2,
+        shuffle=False,
+        validate=False,
+        seed_number=1,
+        data_queue_size=1,
+    )
+    loader.start(0)
+    outcomes: list[Any] = []
+    while len(outcomes) < 8:
+        try:
+            outcomes.extend(batch["label"].tolist() for batch in loader)
+            break
+        except RemoteError as error:
+            outcomes.append(str(error))
+    assert outcomes[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert "dataset[13]" in outcomes[3] and "record 13 is corrupt" in outcomes[3]
+    assert outcomes[4:6] == [[16, 17, 18, 19], [20, 21, 22, 23]]
+    assert "killed 3 worker processes" in outcomes[6]
+    assert outcomes[7:] == [[28, 29, 30, 31]]
+    pids = [server_pid(loader), *wait_for_workers(loader.id, 2)]
+    assert len(pids) == 3
+    folder = loader._consumer.folder if loader._consumer else None
+    loader.close()
+    assert wait_until_gone(pids, 5) == [] and loader_processes(loader.id) == []
+    assert folder is not None and not os.path.exists(folder)
+
+
+_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import loader_datasets
+from tensorcom.loader import SwiftLoader
+
+if __name__ == "__main__":
+    loader = SwiftLoader(loader_datasets.Labelled, {{"n": 20}}, batch_size=4, worker_per_consumer=2, seed_number=3)
+    loader.start(0)
+    batches = iter(loader)
+    next(batches)
+    print(loader.id, loader._consumer.process.pid, loader._consumer.folder, flush=True)
+    if {hang}:
+        time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("ending", ["exit", "kill"], ids=["interpreter-exit", "kill-9"])
+def test_no_process_or_socket_outlives_the_loader_process(tmp_path: Path, ending: str) -> None:
+    """Leaving the interpreter without close(), or being killed with SIGKILL, leaves no process and no files."""
+    script = tmp_path / "use_loader.py"
+    script.write_text(_SCRIPT.format(tests=str(TESTS), hang=ending == "kill"))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        loader_id, pid, folder = process.stdout.readline().decode().split()
+        workers = wait_for_workers(loader_id, 2)
+        assert len(workers) == 2 and running(int(pid))
+        if ending == "kill":
+            process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == (-signal.SIGKILL if ending == "kill" else 0)
+        assert wait_until_gone([int(pid), *workers]) == []
+        assert loader_processes(loader_id) == []
+        deadline = time.monotonic() + 5
+        while os.path.exists(folder) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(folder)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
