@@ -75,6 +75,7 @@ class ConnectionPyDataset(keras.utils.PyDataset):
         self.connection_options = connection_options
         self.count = 0
         self._first: tuple[int, Any] | None = None
+        self._last: Any = None
 
     @property
     def num_batches(self) -> int | None:
@@ -96,7 +97,9 @@ class ConnectionPyDataset(keras.utils.PyDataset):
             self._first = None
             if index == first_index == 0 and self.batches != 1:
                 return first_batch  # Keras peeked at this batch to build its metrics; now it trains on it
-        batch = self._connect().recv()
+        connection = self._connect()
+        batch = connection.recv()
+        self._last = connection.last
         self.count += 1
         if self.transform is not None:
             batch = self.transform(batch)
@@ -108,8 +111,8 @@ class ConnectionPyDataset(keras.utils.PyDataset):
 
     @property
     def last(self) -> Any:
-        """``connection.last`` of the last batch (step, epoch, sample indices for zreq)."""
-        return self._connect().last
+        """``connection.last`` of the last batch (step, epoch, sample indices for zreq); None before any."""
+        return self._last
 
     def state(self) -> dict[str, Any]:
         """The connection's state after the last batch handed to Keras: plain data for a checkpoint."""

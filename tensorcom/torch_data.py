@@ -84,6 +84,7 @@ class ConnectionDataset(torch.utils.data.IterableDataset):
             non_blocking=non_blocking,
         )
         self._pending_state: dict[str, Any] | None = None
+        self._last: Any = None
 
     def __len__(self) -> int:
         if self.batches is None:
@@ -122,6 +123,7 @@ class ConnectionDataset(torch.utils.data.IterableDataset):
         while self.batches is None or produced < self.batches:
             try:
                 batch = connection.recv()
+                self._last = connection.last
             except StopIteration:
                 return
             batch = self.transfer(batch)
@@ -132,8 +134,8 @@ class ConnectionDataset(torch.utils.data.IterableDataset):
 
     @property
     def last(self) -> Any:
-        """``connection.last`` of the last batch (step, epoch, sample indices for zreq)."""
-        return self._connect().last
+        """``connection.last`` of the last batch (step, epoch, sample indices for zreq); None before any."""
+        return self._last
 
     def state_dict(self) -> dict[str, Any]:
         """The connection's state after the last batch yielded: plain data for a checkpoint."""
