@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from tensorcom import codec
 from tensorcom.errors import ConfigError, PipelineError, RemoteError, StateError
 from tensorcom.loader import LOADER_ID_VARIABLE, NearbyPermutation, SwiftLoader
 from tensorcom.loader._pipeline import PipelineSpec, swift_pipeline
+from tensorcom.loader._server import LogSpec
 from tensorcom.loader._tree import unpack_tree
 from tensorcom.protocol import Command, Message, flatten_batch, rebuild_batch
 
@@ -190,6 +192,23 @@ def test_validate_reports_a_broken_dataset_before_any_worker_starts() -> None:
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.parametrize(
+    "logger, path",
+    [
+        ("/tmp/logs/run", "/tmp/logs/run_consumer2.log"),
+        ("/tmp/logs/", "/tmp/logs/consumer2.log"),
+        ({"path": "/tmp/logs/run-", "level": "warning"}, "/tmp/logs/run-consumer2.log"),
+        ({"stdout": True}, None),
+    ],
+    ids=["prefix", "folder", "dict", "stdout-only"],
+)
+def test_logger_option_names_one_file_per_consumer(logger: Any, path: str | None) -> None:
+    """A file prefix (or a dict's path) becomes one log file per consumer."""
+    spec = LogSpec.parse(logger, 2)
+    assert spec is not None and spec.path == path
+    assert spec.level == (logging.WARNING if isinstance(logger, dict) and "level" in logger else logging.INFO)
+
+
 def test_length_is_batches_per_consumer_per_epoch() -> None:
     """len(loader) counts this consumer's batches: its share of the epoch, the last batch possibly short."""
     loader = SwiftLoader(datasets.Labelled, {"n": 30}, batch_size=4, nb_consumer=4, seed_number=1)
@@ -321,8 +340,17 @@ def test_batches_are_identical_whatever_worker_per_consumer(workers: int) -> Non
     assert same(received, expected)
 
 
+def as_int64(tensor: Any) -> Any:
+    import torch
+
+    return tensor.to(torch.int64)
+
+
 def test_resume_mid_epoch_is_exact_in_both_receiving_modes() -> None:
-    """A state saved after 3 batches continues with exactly the rest, in this loader and in a new threaded one."""
+    """A state saved after 3 batches continues with exactly the rest, in this loader and in a new threaded one
+    (which also applies a to_device function)."""
+    import torch
+
     options: dict[str, Any] = {"batch_size": 4, "nb_consumer": 1, "worker_per_consumer": 1, "seed_number": 4}
     with SwiftLoader(datasets.Labelled, {"n": 36}, **options) as loader:
         loader.start(0)
@@ -338,8 +366,10 @@ def test_resume_mid_epoch_is_exact_in_both_receiving_modes() -> None:
         datasets.Labelled, {"n": 36}, multithread=True, max_buffer_size=2, **options
     ) as threaded:
         threaded.load_state(state)
-        threaded.start(0)
-        assert [batch["label"].tolist() for batch in threaded] == rest
+        threaded.start(0, to_device=as_int64)  # runs in the receiver thread, on every tensor
+        resumed = list(threaded)
+        assert all(batch["x"].dtype == torch.int64 for batch in resumed)
+        assert [batch["label"].tolist() for batch in resumed] == rest
         assert threaded.last.epoch == 0
         assert [batch["label"].tolist() for batch in threaded] == next_epoch
         with pytest.raises(StateError, match="seed_number"):
@@ -441,25 +471,46 @@ if __name__ == "__main__":
     batches = iter(loader)
     next(batches)
     print(loader.id, loader._consumer.process.pid, loader._consumer.folder, flush=True)
-    if {hang}:
+    if {ending!r} == "exit":
+        sys.stdin.readline()  # the test has seen the workers; now leave without close()
+    elif {ending!r} == "kill":
         time.sleep(60)
+    elif {ending!r} == "sigint":
+        while True:  # Ctrl-C arrives while the loader is reading
+            for _ in loader:
+                pass
 """
 
 
-@pytest.mark.parametrize("ending", ["exit", "kill"], ids=["interpreter-exit", "kill-9"])
+@pytest.mark.parametrize("ending", ["exit", "kill", "sigint"], ids=["interpreter-exit", "kill-9", "ctrl-c"])
 def test_no_process_or_socket_outlives_the_loader_process(tmp_path: Path, ending: str) -> None:
-    """Leaving the interpreter without close(), or being killed with SIGKILL, leaves no process and no files."""
+    """Leaving the interpreter without close(), being killed with SIGKILL, or Ctrl-C (SIGINT to the whole process
+    group) leaves no process and no files."""
     script = tmp_path / "use_loader.py"
-    script.write_text(_SCRIPT.format(tests=str(TESTS), hang=ending == "kill"))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    script.write_text(_SCRIPT.format(tests=str(TESTS), ending=ending))
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert process.stdout is not None
         loader_id, pid, folder = process.stdout.readline().decode().split()
         workers = wait_for_workers(loader_id, 2)
         assert len(workers) == 2 and running(int(pid))
+        assert process.stdin is not None
+        process.stdin.close()
         if ending == "kill":
             process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == (-signal.SIGKILL if ending == "kill" else 0)
+        elif ending == "sigint":
+            time.sleep(0.2)
+            os.killpg(process.pid, signal.SIGINT)
+        expected = {"exit": 0, "kill": -signal.SIGKILL, "sigint": -signal.SIGINT}[
+            ending
+        ]  # Python re-raises SIGINT
+        assert process.wait(timeout=30) == expected
         assert wait_until_gone([int(pid), *workers]) == []
         assert loader_processes(loader_id) == []
         deadline = time.monotonic() + 5
@@ -470,5 +521,6 @@ def test_no_process_or_socket_outlives_the_loader_process(tmp_path: Path, ending
         if process.poll() is None:
             process.kill()
             process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
