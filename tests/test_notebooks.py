@@ -1,4 +1,4 @@
-"""The example notebooks execute without error, so they never rot.
+"""The example notebooks and the ImageNet demo execute without error, so they never rot.
 
 Each notebook runs in a fresh Python process that executes its code cells in order in one namespace, as a
 kernel would (the notebooks use no IPython magics), with fewer training steps than a reader would run.
@@ -64,3 +64,16 @@ def test_notebook_executes(name: str, tmp_path: Path) -> None:
         pytest.fail(f"{name} did not finish in 100 s: {stdout[-2000:]} {stderr[-2000:]}")
     assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "resumed" in stdout
+
+
+def test_imagenet_demo_runs(tmp_path: Path) -> None:
+    """`make demo`'s ImageNet part (few steps): it trains, checkpoints, resumes, checks the resume, reports."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorcom.imagenet_demo", "--data", str(tmp_path / "images")]
+        + ["--steps", "8", "-b", "8", "--size", "16", "-w", "1"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resume check" in result.stdout and "images/s" in result.stdout
