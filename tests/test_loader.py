@@ -409,20 +409,28 @@ def test_logger_benchmark_file_custom_collate_and_device(tmp_path: Path) -> None
     ].keys()
 
 
-def test_batch_encoder_and_decoder_are_used() -> None:
-    """batch_encoder runs in the workers (bytes on the wire), batch_decoder in the consumer."""
+@pytest.mark.parametrize("multithread", [False, True], ids=["inline", "receiver-thread"])
+def test_batch_encoder_and_decoder_are_used(multithread: bool) -> None:
+    """batch_encoder runs in the workers (bytes on the wire), batch_decoder in the consumer; a batch the decoder
+    refuses is reported and the epoch goes on."""
     with SwiftLoader(
         datasets.Labelled,
-        {"n": 10},
+        {"n": 15},
         batch_size=5,
         worker_per_consumer=1,
         shuffle=False,
         seed_number=1,
         batch_encoder=datasets.to_bytes,
         batch_decoder=datasets.from_bytes,
+        multithread=multithread,
+        validate=False,
     ) as loader:
         loader.start(0)
-        assert list(loader) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+        batches = iter(loader)
+        assert next(batches) == [0, 1, 2, 3, 4]
+        with pytest.raises(ValueError, match="label 7"):
+            next(batches)
+        assert list(loader) == [[10, 11, 12, 13, 14]]
 
 
 def test_worker_errors_reach_the_consumer_and_a_crash_leaves_no_orphans() -> None:

@@ -147,7 +147,9 @@ class SwiftLoaderOptions:
         known = [field.name for field in dataclasses.fields(cls)]
         for name in options:
             if name not in known:
-                close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, n=1)
+                close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(
+                    name, known, n=1
+                )
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(
                     f"unknown SwiftLoader option {name!r}.{hint} Known options: {', '.join(sorted(known))}"
@@ -266,12 +268,16 @@ class _Consumer:
             exc.add_note(f"in SwiftLoader consumer {self.index}")
             return _Delivered("error", connection.state(), error=exc)
         received = time.perf_counter()
-        batch, timing = unpack_tree(raw)
-        if self.decoder is not None:
-            batch = self.decoder(batch)
-        decoded = time.perf_counter()
-        if self.transfer is not None:
-            batch = self.transfer(batch)
+        try:
+            batch, timing = unpack_tree(raw)
+            if self.decoder is not None:
+                batch = self.decoder(batch)
+            decoded = time.perf_counter()
+            if self.transfer is not None:
+                batch = self.transfer(batch)
+        except Exception as exc:  # like a failed step: reported, and the stream goes on after this batch
+            exc.add_note(f"in SwiftLoader consumer {self.index}, decoding step {connection.last.step}")
+            return _Delivered("error", connection.state(), error=exc)
         moved = time.perf_counter()
         info = dataclasses.replace(connection.last, indices=list(connection.last.indices))
         self.last_epoch = info.epoch
