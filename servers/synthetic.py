@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tensorcom.cli import TensorcomCommand, setup_logging, stop_on_sigterm
+from tensorcom.cli import TensorcomCommand, server_key_options, setup_logging, stop_on_sigterm
 from tensorcom.server import Server
 from tensorcom.synthetic import synthetic_batches
 
@@ -19,6 +19,7 @@ from tensorcom.synthetic import synthetic_batches
     "--queue", default=2, show_default=True, help="Batches queued per client before sending blocks."
 )
 @click.option("--report", default=10.0, show_default=True, help="Seconds between rate reports.")
+@server_key_options
 @click.option("-q", "--quiet", is_flag=True, help="Only log warnings.")
 @click.option("-v", "--verbose", count=True, help="Log debug messages.")
 def main(
@@ -29,6 +30,8 @@ def main(
     seed: int,
     queue: int,
     report: float,
+    server_key: str | None,
+    client_keys: str | None,
     quiet: bool,
     verbose: int,
 ) -> None:
@@ -39,7 +42,14 @@ def main(
     setup_logging(verbose, quiet)
     stop_on_sigterm()
     batches = synthetic_batches(batch_size, size, count=count, seed=seed)
-    server = Server(batches, list(urls), queue=queue, report_interval=report)
+    server = Server(
+        batches,
+        list(urls),
+        queue=queue,
+        report_interval=report,
+        server_key=server_key,
+        client_keys=client_keys,
+    )
     try:
         server.run()
     except KeyboardInterrupt:

@@ -9,13 +9,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from tensorcom.errors import TensorcomError
 
-__all__ = ["TensorcomCommand", "TensorcomGroup", "main", "setup_logging", "stop_on_sigterm"]
+__all__ = [
+    "TensorcomCommand",
+    "TensorcomGroup",
+    "client_key_options",
+    "main",
+    "server_key_options",
+    "setup_logging",
+    "stop_on_sigterm",
+]
+
+Function = TypeVar("Function", bound=Callable[..., Any])
 
 
 def _fail(error: TensorcomError) -> NoReturn:
@@ -60,6 +71,46 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def server_key_options(function: Function) -> Function:
+    """Add ``--server-key FILE`` and ``--client-keys DIR`` (CURVE) to a server command.
+
+    The command receives ``server_key`` and ``client_keys`` (None when not given, so $TENSORCOM_SERVER_KEY and
+    $TENSORCOM_CLIENT_KEYS apply) and passes them on: ``Server(..., server_key=server_key, client_keys=client_keys)``.
+    """
+    function = click.option(
+        "--client-keys",
+        type=click.Path(exists=True),
+        default=None,
+        help="CURVE: folder of allowed client public keys (NAME.key) [default: $TENSORCOM_CLIENT_KEYS].",
+    )(function)
+    return click.option(
+        "--server-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="CURVE: this server's secret key file (.key_secret) [default: $TENSORCOM_SERVER_KEY].",
+    )(function)
+
+
+def client_key_options(function: Function) -> Function:
+    """Add ``--client-key FILE`` and ``--server-public-key FILE`` (CURVE) to a client command.
+
+    The command receives ``client_key`` and ``server_public_key`` (None when not given, so $TENSORCOM_CLIENT_KEY and
+    $TENSORCOM_SERVER_PUBLIC_KEY apply) and passes them to ``Connection(...)``.
+    """
+    function = click.option(
+        "--server-public-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="CURVE: the server's public key file (.key) [default: $TENSORCOM_SERVER_PUBLIC_KEY].",
+    )(function)
+    return click.option(
+        "--client-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="CURVE: this client's secret key file (.key_secret) [default: $TENSORCOM_CLIENT_KEY].",
+    )(function)
 
 
 @click.group(cls=TensorcomGroup)
@@ -158,6 +209,14 @@ def _factory_options(options: tuple[str, ...]) -> dict[str, Any]:
     help="Extra keyword argument for the factory, e.g. -o batch_size=64 (JSON values; repeatable).",
 )
 @click.option("--report", default=10.0, show_default=True, help="Seconds between rate reports.")
+@click.option(
+    "--drain",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM, seconds to finish the requests already received before exiting.",
+)
+@server_key_options
 @click.option("-q", "--quiet", is_flag=True, help="Only log warnings.")
 @click.option("-v", "--verbose", count=True, help="Log debug messages.")
 def serve(
@@ -166,6 +225,9 @@ def serve(
     workers: int,
     options: tuple[str, ...],
     report: float,
+    drain: float,
+    server_key: str | None,
+    client_keys: str | None,
     quiet: bool,
     verbose: int,
 ) -> None:
@@ -174,7 +236,9 @@ def serve(
     FACTORY is called as FUNCTION(seed=S, rank=R, world_size=W, **options) for each client configuration and must
     return a tensorcom pipeline whose items are batches. Clients connect with
     Connection("zreq://HOST:PORT", seed=S, rank=R, world_size=W). Once listening, prints "ready URL...".
-    Stops cleanly on SIGINT or SIGTERM.
+    SIGTERM finishes the requests already received (for at most --drain seconds), then exits 0; a second SIGTERM
+    or SIGINT stops at once. With --server-key and --client-keys, only clients whose public key is in the folder
+    can connect, and traffic is encrypted (see `tensorcom keygen`).
     """
     import functools
 
@@ -189,13 +253,58 @@ def serve(
         list(urls),
         workers=workers,
         report_interval=report,
+        server_key=server_key,
+        client_keys=client_keys,
     )
+
+    def drain_on_sigterm(signum: int, frame: object) -> None:
+        if server.draining or server.stopping:
+            raise KeyboardInterrupt(f"signal {signum}")
+        server.stop(drain=drain)
+
+    signal.signal(signal.SIGTERM, drain_on_sigterm)
     click.echo("ready " + " ".join(server.endpoints), nl=True)
     sys.stdout.flush()
     try:
         server.run()
     except KeyboardInterrupt:
         pass
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    default=["client"],
+    show_default=True,
+    help="Name of a client key pair to create (repeatable).",
+)
+@click.option("--server/--no-server", default=True, show_default=True, help="Create the server's key pair.")
+def keygen(folder: str, clients: tuple[str, ...], server: bool) -> None:
+    """Write CURVE key pairs into FOLDER: the server's, and one per client (its public key in FOLDER/clients).
+
+    Never overwrites a key. Add a client later with --no-server --client NAME. Prints the environment variables
+    that point servers and clients at the files.
+    """
+    from tensorcom.security import (
+        CLIENT_KEY_ENV,
+        CLIENT_KEYS_ENV,
+        SERVER_KEY_ENV,
+        SERVER_PUBLIC_KEY_ENV,
+        generate_keys,
+    )
+
+    for path in generate_keys(folder, clients, server=server):
+        click.echo(f"wrote {path}")
+    root = os.path.abspath(folder)
+    click.echo("servers:")
+    click.echo(f"  export {SERVER_KEY_ENV}={os.path.join(root, 'server.key_secret')}")
+    click.echo(f"  export {CLIENT_KEYS_ENV}={os.path.join(root, 'clients')}")
+    click.echo("clients:")
+    click.echo(f"  export {CLIENT_KEY_ENV}={os.path.join(root, clients[0] + '.key_secret')}")
+    click.echo(f"  export {SERVER_PUBLIC_KEY_ENV}={os.path.join(root, 'server.key')}")
 
 
 if __name__ == "__main__":

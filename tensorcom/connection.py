@@ -21,7 +21,8 @@ from tensorcom import codec
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, rebuild_batch
-from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints
+from tensorcom.security import ClientKeys, KeyPath, client_keys_from
+from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints
 from tensorcom.urls import expand_urls
 
 __all__ = ["BatchInfo", "Connection"]
@@ -29,6 +30,7 @@ __all__ = ["BatchInfo", "Connection"]
 log = logging.getLogger(__name__)
 
 _RECEIVING = {"PULL", "SUB"}
+_WATCH_STEP = 0.2  # seconds between looks at the sockets' handshakes while waiting
 
 
 @dataclass
@@ -63,6 +65,12 @@ class Connection:
         queue: batches each socket may hold before the server is slowed down (the receive high-water mark).
         on_malformed: "raise" (default) raises :class:`tensorcom.DecodeError` naming the server; "log" logs it,
             counts it in ``malformed`` and goes on to the next batch.
+        client_key, server_public_key: CURVE: this client's ``.key_secret`` file and the server's ``.key`` file
+            (default: $TENSORCOM_CLIENT_KEY and $TENSORCOM_SERVER_PUBLIC_KEY; neither: plain). A server that
+            refuses the key, or that is plain while this client uses CURVE (or the reverse), raises
+            :class:`tensorcom.SecurityError` instead of a silent wait.
+        max_message_size: the largest frame (one array) accepted, in bytes; a server that sends a larger one is
+            disconnected (default :data:`tensorcom.transport.MAX_BATCH_FRAME`, 1 GiB).
     """
 
     def __new__(cls, urls: str | Sequence[str] = (), *args: Any, **options: Any) -> Connection:
@@ -82,6 +90,9 @@ class Connection:
         total: int | None = None,
         queue: int = 2,
         on_malformed: str = "raise",
+        client_key: KeyPath | None = None,
+        server_public_key: KeyPath | None = None,
+        max_message_size: int = MAX_BATCH_FRAME,
     ) -> None:
         for name, value in (("epoch", epoch), ("total", total)):
             if value is not None and value < 1:
@@ -91,6 +102,7 @@ class Connection:
         if on_malformed not in ("raise", "log"):
             raise ConfigError(f"on_malformed must be 'raise' or 'log'. Found: {on_malformed!r}")
         parsed = parse_endpoints(urls, _RECEIVING, "Connection")
+        self._keys: ClientKeys | None = client_keys_from(client_key, server_public_key)
         self.timeout = timeout
         self.epoch = epoch
         self.total = total
@@ -103,7 +115,16 @@ class Connection:
         self._endpoints: list[Endpoint] = []
         try:
             for url in parsed:
-                self._endpoints.append(open_endpoint(self._context, url, queue=queue))
+                self._endpoints.append(
+                    open_endpoint(
+                        self._context,
+                        url,
+                        queue=queue,
+                        monitor=True,
+                        keys=self._keys,
+                        max_message_size=max_message_size,
+                    )
+                )
         except BaseException:
             self.close()
             raise
@@ -126,8 +147,13 @@ class Connection:
             raise ConfigError("this Connection is closed")
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            events = dict(self._poller.poll(None if remaining is None else int(remaining * 1000)))
+            remaining = (
+                _WATCH_STEP if deadline is None else max(0.0, min(_WATCH_STEP, deadline - time.monotonic()))
+            )
+            events = dict(self._poller.poll(int(remaining * 1000)))
+            if not events:
+                for endpoint in self._endpoints:
+                    endpoint.check_handshakes()
             count = len(self._endpoints)
             for offset in range(count):  # round robin over the ready sockets, so no server starves another
                 endpoint = self._endpoints[(self._turn + offset) % count]
@@ -219,7 +245,7 @@ class Connection:
         pipeline_state = state.get("pipeline") if state is not None and "kind" in state else state
         fields = {"state": pipeline_state} if pipeline_state is not None else {"epoch": epoch}
         parsed = parse_endpoints(control, {"DEALER"}, "seek")[0]
-        dealer = open_endpoint(self._context, parsed, queue=4)
+        dealer = open_endpoint(self._context, parsed, queue=4, monitor=True, keys=self._keys)
         try:
             dealer.socket.send(Message(Command.SEEK, fields).encode())
             reply = self._await_reply(dealer)
@@ -239,6 +265,7 @@ class Connection:
         poller.register(data.socket, zmq.POLLIN)
         while deadline is None or time.monotonic() < deadline:
             events = dict(poller.poll(100))
+            dealer.check_handshakes()
             if dealer.socket in events:
                 return Message.decode(dealer.socket.recv(), f"control socket {dealer}")
             if data.socket in events:

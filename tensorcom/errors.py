@@ -13,6 +13,7 @@ __all__ = [
     "PipelineError",
     "ProtocolError",
     "RemoteError",
+    "SecurityError",
     "StateError",
     "TensorcomError",
     "Timeout",
@@ -55,6 +56,12 @@ class ProtocolError(TensorcomError, ValueError):
     """A peer sent a message that does not follow the tensorcom protocol."""
 
     exit_code = 3
+
+
+class SecurityError(TensorcomError, PermissionError):
+    """A peer refused our keys, or a connection's security settings do not match its peer's (CURVE or plain)."""
+
+    exit_code = 5
 
 
 class StateError(TensorcomError, ValueError):

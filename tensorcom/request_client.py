@@ -27,7 +27,8 @@ from tensorcom.connection import BatchInfo, Connection
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, ProtocolError, RemoteError, StateError, Timeout
 from tensorcom.protocol import Command, Message, rebuild_batch
-from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints
+from tensorcom.security import KeyPath, client_keys_from
+from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints
 
 __all__ = ["RequestConnection", "default_rank_and_world_size"]
 
@@ -56,6 +57,7 @@ class _Server:
     outstanding: set[int] = field(default_factory=set)
     fingerprint: str | None = None
     disconnects: int = 0
+    shutting_down: bool = False  # it said so; not used again until its connection drops (a new process)
 
     @property
     def address(self) -> str:
@@ -75,7 +77,8 @@ class RequestConnection(Connection):
         dead_after: seconds of silence after which a server's outstanding steps go elsewhere (default
             ``max(3 * heartbeat, 2)``).
         state: a :meth:`state` saved earlier (by any rank, with any world size) to continue from.
-        converters, epoch, total: as for stream connections.
+        converters, epoch, total, client_key, server_public_key, max_message_size: as for stream connections
+            (a server that refuses this client's key raises :class:`tensorcom.SecurityError`).
     """
 
     def __init__(
@@ -93,6 +96,9 @@ class RequestConnection(Connection):
         converters: ConverterSpec = None,
         epoch: int | None = None,
         total: int | None = None,
+        client_key: KeyPath | None = None,
+        server_public_key: KeyPath | None = None,
+        max_message_size: int = MAX_BATCH_FRAME,
     ) -> None:
         default_rank, default_world = default_rank_and_world_size()
         rank = default_rank if rank is None else rank
@@ -111,6 +117,7 @@ class RequestConnection(Connection):
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds or None. Found: {timeout}")
         parsed = parse_endpoints(urls, {"DEALER"}, "zreq Connection")
+        self._keys = client_keys_from(client_key, server_public_key)
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -130,7 +137,14 @@ class RequestConnection(Connection):
         self._servers: list[_Server] = []
         try:
             for url in parsed:
-                endpoint = open_endpoint(self._context, url, queue=prefetch + 16, monitor=True)
+                endpoint = open_endpoint(
+                    self._context,
+                    url,
+                    queue=prefetch + 16,
+                    monitor=True,
+                    keys=self._keys,
+                    max_message_size=max_message_size,
+                )
                 endpoint.socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a server that is not there
                 self._endpoints.append(endpoint)
                 self._servers.append(_Server(endpoint))
@@ -237,6 +251,8 @@ class RequestConnection(Connection):
                 if index not in greeted and self._send(server, hello):
                     greeted.add(index)
             self._poll_once(min(self.heartbeat, 0.1))
+            for server in self._servers:
+                server.endpoint.check_handshakes()
             if deadline is not None and time.monotonic() > deadline:
                 raise Timeout(f"no zreq server answered within {self.timeout} s: {self._describe_servers()}")
 
@@ -283,6 +299,14 @@ class RequestConnection(Connection):
         if not isinstance(step, int):
             raise ProtocolError(f"server {server.address} sent {command.name} without a step")
         server.outstanding.discard(step)
+        if command == Command.ERROR and message.fields.get("error") == "unavailable":
+            if server.shutting_down:
+                self._to_request = sorted({*self._to_request, step})
+            else:
+                server.shutting_down = True
+                server.outstanding.add(step)  # so that _lose asks another server for it
+                self._lose(server, "is shutting down")
+            return
         if command == Command.ERROR:
             kind = message.fields.get("error")
             hello = message.fields.get("request") == "HELLO"
@@ -312,7 +336,7 @@ class RequestConnection(Connection):
     # the request window
 
     def _live(self) -> list[_Server]:
-        return [server for server in self._servers if server.alive]
+        return [server for server in self._servers if server.alive and not server.shutting_down]
 
     def _fill_window(self) -> None:
         while True:
@@ -354,11 +378,12 @@ class RequestConnection(Connection):
     def _check_liveness(self) -> None:
         now = time.monotonic()
         for server in self._servers:
-            server.endpoint.count_peers()
+            server.endpoint.check_handshakes()
             if (
                 server.endpoint.disconnects > server.disconnects
             ):  # its connection dropped: replies owed are lost
                 server.disconnects = server.endpoint.disconnects
+                server.shutting_down = False
                 self._lose(server, "disconnected")
             if now - server.last_ping >= self.heartbeat:
                 self._send(server, Message(Command.PING, {}))

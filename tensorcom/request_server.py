@@ -12,6 +12,10 @@ every job) is served fairly. Workers are stateless between requests as far as th
 any server computes any step from (factory, seed, rank, world size, base, step). A worker keeps recently used
 pipelines so consecutive steps cost one ``next`` and others a random-access ``skip``. A worker that dies is
 restarted and its requests are given to another; a pipeline error becomes an ERROR reply for that step only.
+
+Stopping with a drain (what SIGTERM does under ``tensorcom serve``) finishes the requests already received, answers
+new ones with an ``unavailable`` ERROR (clients then ask other servers at once), and closes within the drain time.
+With CURVE keys the front end accepts only allowed clients; the back end is an ipc socket in a private folder.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import zmq
 from tensorcom import codec
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError
 from tensorcom.protocol import Command, Message, flatten_batch
-from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints
+from tensorcom.security import Authenticator, KeyPath, server_keys_from
+from tensorcom.transport import MAX_BATCH_FRAME, MAX_CONTROL_MESSAGE, Endpoint, open_endpoint, parse_endpoints
 
 __all__ = ["RequestHandler", "RequestServer", "load_factory"]
 
@@ -158,6 +163,12 @@ class RequestHandler:
             self._pipelines[_base_key(message.fields)] = (pipeline, step + 1)
             arrays, shape = flatten_batch(batch)
             frames = codec.encode(arrays)
+            largest = max((len(memoryview(frame).cast("B")) for frame in frames), default=0)
+            if largest > MAX_BATCH_FRAME:
+                raise ConfigError(
+                    f"an array of {largest} bytes is larger than the {MAX_BATCH_FRAME}-byte frame limit; "
+                    "split it into several arrays"
+                )
             fields = {
                 "gen": gen,
                 "step": step,
@@ -207,6 +218,7 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
     socket.setsockopt(zmq.LINGER, 1000)
     socket.setsockopt(zmq.SNDHWM, 8)
     socket.setsockopt(zmq.RCVHWM, 8)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
     socket.connect(backend)
     socket.send_multipart([b"READY"])
     try:
@@ -247,6 +259,8 @@ class RequestServer:
         worker_queue: requests handed to one worker at a time.
         queue: replies queued per client before sending blocks.
         report_interval: seconds between rate reports through ``logging``.
+        server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
+            ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain).
     """
 
     def __init__(
@@ -259,6 +273,8 @@ class RequestServer:
         queue: int = 16,
         report_interval: float = 10.0,
         name: str | None = None,
+        server_key: KeyPath | None = None,
+        client_keys: KeyPath | None = None,
     ) -> None:
         if workers < 0:
             raise ConfigError(f"workers must be >= 0. Found: {workers}")
@@ -270,25 +286,35 @@ class RequestServer:
         self.worker_queue = worker_queue
         self.report_interval = report_interval
         parsed = parse_endpoints(urls, {"ROUTER"}, "request Server")
+        keys = server_keys_from(server_key, client_keys)
         self._context: zmq.Context[Any] = zmq.Context()
+        self._authenticator: Authenticator | None = None
         self._frontends: list[Endpoint] = []
         self._folder = tempfile.TemporaryDirectory(prefix="tensorcom-server-")
         self._processes: list[_Worker] = []
         self._handler: RequestHandler | None = None
         self._stopping = False
         self._stop_requested = False
+        self._drain: float | None = None
+        self._last_check = 0.0
+        self.draining = False
         try:
+            if keys is not None:  # before binding: no client may connect before the allow-list is in force
+                self._authenticator = Authenticator(self._context, keys, ", ".join(url.url for url in parsed))
             for url in parsed:
-                endpoint = open_endpoint(self._context, url, queue=queue)
+                endpoint = open_endpoint(self._context, url, queue=queue, monitor=True, keys=keys)
                 endpoint.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 self._frontends.append(endpoint)
         except BaseException:
             self.close()
             raise
+        if self._authenticator is not None:
+            self._authenticator.where = ", ".join(self.endpoints)
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
         self._backend = self._context.socket(zmq.ROUTER)
         self._backend.setsockopt(zmq.LINGER, 0)
         self._backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._backend.setsockopt(zmq.MAXMSGSIZE, MAX_BATCH_FRAME)
         self._backend_address = f"ipc://{self._folder.name}/workers"
         self._backend.bind(self._backend_address)
         self._pending: OrderedDict[tuple[int, bytes], deque[tuple[list[Any], int]]] = OrderedDict()
@@ -377,6 +403,10 @@ class RequestServer:
             text = f"a server does not accept {message.command.name} messages"
             self._reply(client, Message(Command.ERROR, self._error_fields(message, "protocol", text)), [])
             return
+        if self.draining:
+            text = f"server {self.name} is shutting down"
+            self._reply(client, Message(Command.ERROR, self._error_fields(message, "unavailable", text)), [])
+            return
         queue = self._pending.setdefault(client, deque())
         if len(queue) >= _MAX_PENDING_PER_CLIENT:
             text = f"more than {_MAX_PENDING_PER_CLIENT} requests pending from one client"
@@ -429,7 +459,7 @@ class RequestServer:
         self._reply((int(index), client_identity), frames[2].bytes, frames[3:])
 
     def run(self, duration: float | None = None) -> None:
-        """Serve until interrupted (SIGINT/SIGTERM raise KeyboardInterrupt) or for ``duration`` seconds."""
+        """Serve until :meth:`stop`, an interrupt (KeyboardInterrupt closes at once), or for ``duration`` seconds."""
         self._processes = [_Worker(i) for i in range(self.workers)]
         for worker in self._processes:
             self._start_worker(worker)
@@ -437,24 +467,18 @@ class RequestServer:
         for endpoint in self._frontends:
             poller.register(endpoint.socket, zmq.POLLIN)
         poller.register(self._backend, zmq.POLLIN)
-        sockets = {endpoint.socket: index for index, endpoint in enumerate(self._frontends)}
-        started = last_report = last_check = time.monotonic()
+        self._indices = {endpoint.socket: index for index, endpoint in enumerate(self._frontends)}
+        started = last_report = time.monotonic()
+        self._last_check = started
         reported = 0
+        linger = 0.0
         log.info(
             "serving %s on %s with %d workers", self._factory_name(), ", ".join(self.endpoints), self.workers
         )
         try:
             while not self._stop_requested and (duration is None or time.monotonic() - started < duration):
-                for socket, _ in poller.poll(100):
-                    if socket is self._backend:
-                        self._receive_worker()
-                    else:
-                        self._receive_client(sockets[socket])
-                self._dispatch()
+                self._serve_once(poller)
                 now = time.monotonic()
-                if now - last_check > 0.25:
-                    self._supervise()
-                    last_check = now
                 if now - last_report >= self.report_interval:
                     log.info(
                         "served %d batches: %.1f batches/s",
@@ -462,11 +486,58 @@ class RequestServer:
                         (self.served - reported) / (now - last_report),
                     )
                     last_report, reported = now, self.served
+            if self._drain is not None:
+                linger = self._finish(poller, self._drain)
         finally:
-            self.close()
+            self.close(linger=linger)
 
-    def stop(self) -> None:
-        """Ask :meth:`run` (in another thread) to return and close the server."""
+    def _serve_once(self, poller: zmq.Poller) -> None:
+        for socket, _ in poller.poll(100):
+            if socket is self._backend:
+                self._receive_worker()
+            else:
+                self._receive_client(self._indices[socket])
+        self._dispatch()
+        now = time.monotonic()
+        if now - self._last_check > 0.25:
+            self._supervise()
+            for endpoint in self._frontends:
+                endpoint.count_peers()  # logs the clients refused meanwhile
+            self._last_check = now
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not answered yet (queued, or being computed by a worker)."""
+        queued = sum(len(queue) for queue in self._pending.values())
+        return queued + sum(len(worker.outstanding) for worker in self._processes)
+
+    def _finish(self, poller: zmq.Poller, seconds: float) -> float:
+        """Answer the requests already received (new ones get an ``unavailable`` ERROR) for at most ``seconds``;
+        return the time left, which the sockets then get to send the last replies."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        log.info("draining: finishing %d requests (at most %.1f s)", self.in_flight, seconds)
+        while self.in_flight and time.monotonic() < deadline:
+            self._serve_once(poller)
+        if self.in_flight:
+            log.warning("drain time over after %.1f s: dropping %d requests", seconds, self.in_flight)
+        else:
+            log.info("drained")
+        return max(0.0, deadline - time.monotonic())
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (or the server is closing)."""
+        return self._stop_requested or self._stopping
+
+    def stop(self, drain: float | None = None) -> None:
+        """Ask :meth:`run` (in another thread, or from a signal handler) to return and close the server.
+
+        With ``drain`` (seconds), it first finishes the requests it has already received, for at most that long.
+        """
+        if drain is not None and drain < 0:
+            raise ConfigError(f"drain must be >= 0 seconds or None. Found: {drain}")
+        self._drain = drain
         self._stop_requested = True
 
     def _factory_name(self) -> str:
@@ -477,8 +548,9 @@ class RequestServer:
             else f"{factory.__module__}:{getattr(factory, '__qualname__', factory)}"
         )
 
-    def close(self) -> None:
-        """Stop the workers (asking first, then terminating, then killing) and close every socket."""
+    def close(self, linger: float = 0.0) -> None:
+        """Stop the workers (asking first, then terminating, then killing) and close every socket, giving replies
+        already queued up to ``linger`` seconds to leave."""
         self._stopping = True
         for worker in self._processes:
             if worker.process is not None and worker.process.is_alive():
@@ -502,10 +574,13 @@ class RequestServer:
             self._handler.close()
             self._handler = None
         for endpoint in self._frontends:
-            endpoint.close()
+            endpoint.close(linger=min(linger, 5.0))
         self._frontends = []
         if hasattr(self, "_backend"):
             self._backend.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
         if not self._context.closed:
             self._context.term()
         self._folder.cleanup()

@@ -24,6 +24,7 @@ import zmq
 from tensorcom import codec
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, flatten_batch
+from tensorcom.security import Authenticator, KeyPath, server_keys_from
 from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints, send_frames
 from tensorcom.urls import expand_urls
 
@@ -66,6 +67,9 @@ class Server:
         metadata: send each batch's step, epoch, indices and pipeline state in a trailing metadata array (default:
             on for pipeline sources). Clients of tensorcom 0.1 see it as one more uint8 array; turn it off for them.
         seed, rank, world_size: passed to ``source`` when it is a pipeline factory rather than an iterable.
+        server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
+            ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain). Every
+            socket, the control socket included, then encrypts and accepts only those clients.
     """
 
     def __new__(
@@ -93,6 +97,8 @@ class Server:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        server_key: KeyPath | None = None,
+        client_keys: KeyPath | None = None,
     ) -> None:
         if linger < 0:
             raise ConfigError(f"linger must be >= 0 seconds. Found: {linger}")
@@ -101,6 +107,7 @@ class Server:
         if report_interval <= 0:
             raise ConfigError(f"report_interval must be > 0 seconds. Found: {report_interval}")
         parsed = parse_endpoints(urls, _SENDING, "stream Server")
+        keys = server_keys_from(server_key, client_keys)
         if callable(source) and not hasattr(source, "__iter__"):
             source = source(seed=seed, rank=rank, world_size=world_size)  # a pipeline factory
         self.pipeline: Any = source if hasattr(source, "next_with_meta") else None
@@ -120,19 +127,31 @@ class Server:
         self.nbytes = 0
         self._context: zmq.Context[Any] = zmq.Context()
         self._endpoints: list[Endpoint] = []
+        self._authenticator: Authenticator | None = None
+        self._control: Endpoint | None = None
         try:
+            if keys is not None:  # before binding: no client may connect before the allow-list is in force
+                where = ", ".join([url.url for url in parsed] + ([control] if control else []))
+                self._authenticator = Authenticator(self._context, keys, where)
             for url in parsed:
                 self._endpoints.append(
-                    open_endpoint(self._context, url, queue=queue, xpub=not drop, monitor=True)
+                    open_endpoint(self._context, url, queue=queue, xpub=not drop, monitor=True, keys=keys)
                 )
-            self._control = None
             if control is not None:
                 self._control = open_endpoint(
-                    self._context, parse_endpoints(control, {"ROUTER"}, "control")[0], queue=8
+                    self._context,
+                    parse_endpoints(control, {"ROUTER"}, "control")[0],
+                    queue=8,
+                    monitor=True,
+                    keys=keys,
                 )
         except BaseException:
             self.close()
             raise
+        if self._authenticator is not None:
+            self._authenticator.where = ", ".join(
+                [e.address for e in self._endpoints] + ([self._control.address] if self._control else [])
+            )
         self._subscribed = {id(e): e.socket.type != zmq.XPUB for e in self._endpoints}
         self._started = time.monotonic()
         self._last_report = (self._started, 0, 0)
@@ -183,6 +202,7 @@ class Server:
             arrays = [*values, np.frombuffer(msgpack.packb({**meta, **shape}, use_bin_type=True), np.uint8)]
             frames = codec.encode(arrays, [*(self.infos or [""] * len(values)), META_INFO])
         for endpoint in self._endpoints:
+            endpoint.count_peers()  # logs clients refused since the last batch
             if not self._subscribed[id(endpoint)]:
                 self._await_subscriber(endpoint)
             elif endpoint.socket.type == zmq.XPUB:
@@ -271,6 +291,7 @@ class Server:
         control = self._control
         if control is None:
             return
+        control.count_peers()
         while control.socket.poll(0, zmq.POLLIN):
             frames = control.socket.recv_multipart()
             if len(frames) < 2:
@@ -314,6 +335,10 @@ class Server:
             self._control = None
         if self.pipeline is not None:
             self.pipeline.close()
+        authenticator: Authenticator | None = getattr(self, "_authenticator", None)
+        if authenticator is not None:
+            authenticator.stop()
+            self._authenticator = None
         if not self._context.closed:
             self._context.term()  # blocks until queued messages are sent or the linger time is over
 

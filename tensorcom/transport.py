@@ -1,7 +1,10 @@
 """ZeroMQ glue shared by the client and the server: opening sockets from URLs, sending multipart messages safely.
 
 Every socket gets explicit high-water marks counted in messages (one message is one whole batch), never ZMQ's
-default of 1000, and every transport error names its endpoint.
+default of 1000, and a maximum frame size (``zmq.MAXMSGSIZE``: a peer that sends a larger frame is disconnected
+before the frame is buffered). Every transport error names its endpoint. Sockets take CURVE keys
+(:mod:`tensorcom.security`); a monitored socket watches its handshakes, so a client refused by its server finds
+out at once, and a server logs the clients it refuses.
 """
 
 from __future__ import annotations
@@ -9,16 +12,33 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from tensorcom.errors import ConfigError, Timeout, URLError
+from tensorcom.errors import ConfigError, SecurityError, Timeout, URLError
+from tensorcom.protocol import MAX_HEADER_BYTES
+from tensorcom.security import (
+    HANDSHAKE_EVENTS,
+    ClientKeys,
+    ServerKeys,
+    describe_handshake_failure,
+    handshake_error,
+    is_loopback,
+    refusals,
+)
 from tensorcom.urls import ParsedURL, expand_urls, parse_url
 
-__all__ = ["Endpoint", "open_endpoint", "parse_endpoints", "send_frames"]
+__all__ = [
+    "MAX_BATCH_FRAME",
+    "MAX_CONTROL_MESSAGE",
+    "Endpoint",
+    "open_endpoint",
+    "parse_endpoints",
+    "send_frames",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +52,13 @@ _SOCKET_TYPES = {
 }
 _POLL_STEP = 0.05
 
+MAX_CONTROL_MESSAGE = MAX_HEADER_BYTES + 4096
+"""Largest frame a socket that receives only protocol headers, control messages or subscriptions accepts."""
+
+MAX_BATCH_FRAME = 1 << 30
+"""Largest frame (one array) a socket that receives batches accepts by default: 1 GiB, about 7 times a batch of 256
+float32 images of 3×224×224 (154 MB). Clients change it with ``max_message_size=``."""
+
 
 @dataclass
 class Endpoint:
@@ -43,21 +70,52 @@ class Endpoint:
     monitor: zmq.Socket[Any] | None = None
     peers: int = 0
     disconnects: int = 0
+    curve: str | None = None
+    handshake_failures: list[tuple[int, int]] = field(default_factory=list)
+    refused: int = 0
 
     def __str__(self) -> str:
         return self.address
 
     def count_peers(self) -> int:
-        """Update ``peers`` (connections currently open) from the socket's monitor events, without blocking."""
+        """Read the socket's monitor events without blocking and return ``peers`` (connections currently open).
+
+        Also follows handshakes. On a bound socket anyone may knock, so failed handshakes are logged (rate-limited)
+        and counted in ``refused``; on a connecting socket the peer is the one we chose, so they are kept for
+        :meth:`check_handshakes`, which turns them into an error.
+        """
         if self.monitor is not None:
             while self.monitor.poll(0, zmq.POLLIN):
-                event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+                message = parse_monitor_message(self.monitor.recv_multipart())
+                event, value = message["event"], message["value"]
                 if event in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
                     self.peers += 1
                 elif event == zmq.EVENT_DISCONNECTED:
                     self.peers = max(0, self.peers - 1)
                     self.disconnects += 1
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.handshake_failures.clear()
+                elif event & HANDSHAKE_EVENTS:
+                    self._handshake_failed(int(event), int(value))
         return self.peers
+
+    def _handshake_failed(self, event: int, value: int) -> None:
+        if not self.url.bind:
+            self.handshake_failures.append((event, value))
+            return
+        self.refused += 1
+        if not (event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.curve == "server"):  # ZAP logs refused keys
+            refusals.note(self.address, describe_handshake_failure(event, value, self.curve is not None))
+
+    def check_handshakes(self) -> None:
+        """Raise :class:`tensorcom.SecurityError` if the handshakes with the peer this socket connects to conclusively
+        fail (a refused key, CURVE against plain); on a bound socket, only report refused peers."""
+        self.count_peers()
+        error: SecurityError | None = handshake_error(
+            self.address, self.handshake_failures, self.curve is not None
+        )
+        if error is not None:
+            raise error
 
     def close(self, linger: float = 0.0) -> None:
         """Close the socket (and its monitor), letting queued messages leave for up to ``linger`` seconds."""
@@ -81,26 +139,40 @@ def parse_endpoints(urls: str | Sequence[str], allowed: set[str], role: str) -> 
 
 
 def open_endpoint(
-    context: zmq.Context[Any], url: ParsedURL, *, queue: int, xpub: bool = False, monitor: bool = False
+    context: zmq.Context[Any],
+    url: ParsedURL,
+    *,
+    queue: int,
+    xpub: bool = False,
+    monitor: bool = False,
+    keys: ServerKeys | ClientKeys | None = None,
+    max_message_size: int = MAX_CONTROL_MESSAGE,
 ) -> Endpoint:
     """Create, configure and bind or connect a socket for ``url``.
 
     ``queue`` bounds both directions' high-water marks in whole messages. With ``xpub`` a PUB URL opens an XPUB
     socket with XPUB_NODROP, so a slow subscriber slows the publisher instead of losing batches. With ``monitor``
-    the endpoint counts its open connections (see :meth:`Endpoint.count_peers`).
+    the endpoint counts its open connections and follows its handshakes (see :meth:`Endpoint.count_peers`).
+    ``keys`` make it a CURVE server (:class:`ServerKeys`) or client (:class:`ClientKeys`). Frames larger than ``max_message_size`` bytes make libzmq drop the connection.
+    A socket bound to a non-loopback address without keys logs a warning: anyone who reaches it can connect.
     """
     if queue < 1:
         raise ConfigError(f"queue must be >= 1 (batches). Found: {queue}")
+    if max_message_size < 1:
+        raise ConfigError(f"max_message_size must be >= 1 byte. Found: {max_message_size}")
     kind = zmq.XPUB if (xpub and url.socket_type == "PUB") else _SOCKET_TYPES[url.socket_type]
     socket = context.socket(kind)
     socket.setsockopt(zmq.SNDHWM, queue)
     socket.setsockopt(zmq.RCVHWM, queue)
     socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    if keys is not None:
+        keys.apply(socket)
     if kind == zmq.XPUB:
         socket.setsockopt(zmq.XPUB_NODROP, 1)
     if url.socket_type == "SUB":
         socket.setsockopt(zmq.SUBSCRIBE, url.topic)
-    events = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+    events = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS
     monitor_socket = socket.get_monitor_socket(events) if monitor else None
     try:
         if url.bind:
@@ -114,7 +186,15 @@ def open_endpoint(
         verb = "bind" if url.bind else "connect"
         raise URLError(f"cannot {verb} {url.url!r} (zmq address {url.address}): {error}") from error
     log.debug("%s %s socket on %s", "bound" if url.bind else "connected", url.socket_type, address)
-    return Endpoint(url, socket, address, monitor_socket)
+    if url.bind and keys is None and not is_loopback(address):
+        log.warning(
+            "%s listens on %s without CURVE keys: anyone who can reach this address can connect and read or "
+            "send batches (see `tensorcom keygen` and RELIABILITY.md)",
+            url.url,
+            address,
+        )
+    curve = None if keys is None else "server" if isinstance(keys, ServerKeys) else "client"
+    return Endpoint(url, socket, address, monitor_socket, curve=curve)
 
 
 def send_frames(
@@ -142,6 +222,8 @@ def send_frames(
                         f"could not send a {what} on {endpoint} within {timeout} s (no peer took it)"
                     ) from None
                 if socket.type == zmq.XPUB:
-                    time.sleep(0.0002)  # XPUB reports POLLOUT even while XPUB_NODROP refuses: back off briefly
+                    time.sleep(
+                        0.0002
+                    )  # XPUB reports POLLOUT even while XPUB_NODROP refuses: back off briefly
                 else:
                     socket.poll(int(_POLL_STEP * 1000), zmq.POLLOUT)

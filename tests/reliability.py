@@ -1,0 +1,82 @@
+"""Helpers shared by the security, fuzz, fault and load tests: `tensorcom serve` processes with any options, RSS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TESTS = Path(__file__).parent
+
+StartProcess = Callable[..., subprocess.Popen[bytes]]
+
+
+def serve(
+    start_process: StartProcess,
+    factory: str,
+    *args: str,
+    workers: int = 1,
+    port: int = 0,
+    env: dict[str, str] | None = None,
+    stderr: Any = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `tensorcom serve FACTORY ARGS` on 127.0.0.1 and return the process and its zreq URL once it is ready."""
+    environment = {**os.environ, **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    command = ["-m", "tensorcom.cli", "serve", factory, "-q", "--bind", f"zrep://127.0.0.1:{port}"]
+    command += ["-w", str(workers), *args]
+    process = start_process(*command, stdout=subprocess.PIPE, stderr=stderr, env=environment)
+    assert process.stdout is not None
+    line = process.stdout.readline().decode().split()
+    assert line[:1] == ["ready"], f"server did not start: {line}"
+    return process, line[1].replace("tcp://", "zreq://")
+
+
+def reference(factory: Callable[..., Any], count: int | None = None, **config: Any) -> list[Any]:
+    """The batches of a factory's pipeline computed in this process."""
+    with factory(**config) as pipeline:
+        batches = []
+        for batch in pipeline:
+            batches.append(batch)
+            if count is not None and len(batches) == count:
+                break
+        return batches
+
+
+def same(left: list[Any], right: list[Any]) -> bool:
+    """Bit-identical lists of batches (tuples/lists of arrays, or dicts of arrays)."""
+    if len(left) != len(right):
+        return False
+    for a, b in zip(left, right, strict=True):
+        if isinstance(a, dict):
+            if a.keys() != b.keys() or not all(np.array_equal(a[k], b[k]) for k in a):
+                return False
+        elif len(a) != len(b) or not all(
+            x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a, b, strict=True)
+        ):
+            return False
+    return True
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def rss_kib(pid: int, with_children: bool = True) -> int:
+    """Resident memory of a process (and its children) in KiB."""
+    total = 0
+    for candidate in [pid, *(children_of(pid) if with_children else [])]:
+        try:
+            with open(f"/proc/{candidate}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+        except (FileNotFoundError, StopIteration):
+            pass
+    return total
