@@ -510,7 +510,7 @@ class ImageTransform:
             result = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
         if uniforms is not None and uniforms[-1] < 0.5:
             result = result.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = np.asarray(result)
+        array = np.array(result)  # writable (asarray would be a read-only view of Pillow's bytes)
         if array.shape != (self.size, self.size, 3):
             raise ValueError(f"decoded image has shape {array.shape}, expected {(self.size, self.size, 3)}")
         if not self.normalize:
