@@ -16,6 +16,8 @@ import netns
 import pytest
 from netns_client import digest
 
+from tensorcom import security
+
 TESTS = Path(__file__).parent
 CLIENT = str(TESTS / "netns_client.py")
 PORT = 7880
@@ -214,3 +216,38 @@ def test_a_pub_stream_is_shared_by_client_hosts_of_two_jobs(network: netns.Netwo
     shared = streams[0].keys() & streams[1].keys()
     assert len(shared) >= 20, f"the jobs saw {len(shared)} batches in common"
     assert all(streams[0][label] == streams[1][label] for label in shared)
+
+
+def test_curve_keys_from_the_environment_work_across_hosts(network: netns.Network, tmp_path: Path) -> None:
+    """Keys given only by the TENSORCOM_* variables (as the deploy recipes do): a keyed client gets the stream."""
+    keys = tmp_path / "keys"
+    security.generate_keys(keys, ["trainer"])
+    data, trainer = network.add_host("data0"), network.add_host("trainer")
+    server_env = {
+        **netns.environment([TESTS]),
+        security.SERVER_KEY_ENV: str(keys / "server.key_secret"),
+        security.CLIENT_KEYS_ENV: str(keys / "clients"),
+    }
+    args = [
+        "-m",
+        "tensorcom.cli",
+        "serve",
+        "factories:small",
+        "-q",
+        "--bind",
+        f"zrep://0.0.0.0:{PORT}",
+        "-w",
+        "0",
+    ]
+    netns.wait_ready(network.start(data, *args, env=server_env))
+    client_env = {
+        **netns.environment([TESTS]),
+        security.CLIENT_KEY_ENV: str(keys / "trainer.key_secret"),
+        security.SERVER_PUBLIC_KEY_ENV: str(keys / "server.key"),
+    }
+    client = network.start(trainer, CLIENT, f"zreq://{data.address}:{PORT}", "--seed=5", env=client_env)
+    records = list(client.records(timeout=30))
+    assert records[-1] == {"done": 15}, client.stderr()
+    assert [(r["digest"], r["labels"]) for r in records[:-1]] == reference(
+        factories.small, seed=5, rank=0, world_size=1
+    )
