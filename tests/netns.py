@@ -2,11 +2,10 @@
 
 Layout of one :class:`Network` (every name carries the test run's pid, so parallel runs never collide)::
 
-    namespace tcnet-PID-N-sw          namespace tcnet-PID-N-h0          namespace tcnet-PID-N-h1
-    ┌──────────────────────┐          ┌──────────────────────┐          ┌──────────────────────┐
-    │ br0 ─┬─ p0 ══════════╪══ veth ══╪═ eth0 10.213.0.1/24  │          │ eth0 10.213.0.2/24   │
-    │      └─ p1 ══════════╪══════════╪══════════════════════╪══ veth ══╪═                     │
-    └──────────────────────┘          └──────────────────────┘          └──────────────────────┘
+    namespace tcnet-PID-N-sw        veth pairs          host namespaces
+    br0 ─┬─ p0  ═══════════════════════════  eth0 10.213.0.1/24   tcnet-PID-N-h0
+         ├─ p1  ═══════════════════════════  eth0 10.213.0.2/24   tcnet-PID-N-h1
+         └─ p2  ═══════════════════════════  eth0 10.213.0.3/24   tcnet-PID-N-h2
 
 The bridge lives in a namespace of its own, so the root namespace gets no new link at all, and the test subnet has
 no route anywhere else: traffic stays between the test hosts. :meth:`Network.cut` takes a host's port on the
@@ -24,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -292,16 +290,6 @@ def leftovers(tag: str) -> tuple[list[str], str]:
     return [name for name in namespaces() if tag in name], "\n".join(
         line for line in links.splitlines() if tag in line
     )
-
-
-def wait_until(condition: Any, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``condition()`` until it is true or ``timeout`` seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return bool(value)
-        time.sleep(interval)
 
 
 def environment(paths: Sequence[Path]) -> dict[str, str]:
