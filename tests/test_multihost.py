@@ -251,3 +251,26 @@ def test_curve_keys_from_the_environment_work_across_hosts(network: netns.Networ
     assert [(r["digest"], r["labels"]) for r in records[:-1]] == reference(
         factories.small, seed=5, rank=0, world_size=1
     )
+
+
+@pytest.mark.parametrize(
+    "platform, ip_path, uid, reason",
+    [
+        ("darwin", "/usr/sbin/ip", 0, "need Linux"),
+        ("linux", None, 0, "iproute2's `ip` is not installed"),
+        ("linux", "/usr/sbin/ip", 1000, "needs root; running as uid 1000"),
+    ],
+    ids=["not-linux", "no-iproute2", "not-root"],
+)
+def test_hosts_are_skipped_with_the_reason_where_they_cannot_be_built(
+    monkeypatch: pytest.MonkeyPatch, platform: str, ip_path: str | None, uid: int, reason: str
+) -> None:
+    """Without Linux, iproute2 or root, the harness names what is missing (the tests skip with it)."""
+    netns.unavailable.cache_clear()
+    monkeypatch.setattr(netns.sys, "platform", platform)
+    monkeypatch.setattr(netns.shutil, "which", lambda name: ip_path)
+    monkeypatch.setattr(netns.os, "geteuid", lambda: uid)
+    try:
+        assert reason in (netns.unavailable() or "")
+    finally:
+        netns.unavailable.cache_clear()
