@@ -180,7 +180,8 @@ def _image_files(folder: str) -> list[str]:
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Local shard paths from paths with braces (``/data/train-{0000..0146}.tar``) or ``file://`` URLs.
+    """Local shard paths from paths with braces (``/data/train-{0000..0146}.tar``) or ``file://`` URLs; a string
+    may hold several, separated by whitespace.
 
     Remote URLs (``http://``, ``s3://``, ``pipe:``) are refused: shards are read with random access from local files.
     """
@@ -232,8 +233,9 @@ class ImageShards:
             f"{os.path.basename(self.shards[n])}\t{k}\t{s}\t{label}"
             for n, k, s, label in zip(shard_numbers, self.keys, sizes, labels, strict=True)
         )
-        self._descriptors: dict[int, int] = {}
-        self._pid = os.getpid()
+        self._descriptors: dict[
+            int, int
+        ] = {}  # opened on first read in each process (pread: shareable on fork)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -254,8 +256,6 @@ class ImageShards:
                 pass
 
     def _descriptor(self, shard: int) -> int:
-        if self._pid != os.getpid():  # forked: descriptors are shared with the parent; pread does not care
-            self._pid = os.getpid()
         descriptor = self._descriptors.get(shard)
         if descriptor is None:
             descriptor = self._descriptors[shard] = os.open(self.shards[shard], os.O_RDONLY)

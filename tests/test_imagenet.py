@@ -4,8 +4,10 @@ serve-imagenet-shards programs end to end on real JPEG files."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +294,8 @@ def test_shard_server_sends_what_the_directory_server_sends(
 def test_stream_mode_sends_the_seeded_pipeline(
     folder: Path, tmp_path: Path, start_process: StartProcess
 ) -> None:
-    """With a stream URL the server runs its own --seed pipeline and sends batches with step metadata."""
+    """With a stream URL the server runs its own --seed pipeline, sends batches with step metadata, and logs its
+    rate in batches/s and images/s."""
     socket = tmp_path / "stream"
     _, _ = start_image_server(
         start_process,
@@ -308,13 +311,18 @@ def test_stream_mode_sends_the_seeded_pipeline(
         "0",
         "--seed",
         "8",
-        "-q",
+        "--report",
+        "0.2",
         url=f"zrpush+ipc://{socket}",
     )
     with Connection(f"zrpull+ipc://{socket}", timeout=30) as connection:
         received = [connection.recv() for _ in range(5)]
         assert connection.last.step == 4
     assert same_batches(received, reference(folder, seed=8, count=5))
+    deadline = time.monotonic() + 10
+    while "images/s" not in (tmp_path / "server.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert re.search(r"batches/s, \d+ images/s", (tmp_path / "server.log").read_text())
 
 
 def test_tensorcom_serve_accepts_the_directory_factory(folder: Path, request_server: object) -> None:
