@@ -666,7 +666,7 @@ def serve_images(
                 pipeline,
                 expanded,
                 queue=queue,
-                report_interval=1e9,
+                report_interval=report_interval,  # also paces its "waiting for a subscriber" messages
                 control=control,
                 metadata=metadata,
                 seed=seed,

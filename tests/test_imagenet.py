@@ -291,8 +291,11 @@ def test_shard_server_sends_what_the_directory_server_sends(
     assert "train-002.tar:00000008" in (tmp_path / "imagenet_shards.log").read_text()  # the corrupt sample
 
 
+@pytest.mark.parametrize(
+    "server_scheme, client_scheme", [("zrpush", "zrpull"), ("zpub", "zsub")], ids=["push", "pub"]
+)
 def test_stream_mode_sends_the_seeded_pipeline(
-    folder: Path, tmp_path: Path, start_process: StartProcess
+    folder: Path, tmp_path: Path, start_process: StartProcess, server_scheme: str, client_scheme: str
 ) -> None:
     """With a stream URL the server runs its own --seed pipeline, sends batches with step metadata, and logs its
     rate in batches/s and images/s."""
@@ -313,9 +316,9 @@ def test_stream_mode_sends_the_seeded_pipeline(
         "8",
         "--report",
         "0.2",
-        url=f"zrpush+ipc://{socket}",
+        url=f"{server_scheme}+ipc://{socket}",
     )
-    with Connection(f"zrpull+ipc://{socket}", timeout=30) as connection:
+    with Connection(f"{client_scheme}+ipc://{socket}", timeout=30) as connection:
         received = [connection.recv() for _ in range(5)]
         assert connection.last.step == 4
     assert same_batches(received, reference(folder, seed=8, count=5))
