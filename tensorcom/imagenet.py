@@ -404,6 +404,12 @@ class ImageTransform:
             raise ConfigError(f"mean and std must hold 3 values, std > 0. Found: {mean!r}, {std!r}")
         if len(dataset) < 1:
             raise ConfigError("the dataset holds no samples")
+        try:
+            import PIL.Image  # noqa: F401 - checked here so that a missing Pillow is not taken for unreadable files
+        except ImportError as error:
+            raise ConfigError(
+                f"decoding images needs Pillow: pip install 'tensorcom[images]' ({error})"
+            ) from None
         self.dataset = dataset
         self.size = size
         self.normalize = normalize
