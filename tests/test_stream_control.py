@@ -25,7 +25,8 @@ def same(left: list[Any], right: list[Any]) -> bool:
 
 
 def serve_in_thread(server: Server, count: int | None = None) -> threading.Thread:
-    """Run the server in a thread; an endless one ends by send timeout once the test stops reading."""
+    """Run the server in a thread; an endless one ends by send timeout once the test stops reading (the timeout
+    is long enough that a loaded machine pausing the reader does not end it early)."""
 
     def run() -> None:
         try:
