@@ -90,7 +90,7 @@ def test_seek_rewinds_a_running_server_to_an_epoch(ipc_url: Callable[..., str]) 
     expected = reference(3, seed=8, rank=0, world_size=1)
     with Connection(ipc_url("zpull"), timeout=20) as connection:
         server = Server(
-            factories.small, ipc_url("zpush"), seed=8, control=ipc_url("zrep", "control"), send_timeout=2
+            factories.small, ipc_url("zpush"), seed=8, control=ipc_url("zrep", "control"), send_timeout=8
         )
         thread = serve_in_thread(server)
         for _ in range(5):
@@ -106,7 +106,7 @@ def test_seek_with_a_foreign_state_is_refused(ipc_url: Callable[..., str]) -> No
     """A state from another pipeline configuration is refused by the server with StateError."""
     with Connection(ipc_url("zpull"), timeout=20) as connection:
         server = Server(
-            factories.small, ipc_url("zpush"), seed=1, control=ipc_url("zrep", "control"), send_timeout=2
+            factories.small, ipc_url("zpush"), seed=1, control=ipc_url("zrep", "control"), send_timeout=8
         )
         thread = serve_in_thread(server)
         connection.recv()
