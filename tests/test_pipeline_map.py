@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -36,8 +37,14 @@ def _worker_pids(stage: _DBM) -> list[int]:
     return [] if pool is None else [p.pid for p in pool._processes if p.pid is not None]
 
 
-def _gone(pids: list[int]) -> bool:
-    return not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+def _gone(pids: list[int], within: float = 10.0) -> bool:
+    """True once none of the processes exists any more (waiting up to ``within`` seconds on a loaded machine)."""
+    deadline = time.monotonic() + within
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.fixture
