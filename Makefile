@@ -30,6 +30,11 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
+## test-slow: the long fuzz, fault and load runs (the `slow` marker), which `make test` leaves out
+.PHONY: test-slow
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow --timeout 900
+
 lint: $(STAMP)
 	$(BIN)/ruff check tensorcom servers tools tests benchmarks
 	$(BIN)/ruff format --check tensorcom servers tools tests benchmarks

@@ -20,7 +20,7 @@ import zmq
 from tensorcom import codec
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
-from tensorcom.protocol import META_INFO, Command, Message, rebuild_batch
+from tensorcom.protocol import META_INFO, Command, Message, check_batch_fields, rebuild_batch
 from tensorcom.security import ClientKeys, KeyPath, client_keys_from
 from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints
 from tensorcom.urls import expand_urls
@@ -176,7 +176,7 @@ class Connection:
             if len(frames) == 1:  # tensorcom 0.1's single-buffer mode: one frame holding a .ten buffer
                 return codec.decode_buffer(frames[0], infos=True)
             return codec.decode(frames, infos=True)
-        except DecodeError as error:
+        except ValueError as error:  # DecodeError, or numpy refusing a shape the codec let through
             message = f"malformed batch from {endpoint}: {error}"
             if self.on_malformed == "raise":
                 raise DecodeError(message) from error
@@ -321,4 +321,5 @@ def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Messag
         raise ProtocolError(f"malformed batch metadata from {endpoint}") from None
     if not isinstance(fields, dict):
         raise ProtocolError(f"batch metadata from {endpoint} must be a map")
+    check_batch_fields(fields, str(endpoint))
     return Message(Command.BATCH, fields)

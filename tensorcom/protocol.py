@@ -36,11 +36,27 @@ import msgpack
 
 from tensorcom.errors import ProtocolError
 
-__all__ = ["MAX_HEADER_BYTES", "META_INFO", "VERSION", "Command", "Message", "flatten_batch", "rebuild_batch"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_INTEGER",
+    "META_INFO",
+    "VERSION",
+    "Command",
+    "Message",
+    "check_batch_fields",
+    "check_bounded",
+    "flatten_batch",
+    "rebuild_batch",
+]
 
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 META_INFO = "tcmeta"
+MAX_INTEGER = 1 << 62
+"""Largest magnitude of a step, epoch, position or other count a peer may send: far beyond any real stream, and
+far enough below msgpack's 64-bit limit that counting on from it cannot overflow."""
+MAX_SEED = (1 << 64) - 1
+_MAX_DEPTH = 32
 
 
 class Command(IntEnum):
@@ -92,14 +108,64 @@ class Message:
             raise ProtocolError(f"unknown command from {source}: {header.get('cmd')!r}") from None
         return cls(command, header)
 
-    def integer(self, name: str, minimum: int = 0) -> int:
-        """Field ``name`` as an int >= ``minimum``, or :class:`ProtocolError`."""
+    def integer(self, name: str, minimum: int = 0, maximum: int = MAX_INTEGER) -> int:
+        """Field ``name`` as an int in [``minimum``, ``maximum``], or :class:`ProtocolError`."""
         value = self.fields.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
             raise ProtocolError(
-                f"{self.command.name} field {name!r} must be an integer >= {minimum}. Found: {value!r}"
+                f"{self.command.name} field {name!r} must be an integer in [{minimum}, {maximum}]. "
+                f"Found: {str(value)[:100]}"
             )
         return value
+
+
+def check_bounded(value: Any, what: str, depth: int = 0) -> None:
+    """Raise :class:`ProtocolError` unless ``value`` (a state or other plain data from a peer) nests at most 32
+    deep and holds no integer beyond ±:data:`MAX_INTEGER` (seeds may reach 2**64 - 1), so loading it into a
+    pipeline cannot make a later count overflow."""
+    if depth > _MAX_DEPTH:
+        raise ProtocolError(f"{what} nests deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, float)):
+        return
+    if isinstance(value, int):
+        if not -MAX_INTEGER <= value <= MAX_SEED:
+            raise ProtocolError(f"{what} holds an integer out of range: {value}")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, int) and not isinstance(item, bool) and key != "seed":
+                if not -MAX_INTEGER <= item <= MAX_INTEGER:
+                    raise ProtocolError(f"{what} field {key!r} is out of range: {item}")
+            check_bounded(item, what, depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            check_bounded(item, what, depth + 1)
+        return
+    raise ProtocolError(f"{what} holds a {type(value).__name__}, which is not plain data")
+
+
+def check_batch_fields(fields: dict[str, Any], source: str) -> None:
+    """Raise :class:`ProtocolError` naming ``source`` unless a batch's metadata has the types a client relies on:
+    integers ``gen``, ``step``, ``epoch`` (or none), a list of integer ``indices``, a string ``kind`` and
+    ``fingerprint`` (or none)."""
+    for name in ("gen", "step", "epoch"):
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ProtocolError(
+                f"batch metadata from {source}: {name} must be an integer. Found: {str(value)[:100]}"
+            )
+    indices = fields.get("indices", [])
+    if not isinstance(indices, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in indices
+    ):
+        raise ProtocolError(f"batch metadata from {source}: indices must be a list of integers")
+    for name in ("kind", "fingerprint"):
+        value = fields.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ProtocolError(
+                f"batch metadata from {source}: {name} must be a string. Found: {str(value)[:100]}"
+            )
 
 
 def flatten_batch(batch: Any) -> tuple[list[Any], dict[str, Any]]:

@@ -25,8 +25,8 @@ import zmq
 from tensorcom import codec
 from tensorcom.connection import BatchInfo, Connection
 from tensorcom.convert import ConverterSpec, make_converters
-from tensorcom.errors import ConfigError, ProtocolError, RemoteError, StateError, Timeout
-from tensorcom.protocol import Command, Message, rebuild_batch
+from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
+from tensorcom.protocol import Command, Message, check_batch_fields, rebuild_batch
 from tensorcom.security import KeyPath, client_keys_from
 from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints
 
@@ -325,6 +325,7 @@ class RequestConnection(Connection):
             return
         if command != Command.BATCH:
             raise ProtocolError(f"server {server.address} sent an unexpected {command.name}")
+        check_batch_fields(message.fields, f"server {server.address}")
         if message.fields.get("fingerprint") != self.fingerprint:
             raise ProtocolError(
                 f"server {server.address} now serves pipeline {message.fields.get('fingerprint')}, "
@@ -426,7 +427,12 @@ class RequestConnection(Connection):
             raise RemoteError(
                 f"server {message.fields.get('server')} failed at step {step}: {message.fields.get('message')}"
             )
-        arrays, infos = codec.decode(frames, infos=True)
+        try:
+            arrays, infos = codec.decode(frames, infos=True)
+        except ValueError as error:  # DecodeError, or numpy refusing a shape the codec let through
+            raise DecodeError(
+                f"malformed batch for step {step} from {message.fields.get('server')}: {error}"
+            ) from None
         self._state = message.fields.get("state")
         epoch = message.fields.get("epoch")
         self._last_epoch = epoch if isinstance(epoch, int) else self._last_epoch

@@ -36,7 +36,7 @@ import zmq
 
 from tensorcom import codec
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError
-from tensorcom.protocol import Command, Message, flatten_batch
+from tensorcom.protocol import MAX_SEED, Command, Message, check_bounded, flatten_batch
 from tensorcom.security import Authenticator, KeyPath, server_keys_from
 from tensorcom.transport import MAX_BATCH_FRAME, MAX_CONTROL_MESSAGE, Endpoint, open_endpoint, parse_endpoints
 
@@ -73,11 +73,12 @@ def load_factory(spec: str | Factory) -> Factory:
 
 
 def _base_key(fields: dict[str, Any]) -> str:
-    return json.dumps(
-        [fields.get("seed"), fields.get("rank"), fields.get("world_size"), fields.get("base")],
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    """The cache key of a client configuration; any value a peer can send gives a key (bytes, odd map keys)."""
+    config = [fields.get("seed"), fields.get("rank"), fields.get("world_size"), fields.get("base")]
+    try:
+        return json.dumps(config, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return repr(config)
 
 
 class RequestHandler:
@@ -89,14 +90,15 @@ class RequestHandler:
         self._pipelines: OrderedDict[str, tuple[Any, int]] = OrderedDict()
 
     def _client_config(self, message: Message) -> tuple[int, int, int, dict[str, Any]]:
-        seed = message.integer("seed")
+        seed = message.integer("seed", maximum=MAX_SEED)
         world_size = message.integer("world_size", 1)
         rank = message.integer("rank")
         if rank >= world_size:
             raise ProtocolError(f"rank must be < world_size ({world_size}). Found: {rank}")
         base = message.fields.get("base") or {}
         if not isinstance(base, dict):
-            raise ProtocolError(f"base must be a map. Found: {base!r}")
+            raise ProtocolError(f"base must be a map. Found: {str(base)[:100]}")
+        check_bounded(base, "base")
         return seed, rank, world_size, base
 
     def _build(self, message: Message) -> Any:
@@ -150,7 +152,7 @@ class RequestHandler:
                     }
                 finally:
                     pipeline.close()
-                return Message(Command.WELCOME, reply), []
+                return _encodable(Message(Command.WELCOME, reply)), []
             if message.command != Command.REQUEST:
                 raise ProtocolError(f"a worker cannot handle {message.command.name}")
             step = message.integer("step")
@@ -179,7 +181,7 @@ class RequestHandler:
                 "server": self.server,
                 **shape,
             }
-            return Message(Command.BATCH, fields), frames
+            return _encodable(Message(Command.BATCH, fields)), frames
         except Exception as error:  # every failure becomes an ERROR reply; the server goes on
             self._forget(message)
             kind = (
@@ -206,6 +208,13 @@ class RequestHandler:
         self._pipelines.clear()
 
 
+def _encodable(message: Message) -> Message:
+    """``message``, once it is known to encode (a hostile state can make a pipeline report values msgpack cannot
+    hold); the failure becomes the request's ERROR reply instead of killing the worker."""
+    message.encode()
+    return message
+
+
 def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: int, server: str) -> None:
     """A worker process: take requests from the front end, compute replies, until told to stop or orphaned."""
     import signal
@@ -229,8 +238,22 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
             if frames == [b"STOP"]:
                 break
             client, header = frames[0], frames[1]
-            reply, tensors = handler.handle(Message.decode(header, "front end"))
-            socket.send_multipart([client, reply.encode(), *tensors], copy=False)
+            message = Message.decode(header, "front end")
+            try:
+                reply, tensors = handler.handle(message)
+                data = reply.encode()
+            except (
+                Exception
+            ) as error:  # handle() answers errors itself; this keeps the worker alive regardless
+                log.exception("worker %s: unexpected failure", identity.decode())
+                fields = {
+                    "gen": message.fields.get("gen", 0),
+                    "step": message.fields.get("step", 0),
+                    "error": "pipeline",
+                    "message": f"{type(error).__name__}: {error}",
+                }
+                data, tensors = Message(Command.ERROR, {**fields, "server": server}).encode(), []
+            socket.send_multipart([client, data, *tensors], copy=False)
     finally:
         handler.close()
         socket.close()

@@ -23,7 +23,7 @@ import zmq
 
 from tensorcom import codec
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
-from tensorcom.protocol import META_INFO, Command, Message, flatten_batch
+from tensorcom.protocol import META_INFO, Command, Message, check_bounded, flatten_batch
 from tensorcom.security import Authenticator, KeyPath, server_keys_from
 from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints, send_frames
 from tensorcom.urls import expand_urls
@@ -309,6 +309,7 @@ class Server:
             if message.command != Command.SEEK:
                 raise ProtocolError(f"the control socket accepts SEEK only. Found: {message.command.name}")
             if message.fields.get("state") is not None:
+                check_bounded(message.fields["state"], "SEEK state")
                 pipeline.load_state(message.fields["state"])
             elif message.fields.get("epoch") is not None:
                 pipeline.set_epoch(message.integer("epoch"))

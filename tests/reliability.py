@@ -80,3 +80,14 @@ def rss_kib(pid: int, with_children: bool = True) -> int:
         except (FileNotFoundError, StopIteration):
             pass
     return total
+
+
+def record(name: str, **figures: Any) -> None:
+    """Append one test's figures (cases tried, faults survived, ...) as a JSON line to $TENSORCOM_RELIABILITY_LOG,
+    when it is set: the source of the figures quoted in RELIABILITY.md."""
+    import json
+
+    path = os.environ.get("TENSORCOM_RELIABILITY_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(json.dumps({"test": name, **figures}) + "\n")
