@@ -323,3 +323,19 @@ def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Messag
         raise ProtocolError(f"batch metadata from {endpoint} must be a map")
     check_batch_fields(fields, str(endpoint))
     return Message(Command.BATCH, fields)
+
+
+def adapter_source(source: Any, batches: int | None, options: dict[str, Any]) -> tuple[list[str] | None, Any]:
+    """What the framework adapters take as ``source``: URLs (opened later with ``options``) or an open Connection.
+
+    Returns ``(urls, None)`` or ``(None, connection)``; checks ``batches`` (an int >= 1 or None) on the way.
+    """
+    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+        raise ConfigError(f"batches must be an int >= 1 or None. Found: {batches!r}")
+    if isinstance(source, str | Sequence):
+        return expand_urls(source), None
+    if hasattr(source, "recv") and hasattr(source, "state"):
+        if options:
+            raise ConfigError(f"connection options {sorted(options)} need URLs, not an open Connection")
+        return None, source
+    raise ConfigError(f"source must be URLs or a tensorcom Connection. Found: {type(source).__name__}")

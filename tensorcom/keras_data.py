@@ -23,13 +23,13 @@ keras is imported when this module is imported; tensorcom itself never imports i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import keras
 
+from tensorcom.connection import adapter_source
 from tensorcom.errors import ConfigError
-from tensorcom.urls import expand_urls
 
 __all__ = ["ConnectionPyDataset"]
 
@@ -55,21 +55,9 @@ class ConnectionPyDataset(keras.utils.PyDataset):
         **connection_options: Any,
     ) -> None:
         super().__init__(workers=1, use_multiprocessing=False)
-        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
-            raise ConfigError(f"batches must be an int >= 1 or None. Found: {batches!r}")
-        if isinstance(source, str | Sequence):
-            self.urls: list[str] | None = expand_urls(source)
-            self.connection: Any = None
-        elif hasattr(source, "recv") and hasattr(source, "state"):
-            if connection_options:
-                raise ConfigError(
-                    f"connection options {sorted(connection_options)} need URLs, not an open Connection"
-                )
-            self.urls, self.connection = None, source
-        else:
-            raise ConfigError(
-                f"source must be URLs or a tensorcom Connection. Found: {type(source).__name__}"
-            )
+        self.urls: list[str] | None
+        self.connection: Any
+        self.urls, self.connection = adapter_source(source, batches, connection_options)
         self.batches = batches
         self.transform = transform
         self.connection_options = connection_options

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.utils.data
 
+from tensorcom.connection import adapter_source
 from tensorcom.device import DeviceTransfer
 from tensorcom.errors import ConfigError
 from tensorcom.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from tensorcom.urls import expand_urls
 
 __all__ = ["ConnectionDataset", "normalize_images"]
 
@@ -58,21 +58,9 @@ class ConnectionDataset(torch.utils.data.IterableDataset):
         **connection_options: Any,
     ) -> None:
         super().__init__()
-        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
-            raise ConfigError(f"batches must be an int >= 1 or None. Found: {batches!r}")
-        if isinstance(source, str | Sequence):
-            self.urls: list[str] | None = expand_urls(source)
-            self.connection: Any = None
-        elif hasattr(source, "recv") and hasattr(source, "state"):
-            if connection_options:
-                raise ConfigError(
-                    f"connection options {sorted(connection_options)} need URLs, not an open Connection"
-                )
-            self.urls, self.connection = None, source
-        else:
-            raise ConfigError(
-                f"source must be URLs or a tensorcom Connection. Found: {type(source).__name__}"
-            )
+        self.urls: list[str] | None
+        self.connection: Any
+        self.urls, self.connection = adapter_source(source, batches, connection_options)
         self.batches = batches
         self.transform = transform
         self.connection_options = connection_options
