@@ -94,11 +94,7 @@ class Connection:
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
     ) -> None:
-        for name, value in (("epoch", epoch), ("total", total)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1 batch or None. Found: {value}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"timeout must be > 0 seconds or None. Found: {timeout}")
+        check_limits(epoch, total, timeout)
         if on_malformed not in ("raise", "log"):
             raise ConfigError(f"on_malformed must be 'raise' or 'log'. Found: {on_malformed!r}")
         parsed = parse_endpoints(urls, _RECEIVING, "Connection")
@@ -323,6 +319,15 @@ def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Messag
         raise ProtocolError(f"batch metadata from {endpoint} must be a map")
     check_batch_fields(fields, str(endpoint))
     return Message(Command.BATCH, fields)
+
+
+def check_limits(epoch: int | None, total: int | None, timeout: float | None) -> None:
+    """Check the iteration limits and the receive timeout that every kind of Connection takes."""
+    for name, value in (("epoch", epoch), ("total", total)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1 batch or None. Found: {value}")
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"timeout must be > 0 seconds or None. Found: {timeout}")
 
 
 def adapter_source(source: Any, batches: int | None, options: dict[str, Any]) -> tuple[list[str] | None, Any]:

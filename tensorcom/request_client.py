@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from tensorcom import codec
-from tensorcom.connection import BatchInfo, Connection
+from tensorcom.connection import BatchInfo, Connection, check_limits
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
 from tensorcom.protocol import Command, Message, check_batch_fields, rebuild_batch
@@ -111,11 +111,7 @@ class RequestConnection(Connection):
             raise ConfigError(f"prefetch must be >= 1. Found: {prefetch}")
         if heartbeat <= 0:
             raise ConfigError(f"heartbeat must be > 0 seconds. Found: {heartbeat}")
-        for name, value in (("epoch", epoch), ("total", total)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1 batch or None. Found: {value}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigError(f"timeout must be > 0 seconds or None. Found: {timeout}")
+        check_limits(epoch, total, timeout)
         parsed = parse_endpoints(urls, {"DEALER"}, "zreq Connection")
         self._keys = client_keys_from(client_key, server_public_key)
         self.seed = seed
