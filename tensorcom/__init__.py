@@ -38,6 +38,7 @@ from tensorcom.urls import ParsedURL, expand_urls, parse_url
 
 if TYPE_CHECKING:
     from tensorcom.connection import BatchInfo, Connection
+    from tensorcom.loader import SwiftLoader
     from tensorcom.server import Server, serve
 
 __version__ = "0.2.0.dev0"
@@ -46,6 +47,7 @@ _LAZY = {
     "BatchInfo": "tensorcom.connection",
     "Connection": "tensorcom.connection",
     "Server": "tensorcom.server",
+    "SwiftLoader": "tensorcom.loader",
     "serve": "tensorcom.server",
 }
 
@@ -70,6 +72,7 @@ __all__ = [
     "SecurityError",
     "Server",
     "StateError",
+    "SwiftLoader",
     "TensorcomError",
     "Timeout",
     "URLError",
