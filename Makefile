@@ -26,6 +26,9 @@ demo-imagenet: $(STAMP)
 
 ## test: lint, type-check and run the whole test suite
 test: $(STAMP)
+	@# tests/test_multihost.py builds test hosts with iproute2 (it skips without root or `ip`): install it if we can
+	@command -v ip >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq iproute2) || echo "iproute2 not installed: multi-host tests skip"
 	$(BIN)/ruff check tensorcom servers tools tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q
