@@ -217,7 +217,10 @@ def _array_from(data: memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], 
         raise DecodeError(
             f"{where}: shape {shape} of {dtype} needs {expected} bytes of data. Found: {len(data)} bytes"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as error:  # e.g. a zero-size shape with a dimension numpy cannot represent
+        raise DecodeError(f"{where}: shape {shape} cannot be built: {error}") from None
 
 
 @overload
