@@ -597,6 +597,7 @@ class RequestServer:
             self._handler.close()
             self._handler = None
         for endpoint in self._frontends:
+            endpoint.count_peers()  # log the clients refused since the last look
             endpoint.close(linger=min(linger, 5.0))
         self._frontends = []
         if hasattr(self, "_backend"):

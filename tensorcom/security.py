@@ -337,8 +337,10 @@ HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_FAILED)
 _UNDETAILED_LIMIT = 3
 
 
-def describe_handshake_failure(event: int, value: int, curve: bool) -> str:
+def describe_handshake_failure(event: int, value: int, curve: bool, curve_server: bool = False) -> str:
     """What a failed handshake (a monitor event and its value) most likely means, from this side's settings."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and curve_server:
+        return f"our allow-list refused the peer's public key (ZAP status {value})"
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"the peer refused our credentials (ZAP status {value}): is our public key on its allow-list?"
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
@@ -359,7 +361,9 @@ def describe_handshake_failure(event: int, value: int, curve: bool) -> str:
     )
 
 
-def handshake_error(address: str, failures: list[tuple[int, int]], curve: bool) -> SecurityError | None:
+def handshake_error(
+    address: str, failures: list[tuple[int, int]], curve: bool, curve_server: bool = False
+) -> SecurityError | None:
     """The error a client raises for the failed handshakes seen on one of its connections, if they are conclusive.
 
     A refusal (auth) or a protocol mismatch is conclusive at once; handshakes that merely fail without detail (what a
@@ -373,5 +377,5 @@ def handshake_error(address: str, failures: list[tuple[int, int]], curve: bool) 
         return None
     event, value = (conclusive or failures)[-1]
     mode = "CURVE" if curve else "plain"
-    reason = describe_handshake_failure(event, value, curve)
+    reason = describe_handshake_failure(event, value, curve, curve_server)
     return SecurityError(f"handshake with {address} failed (this side is {mode}): {reason}")

@@ -129,13 +129,22 @@ class Server:
         self._endpoints: list[Endpoint] = []
         self._authenticator: Authenticator | None = None
         self._control: Endpoint | None = None
+        self._linger_ends: float | None = None
         try:
             if keys is not None:  # before binding: no client may connect before the allow-list is in force
                 where = ", ".join([url.url for url in parsed] + ([control] if control else []))
                 self._authenticator = Authenticator(self._context, keys, where)
             for url in parsed:
                 self._endpoints.append(
-                    open_endpoint(self._context, url, queue=queue, xpub=not drop, monitor=True, keys=keys)
+                    open_endpoint(
+                        self._context,
+                        url,
+                        queue=queue,
+                        xpub=not drop,
+                        monitor=True,
+                        keys=keys,
+                        immediate=True,
+                    )
                 )
             if control is not None:
                 self._control = open_endpoint(
@@ -271,8 +280,27 @@ class Server:
             try:
                 batch, meta = self.pipeline.next_with_meta()
             except StopIteration:
-                return
+                if not self._await_seek():
+                    return
+                continue
             yield batch, self._metadata(meta) if self.metadata else None
+
+    def _await_seek(self) -> bool:
+        """At the end of the pipeline, while clients stay connected (for at most ``linger`` seconds), keep answering
+        control messages: True if a SEEK moved the stream, so that sending goes on."""
+        if self._control is None:
+            return False
+        generation = self.generation
+        deadline = self._linger_ends = time.monotonic() + self.linger
+        while True:
+            self._obey_control()
+            if self.generation != generation:
+                self._linger_ends = None
+                return True
+            connected = any(endpoint.count_peers() for endpoint in self._endpoints)
+            if not connected or time.monotonic() >= deadline:
+                return False
+            self._control.socket.poll(20, zmq.POLLIN)
 
     def _metadata(self, meta: dict[str, Any]) -> dict[str, Any]:
         pipeline = self.pipeline
@@ -326,6 +354,8 @@ class Server:
         """Close the sockets, waiting up to ``linger`` seconds (default: the server's) for queued batches to leave
         and for connected clients to go."""
         seconds = self.linger if linger is None else linger
+        if self._linger_ends is not None:  # part of the linger time went to waiting for a SEEK
+            seconds = min(seconds, max(0.0, self._linger_ends - time.monotonic()))
         self._await_disconnect(seconds)
         for endpoint in self._endpoints:
             endpoint.close(linger=seconds)

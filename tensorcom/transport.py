@@ -112,7 +112,7 @@ class Endpoint:
         fail (a refused key, CURVE against plain); on a bound socket, only report refused peers."""
         self.count_peers()
         error: SecurityError | None = handshake_error(
-            self.address, self.handshake_failures, self.curve is not None
+            self.address, self.handshake_failures, self.curve is not None, self.curve == "server"
         )
         if error is not None:
             raise error
@@ -147,13 +147,17 @@ def open_endpoint(
     monitor: bool = False,
     keys: ServerKeys | ClientKeys | None = None,
     max_message_size: int = MAX_CONTROL_MESSAGE,
+    immediate: bool = False,
 ) -> Endpoint:
     """Create, configure and bind or connect a socket for ``url``.
 
     ``queue`` bounds both directions' high-water marks in whole messages. With ``xpub`` a PUB URL opens an XPUB
     socket with XPUB_NODROP, so a slow subscriber slows the publisher instead of losing batches. With ``monitor``
     the endpoint counts its open connections and follows its handshakes (see :meth:`Endpoint.count_peers`).
-    ``keys`` make it a CURVE server (:class:`ServerKeys`) or client (:class:`ClientKeys`). Frames larger than ``max_message_size`` bytes make libzmq drop the connection.
+    ``keys`` make it a CURVE server (:class:`ServerKeys`) or client (:class:`ClientKeys`). With ``immediate``, a
+    connecting socket queues messages only to completed connections (handshake done), so a send waits, and
+    :func:`send_frames` reports a refused handshake, instead of queueing toward a peer that will never take them.
+    Frames larger than ``max_message_size`` bytes make libzmq drop the connection.
     A socket bound to a non-loopback address without keys logs a warning: anyone who reaches it can connect.
     """
     if queue < 1:
@@ -166,6 +170,8 @@ def open_endpoint(
     socket.setsockopt(zmq.RCVHWM, queue)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    if immediate and not url.bind:
+        socket.setsockopt(zmq.IMMEDIATE, 1)
     if keys is not None:
         keys.apply(socket)
     if kind == zmq.XPUB:
@@ -221,6 +227,8 @@ def send_frames(
                     raise Timeout(
                         f"could not send a {what} on {endpoint} within {timeout} s (no peer took it)"
                     ) from None
+                if index == 0 and endpoint.monitor is not None:
+                    endpoint.check_handshakes()  # a refused peer is an error, not a silent wait
                 if socket.type == zmq.XPUB:
                     time.sleep(
                         0.0002

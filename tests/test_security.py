@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from reliability import StartProcess, reference, same, serve
 
-from tensorcom import ConfigError, Connection, SecurityError, Server
+from tensorcom import ConfigError, Connection, SecurityError, Server, Timeout
 from tensorcom.cli import main
 from tensorcom.security import client_keys_from, generate_keys, is_loopback, server_keys_from
 
@@ -165,9 +166,22 @@ def test_binding_a_network_address_without_keys_warns(
 # zreq
 
 
-def test_zreq_allowed_client_gets_its_exact_stream(start_process: StartProcess, keys: Keys) -> None:
-    """A CURVE server (keys by option) serves an allowed client (keys by variable) bit-identical batches."""
-    _, url = serve(start_process, "factories:small", *keys.serve_args(), workers=0)
+@pytest.mark.parametrize("server_keys_by", ["option", "variable"])
+def test_zreq_allowed_client_gets_its_exact_stream(
+    start_process: StartProcess, keys: Keys, server_keys_by: str
+) -> None:
+    """A CURVE server (keys by option or by variable) serves an allowed client (keys by variable) bit-identical
+    batches."""
+    if server_keys_by == "option":
+        _, url = serve(start_process, "factories:small", *keys.serve_args(), workers=0)
+    else:
+        variables = {
+            "TENSORCOM_SERVER_KEY": str(keys.server_secret),
+            "TENSORCOM_CLIENT_KEYS": str(keys.allowed),
+        }
+        _, url = serve(start_process, "factories:small", workers=0, env=variables)
+        with pytest.raises(SecurityError):  # proof that the server did take its keys from the variables
+            Connection(url, timeout=30)
     environment = {
         "TENSORCOM_CLIENT_KEY": str(keys.alice),
         "TENSORCOM_SERVER_PUBLIC_KEY": str(keys.server_public),
@@ -273,6 +287,22 @@ def test_stream_client_with_a_refused_key_gets_nothing(keys: Keys, ipc_url: Call
     assert not authenticator_threads()
 
 
+def test_a_server_that_connects_to_a_refused_client_raises(keys: Keys, ipc_url: Callable[..., str]) -> None:
+    """A stream server that connects to a binding client whose key is not allowed raises SecurityError from send()
+    instead of waiting; the client receives nothing."""
+    with Connection(ipc_url("zpull"), timeout=0.5, **keys.client("mallory")) as mallory:
+        server = Server(None, ipc_url("zpush"), linger=0, send_timeout=20, **keys.server())
+        try:
+            started = time.monotonic()
+            with pytest.raises(SecurityError, match="our allow-list refused the peer's public key"):
+                server.send([np.arange(4)])
+            assert time.monotonic() - started < 10
+        finally:
+            server.close()
+        with pytest.raises(Exception, match="no batch within"):
+            mallory.recv()
+
+
 def test_stream_server_refuses_a_plain_client_and_logs_it(
     keys: Keys, ipc_url: Callable[..., str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -290,15 +320,16 @@ def test_stream_server_refuses_a_plain_client_and_logs_it(
 def test_seek_control_socket_uses_the_same_keys(keys: Keys, ipc_url: Callable[..., str]) -> None:
     """A CURVE stream server's SEEK control socket accepts the allowed client and refuses another."""
     with Connection(ipc_url("zpull"), timeout=20, **keys.client()) as connection:
-        server = Server(
-            factories.small,
+        server = Server(  # endless, so that the stream cannot end before the server reads the SEEK
+            functools.partial(factories.small, repeating=True),
             ipc_url("zpush"),
             seed=2,
             control=ipc_url("zrep", "c"),
-            send_timeout=2,
+            send_timeout=20,
+            linger=0,
             **keys.server(),
         )
-        thread = threading.Thread(target=lambda: _run_until_timeout(server), daemon=True)
+        thread = threading.Thread(target=server.run, args=(2000,), daemon=True)
         thread.start()
         first = [connection.recv() for _ in range(3)]
         connection.seek(ipc_url("zreq", "c"), epoch=0)
@@ -307,14 +338,14 @@ def test_seek_control_socket_uses_the_same_keys(keys: Keys, ipc_url: Callable[..
         with Connection(ipc_url("zpull", "m"), timeout=5, **keys.client("mallory")) as mallory:
             with pytest.raises(SecurityError, match="refused our credentials"):
                 mallory.seek(ipc_url("zreq", "c"), epoch=0)
+        connection.timeout = 2
+        while thread.is_alive():  # read the rest of its 2000 batches: the server then finishes
+            try:
+                connection.recv()
+            except Timeout:
+                break
     thread.join(timeout=20)
-
-
-def _run_until_timeout(server: Server) -> None:
-    try:
-        server.run()
-    except Exception:  # the test stops reading: the server ends by send timeout
-        pass
+    assert not thread.is_alive()
 
 
 # encryption on the wire
