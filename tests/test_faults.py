@@ -241,6 +241,7 @@ def test_vanished_clients_do_not_grow_server_memory(start_process: StartProcess)
     )
 
 
+@pytest.mark.slow  # timing-sensitive: failed once in a fresh-clone run on a loaded machine
 def test_a_finished_stream_server_still_answers_a_seek(ipc_url: Any) -> None:
     """A stream server whose pipeline has ended keeps answering SEEK while its client is connected, and sends again
     from the state it is given (so a client's seek cannot race the end of the epoch)."""
@@ -254,7 +255,7 @@ def test_a_finished_stream_server_still_answers_a_seek(ipc_url: Any) -> None:
         first = [connection.recv() for _ in range(len(expected))]
         time.sleep(0.2)  # the pipeline has ended; the server waits for its client to go
         connection.seek(ipc_url("zreq", "c"), epoch=0)
-        again = [connection.recv() for _ in range(3)]
+        again = [connection.recv() for _ in range(len(expected))]
     thread.join(timeout=30)
     assert not thread.is_alive()
-    assert same(first, expected) and same(again, expected[:3])
+    assert same(first, expected) and same(again, expected)
