@@ -172,7 +172,7 @@ class Connection:
             if len(frames) == 1:  # tensorcom 0.1's single-buffer mode: one frame holding a .ten buffer
                 return codec.decode_buffer(frames[0], infos=True)
             return codec.decode(frames, infos=True)
-        except ValueError as error:  # DecodeError, or numpy refusing a shape the codec let through
+        except ValueError as error:  # DecodeError, or any other ValueError a malformed batch raises
             message = f"malformed batch from {endpoint}: {error}"
             if self.on_malformed == "raise":
                 raise DecodeError(message) from error

@@ -425,7 +425,7 @@ class RequestConnection(Connection):
             )
         try:
             arrays, infos = codec.decode(frames, infos=True)
-        except ValueError as error:  # DecodeError, or numpy refusing a shape the codec let through
+        except ValueError as error:  # DecodeError, or any other ValueError a malformed batch raises
             raise DecodeError(
                 f"malformed batch for step {step} from {message.fields.get('server')}: {error}"
             ) from None
