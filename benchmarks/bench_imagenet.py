@@ -4,29 +4,32 @@ Both read the same generated JPEG folder (ImageNet-like sizes) and run the same 
 with JPEG draft mode, random resized crop, flip, 224 x 224 uint8) with N worker processes, and deliver batches of
 torch tensors to the training process:
 
-- ours: ``serve-imagenet-dir -w N`` in a child process, a zreq ``ConnectionDataset`` (numpy frames to tensors
-  without copying) in this one;
+- ours: ``serve-imagenet-dir -w N`` in a child process bound to ``zrep+ipc://`` (same host: the shared-memory
+  fast path where it applies), a zreq ``ConnectionDataset`` (numpy frames to tensors without copying) in this one;
 - torch: ``DataLoader(dataset, batch_size=B, num_workers=N, shuffle=True)`` over a map-style dataset calling the
   transform with a per-sample generator.
 
 The transport share is the time one batch of that shape costs to move (encode, send, receive, decode) over zreq,
 measured with a server that has nothing to compute, as a fraction of one batch's time from the image server.
-Timing starts after the first batches, so process start-up is excluded. Ratios come from one run, side by side.
-Run::
+Timing starts after the first batches, so process start-up is excluded. The two take turns, ``--repeat`` rounds;
+figures are medians and each ratio the median of the ratios within a round. Run::
 
-    python benchmarks/bench_imagenet.py            # about a minute
-    python benchmarks/bench_imagenet.py --quick    # a smoke run
+    python benchmarks/bench_imagenet.py            # about half a minute
+    python benchmarks/bench_imagenet.py --quick    # about 10 s
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,28 +91,42 @@ def rate(batches: Iterator[Any], count: int, warmup: int, batch_size: int) -> fl
     return count * batch_size / (time.perf_counter() - started)
 
 
+def _client_url(address: str) -> str:
+    return "zreq+" + address if address.startswith("ipc://") else address.replace("tcp://", "zreq://")
+
+
 def start(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     process = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, env=env)
     line = process.stdout.readline().decode().split() if process.stdout is not None else []
     if line[:1] != ["ready"]:
         process.kill()
         raise SystemExit(f"server did not start: {line}")
-    return process, line[1].replace("tcp://", "zreq://")
+    return process, _client_url(line[1])
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
-    process.wait(timeout=30)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
 
 
-def ours(folder: str, workers: int, batch_size: int, size: int, count: int, warmup: int) -> float:
+def _bind(folder: str) -> str:
+    return f"zrep+ipc://{folder}/images-{time.monotonic_ns()}"
+
+
+def ours(
+    images: str, workers: int, batch_size: int, size: int, count: int, warmup: int, folder: str
+) -> float:
     from torch.utils.data import DataLoader
 
     from tensorcom.torch_data import ConnectionDataset
 
     server, url = start(
-        ["-m", "tensorcom_servers.imagenet_dir", "-d", folder, "-b", str(batch_size), "--size", str(size)]
-        + ["-w", str(workers), "-q", "zrep://127.0.0.1:0"]
+        ["-m", "tensorcom_servers.imagenet_dir", "-d", images, "-b", str(batch_size), "--size", str(size)]
+        + ["-w", str(workers), "-q", _bind(folder)]
     )
     try:
         with ConnectionDataset(url, device="cpu", prefetch=2 * workers + 2, timeout=120) as dataset:
@@ -118,10 +135,10 @@ def ours(folder: str, workers: int, batch_size: int, size: int, count: int, warm
         stop(server)
 
 
-def torch_loader(folder: str, workers: int, batch_size: int, size: int, count: int, warmup: int) -> float:
+def torch_loader(images: str, workers: int, batch_size: int, size: int, count: int, warmup: int) -> float:
     from torch.utils.data import DataLoader
 
-    dataset: Any = TransformDataset(ImageTransform(ImageDirectory(folder), size))
+    dataset: Any = TransformDataset(ImageTransform(ImageDirectory(images), size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=True)
 
     def forever() -> Iterator[Any]:
@@ -131,7 +148,7 @@ def torch_loader(folder: str, workers: int, batch_size: int, size: int, count: i
     return rate(forever(), count, warmup, batch_size)
 
 
-def transport_seconds(batch_size: int, size: int, count: int) -> float:
+def transport_seconds(batch_size: int, size: int, count: int, folder: str) -> float:
     """Seconds per batch moved over zreq from a server that computes nothing (workers=0: no extra hop)."""
     from torch.utils.data import DataLoader
 
@@ -140,7 +157,7 @@ def transport_seconds(batch_size: int, size: int, count: int) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     server, url = start(
         ["-m", "tensorcom.cli", "serve", "bench_imagenet:constant_batches", "-q", "-w", "0"]
-        + ["--bind", "zrep://127.0.0.1:0", "-o", f"batch_size={batch_size}", "-o", f"size={size}"],
+        + ["--bind", _bind(folder), "-o", f"batch_size={batch_size}", "-o", f"size={size}"],
         env,
     )
     try:
@@ -150,42 +167,100 @@ def transport_seconds(batch_size: int, size: int, count: int) -> float:
         stop(server)
 
 
+def measure(
+    quick: bool = False,
+    repeat: int | None = None,
+    workers_list: tuple[int, ...] = (1, 2),
+    batch_size: int = 32,
+    size: int = 224,
+    images: int = 40,
+    source_size: int = 400,
+) -> list[dict[str, Any]]:
+    """One row per worker count: both rates (medians), their ratio, the transport share, every sample."""
+    repeat = repeat or (1 if quick else 3)
+    count, warmup = (8, 2) if quick else (24, 4)
+    source = os.path.join(tempfile.gettempdir(), f"tensorcom-bench-images-{source_size}")
+    make_sample_images(source, per_class=images, size=source_size)
+    samples: dict[int, tuple[list[float], list[float]]] = {workers: ([], []) for workers in workers_list}
+    with tempfile.TemporaryDirectory() as folder:
+        for round_number in range(repeat):
+            print(f"images round {round_number + 1}/{repeat}", file=sys.stderr)
+            for workers in workers_list:
+                samples[workers][0].append(ours(source, workers, batch_size, size, count, warmup, folder))
+                samples[workers][1].append(torch_loader(source, workers, batch_size, size, count, warmup))
+        moving = transport_seconds(batch_size, size, count, folder)
+    rows = []
+    for workers, (mine, theirs) in samples.items():
+        images_per_s = statistics.median(mine)
+        rows.append(
+            {
+                "group": "images",
+                "case": f"serve-imagenet-dir, {workers} workers",
+                "workers": workers,
+                "jpegs": images * 10,
+                "source_size": source_size,
+                "batch_size": batch_size,
+                "size": size,
+                "images_per_s": images_per_s,
+                "dataloader_images_per_s": statistics.median(theirs),
+                "vs_dataloader": statistics.median(a / b for a, b in zip(mine, theirs, strict=True)),
+                "transport_ms_per_batch": 1e3 * moving,
+                "transport_share": moving / (batch_size / images_per_s),
+                "samples": mine,
+                "dataloader_samples": theirs,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| workers | serve-imagenet-dir img/s | DataLoader img/s | vs DataLoader | transport share |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workers']} | {r['images_per_s']:.0f} | {r['dataloader_images_per_s']:.0f} | "
+            f"{r['vs_dataloader']:.2f} | {100 * r['transport_share']:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def describe(rows: list[dict[str, Any]]) -> str:
+    r = rows[0]
+    return (
+        f"{r['jpegs']} JPEGs of {r['source_size']}x{r['source_size']}, batches of {r['batch_size']} x "
+        f"{r['size']}x{r['size']}x3 uint8; transport share = {r['transport_ms_per_batch']:.2f} ms to move one "
+        "batch over zreq (ipc), as a share of one batch's time from the image server"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few batches, for a smoke run")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds (default 3, quick 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--images", type=int, default=40, help="images per class (10 classes)")
     parser.add_argument("--source-size", type=int, default=400, help="side of the generated JPEGs")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
     args = parser.parse_args()
-    count, warmup = (4, 2) if args.quick else (20, 4)
-    folder = os.path.join(tempfile.gettempdir(), f"tensorcom-bench-images-{args.source_size}")
-    make_sample_images(folder, per_class=args.images, size=args.source_size)
-
-    rows = []
-    for workers in args.workers:
-        mine = ours(folder, workers, args.batch_size, args.size, count, warmup)
-        theirs = torch_loader(folder, workers, args.batch_size, args.size, count, warmup)
-        rows.append((workers, mine, theirs))
-    moving = transport_seconds(args.batch_size, args.size, count)
-
-    print(
-        f"{args.images * 10} JPEGs of {args.source_size}x{args.source_size}, batches of {args.batch_size} x {args.size}x{args.size}x3 uint8"
+    rows = measure(
+        args.quick,
+        args.repeat,
+        tuple(args.workers),
+        args.batch_size,
+        args.size,
+        args.images,
+        args.source_size,
     )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
+    print(describe(rows))
+    print(format_table(rows))
     print(
-        f"{'workers':>7} {'serve-imagenet-dir img/s':>25} {'DataLoader img/s':>17} {'ratio':>6} {'transport':>10}"
-    )
-    for workers, mine, theirs in rows:
-        batch_seconds = args.batch_size / mine
-        print(
-            f"{workers:>7} {mine:>25.0f} {theirs:>17.0f} {mine / theirs:>6.2f} {100 * moving / batch_seconds:>9.1f}%"
-        )
-    print(
-        "ratio = serve-imagenet-dir (zreq, ConnectionDataset) / torch DataLoader (same transform, same workers)"
-    )
-    print(
-        f"transport = {1e3 * moving:.2f} ms to move one batch over zreq, as a share of one batch's time from the server"
+        "vs DataLoader = serve-imagenet-dir (zreq, ConnectionDataset) / torch DataLoader (same transform, workers)"
     )
 
 

@@ -3,9 +3,9 @@
 Both load ``ImageLike(n, work)`` (a 3x64x64 uint8 image and a label per sample, plus ``work`` rounds of numpy
 arithmetic standing in for decoding and augmentation), shuffled, in batches of 32, with ``num_workers`` /
 ``worker_per_consumer`` equal to 1 and 2. Each run reads one epoch; the rate counts the batches after the first, so
-process start-up is reported separately and excluded from both. The two loaders take turns, ``--repeat`` times
-(best rate of each kept), so ratios are measured side by side in one run (absolute figures drift on shared
-machines). Run::
+process start-up is reported separately and excluded from both. The two loaders take turns, ``--repeat`` times;
+the figures are medians and the ratio is the median of the ratios within a turn, so ratios are measured side by
+side in one run (absolute figures drift on shared machines). Run::
 
     python benchmarks/bench_loader.py            # under a minute
     python benchmarks/bench_loader.py --quick    # a few seconds
@@ -14,8 +14,12 @@ machines). Run::
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +46,7 @@ class ImageLike:
         return (values * 255).astype(np.uint8).reshape(3, 64, 64), index
 
 
-def measure(batches: Iterable[Any], started: float) -> tuple[float, float, int]:
+def epoch_rate(batches: Iterable[Any], started: float) -> tuple[float, float, int]:
     """(seconds to the first batch, samples/s after it, batches) for one epoch."""
     iterator = iter(batches)
     next(iterator)
@@ -61,7 +65,7 @@ def torch_rate(n: int, work: int, workers: int) -> tuple[float, float, int]:
     started = time.perf_counter()
     dataset: Any = ImageLike(n, work)  # map-style: DataLoader only needs __len__ and __getitem__
     loader: Any = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=workers)
-    return measure(loader, started)
+    return epoch_rate(loader, started)
 
 
 def swift_rate(n: int, work: int, workers: int) -> tuple[float, float, int]:
@@ -77,48 +81,85 @@ def swift_rate(n: int, work: int, workers: int) -> tuple[float, float, int]:
         validate=False,
     ) as loader:
         loader.start(0)
-        return measure(loader, started)
+        return epoch_rate(loader, started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer samples, one turn each: a few seconds in all"
-    )
-    parser.add_argument(
-        "--repeat", type=int, default=None, help="turns per configuration (default 2, quick 1)"
-    )
-    args = parser.parse_args()
-    n = 1024 if args.quick else 6144
-    repeat = args.repeat or (1 if args.quick else 2)
-    workloads = {"light": 0, "heavy": 24}
-    print(
-        f"{n} samples per epoch, batches of {BATCH_SIZE}, 3x64x64 uint8 images; best of {repeat} epochs each"
-    )
-    print()
-    header = (
-        f"{'workload':<8} {'workers':>7} {'DataLoader/s':>13} {'SwiftLoader/s':>14} {'ratio':>6} "
-        f"{'start DL s':>10} {'start SL s':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, work in workloads.items():
+WORKLOADS = {"light": 0, "heavy": 24}
+
+
+def measure(quick: bool = False, repeat: int | None = None) -> list[dict[str, Any]]:
+    """One row per (workload, workers): medians of both loaders' samples/s and start-up, and every sample."""
+    n = 1024 if quick else 6144
+    repeat = repeat or (1 if quick else 3)
+    rows = []
+    for name, work in WORKLOADS.items():
         for workers in (1, 2):
             torch_runs, swift_runs = [], []
-            for _ in range(repeat):
+            for round_number in range(repeat):
+                print(f"loader {name} {workers} workers round {round_number + 1}/{repeat}", file=sys.stderr)
                 torch_runs.append(torch_rate(n, work, workers))
                 swift_runs.append(swift_rate(n, work, workers))
             if {run[2] for run in torch_runs} != {run[2] for run in swift_runs}:
                 raise SystemExit(f"batch counts differ: DataLoader {torch_runs}, SwiftLoader {swift_runs}")
-            torch_start, torch_samples, _ = max(torch_runs, key=lambda run: run[1])
-            swift_start, swift_samples, _ = max(swift_runs, key=lambda run: run[1])
-            print(
-                f"{name:<8} {workers:>7} {torch_samples:>13.0f} {swift_samples:>14.0f} "
-                f"{swift_samples / torch_samples:>6.2f} {torch_start:>10.2f} {swift_start:>10.2f}"
+            rows.append(
+                {
+                    "group": "loader",
+                    "case": f"SwiftLoader, {name} work, {workers} workers",
+                    "workload": name,
+                    "workers": workers,
+                    "samples_per_epoch": n,
+                    "batch_size": BATCH_SIZE,
+                    "swift_samples_per_s": statistics.median(run[1] for run in swift_runs),
+                    "dataloader_samples_per_s": statistics.median(run[1] for run in torch_runs),
+                    "vs_dataloader": statistics.median(
+                        s[1] / t[1] for s, t in zip(swift_runs, torch_runs, strict=True)
+                    ),
+                    "swift_start_s": statistics.median(run[0] for run in swift_runs),
+                    "dataloader_start_s": statistics.median(run[0] for run in torch_runs),
+                    "samples": {"swift": swift_runs, "dataloader": torch_runs},
+                }
             )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| work | workers | SwiftLoader samples/s | DataLoader samples/s | vs DataLoader | start SwiftLoader s | "
+        "start DataLoader s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['workers']} | {r['swift_samples_per_s']:.0f} | "
+            f"{r['dataloader_samples_per_s']:.0f} | {r['vs_dataloader']:.2f} | {r['swift_start_s']:.2f} | "
+            f"{r['dataloader_start_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer samples, one turn each: a few seconds in all"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="turns per configuration (default 3, quick 1)"
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
+    args = parser.parse_args()
+    rows = measure(args.quick, args.repeat)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
+    print(
+        f"{rows[0]['samples_per_epoch']} samples per epoch, batches of {BATCH_SIZE}, 3x64x64 uint8 images; "
+        "medians over the turns"
+    )
+    print()
+    print(format_table(rows))
     print()
     print(
-        "ratio = SwiftLoader samples/s / DataLoader samples/s, after the first batch of each (> 1: SwiftLoader faster)"
+        "vs DataLoader = SwiftLoader samples/s / DataLoader samples/s, after the first batch of each "
+        "(> 1: SwiftLoader faster); start = seconds to the first batch"
     )
 
 

@@ -1,23 +1,29 @@
-"""Items per second of DistributedBatchedMap against torch DataLoader running the same function.
+"""Items per second of DistributedBatchedMap and PipelineBuilder against torch DataLoader running the same function.
 
-Both run ``work(index)`` over a map-style dataset with 1 and 2 worker processes and deliver single items (no
-batching) in order. Timing starts after the first item, so process start-up is excluded from both. Ratios are taken
-side by side in one run (absolute figures drift on shared machines). Run::
+All three run ``work(index)`` over indices ``0..n-1`` with 1 and 2 workers and deliver single items (no batching)
+in order: DistributedBatchedMap and DataLoader in worker processes, PipelineBuilder in a thread pool of that size
+(``pipe(work, concurrency=N)``, ``build(num_threads=N)``). Timing starts after the first item, so start-up is
+excluded. The three take turns, ``--repeat`` rounds; the figures are medians, and each ratio is the median of the
+ratios within a round (absolute figures drift on shared machines). Run::
 
-    python benchmarks/bench_pipeline.py            # about 30-60 s
+    python benchmarks/bench_pipeline.py            # about a minute and a half
     python benchmarks/bench_pipeline.py --quick    # a few seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tensorcom.pipeline import Conveyer, DistributedBatchedMap, Range
+from tensorcom.pipeline import Conveyer, DistributedBatchedMap, PipelineBuilder, Range
 
 
 def light(index: int) -> int:
@@ -34,6 +40,7 @@ def heavy(index: int) -> float:
 
 
 WORKLOADS: dict[str, Callable[[int], Any]] = {"light": light, "heavy": heavy}
+STAGES = ("DistributedBatchedMap", "PipelineBuilder")
 
 
 class Dataset:
@@ -57,9 +64,21 @@ def rate(iterator: Iterator[Any], n: int) -> float:
     return (n - 1) / (time.perf_counter() - start)
 
 
-def ours(fn: Callable[[int], Any], n: int, workers: int) -> float:
+def distributed_map(fn: Callable[[int], Any], n: int, workers: int) -> float:
     with Conveyer([Range(n), DistributedBatchedMap(fn, n_workers=workers)]) as pipeline:
-        return rate(pipeline, n)
+        return rate(iter(pipeline), n)
+
+
+def builder(fn: Callable[[int], Any], n: int, workers: int) -> float:
+    built = (
+        PipelineBuilder()
+        .add_source(range(n))
+        .pipe(fn, concurrency=workers)
+        .add_sink(2 * workers + 2)
+        .build(num_threads=workers)
+    )
+    with built as pipeline:
+        return rate(iter(pipeline), n)
 
 
 def torch_loader(fn: Callable[[int], Any], n: int, workers: int) -> float:
@@ -74,25 +93,72 @@ def torch_loader(fn: Callable[[int], Any], n: int, workers: int) -> float:
         del iterator
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few items, for a smoke run")
-    args = parser.parse_args()
-    sizes = {"light": 2000, "heavy": 300} if args.quick else {"light": 20000, "heavy": 4000}
+RUNNERS: dict[str, Callable[[Callable[[int], Any], int, int], float]] = {
+    "DistributedBatchedMap": distributed_map,
+    "PipelineBuilder": builder,
+    "DataLoader": torch_loader,
+}
 
+
+def measure(quick: bool = False, repeat: int | None = None) -> list[dict[str, Any]]:
+    """One row per (stage, workload, workers): items/s, DataLoader's items/s, their ratio, every sample."""
+    repeat = repeat or (1 if quick else 3)
+    sizes = {"light": 2000, "heavy": 300} if quick else {"light": 20000, "heavy": 3000}
     rows = []
     for name, fn in WORKLOADS.items():
         for workers in (1, 2):
-            mine = ours(fn, sizes[name], workers)
-            theirs = torch_loader(fn, sizes[name], workers)
-            rows.append((name, workers, sizes[name], mine, theirs))
+            samples: dict[str, list[float]] = {runner: [] for runner in RUNNERS}
+            for round_number in range(repeat):
+                print(f"pipeline {name} {workers} workers round {round_number + 1}/{repeat}", file=sys.stderr)
+                for runner, run in RUNNERS.items():
+                    samples[runner].append(run(fn, sizes[name], workers))
+            theirs = samples["DataLoader"]
+            for stage in STAGES:
+                unit = "threads" if stage == "PipelineBuilder" else "workers"
+                rows.append(
+                    {
+                        "group": "pipeline",
+                        "case": f"{stage}, {name} work, {workers} {unit}",
+                        "stage": stage,
+                        "workload": name,
+                        "workers": workers,
+                        "items": sizes[name],
+                        "items_per_s": statistics.median(samples[stage]),
+                        "dataloader_items_per_s": statistics.median(theirs),
+                        "vs_dataloader": statistics.median(
+                            a / b for a, b in zip(samples[stage], theirs, strict=True)
+                        ),
+                        "samples": samples[stage],
+                        "dataloader_samples": theirs,
+                    }
+                )
+    return rows
 
-    print(
-        f"{'workload':<8} {'workers':>7} {'items':>6} {'DBM items/s':>12} {'DataLoader items/s':>19} {'ratio':>6}"
-    )
-    for name, workers, n, mine, theirs in rows:
-        print(f"{name:<8} {workers:>7} {n:>6} {mine:>12.0f} {theirs:>19.0f} {mine / theirs:>6.2f}")
-    print("ratio = DistributedBatchedMap / torch DataLoader (same function, same worker count, one run)")
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| stage | work | workers | items/s | DataLoader items/s | vs DataLoader |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in sorted(rows, key=lambda r: (STAGES.index(r["stage"]), r["workload"] != "light", r["workers"])):
+        lines.append(
+            f"| {r['stage']} | {r['workload']} | {r['workers']} | {r['items_per_s']:.0f} | "
+            f"{r['dataloader_items_per_s']:.0f} | {r['vs_dataloader']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few items, one round: a few seconds")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds (default 3, quick 1)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
+    args = parser.parse_args()
+    rows = measure(args.quick, args.repeat)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
+    print(format_table(rows))
+    print("PipelineBuilder runs the function in threads (workers = threads); the others in processes")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,35 @@
 """The benchmark suite: every benchmark in one run, written to benchmarks/results/ as JSON, markdown and a plot.
 
-    python benchmarks/suite.py            # make bench: the full run (several minutes)
+    python benchmarks/suite.py            # make bench: the full run (about seven minutes, 2 quiet cores)
     python benchmarks/suite.py --quick    # make bench-quick: about two minutes
+    python benchmarks/suite.py --quick --parts transport images   # some parts only (results still written)
 
-Parts: transport (bench_transport.py), pipeline (bench_pipeline.py) and, where present, the loader
-(bench_loader.py). Each reports ratios measured side by side in this one run; absolute figures on shared machines
-drift by ±30 %, ratios much less. The results name the machine they were taken on.
+Parts, each run by its own script in its own process (``--json``) and rendered as its own table and plot panel:
+
+- transport (bench_transport.py): raw pyzmq, a shared-memory ring, stream and zreq with and without the
+  shared-memory fast path (``TENSORCOM_SHM=0``), tensorcom 0.1, DataLoader;
+- pipeline (bench_pipeline.py): DistributedBatchedMap and PipelineBuilder against DataLoader on the same function;
+- images (bench_imagenet.py): serve-imagenet-dir against DataLoader with the same decode and augmentation;
+- loader (bench_loader.py): SwiftLoader against DataLoader.
+
+Each part measures its cases side by side, in alternating rounds so drift hits all alike, and reports medians;
+ratios are medians of the ratios within a round. Absolute figures on shared machines drift by ±30 %, ratios much
+less. The JSON keeps every sample; the results name the machine they were taken on.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,13 +38,43 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-TARGETS = {
+PARTS = {
+    "transport": "bench_transport.py",
+    "pipeline": "bench_pipeline.py",
+    "images": "bench_imagenet.py",
+    "loader": "bench_loader.py",
+}
+QUICK_REPEAT = {"transport": 2, "pipeline": 2, "images": 1, "loader": 2}
+PART_TIMEOUT_S = 1800
+
+# threshold of each target (None: reported, no target); "client CPU" is an upper bound, the rest lower bounds
+TARGETS: dict[str, float | None] = {
     "zreq (credit 4) / raw pyzmq, 9.6 MB": 0.90,
     "stream / raw pyzmq, 9.6 MB": 0.95,
     "stream / tensorcom 0.1, 9.6 MB": 1.8,
     "stream / DataLoader(2 workers), 9.6 MB": 2.0,
     "stream / raw pyzmq, 64 KB": 0.70,
+    "zreq shm / shm ring, 9.6 MB": 0.6,
+    "zreq shm / DataLoader(2 workers), 9.6 MB": 3.0,
+    "zreq 1 worker / raw pyzmq, 9.6 MB": None,
+    "zreq credit 4 / raw pyzmq, 64 KB": 0.70,
+    "client CPU s/GB, best same-host case, 9.6 MB": 0.05,
 }
+AT_MOST = {"client CPU s/GB, best same-host case, 9.6 MB"}
+
+# (target, case, baseline, batch size, transports): "zreq shm" is zreq credit 4 over ipc as configured by default
+RATIO_CHECKS = [
+    ("zreq (credit 4) / raw pyzmq, 9.6 MB", "zreq credit 4", "raw pyzmq", "9.6MB", ("ipc", "tcp")),
+    ("stream / raw pyzmq, 9.6 MB", "stream", "raw pyzmq", "9.6MB", ("ipc", "tcp")),
+    ("stream / tensorcom 0.1, 9.6 MB", "stream", "tensorcom 0.1", "9.6MB", ("ipc", "tcp")),
+    ("stream / DataLoader(2 workers), 9.6 MB", "stream", "DataLoader 2 workers", "9.6MB", ("ipc", "tcp")),
+    ("stream / raw pyzmq, 64 KB", "stream", "raw pyzmq", "64KB", ("ipc", "tcp")),
+    ("zreq shm / shm ring, 9.6 MB", "zreq credit 4", "shm ring", "9.6MB", ("ipc",)),
+    ("zreq shm / DataLoader(2 workers), 9.6 MB", "zreq credit 4", "DataLoader 2 workers", "9.6MB", ("ipc",)),
+    ("zreq 1 worker / raw pyzmq, 9.6 MB", "zreq 1 worker", "raw pyzmq", "9.6MB", ("ipc", "tcp")),
+    ("zreq credit 4 / raw pyzmq, 64 KB", "zreq credit 4", "raw pyzmq", "64KB", ("ipc", "tcp")),
+]
+SAME_HOST_CASES = ("stream", "zreq credit 1", "zreq credit 2", "zreq credit 4", "zreq 1 worker")
 
 
 def machine() -> dict[str, Any]:
@@ -50,6 +91,7 @@ def machine() -> dict[str, Any]:
         "libzmq": zmq.zmq_version(),
         "versions": versions,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_at_start": os.getloadavg()[0],
     }
 
 
@@ -61,93 +103,222 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def pipeline_rows(quick: bool) -> list[dict[str, Any]]:
-    """Rows from bench_pipeline.py (run as a script: its worker functions must be importable as __main__)."""
-    command = [sys.executable, str(HERE / "bench_pipeline.py"), *(["--quick"] if quick else [])]
-    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1200).stdout
-    rows = []
-    for line in output.splitlines():
-        fields = line.split()
-        if len(fields) == 6 and fields[0] in ("light", "heavy"):
-            rows.append(
-                {
-                    "group": "pipeline",
-                    "case": f"DistributedBatchedMap, {fields[0]} work, {fields[1]} workers",
-                    "items_per_s": float(fields[3]),
-                    "dataloader_items_per_s": float(fields[4]),
-                    "vs_dataloader": float(fields[5]),
-                }
-            )
-    return rows
+def run_part(part: str, quick: bool, repeat: int | None) -> tuple[list[dict[str, Any]], float]:
+    """Rows of one part, from its script run in a fresh process; and the seconds it took."""
+    repeat = repeat or (QUICK_REPEAT[part] if quick else None)
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / f"{part}.json"
+        command = [sys.executable, str(HERE / PARTS[part]), "--json", str(output)]
+        command += ["--quick"] if quick else []
+        command += ["--repeat", str(repeat)] if repeat else []
+        started = time.perf_counter()
+        subprocess.run(command, stdout=subprocess.DEVNULL, check=True, timeout=PART_TIMEOUT_S)
+        return json.loads(output.read_text()), time.perf_counter() - started
 
 
-def ratio(rows: list[dict[str, Any]], case: str, baseline: str, size: str, transport: str) -> float | None:
-    values = {
-        r["case"]: r["batches_per_s"]
-        for r in rows
-        if r.get("size") == size and r.get("transport") == transport
-    }
-    if baseline == "DataLoader 2 workers":
-        values[baseline] = next(
-            (r["batches_per_s"] for r in rows if r.get("size") == size and r["case"] == baseline),
-            float("nan"),
-        )
-    if case in values and baseline in values:
-        return values[case] / values[baseline]
+# targets
+
+
+def _row(rows: list[dict[str, Any]], case: str, size: str, transport: str) -> dict[str, Any] | None:
+    """The transport row of ``case``; same-host baselines (ring, DataLoader) match any transport."""
+    for r in rows:
+        if r["case"] == case and r["size"] == size and r["transport"] in (transport, "shm"):
+            return r
     return None
 
 
+def paired_ratio(row: dict[str, Any], baseline: dict[str, Any]) -> float:
+    """Median of the per-round ratios of batches/s (the ratio of medians where the rounds do not pair up)."""
+    mine = [s["batches_per_s"] for s in row.get("samples", [])]
+    theirs = [s["batches_per_s"] for s in baseline.get("samples", [])]
+    if mine and len(mine) == len(theirs):
+        return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+    return float(row["batches_per_s"] / baseline["batches_per_s"])
+
+
+def _target_row(name: str, case: str, value: float) -> dict[str, Any]:
+    target = TARGETS[name]
+    met = None if target is None else (value <= target if name in AT_MOST else value >= target)
+    return {
+        "group": "targets",
+        "target_name": name,
+        "case": case,
+        "ratio": value,
+        "target": target,
+        "met": met,
+    }
+
+
 def target_rows(transport: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    checks = [
-        ("zreq (credit 4) / raw pyzmq, 9.6 MB", "zreq credit 4", "raw pyzmq", "9.6MB"),
-        ("stream / raw pyzmq, 9.6 MB", "stream", "raw pyzmq", "9.6MB"),
-        ("stream / tensorcom 0.1, 9.6 MB", "stream", "tensorcom 0.1", "9.6MB"),
-        ("stream / DataLoader(2 workers), 9.6 MB", "stream", "DataLoader 2 workers", "9.6MB"),
-        ("stream / raw pyzmq, 64 KB", "stream", "raw pyzmq", "64KB"),
-    ]
     rows = []
-    for name, case, baseline, size in checks:
-        for transport_name in ("ipc", "tcp"):
-            value = ratio(transport, case, baseline, size, transport_name)
-            if value is not None:
-                target = TARGETS[name]
-                rows.append(
-                    {
-                        "group": "targets",
-                        "case": f"{name} ({transport_name})",
-                        "ratio": value,
-                        "target": target,
-                        "met": value >= target,
-                    }
-                )
+    for name, case, baseline, size, transports in RATIO_CHECKS:
+        for transport_name in transports:
+            mine, theirs = (
+                _row(transport, case, size, transport_name),
+                _row(transport, baseline, size, transport_name),
+            )
+            if mine is not None and theirs is not None and mine["transport"] == transport_name:
+                rows.append(_target_row(name, f"{name} ({transport_name})", paired_ratio(mine, theirs)))
+    same_host = [
+        r
+        for r in transport
+        if r["size"] == "9.6MB" and r["transport"] == "ipc" and r["case"] in SAME_HOST_CASES
+    ]
+    if same_host:
+        best = min(same_host, key=lambda r: r["client_cpu_s_per_gb"])
+        name = "client CPU s/GB, best same-host case, 9.6 MB"
+        rows.append(_target_row(name, f"{name} ({best['case']}, ipc)", best["client_cpu_s_per_gb"]))
     return rows
 
 
+# markdown
+
+
+def _targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["(no transport part in this run)"]
+    lines = ["| ratio | measured | target | met |", "| --- | ---: | ---: | --- |"]
+    for r in rows:
+        at_most = r.get("target_name") in AT_MOST
+        value = f"{r['ratio']:.3f}" if at_most else f"{r['ratio']:.2f}"
+        if r["target"] is None:
+            target, met = "report", "—"
+        else:
+            target = f"≤ {r['target']:.3f}" if at_most else f"≥ {r['target']:.2f}"
+            met = "yes" if r["met"] else "no"
+        lines.append(f"| {r['case']} | {value} | {target} | {met} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
-    from bench_transport import format_table
+    import bench_transport
 
     m = result["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    seconds = ", ".join(f"{part} {s:.0f} s" for part, s in result.get("seconds", {}).items())
     lines = [
         f"Measured {m['date']} on {m['cores']} cores ({m['cpu']}), Python {m['python']}, libzmq {m['libzmq']}, "
-        f"{versions}{' (quick run)' if result['quick'] else ''}.",
+        f"{versions}{' (quick run)' if result['quick'] else ''}. Load average at the start "
+        f"{m.get('load_average_at_start', float('nan')):.2f}; the run took {result.get('total_s', 0):.0f} s "
+        f"({seconds}).",
         "",
         "### Targets",
         "",
-        "| ratio | measured | target | met |",
-        "| --- | ---: | ---: | --- |",
+        *_targets_table(result.get("targets", [])),
+        "",
+        '"zreq shm" is zreq with credit 4 over ipc as configured by default (the shared-memory fast path where it '
+        "applies); the client-CPU row names the same-host case with the least client CPU per GB.",
     ]
-    for r in result["targets"]:
-        lines.append(
-            f"| {r['case']} | {r['ratio']:.2f} | {r['target']:.2f} | {'yes' if r['met'] else 'no'} |"
-        )
-    lines += ["", "### Transport", "", format_table(result["transport"]), "", "### Pipeline", ""]
-    lines += ["| case | items/s | DataLoader items/s | ratio |", "| --- | ---: | ---: | ---: |"]
-    for r in result["pipeline"]:
-        lines.append(
-            f"| {r['case']} | {r['items_per_s']:.0f} | {r['dataloader_items_per_s']:.0f} | {r['vs_dataloader']:.2f} |"
-        )
+    if result.get("transport"):
+        lines += [
+            "",
+            "### Transport",
+            "",
+            "One sender and one receiver process; the receiver touches one byte per 4 KB page of every batch. "
+            '"(no shm)": TENSORCOM_SHM=0 in the sender (and its workers) and the receiver. "shm ring": the '
+            f"same-host ceiling, batches copied into a {bench_transport.RING_SLOTS}-slot ring in /dev/shm, slot "
+            'numbers over zmq. "client maps /dev/shm": the receiver had a shared-memory file mapped.',
+            "",
+            bench_transport.format_table(result["transport"]),
+        ]
+    for part, title, note in (
+        ("pipeline", "Pipeline", "Items/s of the same function; PipelineBuilder runs it in threads."),
+        ("images", "Images", None),
+        ("loader", "Loader", "Samples/s after the first batch; start = seconds to the first batch."),
+    ):
+        if result.get(part):
+            module = __import__(PARTS[part].removesuffix(".py"))
+            if part == "images":
+                note = module.describe(result[part]) + "."
+            lines += ["", f"### {title}", "", note or "", "", module.format_table(result[part])]
     return "\n".join(lines) + "\n"
+
+
+# plot
+
+
+def _transport_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
+    rows = [r for r in rows if r["size"] == "9.6MB"]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    width = 0.4
+    for offset, transport, label in (
+        (-width / 2, "ipc", "ipc"),
+        (width / 2, "tcp", "tcp"),
+        (0.0, "shm", "same host"),
+    ):
+        positions, values = [], []
+        for number, case in enumerate(cases):
+            value = next(
+                (r["gb_per_s"] for r in rows if r["case"] == case and r["transport"] == transport), None
+            )
+            if value is not None:
+                positions.append(number + offset)
+                values.append(value)
+        if values:
+            axis.bar(positions, values, width, label=label)
+    axis.set_xticks(range(len(cases)), cases, rotation=25, ha="right")
+    axis.set_ylabel("GB/s")
+    axis.set_title("Transport, 9.6 MB batches, one sender and one receiver process")
+    axis.legend()
+
+
+def _grouped(
+    axis: Any, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str, one: bool = False
+) -> None:
+    width = 0.8 / len(series)
+    for number, (name, values) in enumerate(series.items()):
+        offset = (number - (len(series) - 1) / 2) * width
+        axis.bar([i + offset for i in range(len(labels))], values, width, label=name)
+    if one:
+        axis.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+    axis.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(fontsize="small")
+
+
+def _pipeline_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    labels = list(dict.fromkeys(f"{r['workload']}, {r['workers']} w" for r in rows))
+    series = {
+        stage: [
+            next(
+                r["vs_dataloader"]
+                for r in rows
+                if r["stage"] == stage and f"{r['workload']}, {r['workers']} w" == label
+            )
+            for label in labels
+        ]
+        for stage in stages
+    }
+    _grouped(
+        axis, labels, series, "items/s ÷ DataLoader's", "Pipeline vs DataLoader (same function)", one=True
+    )
+
+
+def _images_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
+    labels = [f"{r['workers']} worker{'s' if r['workers'] != 1 else ''}" for r in rows]
+    series = {
+        "serve-imagenet-dir": [r["images_per_s"] for r in rows],
+        "DataLoader": [r["dataloader_images_per_s"] for r in rows],
+    }
+    _grouped(axis, labels, series, "images/s", "Images: decode + augment, same JPEGs")
+
+
+def _loader_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
+    labels = [f"{r['workload']}, {r['workers']} w" for r in rows]
+    series = {
+        "SwiftLoader": [r["swift_samples_per_s"] for r in rows],
+        "DataLoader": [r["dataloader_samples_per_s"] for r in rows],
+    }
+    _grouped(axis, labels, series, "samples/s", "SwiftLoader vs DataLoader")
+
+
+PANELS: dict[str, Callable[[Any, list[dict[str, Any]]], None]] = {
+    "pipeline": _pipeline_panel,
+    "images": _images_panel,
+    "loader": _loader_panel,
+}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -156,31 +327,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["transport"] if r["size"] == "9.6MB"]
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    figure, axis = plt.subplots(figsize=(9, 4.5))
-    width = 0.4
-    for offset, transport in ((-width / 2, "ipc"), (width / 2, "tcp")):
-        values = [
-            next(
-                (
-                    r["gb_per_s"]
-                    for r in rows
-                    if r["case"] == c and (r["transport"] == transport or c.startswith("DataLoader"))
-                ),
-                0.0,
-            )
-            for c in cases
-        ]
-        axis.bar([i + offset for i in range(len(cases))], values, width, label=transport)
-    axis.set_xticks(range(len(cases)), cases, rotation=25, ha="right")
-    axis.set_ylabel("GB/s (9.6 MB batches)")
-    axis.set_title(
-        f"Transport throughput, one sender and one receiver process ({result['machine']['cores']} cores)"
+    figure = plt.figure(figsize=(15, 10))
+    grid = figure.add_gridspec(2, 3, height_ratios=[1.2, 1])
+    if result.get("transport"):
+        _transport_panel(figure.add_subplot(grid[0, :]), result["transport"])
+    for column, (part, panel) in enumerate(PANELS.items()):
+        if result.get(part):
+            panel(figure.add_subplot(grid[1, column]), result[part])
+    m = result["machine"]
+    figure.suptitle(
+        f"tensorcom benchmarks, {m['date']}, {m['cores']} cores{' (quick run)' if result['quick'] else ''}"
     )
-    axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
     plt.close(figure)
 
 
@@ -188,30 +347,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer batches and one repeat (about two minutes)"
-    )
+    parser.add_argument("--quick", action="store_true", help="fewer batches and rounds (about two minutes)")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds in every part (median shown)")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to run")
     args = parser.parse_args()
-    import bench_transport
-
-    print("transport ...", file=sys.stderr)
-    with contextlib.redirect_stdout(io.StringIO()):
-        transport = bench_transport.measure(args.quick)
-    print("pipeline ...", file=sys.stderr)
-    result = {
-        "quick": args.quick,
-        "machine": machine(),
-        "transport": transport,
-        "pipeline": pipeline_rows(args.quick),
-        "targets": target_rows(transport),
-    }
+    started = time.perf_counter()
+    result: dict[str, Any] = {"quick": args.quick, "machine": machine(), "seconds": {}}
+    for part in PARTS:
+        if part in args.parts:
+            print(f"{part} ...", file=sys.stderr)
+            result[part], result["seconds"][part] = run_part(part, args.quick, args.repeat)
+    result["targets"] = target_rows(result.get("transport", []))
+    result["total_s"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     name = "quick" if args.quick else "latest"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(result))
     plot(result, RESULTS / f"{name}.png")
     print(markdown(result))
-    print(f"wrote {RESULTS / name}.json, .md, .png", file=sys.stderr)
+    print(f"wrote {RESULTS / name}.json, .md, .png in {result['total_s']:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
