@@ -143,6 +143,52 @@ def _allowed_keys(location: str) -> frozenset[bytes]:
     return keys
 
 
+@dataclass(frozen=True)
+class _Side:
+    """What one side of a CURVE connection configures: its own key pair, and the partner's key(s) it checks."""
+
+    name: str
+    key_variable: str
+    partner: str
+    partner_argument: str
+    partner_variable: str
+
+
+_SERVER = _Side(
+    "server", SERVER_KEY_ENV, "the allow-list of client public keys", "client_keys", CLIENT_KEYS_ENV
+)
+_CLIENT = _Side(
+    "client", CLIENT_KEY_ENV, "the server's public key file", "server_public_key", SERVER_PUBLIC_KEY_ENV
+)
+
+
+def _key_pair_and_partner(
+    side: _Side, key: KeyPath | None, partner: KeyPath | None, environ: Mapping[str, str] | None
+) -> tuple[bytes, bytes, str] | None:
+    """One side's public and secret key (from its ``.key_secret`` file) and where its partner setting points; None
+    when neither is configured. Half a configuration, or a public key given as the secret file, is a ConfigError."""
+    key_file = _setting(key, side.key_variable, environ)
+    partner_path = _setting(partner, side.partner_variable, environ)
+    if key_file is None and partner_path is None:
+        return None
+    if key_file is None or partner_path is None:
+        missing = (
+            f"the {side.name}'s secret key file ({side.name}_key= or ${side.key_variable})"
+            if key_file is None
+            else f"{side.partner} ({side.partner_argument}= or ${side.partner_variable})"
+        )
+        raise ConfigError(
+            f"CURVE on a {side.name} needs its secret key and {side.partner}; {missing} is missing"
+        )
+    public, secret = _load(key_file, f"the {side.name}'s secret key", side.key_variable)
+    if secret is None:
+        raise ConfigError(
+            f"{key_file!r} holds a public key only; a {side.name} needs its .key_secret file (${side.key_variable})"
+        )
+    _check_private(key_file)
+    return public, secret, partner_path
+
+
 def server_keys_from(
     server_key: KeyPath | None = None,
     client_keys: KeyPath | None = None,
@@ -153,25 +199,10 @@ def server_keys_from(
     ``server_key`` is the server's ``.key_secret`` file; ``client_keys`` a folder of allowed ``NAME.key`` files (or
     one such file).
     """
-    key_file = _setting(server_key, SERVER_KEY_ENV, environ)
-    allow_list = _setting(client_keys, CLIENT_KEYS_ENV, environ)
-    if key_file is None and allow_list is None:
+    found = _key_pair_and_partner(_SERVER, server_key, client_keys, environ)
+    if found is None:
         return None
-    if key_file is None or allow_list is None:
-        missing = (
-            f"the server's secret key file (server_key= or ${SERVER_KEY_ENV})"
-            if key_file is None
-            else f"the allow-list of client public keys (client_keys= or ${CLIENT_KEYS_ENV})"
-        )
-        raise ConfigError(
-            f"CURVE on a server needs its secret key and a client allow-list; {missing} is missing"
-        )
-    public, secret = _load(key_file, "the server's secret key", SERVER_KEY_ENV)
-    if secret is None:
-        raise ConfigError(
-            f"{key_file!r} holds a public key only; a server needs its .key_secret file (${SERVER_KEY_ENV})"
-        )
-    _check_private(key_file)
+    public, secret, allow_list = found
     return ServerKeys(public, secret, _allowed_keys(allow_list), allow_list)
 
 
@@ -185,25 +216,10 @@ def client_keys_from(
 
     ``client_key`` is the client's ``.key_secret`` file; ``server_public_key`` the server's ``.key`` file.
     """
-    key_file = _setting(client_key, CLIENT_KEY_ENV, environ)
-    server_file = _setting(server_public_key, SERVER_PUBLIC_KEY_ENV, environ)
-    if key_file is None and server_file is None:
+    found = _key_pair_and_partner(_CLIENT, client_key, server_public_key, environ)
+    if found is None:
         return None
-    if key_file is None or server_file is None:
-        missing = (
-            f"the client's secret key file (client_key= or ${CLIENT_KEY_ENV})"
-            if key_file is None
-            else f"the server's public key file (server_public_key= or ${SERVER_PUBLIC_KEY_ENV})"
-        )
-        raise ConfigError(
-            f"CURVE on a client needs its secret key and the server's public key; {missing} is missing"
-        )
-    public, secret = _load(key_file, "the client's secret key", CLIENT_KEY_ENV)
-    if secret is None:
-        raise ConfigError(
-            f"{key_file!r} holds a public key only; a client needs its .key_secret file (${CLIENT_KEY_ENV})"
-        )
-    _check_private(key_file)
+    public, secret, server_file = found
     server_public, _ = _load(server_file, "the server's public key", SERVER_PUBLIC_KEY_ENV)
     return ClientKeys(public, secret, server_public)
 

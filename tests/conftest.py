@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from reliability import Keys
 
 SERVER_STOP_SECONDS = 10
 
@@ -98,3 +99,18 @@ def request_server(
         return process, line[1].replace("tcp://", "zreq://")
 
     return start
+
+
+@pytest.fixture
+def no_key_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset the TENSORCOM_* CURVE key variables, so that only what a test sets applies (here and in its children)."""
+    from tensorcom.security import CLIENT_KEY_ENV, CLIENT_KEYS_ENV, SERVER_KEY_ENV, SERVER_PUBLIC_KEY_ENV
+
+    for name in (SERVER_KEY_ENV, CLIENT_KEYS_ENV, CLIENT_KEY_ENV, SERVER_PUBLIC_KEY_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    """CURVE key files from `tensorcom keygen` under the test's temporary folder (see reliability.Keys)."""
+    return Keys(tmp_path / "keys")

@@ -11,38 +11,15 @@ from typing import Any
 
 import factories
 import msgpack
-import numpy as np
 import pytest
 import zmq
+from reliability import reference, same
 
 from tensorcom import ConfigError, Connection, ProtocolError, RemoteError, Server, StateError, Timeout
 from tensorcom.protocol import Command, Message
 from tensorcom.request_client import RequestConnection
 
 StartServer = Callable[..., tuple[subprocess.Popen[bytes], str]]
-
-
-def reference(factory: Callable[..., Any], count: int | None = None, **config: Any) -> list[Any]:
-    """The batches of the factory's pipeline computed in this process, without any server."""
-    with factory(**config) as pipeline:
-        batches = []
-        for batch in pipeline:
-            batches.append(batch)
-            if count is not None and len(batches) == count:
-                break
-        return batches
-
-
-def same(left: list[Any], right: list[Any]) -> bool:
-    if len(left) != len(right):
-        return False
-    for a, b in zip(left, right, strict=True):
-        if isinstance(a, dict):
-            if a.keys() != b.keys() or not all(np.array_equal(a[k], b[k]) for k in a):
-                return False
-        elif not all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)):
-            return False
-    return True
 
 
 def urls_of(*servers: tuple[subprocess.Popen[bytes], str]) -> list[str]:

@@ -18,51 +18,13 @@ import factories
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from reliability import StartProcess, reference, same, serve
+from reliability import Keys, StartProcess, reference, same, serve
 
 from tensorcom import ConfigError, Connection, SecurityError, Server, Timeout
 from tensorcom.cli import main
-from tensorcom.security import client_keys_from, generate_keys, is_loopback, server_keys_from
+from tensorcom.security import client_keys_from, is_loopback, server_keys_from
 
-
-class Keys:
-    """Paths of a key set: a server, an allowed client 'alice', and 'mallory' whose key is not allowed."""
-
-    def __init__(self, root: Path) -> None:
-        generate_keys(root / "set", clients=["alice"])
-        generate_keys(root / "other", clients=["mallory"])
-        self.server_secret = root / "set" / "server.key_secret"
-        self.server_public = root / "set" / "server.key"
-        self.allowed = root / "set" / "clients"
-        self.alice = root / "set" / "alice.key_secret"
-        self.mallory = root / "other" / "mallory.key_secret"
-        self.other_server_public = root / "other" / "server.key"
-
-    def server(self) -> dict[str, Any]:
-        return {"server_key": self.server_secret, "client_keys": self.allowed}
-
-    def client(self, who: str = "alice", server_public: Path | None = None) -> dict[str, Any]:
-        key = self.alice if who == "alice" else self.mallory
-        return {"client_key": key, "server_public_key": server_public or self.server_public}
-
-    def serve_args(self) -> list[str]:
-        return ["--server-key", str(self.server_secret), "--client-keys", str(self.allowed)]
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path)
-
-
-@pytest.fixture(autouse=True)
-def _no_key_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "TENSORCOM_SERVER_KEY",
-        "TENSORCOM_CLIENT_KEYS",
-        "TENSORCOM_CLIENT_KEY",
-        "TENSORCOM_SERVER_PUBLIC_KEY",
-    ):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_key_variables")
 
 
 def authenticator_threads() -> list[threading.Thread]:
@@ -175,19 +137,11 @@ def test_zreq_allowed_client_gets_its_exact_stream(
     if server_keys_by == "option":
         _, url = serve(start_process, "factories:small", *keys.serve_args(), workers=0)
     else:
-        variables = {
-            "TENSORCOM_SERVER_KEY": str(keys.server_secret),
-            "TENSORCOM_CLIENT_KEYS": str(keys.allowed),
-        }
-        _, url = serve(start_process, "factories:small", workers=0, env=variables)
+        _, url = serve(start_process, "factories:small", workers=0, env=keys.server_variables())
         with pytest.raises(SecurityError):  # proof that the server did take its keys from the variables
             Connection(url, timeout=30)
-    environment = {
-        "TENSORCOM_CLIENT_KEY": str(keys.alice),
-        "TENSORCOM_SERVER_PUBLIC_KEY": str(keys.server_public),
-    }
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in environment.items():
+        for name, value in keys.client_variables().items():
             patch.setenv(name, value)
         with Connection(url, seed=3, timeout=30) as connection:
             received = list(connection)
