@@ -9,7 +9,7 @@ import click
 
 from tensorcom.cli import TensorcomCommand
 from tensorcom.imagenet import ImageShards
-from tensorcom_servers.imagenet_dir import run, serving_options
+from tensorcom.imagenet_cli import image_server_options, run_image_server
 
 
 @click.command(cls=TensorcomCommand)
@@ -19,15 +19,15 @@ from tensorcom_servers.imagenet_dir import run, serving_options
     required=True,
     help="Local tar shards with braces, e.g. '/data/train-{000000..000146}.tar' (SAMPLE.jpg + SAMPLE.cls).",
 )
-@serving_options
+@image_server_options
 def main(shards: str, urls: tuple[str, ...], **options: Any) -> None:
     """Serve the images of SHARDS on URLS (zrep:// for zreq clients, or stream URLs), exactly as
-    serve-imagenet-dir does for a folder.
+    serve-imagenet-dir does for a folder, SIGTERM drain and CURVE keys included.
 
     Samples are numbered in shard order (as the braces expand), then tar order, so the same shards give the same
     stream everywhere; .cls holds the 0-based label.
     """
-    run(functools.partial(ImageShards, shards), urls, **options)
+    run_image_server(functools.partial(ImageShards, shards), urls, **options)
 
 
 if __name__ == "__main__":

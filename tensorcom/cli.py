@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from tensorcom.errors import TensorcomError
+from tensorcom.signals import drain_on_sigterm, stop_on_sigterm
 
 __all__ = [
     "TensorcomCommand",
@@ -62,15 +62,6 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr
     )
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM behave like Ctrl-C, so servers leave through their normal clean-up path."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def server_key_options(function: Function) -> Function:
@@ -256,17 +247,11 @@ def serve(
         server_key=server_key,
         client_keys=client_keys,
     )
-
-    def drain_on_sigterm(signum: int, frame: object) -> None:
-        if server.draining or server.stopping:
-            raise KeyboardInterrupt(f"signal {signum}")
-        server.stop(drain=drain)
-
-    signal.signal(signal.SIGTERM, drain_on_sigterm)
-    click.echo("ready " + " ".join(server.endpoints), nl=True)
-    sys.stdout.flush()
     try:
-        server.run()
+        with drain_on_sigterm(server, drain):
+            click.echo("ready " + " ".join(server.endpoints), nl=True)
+            sys.stdout.flush()
+            server.run()
     except KeyboardInterrupt:
         pass
 

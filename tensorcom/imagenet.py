@@ -29,6 +29,7 @@ process), and :func:`serve_images` runs the ``serve-imagenet-dir`` and ``serve-i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -39,18 +40,23 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from tensorcom.errors import ConfigError, PipelineError, URLError
+from tensorcom.signals import drain_on_sigterm
 from tensorcom.urls import expand_braces, expand_urls
+
+if TYPE_CHECKING:
+    from tensorcom.security import KeyPath
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MAX_REPLACEMENTS",
+    "REQUEST_REPLY_QUEUE",
     "ImageDataset",
     "ImageDirectory",
     "ImageShards",
@@ -64,6 +70,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+REQUEST_REPLY_QUEUE = 16
+"""The least replies a zrep image server queues per client. Above the zreq clients' default prefetch (4): a client
+that stops reading with its requests answered must not fill its queue, which would block the server's sends."""
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
@@ -630,6 +640,9 @@ def serve_images(
     queue: int = 2,
     control: str | None = None,
     metadata: bool | None = None,
+    server_key: KeyPath | None = None,
+    client_keys: KeyPath | None = None,
+    drain: float | None = None,
     on_ready: Callable[[list[str]], None] | None = None,
 ) -> None:
     """Serve ``dataset`` until interrupted: zreq for ``zrep://`` URLs, stream mode for push/pub URLs.
@@ -637,7 +650,14 @@ def serve_images(
     With zrep URLs each client chooses seed, rank and world size, and ``workers`` server processes compute
     batches; in stream mode this server's ``seed``, ``rank`` and ``world_size`` fix the stream and ``workers``
     decode in a :class:`~tensorcom.pipeline.DistributedBatchedMap`. ``on_ready`` gets the bound endpoints once the
-    sockets are open. Rates are logged every ``report_interval`` seconds.
+    sockets are open. Rates are logged every ``report_interval`` seconds. ``queue`` is the batches queued per
+    client before sending blocks; with zrep URLs at least :data:`REQUEST_REPLY_QUEUE`, so that a zreq client's
+    prefetch window always fits.
+
+    ``server_key`` and ``client_keys`` turn on CURVE (else $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS apply;
+    see :mod:`tensorcom.security`). With ``drain`` (seconds; zrep URLs; main thread only), SIGTERM makes the server
+    finish the requests it has already received, for at most that long, and return; see
+    :func:`tensorcom.signals.drain_on_sigterm` for the second SIGTERM and the time limit.
     """
     expanded = expand_urls(list(urls))
     request = [url.startswith("zrep") for url in expanded]
@@ -645,6 +665,8 @@ def serve_images(
         raise URLError(f"serve zrep:// URLs or stream URLs, not both at once. Found: {' '.join(expanded)}")
     if report_interval <= 0:
         raise ConfigError(f"report_interval must be > 0 seconds. Found: {report_interval}")
+    if drain is not None and drain < 0:
+        raise ConfigError(f"drain must be >= 0 seconds or None. Found: {drain}")
     options: dict[str, Any] = {
         "batch_size": batch_size,
         "size": size,
@@ -659,7 +681,15 @@ def serve_images(
         if control is not None:
             raise ConfigError("control= is for stream URLs; zreq clients send their state with each request")
         factory = functools.partial(image_pipeline, dataset=dataset, **options)
-        server = RequestServer(factory, expanded, workers=workers, report_interval=1e9, queue=max(queue, 2))
+        server = RequestServer(
+            factory,
+            expanded,
+            workers=workers,
+            report_interval=1e9,
+            queue=max(queue, REQUEST_REPLY_QUEUE),
+            server_key=server_key,
+            client_keys=client_keys,
+        )
         count: Callable[[], int] = lambda: server.served  # noqa: E731
     else:
         from tensorcom.server import Server
@@ -676,18 +706,24 @@ def serve_images(
                 control=control,
                 metadata=metadata,
                 seed=seed,
+                server_key=server_key,
+                client_keys=client_keys,
             )
         except BaseException:
             pipeline.close()
             raise
         count = lambda: server.count  # noqa: E731
-    log.info("serving %r on %s", dataset, ", ".join(server.endpoints))
-    if on_ready is not None:
-        on_ready(list(server.endpoints))
+    draining = (
+        drain_on_sigterm(server, drain) if all(request) and drain is not None else contextlib.nullcontext()
+    )
     reporter = _RateReporter(count, batch_size, report_interval)
-    reporter.start()
-    try:
-        server.run()
-    finally:
-        reporter.stopped.set()
-        reporter.join(timeout=5)
+    with draining:  # before "ready", so that a SIGTERM as soon as clients may come already drains
+        log.info("serving %r on %s", dataset, ", ".join(server.endpoints))
+        if on_ready is not None:
+            on_ready(list(server.endpoints))
+        reporter.start()
+        try:
+            server.run()
+        finally:
+            reporter.stopped.set()
+            reporter.join(timeout=5)

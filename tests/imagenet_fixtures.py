@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,25 @@ def make_shards(folder: Path, target: Path, per_shard: int = 5) -> str:
 
 
 def start_image_server(
-    start_process: StartProcess, program: str, log_file: Path, *args: str, url: str = "zrep://127.0.0.1:0"
+    start_process: StartProcess,
+    program: str,
+    log_file: Path,
+    *args: str,
+    url: str = "zrep://127.0.0.1:0",
+    env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``python -m tensorcom_servers.PROGRAM ARGS URL`` logging to ``log_file``; return it and its client URL
-    once it prints "ready"."""
+    """Start ``python -m tensorcom_servers.PROGRAM ARGS URL`` logging to ``log_file`` (with ``env`` added to this
+    process's environment); return it and its client URL once it prints "ready"."""
     log = open(log_file, "ab")  # noqa: SIM115 - the child process holds it
     try:
         process = start_process(
-            "-m", f"tensorcom_servers.{program}", *args, url, stdout=subprocess.PIPE, stderr=log
+            "-m",
+            f"tensorcom_servers.{program}",
+            *args,
+            url,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, **(env or {})},
         )
     finally:
         log.close()
