@@ -127,7 +127,6 @@ def run_load(start_process: StartProcess, seconds: float, rounds: int = 2) -> di
     return figures
 
 
-@pytest.mark.slow  # fairness under timing: kept out of make test until a fresh-clone CI run confirms it
 def test_sixteen_clients_get_exact_fair_streams_with_bounded_memory(start_process: StartProcess) -> None:
     """16 clients for 4 s, and 15 plus a slow one for 4 s, in alternating rounds: exact streams, fair shares, flat
     server memory, and the slow client costs the others nothing beyond its share."""
