@@ -74,9 +74,11 @@ __all__ = [
     "DTYPE_CODES",
     "MAGIC",
     "decode",
+    "buffer_size",
     "decode_buffer",
     "encode",
     "encode_buffer",
+    "encode_into",
     "load",
     "save",
 ]
@@ -271,6 +273,23 @@ def _write_chunks(target: memoryview, chunks: Sequence[memoryview], aligned: boo
         offset += len(prefix)
         target[offset : offset + len(chunk)] = chunk
         offset += _roundup(len(chunk))
+
+
+def buffer_size(frames: Sequence[Frame], *, aligned: bool = True) -> int:
+    """The bytes a buffer holding ``frames`` (from :func:`encode`) takes in the given framing."""
+    return _framed_size([_buffer(f) for f in frames], aligned)
+
+
+def encode_into(target: Frame, frames: Sequence[Frame]) -> int:
+    """Write ``frames`` (from :func:`encode`) into ``target`` (writable, at least :func:`buffer_size` bytes) as one
+    aligned buffer, as :func:`encode_buffer` would make it; return the bytes written. Padding is left as it was."""
+    chunks = [_buffer(f) for f in frames]
+    size = _framed_size(chunks, True)
+    view = _buffer(target)
+    if len(view) < size:
+        raise ValueError(f"target holds {len(view)} bytes; the buffer needs {size}")
+    _write_chunks(view, chunks, True)
+    return size
 
 
 def encode_buffer(

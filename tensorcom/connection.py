@@ -18,6 +18,7 @@ import msgpack
 import zmq
 
 from tensorcom import codec
+from tensorcom import shm as _shm
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, check_batch_fields, rebuild_batch
@@ -71,6 +72,9 @@ class Connection:
             :class:`tensorcom.SecurityError` instead of a silent wait.
         max_message_size: the largest frame (one array) accepted, in bytes; a server that sends a larger one is
             disconnected (default :data:`tensorcom.transport.MAX_BATCH_FRAME`, 1 GiB).
+        shm: accept batches in shared memory from servers on this host (``ipc://`` URLs; :mod:`tensorcom.shm`).
+            None (the default): yes, unless $TENSORCOM_SHM is 0. Such arrays are views of shared memory; the
+            server reuses the memory once they are all dropped.
     """
 
     def __new__(cls, urls: str | Sequence[str] = (), *args: Any, **options: Any) -> Connection:
@@ -93,6 +97,7 @@ class Connection:
         client_key: KeyPath | None = None,
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
+        shm: bool | None = None,
     ) -> None:
         check_limits(epoch, total, timeout)
         if on_malformed not in ("raise", "log"):
@@ -127,6 +132,8 @@ class Connection:
         self._poller = zmq.Poller()
         for endpoint in self._endpoints:
             self._poller.register(endpoint.socket, zmq.POLLIN)
+        self._shm = shm is not False and _shm.enabled()
+        self._reader = _shm.Reader()
         self._turn = 0
         self._stash: deque[tuple[Endpoint, list[Any]]] = deque()
         self._generation = 0
@@ -169,6 +176,13 @@ class Connection:
     def _decode(self, endpoint: Endpoint, frames: list[Any]) -> tuple[list[Any], list[str]] | None:
         """Decode a message; None if it is malformed and ``on_malformed="log"``."""
         try:
+            if _shm.is_descriptor(frames):
+                if not (self._shm and endpoint.url.transport == "ipc"):
+                    raise DecodeError(
+                        "the server sent a batch in shared memory, which this connection does not read; "
+                        "start the server with shm=False (or TENSORCOM_SHM=0)"
+                    )
+                return self._reader.read(frames[0], str(endpoint))
             if len(frames) == 1:  # tensorcom 0.1's single-buffer mode: one frame holding a .ten buffer
                 return codec.decode_buffer(frames[0], infos=True)
             return codec.decode(frames, infos=True)

@@ -13,6 +13,7 @@ state, with any number of servers and any world size, continues where it left of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import zmq
 
 from tensorcom import codec
+from tensorcom import shm as _shm
 from tensorcom.connection import BatchInfo, Connection, check_limits
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
@@ -58,6 +60,7 @@ class _Server:
     fingerprint: str | None = None
     disconnects: int = 0
     shutting_down: bool = False  # it said so; not used again until its connection drops (a new process)
+    shm: bool = False  # it is on this host (ipc) and batches may come as shared-memory descriptors
 
     @property
     def address(self) -> str:
@@ -79,6 +82,9 @@ class RequestConnection(Connection):
         state: a :meth:`state` saved earlier (by any rank, with any world size) to continue from.
         converters, epoch, total, client_key, server_public_key, max_message_size: as for stream connections
             (a server that refuses this client's key raises :class:`tensorcom.SecurityError`).
+        shm: read batches from shared memory when the server is on this host (:mod:`tensorcom.shm`). None (the
+            default): for ``ipc://`` servers, unless $TENSORCOM_SHM is 0. False: always through the socket.
+            The arrays of such a batch are views of shared memory; its slot is reused once they are all dropped.
     """
 
     def __init__(
@@ -99,6 +105,7 @@ class RequestConnection(Connection):
         client_key: KeyPath | None = None,
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
+        shm: bool | None = None,
     ) -> None:
         default_rank, default_world = default_rank_and_world_size()
         rank = default_rank if rank is None else rank
@@ -143,7 +150,8 @@ class RequestConnection(Connection):
                 )
                 endpoint.socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a server that is not there
                 self._endpoints.append(endpoint)
-                self._servers.append(_Server(endpoint))
+                local = url.transport == "ipc" and shm is not False and _shm.enabled()
+                self._servers.append(_Server(endpoint, shm=local))
         except BaseException:
             self.close()
             raise
@@ -159,7 +167,8 @@ class RequestConnection(Connection):
         self._end_step: int | None = None
         self._last_epoch: int | None = None
         self._to_request: list[int] = []
-        self._replies: dict[int, tuple[Message, list[Any]]] = {}
+        self._replies: dict[int, tuple[Message, Any]] = {}  # step -> (header, (arrays, infos) or frames)
+        self._reader = _shm.Reader()
         self._expected_fingerprint: str | None = None
         self._started_waiting = time.monotonic()
         if state is not None:
@@ -230,6 +239,12 @@ class RequestConnection(Connection):
             "gen": self._generation,
         }
 
+    def _request(self, server: _Server, step: int) -> Message:
+        fields = {**self._fields(), "step": step}
+        if server.shm:
+            fields["shm"] = True
+        return Message(Command.REQUEST, fields)
+
     def _send(self, server: _Server, message: Message) -> bool:
         try:
             server.endpoint.socket.send(message.encode(), flags=zmq.NOBLOCK)
@@ -290,6 +305,7 @@ class RequestConnection(Connection):
             self._on_welcome(server, message)
             return
         if message.fields.get("gen") != self._generation:
+            self._release(server, frames[1:])
             return  # a reply to a request made before the last load_state
         step = message.fields.get("step")
         if not isinstance(step, int):
@@ -327,8 +343,28 @@ class RequestConnection(Connection):
                 f"server {server.address} now serves pipeline {message.fields.get('fingerprint')}, "
                 f"not {self.fingerprint}: it was restarted with a different configuration"
             )
-        if step >= self._next_step and step not in self._replies:
-            self._replies[step] = (message, frames[1:])
+        if step < self._next_step or step in self._replies:
+            self._release(server, frames[1:])
+            return
+        payload: Any = frames[1:]
+        if _shm.is_descriptor(payload):
+            if not server.shm:
+                raise ProtocolError(
+                    f"server {server.address} sent a shared-memory batch to a client that did not ask for one"
+                )
+            try:  # opened now, so that its slot is released even if the batch is dropped before recv()
+                payload = self._reader.read(payload[0], f"server {server.address}")
+            except _shm.StaleBatch as error:
+                log.warning("%s; asking for step %d again", error, step)
+                self._to_request = sorted({*self._to_request, step})
+                return
+        self._replies[step] = (message, payload)
+
+    def _release(self, server: _Server, frames: list[Any]) -> None:
+        """Release the shared-memory slot of a reply that is dropped unread (late, or a duplicate)."""
+        if server.shm and _shm.is_descriptor(frames):
+            with contextlib.suppress(DecodeError):
+                self._reader.read(frames[0], f"server {server.address}")
 
     # the request window
 
@@ -354,7 +390,7 @@ class RequestConnection(Connection):
                 self._to_request.pop(0)
                 continue
             for server in sorted(self._live(), key=lambda s: len(s.outstanding)):
-                if self._send(server, Message(Command.REQUEST, {**self._fields(), "step": step})):
+                if self._send(server, self._request(server, step)):
                     server.outstanding.add(step)
                     break
             else:
@@ -416,7 +452,7 @@ class RequestConnection(Connection):
                 raise Timeout(
                     f"no batch for step {step} within {self.timeout} s from {self._describe_servers()}"
                 )
-        message, frames = self._replies.pop(step)
+        message, payload = self._replies.pop(step)
         self._next_step += 1
         self._fill_window()
         if message.command == Command.ERROR:
@@ -424,7 +460,7 @@ class RequestConnection(Connection):
                 f"server {message.fields.get('server')} failed at step {step}: {message.fields.get('message')}"
             )
         try:
-            arrays, infos = codec.decode(frames, infos=True)
+            arrays, infos = payload if isinstance(payload, tuple) else codec.decode(payload, infos=True)
         except ValueError as error:  # DecodeError, or any other ValueError a malformed batch raises
             raise DecodeError(
                 f"malformed batch for step {step} from {message.fields.get('server')}: {error}"

@@ -20,6 +20,7 @@ With CURVE keys the front end accepts only allowed clients; the back end is an i
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -34,8 +35,8 @@ from typing import Any
 
 import zmq
 
-from tensorcom import codec
-from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError
+from tensorcom import codec, shm
+from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, TensorcomError
 from tensorcom.protocol import MAX_SEED, Command, Message, check_bounded, flatten_batch
 from tensorcom.security import Authenticator, KeyPath, server_keys_from
 from tensorcom.transport import MAX_BATCH_FRAME, MAX_CONTROL_MESSAGE, Endpoint, open_endpoint, parse_endpoints
@@ -48,6 +49,7 @@ Factory = Callable[..., Any]
 _MAX_PENDING_PER_CLIENT = 256
 _CACHED_PIPELINES = 8
 _MAX_ATTEMPTS = 3
+_SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
 
 
 def load_factory(spec: str | Factory) -> Factory:
@@ -137,8 +139,11 @@ class RequestHandler:
         if pipeline is not None:
             pipeline.close()
 
-    def handle(self, message: Message) -> tuple[Message, list[Any]]:
-        """Answer one HELLO or REQUEST with (header, tensor frames); errors become ERROR replies."""
+    def handle(self, message: Message, arena: shm.Arena | None = None) -> tuple[Message, list[Any]]:
+        """Answer one HELLO or REQUEST with (header, tensor frames); errors become ERROR replies.
+
+        With an ``arena``, a large batch goes into shared memory and its one frame is the descriptor.
+        """
         gen = message.fields.get("gen", 0)
         step = message.fields.get("step", 0)
         try:
@@ -181,6 +186,10 @@ class RequestHandler:
                 "server": self.server,
                 **shape,
             }
+            if arena is not None:
+                descriptor = arena.put(frames)
+                if descriptor is not None:
+                    frames = [descriptor]
             return _encodable(Message(Command.BATCH, fields)), frames
         except Exception as error:  # every failure becomes an ERROR reply; the server goes on
             self._forget(message)
@@ -221,6 +230,7 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
     handler = RequestHandler(load_factory(factory), server)
+    arena = shm.Arena() if shm.enabled() else None  # batches reach the front end through shared memory
     context: zmq.Context[Any] = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.IDENTITY, identity)
@@ -240,7 +250,7 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
             client, header = frames[0], frames[1]
             message = Message.decode(header, "front end")
             try:
-                reply, tensors = handler.handle(message)
+                reply, tensors = handler.handle(message, arena)
                 data = reply.encode()
             except (
                 Exception
@@ -258,6 +268,8 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
         handler.close()
         socket.close()
         context.term()
+        if arena is not None:
+            arena.close(wait=1.0)
 
 
 class _Worker:
@@ -284,6 +296,11 @@ class RequestServer:
         report_interval: seconds between rate reports through ``logging``.
         server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
             ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain).
+
+    Shared memory (:mod:`tensorcom.shm`): workers hand batches to the front end through shared memory; a client
+    that connects over ``ipc://`` and says it can read shared memory gets the descriptor itself, and the batch
+    never passes through a socket. Others get the batch as frames sent from the shared memory without a copy.
+    ``TENSORCOM_SHM=0`` turns this off.
     """
 
     def __init__(
@@ -341,6 +358,9 @@ class RequestServer:
         self._backend_address = f"ipc://{self._folder.name}/workers"
         self._backend.bind(self._backend_address)
         self._pending: OrderedDict[tuple[int, bytes], deque[tuple[list[Any], int]]] = OrderedDict()
+        self._reader = shm.Reader()
+        self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
+        self._shm_clients: OrderedDict[tuple[int, bytes], None] = OrderedDict()
         self.served = 0
         self.nbytes = 0
 
@@ -373,6 +393,7 @@ class RequestServer:
                 for client, frames, attempts in worker.outstanding.values():
                     self._requeue(client, frames, attempts + 1)
                 worker.outstanding.clear()
+                shm.sweep()  # its slot files
                 self._start_worker(worker)
 
     def _requeue(self, client: tuple[int, bytes], frames: list[Any], attempts: int) -> None:
@@ -400,13 +421,30 @@ class RequestServer:
     def _reply(self, client: tuple[int, bytes], header: Message | bytes, frames: Sequence[Any]) -> None:
         endpoint = self._frontends[client[0]]
         data = header.encode() if isinstance(header, Message) else header
+        descriptor = shm.is_descriptor(frames)
+        if descriptor:
+            self.nbytes += shm.payload_size(frames[0])
+        else:
+            self.nbytes += sum(len(f) for f in frames[1::2])
         try:
-            endpoint.socket.send_multipart([client[1], data, *frames], copy=False)
-        except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH) or hopelessly behind
+            endpoint.socket.send_multipart([client[1], data, *frames], copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH) or hopelessly behind (EAGAIN)
             log.info("dropping a reply to a client of %s: %s", endpoint, error)
+            if descriptor:
+                self._discard(frames)
         if frames:
             self.served += 1
-            self.nbytes += sum(len(f) for f in frames[1::2])
+
+    def _materialize(self, descriptor: Any) -> list[Any]:
+        """The frames of a batch in shared memory (views: the slot is released once they have been sent)."""
+        arrays, infos = self._reader.read(descriptor, "a worker")
+        return codec.encode(arrays, infos)
+
+    def _discard(self, frames: Sequence[Any]) -> None:
+        """Release the shared-memory slot of a reply that will not be sent."""
+        if shm.is_descriptor(frames):
+            with contextlib.suppress(DecodeError):
+                self._reader.read(frames[0], "a worker")
 
     def _receive_client(self, index: int) -> None:
         endpoint = self._frontends[index]
@@ -430,6 +468,14 @@ class RequestServer:
             text = f"server {self.name} is shutting down"
             self._reply(client, Message(Command.ERROR, self._error_fields(message, "unavailable", text)), [])
             return
+        if (
+            message.fields.get("shm") is True
+            and endpoint.url.transport == "ipc"
+            and client not in self._shm_clients
+        ):
+            self._shm_clients[client] = None  # it shares this host and reads shared memory
+            while len(self._shm_clients) > _SHM_CLIENTS:
+                self._shm_clients.popitem(last=False)
         queue = self._pending.setdefault(client, deque())
         if len(queue) >= _MAX_PENDING_PER_CLIENT:
             text = f"more than {_MAX_PENDING_PER_CLIENT} requests pending from one client"
@@ -462,7 +508,12 @@ class RequestServer:
     def _handle_inline(self, client: tuple[int, bytes], frames: list[Any]) -> None:
         if self._handler is None:
             self._handler = RequestHandler(load_factory(self.factory), self.name)
-        reply, tensors = self._handler.handle(Message.decode(frames[0], "client"))
+        arena = None
+        if client in self._shm_clients and shm.enabled():
+            if self._arena is None:
+                self._arena = shm.Arena()
+            arena = self._arena
+        reply, tensors = self._handler.handle(Message.decode(frames[0], "client"), arena)
         self._reply(client, reply, tensors)
 
     def _receive_worker(self) -> None:
@@ -478,8 +529,19 @@ class RequestServer:
         index, ticket, client_identity = frames[1].bytes.split(b":", 2)
         held = worker.outstanding.pop(int(ticket), None)
         if held is None:
+            self._discard(frames[3:])
             return
-        self._reply((int(index), client_identity), frames[2].bytes, frames[3:])
+        client, replies = (int(index), client_identity), frames[3:]
+        if shm.is_descriptor(replies) and client not in self._shm_clients:
+            try:  # send the batch itself, from the worker's shared memory without a copy
+                replies = self._materialize(replies[0])
+            except DecodeError as error:
+                log.warning(
+                    "cannot read a batch from worker %s (%s); computing it again", identity.decode(), error
+                )
+                self._requeue(held[0], held[1], held[2] + 1)
+                return
+        self._reply(client, frames[2].bytes, replies)
 
     def run(self, duration: float | None = None) -> None:
         """Serve until :meth:`stop`, an interrupt (KeyboardInterrupt closes at once), or for ``duration`` seconds."""
@@ -596,6 +658,12 @@ class RequestServer:
         if self._handler is not None:
             self._handler.close()
             self._handler = None
+        arena: shm.Arena | None = getattr(self, "_arena", None)
+        if arena is not None:
+            arena.close(wait=min(linger, 1.0))
+            self._arena = None
+        if hasattr(self, "_reader"):
+            self._reader.close()
         for endpoint in self._frontends:
             endpoint.count_peers()  # log the clients refused since the last look
             endpoint.close(linger=min(linger, 5.0))

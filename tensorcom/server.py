@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from tensorcom import codec
+from tensorcom import shm as _shm
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, check_bounded, flatten_batch
 from tensorcom.security import Authenticator, KeyPath, server_keys_from
@@ -70,6 +71,9 @@ class Server:
         server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
             ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain). Every
             socket, the control socket included, then encrypts and accepts only those clients.
+        shm: send large batches through shared memory on ``zpush+ipc``/``zrpush+ipc`` URLs, with only a small
+            descriptor on the socket (:mod:`tensorcom.shm`). None (the default): on for those URLs unless
+            $TENSORCOM_SHM is 0; False: off (needed for clients of tensorcom 0.1 over ipc).
     """
 
     def __new__(
@@ -99,6 +103,7 @@ class Server:
         world_size: int = 1,
         server_key: KeyPath | None = None,
         client_keys: KeyPath | None = None,
+        shm: bool | None = None,
     ) -> None:
         if linger < 0:
             raise ConfigError(f"linger must be >= 0 seconds. Found: {linger}")
@@ -162,6 +167,11 @@ class Server:
                 [e.address for e in self._endpoints] + ([self._control.address] if self._control else [])
             )
         self._subscribed = {id(e): e.socket.type != zmq.XPUB for e in self._endpoints}
+        self._arenas: dict[int, _shm.Arena] = {}
+        if shm is not False and _shm.enabled():
+            for endpoint in self._endpoints:  # one arena per socket: each gets its own copy of a batch
+                if endpoint.url.socket_type == "PUSH" and endpoint.url.transport == "ipc":
+                    self._arenas[id(endpoint)] = _shm.Arena(expire=None)
         self._started = time.monotonic()
         self._last_report = (self._started, 0, 0)
 
@@ -217,6 +227,11 @@ class Server:
             elif endpoint.socket.type == zmq.XPUB:
                 self._drain_subscriptions(endpoint)
             message = [endpoint.url.topic, *frames] if endpoint.url.topic else frames
+            arena = self._arenas.get(id(endpoint))
+            if arena is not None:
+                descriptor = arena.put(frames)
+                if descriptor is not None:
+                    message = [descriptor]
             send_frames(endpoint, message, timeout=self.send_timeout)
         self.count += 1
         self.nbytes += sum(getattr(a, "nbytes", 0) for a in arrays)
@@ -360,6 +375,9 @@ class Server:
         for endpoint in self._endpoints:
             endpoint.close(linger=seconds)
         self._endpoints = []
+        for arena in getattr(self, "_arenas", {}).values():
+            arena.close()
+        self._arenas = {}
         control: Endpoint | None = getattr(self, "_control", None)
         if control is not None:
             control.close()
