@@ -170,8 +170,13 @@ class Connection:
         if self._stash:
             return self._stash.popleft()
         endpoint = self._next_ready()
-        frames = endpoint.socket.recv_multipart(copy=False)
+        frames = receive(endpoint.socket, copy=self._copies(endpoint))
         return endpoint, frames[1:] if endpoint.url.topic else frames
+
+    def _copies(self, endpoint: Endpoint) -> bool:
+        """Receive as bytes (not zmq.Frame objects) where shared memory carries the large batches: the messages are
+        small, and a Frame's deallocation checks for signals, so it would swallow a Ctrl-C arriving then."""
+        return self._shm and endpoint.url.transport == "ipc"
 
     def _decode(self, endpoint: Endpoint, frames: list[Any]) -> tuple[list[Any], list[str]] | None:
         """Decode a message; None if it is malformed and ``on_malformed="log"``."""
@@ -200,6 +205,7 @@ class Connection:
         Batches from a pipeline-mode server come back with their structure (tuple, dict, ...) and their metadata in
         ``self.last`` (step, epoch, indices); batches sent before this client's last :meth:`seek` are dropped.
         """
+        self._reader.collect()  # slots of the batches dropped since the last call
         while True:
             endpoint, frames = self._receive()
             decoded = self._decode(endpoint, frames)
@@ -279,7 +285,7 @@ class Connection:
             if dealer.socket in events:
                 return Message.decode(dealer.socket.recv(), f"control socket {dealer}")
             if data.socket in events:
-                frames = data.socket.recv_multipart(copy=False)
+                frames = receive(data.socket, copy=self._copies(data))
                 self._stash.append((data, frames[1:] if data.url.topic else frames))
                 while len(self._stash) > 64:
                     self._stash.popleft()  # older than anything the seek keeps
@@ -319,6 +325,14 @@ class Connection:
         context = getattr(self, "_context", None)
         if context is not None and not context.closed:
             self.close()
+
+
+def receive(socket: zmq.Socket[Any], copy: bool, flags: int = 0) -> list[Any]:
+    """One multipart message: zmq.Frame objects (no copy), or with ``copy`` bytearrays, so that arrays decoded
+    from them are writable either way."""
+    if copy:
+        return [bytearray(frame) for frame in socket.recv_multipart(flags=flags, copy=True)]
+    return socket.recv_multipart(flags=flags, copy=False)
 
 
 def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Message | None:

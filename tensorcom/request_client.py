@@ -25,7 +25,7 @@ import zmq
 
 from tensorcom import codec
 from tensorcom import shm as _shm
-from tensorcom.connection import BatchInfo, Connection, check_limits
+from tensorcom.connection import BatchInfo, Connection, check_limits, receive
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
 from tensorcom.protocol import Command, Message, check_batch_fields, rebuild_batch
@@ -287,7 +287,9 @@ class RequestConnection(Connection):
             server = self._by_socket[socket]
             while True:
                 try:
-                    frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    # From a server that sends shared-memory descriptors, messages are small: copies (bytes),
+                    # not zmq.Frame objects, whose deallocation checks for signals and would swallow a Ctrl-C.
+                    frames = receive(socket, copy=server.shm, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._on_message(server, frames)
@@ -438,6 +440,7 @@ class RequestConnection(Connection):
         """The next batch of the stream. Raises StopIteration at the end of a finite epoch."""
         if self._context.closed:
             raise ConfigError("this Connection is closed")
+        self._reader.collect()  # slots of the batches dropped since the last call
         step = self._next_step
         self._started_waiting = time.monotonic()
         deadline = None if self.timeout is None else self._started_waiting + self.timeout

@@ -577,6 +577,7 @@ class RequestServer:
             self.close(linger=linger)
 
     def _serve_once(self, poller: zmq.Poller) -> None:
+        self._reader.collect()  # slots of the batches the sockets have finished sending
         for socket, _ in poller.poll(100):
             if socket is self._backend:
                 self._receive_worker()

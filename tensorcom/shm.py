@@ -48,7 +48,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -371,7 +371,12 @@ def _release(words: np.ndarray, sequence: int) -> None:
 
 class Reader:
     """A consumer's view of the producers' slots: turns descriptors into arrays and releases slots when the arrays
-    are dropped. Mappings are cached by file (at most ``cache`` of them)."""
+    are dropped. Mappings are cached by file (at most ``cache`` of them).
+
+    A dropped batch is released by :meth:`collect`, which :meth:`read` calls (and so does every ``recv`` of a
+    Connection): the moment the last view goes, only a C-level callback runs (it queues the batch). Python code run
+    from a garbage-collection callback would swallow a Ctrl-C that arrived meanwhile.
+    """
 
     def __init__(self, cache: int = 64) -> None:
         self.cache = cache
@@ -379,7 +384,19 @@ class Reader:
         self._pid = os.getpid()
         self._namespace = _pid_namespace()
         self._lock = threading.Lock()
+        self._dropped: deque[weakref.ref[_Lease]] = deque()
+        self._leases: dict[weakref.ref[_Lease], tuple[np.ndarray, int]] = {}
         self.received = 0
+
+    def collect(self) -> int:
+        """Release the slots of the batches whose arrays have all been dropped; return how many."""
+        released = 0
+        while self._dropped:
+            held = self._leases.pop(self._dropped.popleft(), None)
+            if held is not None:
+                _release(*held)
+                released += 1
+        return released
 
     def _mapping(self, name: str, source: str) -> _Mapping:
         mapping = self._mappings.get(name)
@@ -457,8 +474,9 @@ class Reader:
             mapping.words[_HOLDER] = self._pid
             if time.monotonic() >= until + _EXPIRY_MARGIN / 2:  # stalled between the checks: do not trust it
                 raise StaleBatch(f"shared-memory batch from {source} expired while it was being opened")
+        self.collect()
         lease = _Lease(mapping, HEADER, size)
-        weakref.finalize(lease, _release, mapping.words, sequence)
+        self._leases[weakref.ref(lease, self._dropped.append)] = (mapping.words, sequence)
         self.received += 1
         return codec.decode_buffer(np.asarray(lease), infos=True)
 

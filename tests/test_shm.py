@@ -76,9 +76,10 @@ def test_the_slot_is_free_again_once_the_last_view_is_dropped(arena: shm.Arena) 
     tensor = torch.from_numpy(images[2:4])
     del arrays, images
     gc.collect()
-    assert arena.free_slots == 0, "the tensor still holds the batch"
+    assert reader.collect() == 0 and arena.free_slots == 0, "the tensor still holds the batch"
     del tensor
-    assert arena.free_slots == 1
+    assert arena.free_slots == 0, "released by the reader's next collect (or read), not from a gc callback"
+    assert reader.collect() == 1 and arena.free_slots == 1
 
 
 def test_a_consumer_holding_every_slot_makes_put_fall_back_not_block(arena: shm.Arena) -> None:
@@ -91,6 +92,7 @@ def test_a_consumer_holding_every_slot_makes_put_fall_back_not_block(arena: shm.
     assert time.monotonic() - started < 2
     assert arena.fallbacks == 1
     held.pop()
+    reader.collect()
     assert arena.put(codec.encode(batch(4))) is not None
 
 
