@@ -39,7 +39,14 @@ from tensorcom import codec, shm
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, TensorcomError
 from tensorcom.protocol import MAX_SEED, Command, Message, check_bounded, flatten_batch
 from tensorcom.security import Authenticator, KeyPath, server_keys_from
-from tensorcom.transport import MAX_BATCH_FRAME, MAX_CONTROL_MESSAGE, Endpoint, open_endpoint, parse_endpoints
+from tensorcom.transport import (
+    MAX_BATCH_FRAME,
+    MAX_CONTROL_MESSAGE,
+    Endpoint,
+    open_endpoint,
+    parse_endpoints,
+    send_parts,
+)
 
 __all__ = ["RequestHandler", "RequestServer", "load_factory"]
 
@@ -263,7 +270,7 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
                     "message": f"{type(error).__name__}: {error}",
                 }
                 data, tensors = Message(Command.ERROR, {**fields, "server": server}).encode(), []
-            socket.send_multipart([client, data, *tensors], copy=False)
+            send_parts(socket, [client, data, *tensors])
     finally:
         handler.close()
         socket.close()
@@ -427,7 +434,7 @@ class RequestServer:
         else:
             self.nbytes += sum(len(f) for f in frames[1::2])
         try:
-            endpoint.socket.send_multipart([client[1], data, *frames], copy=False, flags=zmq.NOBLOCK)
+            send_parts(endpoint.socket, [client[1], data, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH) or hopelessly behind (EAGAIN)
             log.info("dropping a reply to a client of %s: %s", endpoint, error)
             if descriptor:
