@@ -57,6 +57,7 @@ _MAX_PENDING_PER_CLIENT = 256
 _CACHED_PIPELINES = 8
 _MAX_ATTEMPTS = 3
 _SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
+_OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
 
 
 def load_factory(spec: str | Factory) -> Factory:
@@ -365,6 +366,7 @@ class RequestServer:
         self._backend_address = f"ipc://{self._folder.name}/workers"
         self._backend.bind(self._backend_address)
         self._pending: OrderedDict[tuple[int, bytes], deque[tuple[list[Any], int]]] = OrderedDict()
+        self._outbox: dict[tuple[int, bytes], deque[list[Any]]] = {}  # replies its full socket queue refused
         self._reader = shm.Reader()
         self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
         self._shm_clients: OrderedDict[tuple[int, bytes], None] = OrderedDict()
@@ -426,21 +428,35 @@ class RequestServer:
         }
 
     def _reply(self, client: tuple[int, bytes], header: Message | bytes, frames: Sequence[Any]) -> None:
-        endpoint = self._frontends[client[0]]
+        """Send a reply without blocking the front end: one that the client's full socket queue refuses waits in
+        its outbox (see :meth:`_flush`); one to a client that has gone is dropped."""
         data = header.encode() if isinstance(header, Message) else header
-        descriptor = shm.is_descriptor(frames)
-        if descriptor:
+        if shm.is_descriptor(frames):
             self.nbytes += shm.payload_size(frames[0])
         else:
             self.nbytes += sum(len(f) for f in frames[1::2])
-        try:
-            send_parts(endpoint.socket, [client[1], data, *frames], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH) or hopelessly behind (EAGAIN)
-            log.info("dropping a reply to a client of %s: %s", endpoint, error)
-            if descriptor:
-                self._discard(frames)
         if frames:
             self.served += 1
+        self._outbox.setdefault(client, deque()).append([client[1], data, *frames])
+        self._flush(client)
+
+    def _flush(self, client: tuple[int, bytes]) -> None:
+        """Send what waits in a client's outbox, in order, until its socket queue is full again."""
+        outbox = self._outbox.get(client)
+        endpoint = self._frontends[client[0]]
+        while outbox:
+            try:
+                send_parts(endpoint.socket, outbox[0], flags=zmq.NOBLOCK)
+            except zmq.Again:  # its queue is full: the client is busy; try again on the next turn
+                return
+            except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH)
+                log.info("dropping %d replies to a client of %s: %s", len(outbox), endpoint, error)
+                for parts in outbox:
+                    self._discard(parts[2:])
+                outbox.clear()
+                break
+            outbox.popleft()
+        self._outbox.pop(client, None)
 
     def _materialize(self, descriptor: Any) -> list[Any]:
         """The frames of a batch in shared memory (views: the slot is released once they have been sent)."""
@@ -499,6 +515,11 @@ class RequestServer:
                     return
                 worker = min(free, key=lambda w: len(w.outstanding))
             client, queue = next(iter(self._pending.items()))
+            if len(self._outbox.get(client, ())) >= _OUTBOX:  # it does not read: compute nothing more for it
+                if all(len(self._outbox.get(other, ())) >= _OUTBOX for other in self._pending):
+                    return
+                self._pending.move_to_end(client)
+                continue
             frames, attempts = queue.popleft()
             self._pending.move_to_end(client)  # round robin over clients
             if not queue:
@@ -585,7 +606,9 @@ class RequestServer:
 
     def _serve_once(self, poller: zmq.Poller) -> None:
         self._reader.collect()  # slots of the batches the sockets have finished sending
-        for socket, _ in poller.poll(100):
+        for client in list(self._outbox):
+            self._flush(client)
+        for socket, _ in poller.poll(5 if self._outbox else 100):
             if socket is self._backend:
                 self._receive_worker()
             else:
@@ -602,6 +625,7 @@ class RequestServer:
     def in_flight(self) -> int:
         """Requests received and not answered yet (queued, or being computed by a worker)."""
         queued = sum(len(queue) for queue in self._pending.values())
+        queued += sum(len(outbox) for outbox in self._outbox.values())
         return queued + sum(len(worker.outstanding) for worker in self._processes)
 
     def _finish(self, poller: zmq.Poller, seconds: float) -> float:

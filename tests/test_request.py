@@ -18,6 +18,7 @@ from reliability import reference, same
 from tensorcom import ConfigError, Connection, ProtocolError, RemoteError, Server, StateError, Timeout
 from tensorcom.protocol import Command, Message
 from tensorcom.request_client import RequestConnection
+from tensorcom.request_server import RequestServer
 
 StartServer = Callable[..., tuple[subprocess.Popen[bytes], str]]
 
@@ -320,3 +321,20 @@ def is_running(pid: int) -> bool:
 def test_protocol_error_class_is_a_value_error() -> None:
     """ProtocolError is also a ValueError, like the other bad-input errors."""
     assert issubclass(ProtocolError, ValueError)
+
+
+def test_replies_a_full_client_queue_refuses_wait_and_none_is_lost(tmp_path: Any) -> None:
+    """A server whose socket queue toward a client is full (queue=1, a credit window of 12, a client that sleeps)
+    keeps the replies in order and sends them when the client reads again: all arrive, none twice."""
+    server = RequestServer(factories.small, f"zrep+ipc://{tmp_path}/s", workers=0, queue=1)
+    thread = threading.Thread(target=server.run, kwargs={"duration": 60})
+    thread.start()
+    try:
+        with Connection(f"zreq+ipc://{tmp_path}/s", seed=2, prefetch=12, timeout=20) as connection:
+            received = [connection.recv()]
+            time.sleep(1.0)  # the window's requests are answered meanwhile; most replies wait in the outbox
+            received += list(connection)
+        assert same(received, reference(factories.small, seed=2, rank=0, world_size=1))
+    finally:
+        server.stop()
+        thread.join(timeout=40)
