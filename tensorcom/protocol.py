@@ -8,6 +8,7 @@ where the command carries a batch. msgpack is used for this small header only: n
     client (DEALER)                                   server (ROUTER)
     HELLO    {seed, rank, world_size, base}     ->    WELCOME {fingerprint, state, server}   (or ERROR)
     REQUEST  {gen, step, seed, rank, ..., base} ->    BATCH   {gen, step, epoch, indices, state, kind, keys}
+             [count: n consecutive steps]            (n replies: one BATCH, END or ERROR per step)
                                                        + tensor frames [hdr0, data0, ...]
                                                       END     {gen, step, epoch}      the epoch has no step `step`
                                                       ERROR   {gen, step, error, message}
@@ -37,6 +38,7 @@ import msgpack
 from tensorcom.errors import ProtocolError
 
 __all__ = [
+    "MAX_GROUP",
     "MAX_HEADER_BYTES",
     "MAX_INTEGER",
     "META_INFO",
@@ -56,6 +58,8 @@ MAX_INTEGER = 1 << 62
 """Largest magnitude of a step, epoch, position or other count a peer may send: far beyond any real stream, and
 far enough below msgpack's 64-bit limit that counting on from it cannot overflow."""
 MAX_SEED = (1 << 64) - 1
+MAX_GROUP = 64
+"""Most consecutive steps one REQUEST may ask for (``count``); each is answered by a BATCH of its own."""
 _MAX_DEPTH = 32
 
 

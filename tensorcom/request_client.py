@@ -36,6 +36,8 @@ __all__ = ["RequestConnection", "default_rank_and_world_size"]
 
 log = logging.getLogger(__name__)
 
+_SMALL_BATCH = 1 << 20  # below this many bytes, requests go in groups (see RequestConnection)
+_GROUP = 4
 STATE_KIND = "tensorcom.zreq"
 STATE_FORMAT = 1
 
@@ -74,7 +76,9 @@ class RequestConnection(Connection):
         urls: ``zreq://host:port`` URLs (braces expand), one per server.
         seed: the pipeline seed; with rank and world size it fixes every batch.
         rank, world_size: default to torch.distributed, else $RANK/$WORLD_SIZE, else 0 and 1.
-        prefetch: requests outstanding at once (the credit window), spread over live servers.
+        prefetch: requests outstanding at once (the credit window), spread over live servers. For batches under
+            1 MB, each request asks for 4 consecutive steps and the window holds ``4 * prefetch`` steps: a batch
+            that small costs less to move than its request costs to send.
         timeout: seconds without the next batch before :class:`tensorcom.Timeout` (names every endpoint).
         heartbeat: seconds between pings to each server.
         dead_after: seconds of silence after which a server's outstanding steps go elsewhere (default
@@ -170,6 +174,7 @@ class RequestConnection(Connection):
         self._replies: dict[int, tuple[Message, Any]] = {}  # step -> (header, (arrays, infos) or frames)
         self._reader = _shm.Reader()
         self._expected_fingerprint: str | None = None
+        self._group = 1  # steps per request: _GROUP once batches are known to be small
         self._started_waiting = time.monotonic()
         if state is not None:
             self.load_state(state)
@@ -239,8 +244,10 @@ class RequestConnection(Connection):
             "gen": self._generation,
         }
 
-    def _request(self, server: _Server, step: int) -> Message:
+    def _request(self, server: _Server, step: int, count: int = 1) -> Message:
         fields = {**self._fields(), "step": step}
+        if count > 1:
+            fields["count"] = count
         if server.shm:
             fields["shm"] = True
         return Message(Command.REQUEST, fields)
@@ -376,12 +383,17 @@ class RequestConnection(Connection):
     def _fill_window(self) -> None:
         while True:
             in_flight = sum(len(s.outstanding) for s in self._servers) + len(self._replies)
+            room = self.prefetch * self._group - in_flight
+            count = 1
             if self._to_request:
                 step = self._to_request[0]
-            elif in_flight < self.prefetch and (
+            elif (room >= self._group or (room > 0 and in_flight == 0)) and (
                 self._end_step is None or self._next_request < self._end_step
             ):
                 step = self._next_request
+                count = min(room, self._group)
+                if self._end_step is not None:
+                    count = min(count, self._end_step - step)
             else:
                 return
             if (
@@ -392,15 +404,15 @@ class RequestConnection(Connection):
                 self._to_request.pop(0)
                 continue
             for server in sorted(self._live(), key=lambda s: len(s.outstanding)):
-                if self._send(server, self._request(server, step)):
-                    server.outstanding.add(step)
+                if self._send(server, self._request(server, step, count)):
+                    server.outstanding.update(range(step, step + count))
                     break
             else:
                 return  # no live server takes requests now; heartbeats will tell when one does
             if self._to_request and self._to_request[0] == step:
                 self._to_request.pop(0)
             else:
-                self._next_request += 1
+                self._next_request += count
 
     def _lose(self, server: _Server, why: str) -> None:
         """Ask other servers for what ``server`` owed us, and wait for it to answer before using it again."""
@@ -469,12 +481,14 @@ class RequestConnection(Connection):
                 f"malformed batch for step {step} from {message.fields.get('server')}: {error}"
             ) from None
         self._state = message.fields.get("state")
+        nbytes = sum(a.nbytes for a in arrays)
+        self._group = _GROUP if nbytes < _SMALL_BATCH else 1
         epoch = message.fields.get("epoch")
         self._last_epoch = epoch if isinstance(epoch, int) else self._last_epoch
         self.count += 1
         self.last = BatchInfo(
             endpoint=str(message.fields.get("server", "")),
-            nbytes=sum(a.nbytes for a in arrays),
+            nbytes=nbytes,
             infos=infos,
             count=self.count,
             step=step,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import multiprocessing
 import os
@@ -33,11 +32,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgpack
 import zmq
 
 from tensorcom import codec, shm
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, TensorcomError
-from tensorcom.protocol import MAX_SEED, Command, Message, check_bounded, flatten_batch
+from tensorcom.protocol import MAX_GROUP, MAX_SEED, Command, Message, check_bounded, flatten_batch
 from tensorcom.security import Authenticator, KeyPath, server_keys_from
 from tensorcom.transport import (
     MAX_BATCH_FRAME,
@@ -82,12 +82,14 @@ def load_factory(spec: str | Factory) -> Factory:
     return target
 
 
-def _base_key(fields: dict[str, Any]) -> str:
+def _base_key(fields: dict[str, Any]) -> bytes | str:
     """The cache key of a client configuration; any value a peer can send gives a key (bytes, odd map keys)."""
     config = [fields.get("seed"), fields.get("rank"), fields.get("world_size"), fields.get("base")]
     try:
-        return json.dumps(config, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError):
+        return msgpack.packb(
+            config, use_bin_type=True
+        )  # a peer's maps arrive in its order, the same every time
+    except (TypeError, ValueError, OverflowError):
         return repr(config)
 
 
@@ -97,7 +99,7 @@ class RequestHandler:
     def __init__(self, factory: Factory, server: str = "") -> None:
         self.factory = factory
         self.server = server
-        self._pipelines: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._pipelines: OrderedDict[bytes | str, tuple[Any, int]] = OrderedDict()
 
     def _client_config(self, message: Message) -> tuple[int, int, int, dict[str, Any]]:
         seed = message.integer("seed", maximum=MAX_SEED)
@@ -147,8 +149,8 @@ class RequestHandler:
         if pipeline is not None:
             pipeline.close()
 
-    def handle(self, message: Message, arena: shm.Arena | None = None) -> tuple[Message, list[Any]]:
-        """Answer one HELLO or REQUEST with (header, tensor frames); errors become ERROR replies.
+    def handle(self, message: Message, arena: shm.Arena | None = None) -> tuple[bytes, list[Any]]:
+        """Answer one HELLO or REQUEST with (encoded header, tensor frames); errors become ERROR replies.
 
         With an ``arena``, a large batch goes into shared memory and its one frame is the descriptor.
         """
@@ -174,7 +176,7 @@ class RequestHandler:
                 batch, meta = pipeline.next_with_meta()
             except StopIteration:
                 self._forget(message)
-                return Message(Command.END, {"gen": gen, "step": step, "server": self.server}), []
+                return Message(Command.END, {"gen": gen, "step": step, "server": self.server}).encode(), []
             self._pipelines[_base_key(message.fields)] = (pipeline, step + 1)
             arrays, shape = flatten_batch(batch)
             frames = codec.encode(arrays)
@@ -216,7 +218,7 @@ class RequestHandler:
                 )
             text = f"{type(error).__name__}: {error}"
             fields = {"gen": gen, "step": step, "error": kind, "message": text, "server": self.server}
-            return Message(Command.ERROR, {**fields, "request": message.command.name}), []
+            return Message(Command.ERROR, {**fields, "request": message.command.name}).encode(), []
 
     def close(self) -> None:
         """Close every cached pipeline (stopping their worker processes, if any)."""
@@ -225,11 +227,10 @@ class RequestHandler:
         self._pipelines.clear()
 
 
-def _encodable(message: Message) -> Message:
-    """``message``, once it is known to encode (a hostile state can make a pipeline report values msgpack cannot
-    hold); the failure becomes the request's ERROR reply instead of killing the worker."""
-    message.encode()
-    return message
+def _encodable(message: Message) -> bytes:
+    """``message`` encoded here, inside the handler's error handling (a hostile state can make a pipeline report
+    values msgpack cannot hold): the failure becomes the request's ERROR reply instead of killing the worker."""
+    return message.encode()
 
 
 def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: int, server: str) -> None:
@@ -258,8 +259,7 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
             client, header = frames[0], frames[1]
             message = Message.decode(header, "front end")
             try:
-                reply, tensors = handler.handle(message, arena)
-                data = reply.encode()
+                data, tensors = handler.handle(message, arena)
             except (
                 Exception
             ) as error:  # handle() answers errors itself; this keeps the worker alive regardless
@@ -499,12 +499,30 @@ class RequestServer:
             self._shm_clients[client] = None  # it shares this host and reads shared memory
             while len(self._shm_clients) > _SHM_CLIENTS:
                 self._shm_clients.popitem(last=False)
-        queue = self._pending.setdefault(client, deque())
-        if len(queue) >= _MAX_PENDING_PER_CLIENT:
+        count, first = 1, 0
+        if (
+            message.command == Command.REQUEST and message.fields.get("count", 1) != 1
+        ):  # several consecutive steps
+            try:
+                count = message.integer("count", 1, MAX_GROUP)
+                first = message.integer("step")
+            except ProtocolError as error:
+                self._reply(
+                    client, Message(Command.ERROR, self._error_fields(message, "protocol", str(error))), []
+                )
+                return
+        queue = self._pending.get(client, deque())
+        if len(queue) + count > _MAX_PENDING_PER_CLIENT:
             text = f"more than {_MAX_PENDING_PER_CLIENT} requests pending from one client"
             self._reply(client, Message(Command.ERROR, self._error_fields(message, "protocol", text)), [])
             return
-        queue.append(([frames[1].bytes], 0))
+        self._pending[client] = queue
+        if count == 1:
+            queue.append(([frames[1].bytes], 0))
+            return
+        fields = {key: value for key, value in message.fields.items() if key != "count"}
+        for step in range(first, first + count):
+            queue.append(([Message(Command.REQUEST, {**fields, "step": step}).encode()], 0))
 
     def _dispatch(self) -> None:
         """Hand pending requests to workers with room, one client at a time in turn."""

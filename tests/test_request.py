@@ -338,3 +338,38 @@ def test_replies_a_full_client_queue_refuses_wait_and_none_is_lost(tmp_path: Any
     finally:
         server.stop()
         thread.join(timeout=40)
+
+
+def test_one_request_for_several_steps_gets_one_reply_per_step(request_server: StartServer) -> None:
+    """REQUEST with count=3 is answered by three BATCH replies, steps 2, 3 and 4, the reference's batches; a count
+    out of [1, MAX_GROUP] is a protocol ERROR."""
+    from tensorcom.codec import decode
+    from tensorcom.protocol import MAX_GROUP
+
+    _, url = request_server("factories:small", workers=1)
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(url.replace("zreq://", "tcp://"))
+    fields = {"seed": 5, "rank": 0, "world_size": 1, "base": {"state": None, "epoch": None}, "gen": 0}
+    try:
+        dealer.send(Message(Command.REQUEST, {**fields, "step": 2, "count": 3}).encode())
+        replies = {}
+        for _ in range(3):
+            assert dealer.poll(20_000), "fewer replies than steps asked for"
+            header, *frames = dealer.recv_multipart()
+            message = Message.decode(header)
+            assert message.command == Command.BATCH
+            replies[message.fields["step"]] = tuple(decode(frames))
+        expected = reference(factories.small, count=5, seed=5, rank=0, world_size=1)[2:]
+        assert sorted(replies) == [2, 3, 4] and same([replies[s] for s in (2, 3, 4)], expected)
+        for count in (0, MAX_GROUP + 1, "3"):
+            dealer.send(Message(Command.REQUEST, {**fields, "step": 0, "count": count}).encode())
+            assert dealer.poll(20_000)
+            reply = Message.decode(dealer.recv_multipart()[0])
+            assert reply.command == Command.ERROR and reply.fields["error"] == "protocol"
+        dealer.send(Message(Command.HELLO, {**fields, "count": "x"}).encode())  # count means nothing there
+        assert dealer.poll(20_000)
+        assert Message.decode(dealer.recv_multipart()[0]).command == Command.WELCOME
+    finally:
+        dealer.close(linger=0)
+        context.term()
