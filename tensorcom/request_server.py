@@ -399,8 +399,12 @@ class RequestServer:
                     worker.identity.decode(),
                     worker.process.exitcode,
                 )
-                for client, frames, attempts in worker.outstanding.values():
-                    self._requeue(client, frames, attempts + 1)
+                # A worker computes its requests in turn: only the oldest was running when it died; the others
+                # go back without blame (three deaths in a row make a request an ERROR).
+                for rank, ticket in enumerate(sorted(worker.outstanding, reverse=True)):
+                    client, frames, attempts = worker.outstanding[ticket]
+                    oldest = rank == len(worker.outstanding) - 1
+                    self._requeue(client, frames, attempts + 1 if oldest else attempts)
                 worker.outstanding.clear()
                 shm.sweep()  # its slot files
                 self._start_worker(worker)
