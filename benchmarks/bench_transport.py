@@ -506,17 +506,24 @@ def measure(quick: bool = False, repeat: int | None = None) -> list[dict[str, An
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| batch | transport | case | batches/s | GB/s | vs raw pyzmq | client CPU s/GB | client RSS MB | "
-        "server RSS MB | client maps /dev/shm |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| batch | transport | case | batches/s | GB/s | vs raw pyzmq | client CPU s/GB | 10 GB/s servers per "
+        "client core | client RSS MB | server RSS MB | client maps /dev/shm |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['size']} | {r['transport']} | {r['case']} | {r['batches_per_s']:.0f} | {r['gb_per_s']:.2f} | "
-            f"{r['vs_raw']:.2f} | {r['client_cpu_s_per_gb']:.3f} | {r['client_peak_rss_mb']:.0f} | "
-            f"{r['server_peak_rss_mb']:.0f} | {'yes' if r.get('via_shm') else 'no'} |"
+            f"{r['vs_raw']:.2f} | {r['client_cpu_s_per_gb']:.3f} | {servers_per_core(r):.1f} | "
+            f"{r['client_peak_rss_mb']:.0f} | {r['server_peak_rss_mb']:.0f} | {'yes' if r.get('via_shm') else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def servers_per_core(row: dict[str, Any], server_gb_per_s: float = 10.0) -> float:
+    """On paper: how many servers sending 10 GB/s each one client core could absorb, from the measured client CPU
+    seconds per GB (receiving only; the training step's own use of the data is not counted)."""
+    cost = row["client_cpu_s_per_gb"]
+    return float("inf") if cost <= 0 else 1.0 / (cost * server_gb_per_s)
 
 
 def main() -> None:

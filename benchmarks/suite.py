@@ -350,7 +350,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer batches and rounds (about two minutes)")
     parser.add_argument("--repeat", type=int, default=None, help="rounds in every part (median shown)")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to run")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only render the markdown and plot again from the JSON of the last run",
+    )
     args = parser.parse_args()
+    if args.render:
+        name = "quick" if args.quick else "latest"
+        result = json.loads((RESULTS / f"{name}.json").read_text())
+        (RESULTS / f"{name}.md").write_text(markdown(result))
+        plot(result, RESULTS / f"{name}.png")
+        print(markdown(result))
+        return
     started = time.perf_counter()
     result: dict[str, Any] = {"quick": args.quick, "machine": machine(), "seconds": {}}
     for part in PARTS:
