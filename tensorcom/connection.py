@@ -170,19 +170,20 @@ class Connection:
         if self._stash:
             return self._stash.popleft()
         endpoint = self._next_ready()
-        frames = receive(endpoint.socket, copy=self._copies(endpoint))
+        frames = receive(endpoint.socket, copy=self._reads_shm(endpoint))
         return endpoint, frames[1:] if endpoint.url.topic else frames
 
-    def _copies(self, endpoint: Endpoint) -> bool:
-        """Receive as bytes (not zmq.Frame objects) where shared memory carries the large batches: the messages are
-        small, and a Frame's deallocation checks for signals, so it would swallow a Ctrl-C arriving then."""
+    def _reads_shm(self, endpoint: Endpoint) -> bool:
+        """Whether batches from ``endpoint`` may come in shared memory. Messages from such an endpoint are received
+        as copies, not zmq.Frame objects: they are small, and a Frame's deallocation checks for signals, so it would
+        swallow a Ctrl-C arriving then."""
         return self._shm and endpoint.url.transport == "ipc"
 
     def _decode(self, endpoint: Endpoint, frames: list[Any]) -> tuple[list[Any], list[str]] | None:
         """Decode a message; None if it is malformed and ``on_malformed="log"``."""
         try:
             if _shm.is_descriptor(frames):
-                if not (self._shm and endpoint.url.transport == "ipc"):
+                if not self._reads_shm(endpoint):
                     raise DecodeError(
                         "the server sent a batch in shared memory, which this connection does not read; "
                         "start the server with shm=False (or TENSORCOM_SHM=0)"
@@ -285,7 +286,7 @@ class Connection:
             if dealer.socket in events:
                 return Message.decode(dealer.socket.recv(), f"control socket {dealer}")
             if data.socket in events:
-                frames = receive(data.socket, copy=self._copies(data))
+                frames = receive(data.socket, copy=self._reads_shm(data))
                 self._stash.append((data, frames[1:] if data.url.topic else frames))
                 while len(self._stash) > 64:
                     self._stash.popleft()  # older than anything the seek keeps

@@ -128,7 +128,8 @@ class RequestHandler:
             pipeline.set_epoch(int(base["epoch"]))
         return pipeline
 
-    def _pipeline_at(self, message: Message, step: int) -> Any:
+    def _pipeline_at(self, message: Message, step: int) -> tuple[bytes | str, Any]:
+        """The client's pipeline positioned at ``step``, and its cache key."""
         key = _base_key(message.fields)
         pipeline, position = self._pipelines.pop(key, (None, 0))
         if pipeline is not None and position > step:
@@ -142,7 +143,7 @@ class RequestHandler:
         while len(self._pipelines) > _CACHED_PIPELINES:
             _, (old, _) = self._pipelines.popitem(last=False)
             old.close()
-        return pipeline
+        return key, pipeline
 
     def _forget(self, message: Message) -> None:
         pipeline, _ = self._pipelines.pop(_base_key(message.fields), (None, 0))
@@ -171,13 +172,13 @@ class RequestHandler:
             if message.command != Command.REQUEST:
                 raise ProtocolError(f"a worker cannot handle {message.command.name}")
             step = message.integer("step")
-            pipeline = self._pipeline_at(message, step)
+            key, pipeline = self._pipeline_at(message, step)
             try:
                 batch, meta = pipeline.next_with_meta()
             except StopIteration:
                 self._forget(message)
                 return Message(Command.END, {"gen": gen, "step": step, "server": self.server}).encode(), []
-            self._pipelines[_base_key(message.fields)] = (pipeline, step + 1)
+            self._pipelines[key] = (pipeline, step + 1)
             arrays, shape = flatten_batch(batch)
             frames = codec.encode(arrays)
             largest = max((len(memoryview(frame).cast("B")) for frame in frames), default=0)
@@ -196,11 +197,12 @@ class RequestHandler:
                 "server": self.server,
                 **shape,
             }
+            header = _encodable(Message(Command.BATCH, fields))  # before a slot is taken: this may fail
             if arena is not None:
                 descriptor = arena.put(frames)
                 if descriptor is not None:
                     frames = [descriptor]
-            return _encodable(Message(Command.BATCH, fields)), frames
+            return header, frames
         except Exception as error:  # every failure becomes an ERROR reply; the server goes on
             self._forget(message)
             kind = (
@@ -369,6 +371,7 @@ class RequestServer:
         self._outbox: dict[tuple[int, bytes], deque[list[Any]]] = {}  # replies its full socket queue refused
         self._reader = shm.Reader()
         self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
+        self._shm = shm.enabled()
         self._shm_clients: OrderedDict[tuple[int, bytes], None] = OrderedDict()
         self.served = 0
         self.nbytes = 0
@@ -559,7 +562,7 @@ class RequestServer:
         if self._handler is None:
             self._handler = RequestHandler(load_factory(self.factory), self.name)
         arena = None
-        if client in self._shm_clients and shm.enabled():
+        if client in self._shm_clients and self._shm:
             if self._arena is None:
                 self._arena = shm.Arena()
             arena = self._arena

@@ -67,6 +67,7 @@ __all__ = [
     "enabled",
     "is_descriptor",
     "payload_size",
+    "process_alive",
     "sweep",
 ]
 
@@ -107,7 +108,8 @@ def _pid_namespace() -> int:
         return 0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -203,7 +205,7 @@ class _Slot:
             if time.monotonic() < self.until + _EXPIRY_MARGIN:
                 return False
             log.info("a shared-memory batch was never read before it expired; taking its slot back")
-        elif int(self.words[_NAMESPACE]) != namespace or _alive(holder):
+        elif int(self.words[_NAMESPACE]) != namespace or process_alive(holder):
             return False
         else:
             log.info("consumer %d died holding a shared-memory slot; taking it back", holder)

@@ -29,6 +29,8 @@ from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
+from tensorcom.shm import process_alive
+
 PREFIX = "tcnet-"
 SUBNET = "10.213.0"
 STOP_SECONDS = 10.0
@@ -71,16 +73,6 @@ def unavailable() -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers() -> list[str]:
     """Delete the namespaces of earlier test runs whose process is gone (a run killed before its teardown)."""
     removed = []
@@ -88,7 +80,7 @@ def remove_leftovers() -> list[str]:
         if not name.startswith(PREFIX):
             continue
         owner = name[len(PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and int(owner) != os.getpid() and not _pid_alive(int(owner)):
+        if owner.isdigit() and int(owner) != os.getpid() and not process_alive(int(owner)):
             for pid in ip("netns", "pids", name, check=False).stdout.split():
                 try:
                     os.kill(int(pid), 9)
