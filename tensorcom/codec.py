@@ -73,8 +73,9 @@ __all__ = [
     "ALIGNED_MAGIC",
     "DTYPE_CODES",
     "MAGIC",
-    "decode",
     "buffer_size",
+    "data_size",
+    "decode",
     "decode_buffer",
     "encode",
     "encode_buffer",
@@ -88,6 +89,7 @@ ALIGNED_MAGIC = b"~TenA64~"
 ALIGNMENT = 64
 MAX_RANK = 32
 MAX_INFO = 8
+_HEADER_CACHE_SIZE = 1024  # headers remembered by the encoder and by the decoder (each)
 
 DTYPE_CODES: dict[str, np.dtype[Any]] = {
     "f2": np.dtype("<f2"),
@@ -148,14 +150,24 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
+_encoded_headers: dict[tuple[np.dtype[Any], tuple[int, ...], str], bytes] = {}
+
+
 def _encode_header(array: np.ndarray, info: str) -> bytes:
+    key = (array.dtype, array.shape, info)
+    header = _encoded_headers.get(key)
+    if header is not None:
+        return header
     if array.ndim > MAX_RANK:
         raise ValueError(f"array rank must be <= {MAX_RANK}. Found: {array.ndim}")
     if not info.isascii() or len(info) > MAX_INFO:
         raise ValueError(f"info must be at most {MAX_INFO} ASCII characters. Found: {info!r}")
     code = _dtype_code(array.dtype).encode("ascii").ljust(8, b"\0")
     dims = np.array([array.ndim, *array.shape], dtype="<i8").tobytes()
-    return code + info.encode("ascii").ljust(8, b"\0") + dims
+    if len(_encoded_headers) >= _HEADER_CACHE_SIZE:
+        _encoded_headers.clear()
+    header = _encoded_headers[key] = code + info.encode("ascii").ljust(8, b"\0") + dims
+    return header
 
 
 def encode(arrays: Sequence[Any], infos: Sequence[str] | None = None) -> list[Any]:
@@ -211,18 +223,38 @@ def _decode_header(header: memoryview, where: str) -> tuple[np.dtype[Any], str, 
     return dtype, raw_info.decode("ascii"), shape
 
 
-def _array_from(data: memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], where: str) -> np.ndarray:
-    expected = dtype.itemsize
-    for dim in shape:
-        expected *= dim  # Python ints: a lying shape cannot overflow into a small number
-    if expected != len(data):
-        raise DecodeError(
-            f"{where}: shape {shape} of {dtype} needs {expected} bytes of data. Found: {len(data)} bytes"
-        )
-    try:
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
-    except ValueError as error:  # e.g. a zero-size shape with a dimension numpy cannot represent
-        raise DecodeError(f"{where}: shape {shape} cannot be built: {error}") from None
+_header_cache: dict[bytes, tuple[np.dtype[Any], str, tuple[int, ...], int]] = {}
+
+
+def _parsed_header(header: bytes, where: str) -> tuple[np.dtype[Any], str, tuple[int, ...], int]:
+    """``(dtype, info, shape, nbytes)`` of a header chunk. A stream repeats the same few headers batch after batch,
+    so parsed headers are kept (at most ``_HEADER_CACHE_SIZE``; only valid ones): decoding a small batch is then
+    two dictionary lookups rather than a parse per array."""
+    parsed = _header_cache.get(header)
+    if parsed is None:
+        dtype, info, shape = _decode_header(memoryview(header), where)
+        nbytes = dtype.itemsize
+        for dim in shape:
+            nbytes *= dim  # Python ints: a lying shape cannot overflow into a small number
+        if len(_header_cache) >= _HEADER_CACHE_SIZE:
+            _header_cache.clear()
+        parsed = _header_cache[header] = (dtype, info, shape, nbytes)
+    return parsed
+
+
+def data_size(header: Frame) -> int | None:
+    """The length of the data frame that follows ``header``, or None if ``header`` is not a valid header chunk.
+    Lets a receiver allocate a data frame's buffer before the frame arrives."""
+    key = header if type(header) is bytes else bytes(_buffer(header))
+    parsed = _header_cache.get(key)
+    if parsed is None:
+        if len(key) < 24 or len(key) % 8 or key[:8] not in _CODE_BYTES:
+            return None
+        try:
+            parsed = _parsed_header(key, "header")
+        except DecodeError:
+            return None
+    return parsed[3]
 
 
 @overload
@@ -244,9 +276,24 @@ def decode(
     arrays: list[np.ndarray] = []
     labels: list[str] = []
     for i in range(0, len(frames), 2):
-        where = f"array {i // 2} (frames {i} and {i + 1})"
-        dtype, info, shape = _decode_header(_buffer(frames[i]), where)
-        arrays.append(_array_from(_buffer(frames[i + 1]), dtype, shape, where))
+        header = frames[i]
+        dtype, info, shape, nbytes = _parsed_header(
+            header if type(header) is bytes else bytes(_buffer(header)),
+            f"array {i // 2} (frames {i} and {i + 1})",
+        )
+        data = _buffer(frames[i + 1])
+        if nbytes != len(data):
+            raise DecodeError(
+                f"array {i // 2} (frames {i} and {i + 1}): shape {shape} of {dtype} needs {nbytes} bytes of data. "
+                f"Found: {len(data)} bytes"
+            )
+        try:
+            arrays.append(np.ndarray(shape, dtype, buffer=data))
+        except (
+            ValueError,
+            TypeError,
+        ) as error:  # e.g. a zero-size shape with a dimension numpy cannot represent
+            raise DecodeError(f"array {i // 2}: shape {shape} cannot be built: {error}") from None
         labels.append(info)
     return (arrays, labels) if infos else arrays
 

@@ -23,7 +23,7 @@ from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, check_batch_fields, rebuild_batch
 from tensorcom.security import ClientKeys, KeyPath, client_keys_from
-from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints
+from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
 from tensorcom.urls import expand_urls
 
 __all__ = ["BatchInfo", "Connection"]
@@ -170,7 +170,7 @@ class Connection:
         if self._stash:
             return self._stash.popleft()
         endpoint = self._next_ready()
-        frames = receive(endpoint.socket, copy=self._reads_shm(endpoint))
+        frames = receive(endpoint.socket, copy=self._reads_shm(endpoint), lead=1 if endpoint.url.topic else 0)
         return endpoint, frames[1:] if endpoint.url.topic else frames
 
     def _reads_shm(self, endpoint: Endpoint) -> bool:
@@ -286,7 +286,7 @@ class Connection:
             if dealer.socket in events:
                 return Message.decode(dealer.socket.recv(), f"control socket {dealer}")
             if data.socket in events:
-                frames = receive(data.socket, copy=self._reads_shm(data))
+                frames = receive(data.socket, copy=self._reads_shm(data), lead=1 if data.url.topic else 0)
                 self._stash.append((data, frames[1:] if data.url.topic else frames))
                 while len(self._stash) > 64:
                     self._stash.popleft()  # older than anything the seek keeps
@@ -326,14 +326,6 @@ class Connection:
         context = getattr(self, "_context", None)
         if context is not None and not context.closed:
             self.close()
-
-
-def receive(socket: zmq.Socket[Any], copy: bool, flags: int = 0) -> list[Any]:
-    """One multipart message: zmq.Frame objects (no copy), or with ``copy`` bytearrays, so that arrays decoded
-    from them are writable either way."""
-    if copy:
-        return [bytearray(frame) for frame in socket.recv_multipart(flags=flags, copy=True)]
-    return socket.recv_multipart(flags=flags, copy=False)
 
 
 def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Message | None:

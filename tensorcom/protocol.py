@@ -78,6 +78,9 @@ class Command(IntEnum):
     SOUGHT = 10
 
 
+_COMMANDS: dict[Any, Command] = {int(command): command for command in Command}
+
+
 @dataclass(frozen=True)
 class Message:
     """One protocol header: a command and its fields (plain msgpack-able data)."""
@@ -92,7 +95,7 @@ class Message:
     @classmethod
     def decode(cls, frame: Any, source: str = "peer") -> Message:
         """Parse and check a header frame; anything malformed raises :class:`ProtocolError` naming ``source``."""
-        data = bytes(getattr(frame, "bytes", frame))
+        data = frame if type(frame) is bytes else bytes(getattr(frame, "bytes", frame))
         if len(data) > MAX_HEADER_BYTES:
             raise ProtocolError(f"header from {source} is {len(data)} bytes; at most {MAX_HEADER_BYTES}")
         try:
@@ -106,10 +109,10 @@ class Message:
             raise ProtocolError(
                 f"{source} speaks protocol version {version!r}; this tensorcom speaks {VERSION}"
             )
-        try:
-            command = Command(header.pop("cmd", None))
-        except ValueError:
-            raise ProtocolError(f"unknown command from {source}: {header.get('cmd')!r}") from None
+        code = header.pop("cmd", None)
+        command = _COMMANDS.get(code) if type(code) is int else None  # not a bool, float or unhashable list
+        if command is None:
+            raise ProtocolError(f"unknown command from {source}: {str(code)[:100]}")
         return cls(command, header)
 
     def integer(self, name: str, minimum: int = 0, maximum: int = MAX_INTEGER) -> int:
@@ -160,9 +163,7 @@ def check_batch_fields(fields: dict[str, Any], source: str) -> None:
                 f"batch metadata from {source}: {name} must be an integer. Found: {str(value)[:100]}"
             )
     indices = fields.get("indices", [])
-    if not isinstance(indices, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in indices
-    ):
+    if not isinstance(indices, list) or not all(type(i) is int for i in indices):  # msgpack gives exact ints
         raise ProtocolError(f"batch metadata from {source}: indices must be a list of integers")
     for name in ("kind", "fingerprint"):
         value = fields.get(name)

@@ -25,12 +25,12 @@ import zmq
 
 from tensorcom import codec
 from tensorcom import shm as _shm
-from tensorcom.connection import BatchInfo, Connection, check_limits, receive
+from tensorcom.connection import BatchInfo, Connection, check_limits
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
 from tensorcom.protocol import Command, Message, check_batch_fields, rebuild_batch
 from tensorcom.security import KeyPath, client_keys_from
-from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints
+from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
 
 __all__ = ["RequestConnection", "default_rank_and_world_size"]
 
@@ -296,7 +296,7 @@ class RequestConnection(Connection):
                 try:
                     # From a server that sends shared-memory descriptors, messages are small: copies (bytes),
                     # not zmq.Frame objects, whose deallocation checks for signals and would swallow a Ctrl-C.
-                    frames = receive(socket, copy=server.shm, flags=zmq.NOBLOCK)
+                    frames = receive(socket, copy=server.shm, flags=zmq.NOBLOCK, lead=1)
                 except zmq.Again:
                     break
                 self._on_message(server, frames)

@@ -181,7 +181,7 @@ class RequestHandler:
             self._pipelines[key] = (pipeline, step + 1)
             arrays, shape = flatten_batch(batch)
             frames = codec.encode(arrays)
-            largest = max((len(memoryview(frame).cast("B")) for frame in frames), default=0)
+            largest = max((memoryview(frame).nbytes for frame in frames[1::2]), default=0)
             if largest > MAX_BATCH_FRAME:
                 raise ConfigError(
                     f"an array of {largest} bytes is larger than the {MAX_BATCH_FRAME}-byte frame limit; "
@@ -289,7 +289,7 @@ class _Worker:
         self.identity = b"worker-%d" % index
         self.process: Any = None
         self.ready = False
-        self.outstanding: dict[int, tuple[tuple[int, bytes], list[Any], int]] = {}
+        self.outstanding: dict[int, tuple[tuple[int, bytes], Message, int]] = {}
         self.next_ticket = 0
 
 
@@ -367,7 +367,8 @@ class RequestServer:
         self._backend.setsockopt(zmq.MAXMSGSIZE, MAX_BATCH_FRAME)
         self._backend_address = f"ipc://{self._folder.name}/workers"
         self._backend.bind(self._backend_address)
-        self._pending: OrderedDict[tuple[int, bytes], deque[tuple[list[Any], int]]] = OrderedDict()
+        # requests waiting for a worker (or for this process), per client: (one step's request, attempts so far)
+        self._pending: OrderedDict[tuple[int, bytes], deque[tuple[Message, int]]] = OrderedDict()
         self._outbox: dict[tuple[int, bytes], deque[list[Any]]] = {}  # replies its full socket queue refused
         self._reader = shm.Reader()
         self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
@@ -405,20 +406,19 @@ class RequestServer:
                 # A worker computes its requests in turn: only the oldest was running when it died; the others
                 # go back without blame (three deaths in a row make a request an ERROR).
                 for rank, ticket in enumerate(sorted(worker.outstanding, reverse=True)):
-                    client, frames, attempts = worker.outstanding[ticket]
+                    client, request, attempts = worker.outstanding[ticket]
                     oldest = rank == len(worker.outstanding) - 1
-                    self._requeue(client, frames, attempts + 1 if oldest else attempts)
+                    self._requeue(client, request, attempts + 1 if oldest else attempts)
                 worker.outstanding.clear()
                 shm.sweep()  # its slot files
                 self._start_worker(worker)
 
-    def _requeue(self, client: tuple[int, bytes], frames: list[Any], attempts: int) -> None:
+    def _requeue(self, client: tuple[int, bytes], request: Message, attempts: int) -> None:
         if attempts >= _MAX_ATTEMPTS:
-            message = Message.decode(frames[0], "client")
             text = f"the request killed {attempts} worker processes in a row"
-            self._reply(client, Message(Command.ERROR, self._error_fields(message, "pipeline", text)), [])
+            self._reply(client, Message(Command.ERROR, self._error_fields(request, "pipeline", text)), [])
             return
-        self._pending.setdefault(client, deque()).appendleft((frames, attempts))
+        self._pending.setdefault(client, deque()).appendleft((request, attempts))
 
     # front end
 
@@ -525,11 +525,11 @@ class RequestServer:
             return
         self._pending[client] = queue
         if count == 1:
-            queue.append(([frames[1].bytes], 0))
+            queue.append((message, 0))
             return
         fields = {key: value for key, value in message.fields.items() if key != "count"}
         for step in range(first, first + count):
-            queue.append(([Message(Command.REQUEST, {**fields, "step": step}).encode()], 0))
+            queue.append((Message(Command.REQUEST, {**fields, "step": step}), 0))
 
     def _dispatch(self) -> None:
         """Hand pending requests to workers with room, one client at a time in turn."""
@@ -545,20 +545,20 @@ class RequestServer:
                     return
                 self._pending.move_to_end(client)
                 continue
-            frames, attempts = queue.popleft()
+            request, attempts = queue.popleft()
             self._pending.move_to_end(client)  # round robin over clients
             if not queue:
                 del self._pending[client]
             if not self.workers:
-                self._handle_inline(client, frames)
+                self._handle_inline(client, request)
                 continue
             ticket = worker.next_ticket
             worker.next_ticket += 1
-            worker.outstanding[ticket] = (client, frames, attempts)
+            worker.outstanding[ticket] = (client, request, attempts)
             route = b"%d:%d:" % (client[0], ticket) + client[1]
-            self._backend.send_multipart([worker.identity, route, *frames])
+            self._backend.send_multipart([worker.identity, route, request.encode()])
 
-    def _handle_inline(self, client: tuple[int, bytes], frames: list[Any]) -> None:
+    def _handle_inline(self, client: tuple[int, bytes], request: Message) -> None:
         if self._handler is None:
             self._handler = RequestHandler(load_factory(self.factory), self.name)
         arena = None
@@ -566,7 +566,7 @@ class RequestServer:
             if self._arena is None:
                 self._arena = shm.Arena()
             arena = self._arena
-        reply, tensors = self._handler.handle(Message.decode(frames[0], "client"), arena)
+        reply, tensors = self._handler.handle(request, arena)
         self._reply(client, reply, tensors)
 
     def _receive_worker(self) -> None:

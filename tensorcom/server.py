@@ -34,6 +34,7 @@ __all__ = ["Server", "serve"]
 log = logging.getLogger(__name__)
 
 _SENDING = {"PUSH", "PUB"}
+_PEER_CHECK = 0.05  # seconds between looks at the sockets' connection events while sending
 
 
 def _as_arrays(batch: Any) -> Sequence[Any]:
@@ -174,6 +175,7 @@ class Server:
                     self._arenas[id(endpoint)] = _shm.Arena(expire=None)
         self._started = time.monotonic()
         self._last_report = (self._started, 0, 0)
+        self._peers_checked = 0.0
 
     @property
     def endpoints(self) -> list[str]:
@@ -220,8 +222,13 @@ class Server:
             values, shape = flatten_batch(batch)
             arrays = [*values, np.frombuffer(msgpack.packb({**meta, **shape}, use_bin_type=True), np.uint8)]
             frames = codec.encode(arrays, [*(self.infos or [""] * len(values)), META_INFO])
+        now = time.monotonic()
+        check_peers = now - self._peers_checked >= _PEER_CHECK
+        if check_peers:
+            self._peers_checked = now
         for endpoint in self._endpoints:
-            endpoint.count_peers()  # logs clients refused since the last batch
+            if check_peers:
+                endpoint.count_peers()  # logs the clients refused lately
             if not self._subscribed[id(endpoint)]:
                 self._await_subscriber(endpoint)
             elif endpoint.socket.type == zmq.XPUB:

@@ -18,7 +18,8 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from tensorcom.errors import ConfigError, SecurityError, Timeout, URLError
+from tensorcom import codec
+from tensorcom.errors import ConfigError, DecodeError, SecurityError, Timeout, URLError
 from tensorcom.protocol import MAX_HEADER_BYTES
 from tensorcom.security import (
     HANDSHAKE_EVENTS,
@@ -37,6 +38,7 @@ __all__ = [
     "Endpoint",
     "open_endpoint",
     "parse_endpoints",
+    "receive",
     "send_frames",
     "send_parts",
 ]
@@ -79,6 +81,7 @@ class Endpoint:
     curve: str | None = None
     handshake_failures: list[tuple[int, int]] = field(default_factory=list)
     refused: int = 0
+    timed_sends: bool = False  # send_frames has set SNDTIMEO
 
     def __str__(self) -> str:
         return self.address
@@ -213,12 +216,18 @@ def _copies(frame: Any) -> bool:
     return memoryview(frame).nbytes < COPY_BELOW
 
 
+_SNDMORE = int(zmq.SNDMORE)  # plain ints: combining zmq's enum flags costs microseconds per frame
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+
+
 def send_parts(socket: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
     """Send a multipart message, copying small frames and sending large ones in place (see :data:`COPY_BELOW`).
     With ``zmq.NOBLOCK``, only the first frame can be refused; a ROUTER or DEALER then takes the whole message."""
     last = len(frames) - 1
+    flags = int(flags)
     for index, frame in enumerate(frames):
-        socket.send(frame, flags=flags | (zmq.SNDMORE if index < last else 0), copy=_copies(frame))
+        socket.send(frame, flags=flags | _SNDMORE if index < last else flags, copy=_copies(frame))
 
 
 def send_frames(
@@ -226,16 +235,24 @@ def send_frames(
 ) -> None:
     """Send one multipart message without copying large frames.
 
-    Back-pressure (a full high-water mark, no peer yet) can only refuse the first frame; once it is accepted the
-    rest of the message is sent frame by frame, each retried on ``zmq.Again`` rather than restarting the message
-    from frame 0, which would corrupt the stream. Raises :class:`Timeout` naming the endpoint when the first frame
-    cannot be queued within ``timeout`` seconds (None waits forever).
+    Back-pressure (a full high-water mark, no peer yet) can only refuse the first frame: the send waits for room in
+    steps of ``_POLL_STEP`` seconds (a blocking send with a send timeout, which sleeps in libzmq), checking the
+    peer's handshake between steps. Once the first frame is accepted the rest of the message is sent frame by
+    frame, each retried on ``zmq.Again`` rather than restarting the message from frame 0, which would corrupt the
+    stream. Raises :class:`Timeout` naming the endpoint when the first frame cannot be queued within ``timeout``
+    seconds (None waits forever).
     """
     socket = endpoint.socket
     last = len(frames) - 1
+    xpub = socket.type == zmq.XPUB  # XPUB_NODROP refuses at once however a send waits: poll and back off
+    if not xpub and not endpoint.timed_sends:
+        socket.setsockopt(zmq.SNDTIMEO, int(_POLL_STEP * 1000))
+        endpoint.timed_sends = True
     deadline = None if timeout is None else time.monotonic() + timeout
     for index, frame in enumerate(frames):
-        flags = zmq.NOBLOCK | (zmq.SNDMORE if index < last else 0)
+        flags = _SNDMORE if index < last else 0
+        if index or xpub:
+            flags |= _NOBLOCK
         while True:
             try:
                 socket.send(frame, flags=flags, copy=_copies(frame))
@@ -247,9 +264,58 @@ def send_frames(
                     ) from None
                 if index == 0 and endpoint.monitor is not None:
                     endpoint.check_handshakes()  # a refused peer is an error, not a silent wait
-                if socket.type == zmq.XPUB:
-                    time.sleep(
-                        0.0002
-                    )  # XPUB reports POLLOUT even while XPUB_NODROP refuses: back off briefly
-                else:
+                if xpub:
+                    time.sleep(0.0002)
+                elif index:
                     socket.poll(int(_POLL_STEP * 1000), zmq.POLLOUT)
+
+
+class _OversizedFrame:
+    """Stands in for a data frame that was longer than its header announced (its bytes were not kept): decoding the
+    message raises :class:`DecodeError` saying so."""
+
+    def __init__(self, index: int, size: int, announced: int) -> None:
+        self.reason = f"frame {index} holds {size} bytes; its header announces {announced}"
+
+    @property
+    def buffer(self) -> Any:
+        raise DecodeError(self.reason)
+
+
+def receive(socket: zmq.Socket[Any], copy: bool, flags: int = 0, lead: int = 0) -> list[Any]:
+    """Receive one multipart message: ``lead`` leading frames (a topic, a protocol header), then a batch's frames.
+
+    Header frames come as bytes. A data frame under :data:`COPY_BELOW` bytes is received straight into a bytearray
+    of the size its header announces (one copy, no zmq.Frame object, the cheapest way for small batches); larger
+    ones come as zmq.Frame objects (no copy), or with ``copy`` as bytearrays. Arrays decoded from any of them are
+    writable. ``copy`` is for sockets whose batches arrive in shared memory: what still travels on them is small,
+    and a zmq.Frame's deallocation checks for signals, so it could swallow a Ctrl-C arriving just then.
+    """
+    frames: list[Any] = []
+    announced: int | None = None
+    while True:
+        position = len(frames)
+        if position < lead or (position - lead) % 2 == 0:  # a leading frame or a header
+            frame: Any = socket.recv(flags, copy=True)
+            announced = codec.data_size(frame) if position >= lead else None
+        elif announced is not None and announced < COPY_BELOW:
+            frame = bytearray(announced)
+            size = socket.recv_into(frame, flags=flags)
+            if size != announced:
+                frame = (
+                    _OversizedFrame(position, size, announced)
+                    if size > announced
+                    else memoryview(frame)[:size]
+                )
+        elif copy:
+            frame = bytearray(socket.recv(flags, copy=True))
+        else:
+            frame = socket.recv(flags, copy=False)
+        frames.append(frame)
+        if not socket.get(_RCVMORE):
+            break
+    if len(frames) == lead + 1 and isinstance(frames[-1], bytes):
+        frames[-1] = bytearray(
+            frames[-1]
+        )  # one frame holding a whole .ten buffer (tensorcom 0.1's single mode)
+    return frames

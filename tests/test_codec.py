@@ -196,6 +196,28 @@ def test_malformed_frames_raise_decode_error(frames: list[bytes], message: str) 
         assert "array 0" in str(raised.value)
 
 
+def test_a_header_seen_before_still_checks_its_data() -> None:
+    """Parsed headers are remembered between batches; the data of every batch is still checked against its
+    header, and a header that failed to parse is not remembered."""
+    good = header(b"f4", 1, 3)
+    assert codec.decode([good, bytes(12)])[0].shape == (3,)
+    with pytest.raises(DecodeError, match="needs 12 bytes of data. Found: 8"):
+        codec.decode([good, bytes(8)])
+    bad = header(b"u1", 1, -3)
+    for _ in range(2):
+        with pytest.raises(DecodeError, match="negative dimension"):
+            codec.decode([bad, b"abc"])
+    assert bad not in codec._header_cache
+
+
+def test_remembered_headers_stay_bounded() -> None:
+    """A stream whose shapes never repeat does not grow the header memory without bound."""
+    for length in range(3 * codec._HEADER_CACHE_SIZE):
+        (array,) = codec.decode([header(b"u1", 1, length), bytes(length)])
+        assert array.shape == (length,)
+        assert len(codec._header_cache) <= codec._HEADER_CACHE_SIZE
+
+
 def prefix(magic: bytes, length: int) -> bytes:
     return magic + np.array([length], "<i8").tobytes()
 

@@ -197,6 +197,8 @@ def test_malformed_requests_get_error_replies_and_the_server_survives(request_se
         msgpack.packb({"v": 99, "cmd": 3}),
         msgpack.packb({"v": 1, "cmd": 3, "seed": -1, "rank": 0, "world_size": 1, "step": 0}),
         msgpack.packb({"v": 1, "cmd": 77}),
+        msgpack.packb({"v": 1, "cmd": [3]}),  # unhashable: must not reach a dict lookup
+        msgpack.packb({"v": 1, "cmd": 3.0}),
         Message(Command.BATCH, {}).encode(),
     ]
     try:
