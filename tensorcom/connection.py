@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from tensorcom import codec
+from tensorcom import allocator, codec
 from tensorcom import shm as _shm
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
@@ -112,6 +112,7 @@ class Connection:
         self.count = 0
         self.malformed = 0
         self.last = BatchInfo()
+        allocator.tune()  # small batches: no heap shrink-and-regrow per batch
         self._context: zmq.Context[Any] = zmq.Context()
         self._endpoints: list[Endpoint] = []
         try:

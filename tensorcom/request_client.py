@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from tensorcom import codec
+from tensorcom import allocator, codec
 from tensorcom import shm as _shm
 from tensorcom.connection import BatchInfo, Connection, check_limits
 from tensorcom.convert import ConverterSpec, make_converters
@@ -139,6 +139,7 @@ class RequestConnection(Connection):
         self.malformed = 0
         self.last = BatchInfo()
         self.fingerprint: str | None = None
+        allocator.tune()  # small batches: no heap shrink-and-regrow per batch
         self._context: zmq.Context[Any] = zmq.Context()
         self._endpoints: list[Endpoint] = []
         self._servers: list[_Server] = []

@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from tensorcom import codec, shm
+from tensorcom import allocator, codec, shm
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, TensorcomError
 from tensorcom.protocol import MAX_GROUP, MAX_SEED, Command, Message, check_bounded, flatten_batch
 from tensorcom.security import Authenticator, KeyPath, server_keys_from
@@ -240,6 +240,7 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
+    allocator.tune()
     handler = RequestHandler(load_factory(factory), server)
     arena = shm.Arena() if shm.enabled() else None  # batches reach the front end through shared memory
     context: zmq.Context[Any] = zmq.Context()
@@ -337,6 +338,7 @@ class RequestServer:
         self.report_interval = report_interval
         parsed = parse_endpoints(urls, {"ROUTER"}, "request Server")
         keys = server_keys_from(server_key, client_keys)
+        allocator.tune()  # small batches: no heap shrink-and-regrow per batch
         self._context: zmq.Context[Any] = zmq.Context()
         self._authenticator: Authenticator | None = None
         self._frontends: list[Endpoint] = []

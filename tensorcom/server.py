@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from tensorcom import codec
+from tensorcom import allocator, codec
 from tensorcom import shm as _shm
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, check_bounded, flatten_batch
@@ -131,6 +131,7 @@ class Server:
         self.report_interval = report_interval
         self.count = 0
         self.nbytes = 0
+        allocator.tune()  # small batches: no heap shrink-and-regrow per batch
         self._context: zmq.Context[Any] = zmq.Context()
         self._endpoints: list[Endpoint] = []
         self._authenticator: Authenticator | None = None

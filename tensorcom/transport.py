@@ -293,6 +293,7 @@ def receive(socket: zmq.Socket[Any], copy: bool, flags: int = 0, lead: int = 0) 
     """
     frames: list[Any] = []
     announced: int | None = None
+    flags = int(flags)  # an enum flag costs an enum construction per call
     while True:
         position = len(frames)
         if position < lead or (position - lead) % 2 == 0:  # a leading frame or a header
