@@ -466,7 +466,7 @@ def _row(
 
 def counts(quick: bool) -> dict[str, int]:
     """Batches per measurement, by batch size."""
-    return {"9.6MB": 100 if quick else 300, "64KB": 600 if quick else 3000}
+    return {"9.6MB": 100 if quick else 300, "64KB": 2000 if quick else 10000}
 
 
 def measure(quick: bool = False, repeat: int | None = None) -> list[dict[str, Any]]:

@@ -148,7 +148,7 @@ class RequestConnection(Connection):
                 endpoint = open_endpoint(
                     self._context,
                     url,
-                    queue=prefetch + 16,
+                    queue=prefetch * _GROUP + 16,  # the whole window fits: the server never waits on us
                     monitor=True,
                     keys=self._keys,
                     max_message_size=max_message_size,
@@ -383,7 +383,9 @@ class RequestConnection(Connection):
 
     def _fill_window(self) -> None:
         while True:
-            in_flight = sum(len(s.outstanding) for s in self._servers) + len(self._replies)
+            in_flight = len(self._replies)
+            for server in self._servers:
+                in_flight += len(server.outstanding)
             room = self.prefetch * self._group - in_flight
             count = 1
             if self._to_request:

@@ -635,7 +635,7 @@ class RequestServer:
         self._reader.collect()  # slots of the batches the sockets have finished sending
         for client in list(self._outbox):
             self._flush(client)
-        for socket, _ in poller.poll(5 if self._outbox else 100):
+        for socket, _ in poller.poll(1 if self._outbox else 100):  # a full client queue: look again soon
             if socket is self._backend:
                 self._receive_worker()
             else:

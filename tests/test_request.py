@@ -342,6 +342,21 @@ def test_replies_a_full_client_queue_refuses_wait_and_none_is_lost(tmp_path: Any
         thread.join(timeout=40)
 
 
+def test_a_deep_window_fits_in_the_client_queue(request_server: StartServer) -> None:
+    """The client's receive queue holds its whole request window (prefetch x group steps), so a server never has
+    to hold replies back for a client that asked for them (a reply it holds waits for its next look, and with a
+    window of 64 small batches that made a client 50 times slower). The batches are still the reference's."""
+    from tensorcom.request_client import _GROUP
+
+    _, url = request_server("factories:small")
+    with Connection(url, timeout=30, prefetch=16) as connection:
+        window = connection.prefetch * _GROUP
+        for endpoint in connection._endpoints:
+            assert endpoint.socket.getsockopt(zmq.RCVHWM) >= window
+        batches = list(connection)  # one epoch: 15 batches
+    assert same(batches, reference(factories.small, count=15, seed=0, rank=0, world_size=1))
+
+
 def test_one_request_for_several_steps_gets_one_reply_per_step(request_server: StartServer) -> None:
     """REQUEST with count=3 is answered by three BATCH replies, steps 2, 3 and 4, the reference's batches; a count
     out of [1, MAX_GROUP] is a protocol ERROR."""
