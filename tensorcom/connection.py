@@ -31,6 +31,7 @@ __all__ = ["BatchInfo", "Connection"]
 log = logging.getLogger(__name__)
 
 _RECEIVING = {"PULL", "SUB"}
+_NOBLOCK = int(zmq.NOBLOCK)
 _WATCH_STEP = 0.2  # seconds between looks at the sockets' handshakes while waiting
 
 
@@ -170,9 +171,19 @@ class Connection:
     def _receive(self) -> tuple[Endpoint, list[Any]]:
         if self._stash:
             return self._stash.popleft()
+        if len(self._endpoints) == 1:  # one server: take what is already queued without polling first
+            endpoint = self._endpoints[0]
+            try:
+                return endpoint, self._read(endpoint, _NOBLOCK)
+            except zmq.Again:
+                pass
         endpoint = self._next_ready()
-        frames = receive(endpoint.socket, copy=self._reads_shm(endpoint), lead=1 if endpoint.url.topic else 0)
-        return endpoint, frames[1:] if endpoint.url.topic else frames
+        return endpoint, self._read(endpoint)
+
+    def _read(self, endpoint: Endpoint, flags: int = 0) -> list[Any]:
+        lead = 1 if endpoint.url.topic else 0
+        frames = receive(endpoint.socket, copy=self._reads_shm(endpoint), flags=flags, lead=lead)
+        return frames[lead:]
 
     def _reads_shm(self, endpoint: Endpoint) -> bool:
         """Whether batches from ``endpoint`` may come in shared memory. Messages from such an endpoint are received
@@ -287,8 +298,7 @@ class Connection:
             if dealer.socket in events:
                 return Message.decode(dealer.socket.recv(), f"control socket {dealer}")
             if data.socket in events:
-                frames = receive(data.socket, copy=self._reads_shm(data), lead=1 if data.url.topic else 0)
-                self._stash.append((data, frames[1:] if data.url.topic else frames))
+                self._stash.append((data, self._read(data)))
                 while len(self._stash) > 64:
                     self._stash.popleft()  # older than anything the seek keeps
         raise Timeout(f"no answer to SEEK within {self.timeout} s from {dealer}")
