@@ -5,7 +5,8 @@ Cases, for a 64x3x224x224 uint8 + int64 labels batch (9.6 MB) and a 64 KB batch,
 - raw pyzmq PUSH/PULL, zero copy (the socket ceiling);
 - a shared-memory ring (ipc only; the same-host ceiling): the sender copies each batch into one of
   ``RING_SLOTS`` slots of a file in /dev/shm, and slot numbers go back and forth as 4-byte zmq messages;
-- tensorcom stream mode (Server -> Connection);
+- tensorcom stream mode (Server -> Connection), and for 64 KB batches also with ``queue=32`` on both sides
+  ("stream queue 32"; the default queue of 2 batches suits large batches);
 - tensorcom zreq with credit windows 1, 2 and 4 (request server computing inline), and with one worker process;
 - over ipc, each tensorcom case twice: as configured by default (the same-host shared-memory fast path where it
   applies) and with ``TENSORCOM_SHM=0`` in the environment of the sender, its workers and the receiver
@@ -215,11 +216,11 @@ def send_ring(address: str, count: int, size: str, report: Any) -> None:
     _report(report)
 
 
-def send_stream(address: str, count: int, size: str, report: Any) -> None:
+def send_stream(address: str, count: int, size: str, report: Any, queue: int = 2) -> None:
     from tensorcom import Server
 
     batch = make_batch(size)
-    Server((batch for _ in range(count)), _url("zrpush", address)).run()
+    Server((batch for _ in range(count)), _url("zrpush", address), queue=queue).run()
     _report(report)
 
 
@@ -292,10 +293,10 @@ def receive_ring(address: str, count: int, result: Any, size: str = "9.6MB", **_
     context.term()
 
 
-def receive_stream(address: str, count: int, result: Any, **_: Any) -> None:
+def receive_stream(address: str, count: int, result: Any, queue: int = 2, **_: Any) -> None:
     from tensorcom import Connection
 
-    with Connection(_url("zrpull", address), timeout=60) as connection:
+    with Connection(_url("zrpull", address), timeout=60, queue=queue) as connection:
         _timed(connection.recv, count, result)
 
 
@@ -343,13 +344,22 @@ CASES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
     "raw pyzmq": (send_raw, receive_raw, {}),
     "shm ring": (send_ring, receive_ring, {}),
     "stream": (send_stream, receive_stream, {}),
+    "stream queue 32": (send_stream, receive_stream, {"queue": 32}),
     "zreq credit 1": (send_zreq, receive_zreq, {"prefetch": 1}),
     "zreq credit 2": (send_zreq, receive_zreq, {"prefetch": 2}),
     "zreq credit 4": (send_zreq, receive_zreq, {"prefetch": 4}),
     "zreq 1 worker": (send_zreq, receive_zreq, {"prefetch": 4, "workers": 1}),
 }
-TENSORCOM_CASES = ("stream", "zreq credit 1", "zreq credit 2", "zreq credit 4", "zreq 1 worker")
+TENSORCOM_CASES = (
+    "stream",
+    "stream queue 32",
+    "zreq credit 1",
+    "zreq credit 2",
+    "zreq credit 4",
+    "zreq 1 worker",
+)
 SAME_HOST_ONLY = ("shm ring", "DataLoader 2 workers")  # transport-independent: measured once, under "shm"
+SMALL_ONLY = ("stream queue 32",)  # 32 queued 9.6 MB batches per side would be 600 MB: small batches only
 
 
 def cases_for(transport: str) -> list[str]:
@@ -359,7 +369,7 @@ def cases_for(transport: str) -> list[str]:
         names.append("shm ring")
     for case in TENSORCOM_CASES:
         names.append(case)
-        if transport == "ipc" or case == "zreq 1 worker":
+        if (transport == "ipc" and case not in SMALL_ONLY) or case == "zreq 1 worker":
             names.append(case + NO_SHM)
     if tc01_python():
         names.append("tensorcom 0.1")
@@ -424,7 +434,7 @@ def measure_once(case: str, transport: str, size: str, count: int, folder: str) 
         return _row(count, nbytes, seconds, cpu, rss, 0.0, maps)
     shm = not case.endswith(NO_SHM)
     send, receive, options = CASES[case.removesuffix(NO_SHM)]
-    sender_options = {"workers": options["workers"]} if "workers" in options else {}
+    sender_options: dict[str, Any] = {key: options[key] for key in ("workers", "queue") if key in options}
     receiver_options = {**options, "size": size}
     with shm_environment(shm):  # spawned processes (and the request server's workers) inherit it
         sender = context.Process(target=send, args=(address, count, size, reports), kwargs=sender_options)
@@ -477,7 +487,7 @@ def measure(quick: bool = False, repeat: int | None = None) -> list[dict[str, An
         for size in SHAPES:
             count = counts(quick)[size]
             for transport in ("ipc", "tcp"):
-                cases = cases_for(transport)
+                cases = [c for c in cases_for(transport) if size == "64KB" or c not in SMALL_ONLY]
                 samples: dict[str, list[dict[str, float]]] = {case: [] for case in cases}
                 for round_number in range(repeat):
                     print(f"transport {size} {transport} round {round_number + 1}/{repeat}", file=sys.stderr)
