@@ -10,7 +10,8 @@ Parts, each run by its own script in its own process (``--json``) and rendered a
   shared-memory fast path (``TENSORCOM_SHM=0``), tensorcom 0.1, DataLoader;
 - pipeline (bench_pipeline.py): DistributedBatchedMap and PipelineBuilder against DataLoader on the same function;
 - images (bench_imagenet.py): serve-imagenet-dir against DataLoader with the same decode and augmentation;
-- loader (bench_loader.py): SwiftLoader against DataLoader.
+- loader (bench_loader.py): SwiftLoader against DataLoader;
+- codec (bench_codec.py): encode and decode microseconds per batch from 64 KB to 96 MB (flat: views, no copies).
 
 Each part measures its cases side by side, in alternating rounds so drift hits all alike, and reports medians;
 ratios are medians of the ratios within a round. Absolute figures on shared machines drift by ±30 %, ratios much
@@ -43,8 +44,9 @@ PARTS = {
     "pipeline": "bench_pipeline.py",
     "images": "bench_imagenet.py",
     "loader": "bench_loader.py",
+    "codec": "bench_codec.py",
 }
-QUICK_REPEAT = {"transport": 2, "pipeline": 2, "images": 1, "loader": 2}
+QUICK_REPEAT = {"transport": 2, "pipeline": 2, "images": 1, "loader": 2, "codec": 2}
 PART_TIMEOUT_S = 1800
 
 # threshold of each target (None: reported, no target); "client CPU" is an upper bound, the rest lower bounds
@@ -63,8 +65,9 @@ TARGETS: dict[str, float | None] = {
     "stream queue 32 / raw pyzmq, 64 KB": None,
     "stream queue 32 / tensorcom 0.1, 64 KB": None,
     "client CPU s/GB, best same-host case, 9.6 MB": 0.05,
+    "decode time, 96 MB batch / 64 KB batch": 1.5,
 }
-AT_MOST = {"client CPU s/GB, best same-host case, 9.6 MB"}
+AT_MOST = {"client CPU s/GB, best same-host case, 9.6 MB", "decode time, 96 MB batch / 64 KB batch"}
 
 # (target, case, baseline, batch size, transports): "zreq shm" is zreq credit 4 over ipc as configured by default
 RATIO_CHECKS = [
@@ -157,7 +160,9 @@ def _target_row(name: str, case: str, value: float) -> dict[str, Any]:
     }
 
 
-def target_rows(transport: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def target_rows(
+    transport: list[dict[str, Any]], codec: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     rows = []
     for name, case, baseline, size, transports in RATIO_CHECKS:
         for transport_name in transports:
@@ -176,6 +181,11 @@ def target_rows(transport: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best = min(same_host, key=lambda r: r["client_cpu_s_per_gb"])
         name = "client CPU s/GB, best same-host case, 9.6 MB"
         rows.append(_target_row(name, f"{name} ({best['case']}, ipc)", best["client_cpu_s_per_gb"]))
+    if codec:
+        import bench_codec
+
+        name = "decode time, 96 MB batch / 64 KB batch"
+        rows.append(_target_row(name, name, bench_codec.decode_growth(codec)))
     return rows
 
 
@@ -184,7 +194,7 @@ def target_rows(transport: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _targets_table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
-        return ["(no transport part in this run)"]
+        return ["(no transport or codec part in this run)"]
     lines = ["| ratio | measured | target | met |", "| --- | ---: | ---: | --- |"]
     for r in rows:
         at_most = r.get("target_name") in AT_MOST
@@ -233,6 +243,12 @@ def markdown(result: dict[str, Any]) -> str:
         ("pipeline", "Pipeline", "Items/s of the same function; PipelineBuilder runs it in threads."),
         ("images", "Images", None),
         ("loader", "Loader", "Samples/s after the first batch; start = seconds to the first batch."),
+        (
+            "codec",
+            "Codec",
+            "Microseconds per batch (images + 64 int64 labels), one process; decoding makes views of the received "
+            'frames, "copy" is what copying the arrays out would add.',
+        ),
     ):
         if result.get(part):
             module = __import__(PARTS[part].removesuffix(".py"))
@@ -322,10 +338,18 @@ def _loader_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
     _grouped(axis, labels, series, "samples/s", "SwiftLoader vs DataLoader")
 
 
+def _codec_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
+    labels = [r["size"] for r in rows]
+    series = {"decode": [r["decode_us"] for r in rows], "copy instead": [r["copy_us"] for r in rows]}
+    _grouped(axis, labels, series, "µs per batch (log)", "Decode cost against batch size")
+    axis.set_yscale("log")
+
+
 PANELS: dict[str, Callable[[Any, list[dict[str, Any]]], None]] = {
     "pipeline": _pipeline_panel,
     "images": _images_panel,
     "loader": _loader_panel,
+    "codec": _codec_panel,
 }
 
 
@@ -335,8 +359,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure = plt.figure(figsize=(15, 10))
-    grid = figure.add_gridspec(2, 3, height_ratios=[1.2, 1])
+    figure = plt.figure(figsize=(19, 10))
+    grid = figure.add_gridspec(2, len(PANELS), height_ratios=[1.2, 1])
     if result.get("transport"):
         _transport_panel(figure.add_subplot(grid[0, :]), result["transport"])
     for column, (part, panel) in enumerate(PANELS.items()):
@@ -368,8 +392,8 @@ def main() -> None:
         name = "quick" if args.quick else "latest"
         saved = json.loads((RESULTS / f"{name}.json").read_text())
         # target definitions may have changed since the run: recompute them from the rows
-        if "transport" in saved:
-            saved["targets"] = target_rows(saved["transport"])
+        if "transport" in saved or "codec" in saved:
+            saved["targets"] = target_rows(saved.get("transport", []), saved.get("codec"))
             (RESULTS / f"{name}.json").write_text(json.dumps(saved, indent=1))
         (RESULTS / f"{name}.md").write_text(markdown(saved))
         plot(saved, RESULTS / f"{name}.png")
@@ -381,7 +405,7 @@ def main() -> None:
         if part in args.parts:
             print(f"{part} ...", file=sys.stderr)
             result[part], result["seconds"][part] = run_part(part, args.quick, args.repeat)
-    result["targets"] = target_rows(result.get("transport", []))
+    result["targets"] = target_rows(result.get("transport", []), result.get("codec"))
     result["total_s"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     name = "quick" if args.quick else "latest"
