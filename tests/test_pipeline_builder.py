@@ -19,14 +19,18 @@ def _loop_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("tc-builder-loop")]
 
 
+def _builder_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tc-builder")]
+
+
 @pytest.fixture
 def no_loop_threads() -> Iterator[None]:
-    """Fail a test that leaves a builder event-loop thread running."""
+    """Fail a test that leaves a builder thread running (event loop, source puller or op thread)."""
     yield
     deadline = time.monotonic() + 5
-    while _loop_threads() and time.monotonic() < deadline:
+    while _builder_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not _loop_threads()
+    assert not _builder_threads()
 
 
 def slow_square(x: int) -> int:
@@ -131,6 +135,75 @@ def test_op_exception_reaches_consumer_with_stage_name(no_loop_threads: None) ->
     assert isinstance(info.value.__cause__, ValueError)
     assert p.state()["stream"]["position"] == 5
     assert list(p) == [5, 6, 7, 8, 9]
+
+
+def test_op_raising_stop_iteration_is_an_error_not_a_hang(no_loop_threads: None) -> None:
+    """StopIteration cannot travel in a future: it reaches the consumer as a PipelineError naming the input."""
+
+    def stop_on_two(x: int) -> int:
+        if x == 2:
+            raise StopIteration("done early")
+        return x
+
+    p = PipelineBuilder().add_source(range(5)).pipe(stop_on_two).build()
+    assert [next(p), next(p)] == [0, 1]
+    with pytest.raises(PipelineError, match="input 2: RuntimeError: op raised StopIteration"):
+        next(p)
+    p.close()
+
+
+class Samples:
+    """A map-style dataset (not a range or list): reading an item may block, so a thread of its own reads it."""
+
+    def __init__(self, n: int, fail_at: int | None = None) -> None:
+        self.n, self.fail_at = n, fail_at
+        self.threads: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        self.threads.add(threading.current_thread().name)
+        if index == self.fail_at:
+            raise OSError(f"cannot read sample {index}")
+        time.sleep(0.0005)
+        return index
+
+
+def test_dataset_sources_are_read_off_the_event_loop(no_loop_threads: None) -> None:
+    """A dataset source is read by the source thread while ops run; a range source needs no thread."""
+    samples = Samples(40)
+    p = PipelineBuilder().add_source(samples).pipe(async_increment, concurrency=4).pipe(square).build()
+    assert list(p) == [(x + 1) ** 2 for x in range(40)]
+    assert samples.threads == {"tc-builder-source"}
+    with PipelineBuilder().add_source(range(10)).pipe(square).build() as q:
+        next(q)
+        assert not [t for t in threading.enumerate() if t.name == "tc-builder-source"]
+
+
+def test_source_failure_names_the_source_and_goes_on(no_loop_threads: None) -> None:
+    """A failing read arrives after the items before it as a PipelineError for stage 'source'; then the rest."""
+    p = PipelineBuilder().add_source(Samples(8, fail_at=3)).pipe(square).build()
+    got = []
+    with pytest.raises(PipelineError, match="stage 'source' failed: OSError: cannot read sample 3") as info:
+        for x in p:
+            got.append(x)
+    assert got == [0, 1, 4]
+    assert isinstance(info.value.__cause__, OSError)
+    assert list(p) == [16, 25, 36, 49]
+
+
+def test_source_only_and_many_cheap_items(no_loop_threads: None) -> None:
+    """A pipeline with no stages delivers its source; thousands of cheap items keep input order at concurrency 4."""
+    p = PipelineBuilder().add_source(range(6)).build()
+    assert [next(p), next(p)] == [0, 1]
+    state = p.state()
+    p.close()
+    q = PipelineBuilder().add_source(range(6)).build()
+    q.load_state(state)
+    assert list(q) == [2, 3, 4, 5]
+    built = PipelineBuilder().add_source(range(5000)).pipe(square, concurrency=4).build(num_threads=2)
+    assert list(built) == [x * x for x in range(5000)]
 
 
 def test_break_shuts_down_and_resumes(no_loop_threads: None) -> None:

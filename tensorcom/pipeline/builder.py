@@ -13,6 +13,11 @@
     )
     for batch in pipeline: ...
 
+Threads: one runs the event loop (async ops and the bookkeeping); synchronous ops run on ``num_threads`` op threads
+that hand results back in batches; a source that may block (a dataset, a plain iterable, a tensorcom pipeline) is
+read ahead by a thread of its own, while ranges, lists, tuples, ``Range`` and ``Permutation`` are read on the loop.
+The consumer takes finished items from a thread-safe queue, touching the loop only when the loop waits for room.
+
 The loop starts on the first ``next`` and stops on ``close()``, on leaving a ``with`` block, when a ``for`` loop over
 the pipeline ends or breaks, and at garbage collection. An exception in an op stops the pipeline and reaches the
 consumer as :class:`~tensorcom.errors.PipelineError` naming the stage and input (the op's exception is its
@@ -28,21 +33,22 @@ exact resume point exists); use ``"input"`` (the default) where resume matters.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import logging
 import math
+import queue
 import threading
 import weakref
+from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from tensorcom.errors import ConfigError, PipelineError, StateError
 from tensorcom.pipeline._base import Pipeline, Record
 from tensorcom.pipeline.collate import merge_records
 from tensorcom.pipeline.map import _function_name
-from tensorcom.pipeline.sources import as_stage
+from tensorcom.pipeline.sources import Permutation, Range, SequenceSource, as_stage
 from tensorcom.pipeline.state import require_int, require_keys
 
 logger = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ __all__ = ["BuiltPipeline", "PipelineBuilder"]
 
 _QUEUE_SIZE = 2
 _JOIN_S = 5.0
+_POLL_S = 0.5  # how often a blocked thread looks whether the pipeline stopped
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,12 @@ class _Failure:
 _Message = _Item | _End | _Failure
 
 
+class _Outlet(Protocol):
+    """Where a stage puts its output: the next stage's asyncio queue, or the sink."""
+
+    async def put(self, message: _Message, /) -> None: ...
+
+
 class _AsyncReplaySource:
     """An async iterable read from its start; ``position`` items are skipped by reading them."""
 
@@ -194,6 +207,167 @@ class _AsyncReplaySource:
 
     def config(self) -> dict[str, Any]:
         return {"kind": "AsyncIterable", "type": type(self.source).__qualname__}
+
+
+def _wake(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    """Set ``event`` on its loop from another thread (nothing to do once the loop has closed)."""
+    try:
+        loop.call_soon_threadsafe(event.set)
+    except RuntimeError:
+        pass
+
+
+class _ToConsumer:
+    """The sink: a bounded queue from the event loop to the consumer's thread.
+
+    The consumer takes items without a round trip through the loop; it wakes the loop only when the loop waits for
+    room (it sets ``_waiting`` and then looks at the queue again, so a wake-up cannot be missed)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self._loop = loop
+        self._queue: queue.Queue[_Message] = queue.Queue(size)
+        self._room = asyncio.Event()
+        self._waiting = False
+
+    async def put(self, message: _Message) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(message)
+                return
+            except queue.Full:
+                self._room.clear()
+                self._waiting = True
+                if self._queue.full():
+                    await self._room.wait()
+
+    def get(self, timeout: float) -> _Message:
+        """The next message; raises ``queue.Empty`` after ``timeout`` seconds without one."""
+        message = self._queue.get(timeout=timeout)
+        if self._waiting:
+            self._waiting = False
+            _wake(self._loop, self._room)
+        return message
+
+
+class _FromSource:
+    """A thread pulling the (synchronous) source ahead into a bounded queue that the event loop reads.
+
+    The thread wakes the loop only when the loop waits for an item; a source that blocks (a remote or multi-process
+    stage) blocks this thread, not the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, source: Pipeline, size: int) -> None:
+        self._loop = loop
+        self._source = source
+        self._queue: queue.Queue[_Message] = queue.Queue(size)
+        self._ready = asyncio.Event()
+        self._waiting = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._pull_all, name="tc-builder-source", daemon=True)
+        self._thread.start()
+
+    def _pull_all(self) -> None:
+        while not self._stopped.is_set():
+            message = _pulled(self._source)
+            while not self._stopped.is_set():
+                try:
+                    self._queue.put(message, timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            if self._waiting:
+                self._waiting = False
+                _wake(self._loop, self._ready)
+            if not isinstance(message, _Item):
+                return
+
+    async def get(self) -> _Message:
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                self._ready.clear()
+                self._waiting = True
+                if self._queue.empty():
+                    await self._ready.wait()
+
+    def stop(self) -> None:
+        """Stop pulling; return once the thread no longer touches the source (after the pull in progress)."""
+        self._stopped.set()
+        self._thread.join()
+
+
+class _OpThreads:
+    """Threads running synchronous ops, with results handed back to the event loop in batches.
+
+    Each result goes into a list; the loop is woken once per batch of results (not per result, as with
+    ``run_in_executor``), so cheap ops do not pay a loop round trip each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self._loop = loop
+        self._tasks: queue.SimpleQueue[tuple[asyncio.Future[Any], Callable[[Any], Any], Any] | None] = (
+            queue.SimpleQueue()
+        )
+        self._done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        self._scheduled = False
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"tc-builder-op-{i}", daemon=True) for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, op: Callable[[Any], Any], value: Any) -> asyncio.Future[Any]:
+        future = self._loop.create_future()
+        self._tasks.put((future, op, value))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            future, op, value = task
+            if future.cancelled():
+                continue
+            try:
+                result, error = op(value), None
+            except (
+                StopIteration
+            ) as exc:  # a future cannot hold StopIteration (as a generator cannot raise it)
+                result, error = None, RuntimeError(f"op raised StopIteration: {exc!r}")
+            except BaseException as exc:
+                result, error = None, exc
+            del task, value  # the input is not kept alive while the thread waits for the next one
+            with self._lock:
+                self._done.append((future, result, error))
+                schedule, self._scheduled = not self._scheduled, True
+            if schedule:
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:  # the loop has closed: the pipeline stopped
+                    return
+
+    def _deliver(self) -> None:
+        with self._lock:
+            done, self._done = self._done, deque()
+            self._scheduled = False
+        for future, result, error in done:
+            if future.cancelled():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def stop(self) -> None:
+        """Let the threads end after the op each is running (they are not waited for)."""
+        while True:
+            try:
+                self._tasks.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._tasks.put(None)
 
 
 class _Runner:
@@ -209,13 +383,19 @@ class _Runner:
         self._source = source
         self._stages = stages
         self._loop = asyncio.new_event_loop()
-        self._source_executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="tc-builder-source"
+        # a source that may block (I/O, workers, a dataset's __getitem__) is pulled by its own thread; indices are
+        # computed on the loop
+        self._pulling = (
+            _FromSource(self._loop, source, _QUEUE_SIZE)
+            if isinstance(source, Pipeline) and not _arithmetic(source)
+            else None
         )
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            num_threads, thread_name_prefix="tc-builder-op"
+        self._ops = (
+            _OpThreads(self._loop, num_threads)
+            if any(isinstance(s, _PipeConfig) and not s.is_async for s in stages)
+            else None
         )
-        self._sink: asyncio.Queue[_Message] = asyncio.Queue(sink.buffer_size)
+        self._sink = _ToConsumer(self._loop, sink.buffer_size)
         self._main: asyncio.Task[None] | None = None
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._thread_main, name="tc-builder-loop", daemon=True)
@@ -238,7 +418,7 @@ class _Runner:
 
     async def _run(self) -> None:
         queues: list[asyncio.Queue[_Message]] = [asyncio.Queue(_QUEUE_SIZE) for _ in self._stages]
-        outputs = [*queues[1:], self._sink]
+        outputs: list[_Outlet] = [*queues[1:], self._sink] if queues else []
         tasks = [asyncio.ensure_future(self._produce(queues[0] if queues else self._sink))]
         for stage, inq, outq in zip(self._stages, queues, outputs, strict=True):
             if isinstance(stage, _AggregateConfig):
@@ -254,7 +434,7 @@ class _Runner:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _produce(self, out: asyncio.Queue[_Message]) -> None:
+    async def _produce(self, out: _Outlet) -> None:
         source = self._source
         try:
             if isinstance(source, _AsyncReplaySource):
@@ -272,12 +452,11 @@ class _Runner:
                     position += 1
                     await out.put(_Item(Record(value, 0, (position - 1,)), {"position": position}))
             else:
-                loop = asyncio.get_running_loop()
                 while True:
-                    message = await loop.run_in_executor(self._source_executor, _pull_with_state, source)
-                    if isinstance(message, _End):
-                        break
+                    message = await self._pulling.get() if self._pulling is not None else _pulled(source)
                     await out.put(message)
+                    if not isinstance(message, _Item):
+                        return  # the source's end, or its failure
         except StopAsyncIteration:
             pass
         except Exception as exc:
@@ -287,13 +466,20 @@ class _Runner:
             return
         await out.put(_END)
 
-    async def _apply(self, stage: _PipeConfig, item: _Item) -> _Message:
+    def _start(self, stage: _PipeConfig, item: _Item) -> asyncio.Future[Any]:
+        """Start ``stage.op`` on an item: a task on the loop for async ops, a job for the op threads otherwise."""
+        if stage.is_async:
+            return asyncio.ensure_future(stage.op(item.record.value))
+        if self._ops is None:
+            raise RuntimeError(
+                "no op threads for a synchronous op"
+            )  # _Runner starts them when a stage needs them
+        return self._ops.submit(stage.op, item.record.value)
+
+    async def _finish(self, stage: _PipeConfig, item: _Item, running: asyncio.Future[Any]) -> _Message:
+        """The output message of a started op: the new item, or a failure naming the stage and input."""
         try:
-            if stage.is_async:
-                value = await stage.op(item.record.value)
-            else:
-                loop = asyncio.get_running_loop()
-                value = await loop.run_in_executor(self._executor, stage.op, item.record.value)
+            value = await running
         except Exception as exc:
             index = list(item.record.indices)
             where = index[0] if len(index) == 1 else index
@@ -304,16 +490,21 @@ class _Runner:
             return _Failure(error)
         return _Item(item.record.with_value(value), item.state_after)
 
-    async def _pipe_ordered(
-        self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: asyncio.Queue[_Message]
-    ) -> None:
-        pending: asyncio.Queue[asyncio.Future[_Message] | _End | _Failure] = asyncio.Queue(stage.concurrency)
+    async def _apply(self, stage: _PipeConfig, item: _Item) -> _Message:
+        return await self._finish(stage, item, self._start(stage, item))
+
+    async def _pipe_ordered(self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
+        # started ops in input order, at most ``concurrency`` waiting here (no task per item: the futures are awaited
+        # in turn)
+        pending: asyncio.Queue[tuple[_Item, asyncio.Future[Any]] | _End | _Failure] = asyncio.Queue(
+            stage.concurrency
+        )
 
         async def feed() -> None:
             while True:
                 message = await inq.get()
                 if isinstance(message, _Item):
-                    await pending.put(asyncio.ensure_future(self._apply(stage, message)))
+                    await pending.put((message, self._start(stage, message)))
                 else:
                     await pending.put(message)
                     return
@@ -322,7 +513,7 @@ class _Runner:
         try:
             while True:
                 entry = await pending.get()
-                result = await entry if isinstance(entry, asyncio.Future) else entry
+                result = await self._finish(stage, *entry) if isinstance(entry, tuple) else entry
                 await out.put(result)
                 if not isinstance(result, _Item):
                     return
@@ -330,12 +521,10 @@ class _Runner:
             feeder.cancel()
             while not pending.empty():
                 entry = pending.get_nowait()
-                if isinstance(entry, asyncio.Future):
-                    entry.cancel()
+                if isinstance(entry, tuple):
+                    entry[1].cancel()
 
-    async def _pipe_unordered(
-        self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: asyncio.Queue[_Message]
-    ) -> None:
+    async def _pipe_unordered(self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
         slots = asyncio.Semaphore(stage.concurrency)
         running: set[asyncio.Future[None]] = set()
         failed = asyncio.Event()
@@ -365,9 +554,7 @@ class _Runner:
             for leftover in list(running):
                 leftover.cancel()
 
-    async def _aggregate(
-        self, stage: _AggregateConfig, inq: asyncio.Queue[_Message], out: asyncio.Queue[_Message]
-    ) -> None:
+    async def _aggregate(self, stage: _AggregateConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
         group: list[_Item] = []
         while True:
             message = await inq.get()
@@ -384,13 +571,11 @@ class _Runner:
 
     def get(self) -> _Message:
         """Wait for the next message from the sink (the consumer side)."""
-        future = asyncio.run_coroutine_threadsafe(self._sink.get(), self._loop)
         while True:
             try:
-                return future.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
+                return self._sink.get(timeout=_POLL_S)
+            except queue.Empty:
                 if not self._thread.is_alive():
-                    future.cancel()
                     raise PipelineError("the pipeline's event loop stopped unexpectedly") from None
 
     def stop(self) -> None:
@@ -402,8 +587,10 @@ class _Runner:
             self._thread.join(_JOIN_S)
             if self._thread.is_alive():
                 logger.warning("builder loop thread did not stop within %.1f s", _JOIN_S)
-        self._source_executor.shutdown(wait=True, cancel_futures=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._pulling is not None:
+            self._pulling.stop()
+        if self._ops is not None:
+            self._ops.stop()
 
 
 async def _rest(iterator: Any) -> Any:
@@ -415,12 +602,24 @@ async def _rest(iterator: Any) -> Any:
         yield value
 
 
-def _pull_with_state(source: Pipeline) -> _Message:
+def _pulled(source: Pipeline) -> _Message:
+    """The source's next item with its state after it; its end; or its failure as a :class:`PipelineError`."""
     try:
         record = source._pull()
     except StopIteration:
         return _END
+    except Exception as exc:
+        error = PipelineError(f"stage 'source' failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return _Failure(error)
     return _Item(record, source._get_state())
+
+
+def _arithmetic(source: Pipeline) -> bool:
+    """Whether pulling ``source`` only computes indices (never blocks), so the event loop may pull it itself."""
+    if isinstance(source, SequenceSource):
+        return type(source._items) in (range, list, tuple)
+    return type(source) in (Range, Permutation)
 
 
 def _group(items: list[_Item]) -> _Item:
