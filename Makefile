@@ -43,7 +43,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check tensorcom servers tools tests benchmarks
 	$(BIN)/mypy
 
-## bench: the benchmark suite (several minutes): benchmarks/results/latest.{json,md,png}; bench-quick: ~2 minutes
+## bench: the benchmark suite (several minutes): benchmarks/results/latest.{json,md,png}; bench-quick: about 1½ minutes
 bench: $(STAMP) .venv-tc01/bin/python
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/python benchmarks/suite.py
