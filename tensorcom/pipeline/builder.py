@@ -329,14 +329,14 @@ class _OpThreads:
             future, op, value = task
             if future.cancelled():
                 continue
+            result: Any = None
+            error: BaseException | None = None
             try:
-                result, error = op(value), None
-            except (
-                StopIteration
-            ) as exc:  # a future cannot hold StopIteration (as a generator cannot raise it)
-                result, error = None, RuntimeError(f"op raised StopIteration: {exc!r}")
+                result = op(value)
+            except StopIteration as exc:  # a future cannot hold StopIteration, as a generator cannot raise it
+                error = RuntimeError(f"op raised StopIteration: {exc!r}")
             except BaseException as exc:
-                result, error = None, exc
+                error = exc
             del task, value  # the input is not kept alive while the thread waits for the next one
             with self._lock:
                 self._done.append((future, result, error))
