@@ -254,9 +254,12 @@ def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: 
     socket.send_multipart([b"READY"])
     try:
         while os.getppid() == parent:
-            if not socket.poll(500, zmq.POLLIN):
-                continue
-            frames = socket.recv_multipart(copy=True)
+            try:  # a queued request needs no poll first
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                if not socket.poll(500, zmq.POLLIN):
+                    continue
+                frames = socket.recv_multipart(copy=True)
             if frames == [b"STOP"]:
                 break
             client, header = frames[0], frames[1]
@@ -302,7 +305,9 @@ class RequestServer:
         urls: ``zrep://`` URLs to bind (braces expand).
         workers: worker processes computing batches; 0 computes in this process (no extra hop, but a batch being
             computed delays heartbeat answers).
-        worker_queue: requests handed to one worker at a time.
+        worker_queue: requests handed to one worker at a time. With 4, a worker finishing a batch has the next
+            requests waiting, instead of idling for a round trip through the front end (64 kB batches: about
+            5.5k -> 8.5k batches/s with one or two workers); each may hold one finished batch in memory.
         queue: replies queued per client before sending blocks.
         report_interval: seconds between rate reports through ``logging``.
         server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
@@ -320,7 +325,7 @@ class RequestServer:
         urls: str | Sequence[str] = "zrep://0.0.0.0:7880",
         *,
         workers: int = 2,
-        worker_queue: int = 2,
+        worker_queue: int = 4,
         queue: int = 16,
         report_interval: float = 10.0,
         name: str | None = None,

@@ -276,6 +276,22 @@ def test_in_process_server_object_serves_and_stops(tmp_path: Any) -> None:
     assert not thread.is_alive()
 
 
+@pytest.mark.parametrize("worker_queue", [1, 8])
+def test_any_worker_queue_serves_the_same_batches(tmp_path: Any, worker_queue: int) -> None:
+    """How many requests a worker holds at a time changes speed only, never which batches arrive or their order."""
+    server = Server(factories.small, f"zrep+ipc://{tmp_path}/s", workers=2, worker_queue=worker_queue)
+    thread = threading.Thread(target=server.run, kwargs={"duration": 60})
+    thread.start()
+    try:
+        with Connection(f"zreq+ipc://{tmp_path}/s", seed=5, timeout=30, prefetch=8) as connection:
+            received = list(connection)
+        assert same(received, reference(factories.small, seed=5, rank=0, world_size=1))
+    finally:
+        server.stop()
+        thread.join(timeout=40)
+    assert not thread.is_alive()
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
