@@ -76,6 +76,10 @@ class Connection:
         shm: accept batches in shared memory from servers on this host (``ipc://`` URLs; :mod:`tensorcom.shm`).
             None (the default): yes, unless $TENSORCOM_SHM is 0. Such arrays are views of shared memory; the
             server reuses the memory once they are all dropped.
+        seed, rank, world_size, prefetch, heartbeat, dead_after, state: options of ``zreq://`` URLs, which make a
+            :class:`~tensorcom.request_client.RequestConnection` (see there); a stream connection refuses them
+            with a :class:`tensorcom.ConfigError`. They are listed here so that type checkers accept
+            ``Connection("zreq://...", seed=...)``.
     """
 
     def __new__(cls, urls: str | Sequence[str] = (), *args: Any, **options: Any) -> Connection:
@@ -99,7 +103,29 @@ class Connection:
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
         shm: bool | None = None,
+        seed: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        prefetch: int | None = None,
+        heartbeat: float | None = None,
+        dead_after: float | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
+        request_options = {
+            "seed": seed,
+            "rank": rank,
+            "world_size": world_size,
+            "prefetch": prefetch,
+            "heartbeat": heartbeat,
+            "dead_after": dead_after,
+            "state": state,
+        }
+        given = [f"{name}=" for name, value in request_options.items() if value is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} only apply to zreq:// URLs (deterministic request mode); "
+                f"stream URLs {urls!r} take none of them"
+            )
         check_limits(epoch, total, timeout)
         if on_malformed not in ("raise", "log"):
             raise ConfigError(f"on_malformed must be 'raise' or 'log'. Found: {on_malformed!r}")

@@ -89,6 +89,8 @@ class RequestConnection(Connection):
         shm: read batches from shared memory when the server is on this host (:mod:`tensorcom.shm`). None (the
             default): for ``ipc://`` servers, unless $TENSORCOM_SHM is 0. False: always through the socket.
             The arrays of such a batch are views of shared memory; its slot is reused once they are all dropped.
+        queue, on_malformed: stream options; refused here with a :class:`tensorcom.ConfigError` (the receive
+            queue follows ``prefetch``, and a malformed reply always raises).
     """
 
     def __init__(
@@ -110,7 +112,19 @@ class RequestConnection(Connection):
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
         shm: bool | None = None,
+        queue: int | None = None,
+        on_malformed: str | None = None,
     ) -> None:
+        given = [
+            f"{name}="
+            for name, value in (("queue", queue), ("on_malformed", on_malformed))
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} only apply to stream URLs; a zreq connection sizes its queue from prefetch "
+                "and always raises on a malformed reply"
+            )
         default_rank, default_world = default_rank_and_world_size()
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size

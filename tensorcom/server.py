@@ -290,7 +290,25 @@ class Server:
         """
         deadline = time.monotonic() + seconds
         while any(endpoint.count_peers() for endpoint in self._endpoints) and time.monotonic() < deadline:
+            self._refuse_control()
             time.sleep(0.02)
+
+    def _refuse_control(self) -> None:
+        """Answer control messages that arrive while the server closes with an error, so that a client's SEEK fails
+        at once, naming the reason, instead of waiting out its timeout."""
+        control = self._control
+        if control is None:
+            return
+        while control.socket.poll(0, zmq.POLLIN):
+            frames = control.socket.recv_multipart()
+            if len(frames) < 2:
+                continue
+            text = f"the server has finished ({self.count} batches sent) and is closing"
+            reply = Message(Command.ERROR, {"error": "unavailable", "message": text})
+            try:
+                control.socket.send_multipart([frames[0], reply.encode()], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as error:
+                log.info("could not answer a control message on %s: %s", control, error)
 
     def _batches(self) -> Iterator[tuple[Any, dict[str, Any] | None]]:
         """The source's batches, with metadata in pipeline mode, obeying SEEK control messages between batches."""

@@ -298,13 +298,43 @@ def test_any_worker_queue_serves_the_same_batches(tmp_path: Any, worker_queue: i
         ({"rank": 3, "world_size": 2}, "rank must be in"),
         ({"prefetch": 0}, "prefetch must be >= 1"),
         ({"heartbeat": 0}, "heartbeat must be > 0"),
+        ({"queue": 32, "on_malformed": "log"}, r"queue=, on_malformed= only apply to stream URLs"),
     ],
-    ids=["rank", "prefetch", "heartbeat"],
+    ids=["rank", "prefetch", "heartbeat", "stream-options"],
 )
 def test_bad_client_settings_are_refused(options: dict[str, Any], message: str) -> None:
     """Impossible client settings raise ConfigError before any socket opens."""
     with pytest.raises(ConfigError, match=message):
         Connection("zreq://127.0.0.1:1", **options)
+
+
+def test_request_options_on_a_stream_url_are_refused_by_name() -> None:
+    """zreq-only options given to a stream Connection raise ConfigError naming them, not a TypeError."""
+    with pytest.raises(ConfigError, match=r"seed=, prefetch= only apply to zreq:// URLs"):
+        Connection("zpull://127.0.0.1:1", seed=3, prefetch=8)
+    with Connection("zpull://127.0.0.1:1", timeout=1, queue=4) as stream:  # stream options still work
+        assert type(stream) is Connection
+
+
+def test_type_checkers_accept_both_kinds_of_connection(tmp_path: Any) -> None:
+    """Connection("zreq://...", seed=...) and stream options type-check; an unknown option does not."""
+    from mypy import api
+
+    usage = tmp_path / "usage.py"
+    usage.write_text(
+        "from tensorcom import Connection\n"
+        "a = Connection('zreq://h:7880', seed=17, rank=0, world_size=2, prefetch=8, state=None)\n"
+        "b = Connection('zpull://h:7880', queue=32, on_malformed='log')\n"
+        "c = Connection('zpull://h:7880', prefech=8)\n"
+    )
+    report, _, status = api.run(
+        [str(usage)]
+    )  # the project's mypy settings (and cache, when run from the root)
+    assert status == 1
+    errors = [line.split("usage.py:", 1)[-1] for line in report.splitlines() if ": error:" in line]
+    assert errors == [
+        '4: error: Unexpected keyword argument "prefech" for "Connection"; did you mean "prefetch"?  [call-arg]'
+    ]
 
 
 def test_no_server_at_start_times_out_naming_it() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import factories
 import numpy as np
 import pytest
 
-from tensorcom import ConfigError, Connection, Server, StateError, Timeout
+from tensorcom import ConfigError, Connection, ProtocolError, Server, StateError, Timeout
 
 
 def reference(count: int, **config: Any) -> list[Any]:
@@ -72,10 +73,12 @@ def test_restarted_server_resumes_from_the_clients_state(ipc_url: Callable[..., 
         received = [connection.recv() for _ in range(3)]
         state = connection.state()
         thread.join(timeout=20)  # the first server is gone; its 4th batch may or may not have arrived
-        second = Server(
-            factories.small, ipc_url("zpush"), seed=2, control=ipc_url("zrep", "control"), linger=5
+        second = (
+            Server(  # endless: a server that had sent all its batches before the SEEK came could not obey it
+                factories.small, ipc_url("zpush"), seed=2, control=ipc_url("zrep", "control"), send_timeout=8
+            )
         )
-        thread = serve_in_thread(second, count=12)
+        thread = serve_in_thread(second)
         connection.seek(ipc_url("zreq", "control"), state)
         received += [connection.recv() for _ in range(5)]
     thread.join(timeout=20)
@@ -115,6 +118,27 @@ def test_seek_with_a_foreign_state_is_refused(ipc_url: Callable[..., str]) -> No
         with pytest.raises(StateError, match="refused to seek"):
             connection.seek(ipc_url("zreq", "control"), state)
     thread.join(timeout=20)
+
+
+def test_seek_after_the_last_batch_is_refused_at_once(ipc_url: Callable[..., str]) -> None:
+    """A server that has sent its count of batches answers a SEEK with an error while it lingers, not silence."""
+    with Connection(ipc_url("zpull"), timeout=20) as connection:
+        server = Server(
+            factories.small, ipc_url("zpush"), seed=3, control=ipc_url("zrep", "control"), linger=10
+        )
+        thread = serve_in_thread(server, count=2)
+        connection.recv()
+        connection.recv()
+        state = connection.state()
+        time.sleep(0.3)  # the server is past its last batch, waiting for this client to go
+        started = time.monotonic()
+        with pytest.raises(
+            ProtocolError, match=r"refused to seek: the server has finished \(2 batches sent\)"
+        ):
+            connection.seek(ipc_url("zreq", "control"), state)
+        assert time.monotonic() - started < 5
+    thread.join(timeout=20)
+    assert not thread.is_alive()
 
 
 def test_control_needs_a_pipeline_source(ipc_url: Callable[..., str]) -> None:
