@@ -337,10 +337,10 @@ class _OpThreads:
                 error = RuntimeError(f"op raised StopIteration: {exc!r}")
             except BaseException as exc:
                 error = exc
-            del task, value  # the input is not kept alive while the thread waits for the next one
             with self._lock:
                 self._done.append((future, result, error))
                 schedule, self._scheduled = not self._scheduled, True
+            del task, future, value, result, error  # nothing of this item stays alive while the thread waits
             if schedule:
                 try:
                     self._loop.call_soon_threadsafe(self._deliver)
