@@ -261,35 +261,31 @@ def test_rank_and_world_size_default_to_the_environment(
     assert same(received, reference(factories.small, seed=0, rank=2, world_size=3))
 
 
-def test_in_process_server_object_serves_and_stops(tmp_path: Any) -> None:
-    """tensorcom.Server(factory, 'zrep://...') returns a request server that can run in a thread and stop."""
-    server = Server(factories.small, f"zrep+ipc://{tmp_path}/s", workers=0)
-    thread = threading.Thread(target=server.run, kwargs={"duration": 30})
+def served_in_a_thread(tmp_path: Any, seed: int, prefetch: int = 4, **options: Any) -> list[Any]:
+    """Run ``Server(factories.small, 'zrep+ipc://...', **options)`` in a thread, read one epoch, stop the server."""
+    server = Server(factories.small, f"zrep+ipc://{tmp_path}/s", **options)
+    thread = threading.Thread(target=server.run, kwargs={"duration": 60})
     thread.start()
     try:
-        with Connection(f"zreq+ipc://{tmp_path}/s", seed=6, timeout=30) as connection:
-            received = list(connection)
-        assert same(received, reference(factories.small, seed=6, rank=0, world_size=1))
+        with Connection(f"zreq+ipc://{tmp_path}/s", seed=seed, timeout=30, prefetch=prefetch) as connection:
+            return list(connection)
     finally:
         server.stop()
         thread.join(timeout=40)
-    assert not thread.is_alive()
+        assert not thread.is_alive()
+
+
+def test_in_process_server_object_serves_and_stops(tmp_path: Any) -> None:
+    """tensorcom.Server(factory, 'zrep://...') returns a request server that can run in a thread and stop."""
+    received = served_in_a_thread(tmp_path, seed=6, workers=0)
+    assert same(received, reference(factories.small, seed=6, rank=0, world_size=1))
 
 
 @pytest.mark.parametrize("worker_queue", [1, 8])
 def test_any_worker_queue_serves_the_same_batches(tmp_path: Any, worker_queue: int) -> None:
     """How many requests a worker holds at a time changes speed only, never which batches arrive or their order."""
-    server = Server(factories.small, f"zrep+ipc://{tmp_path}/s", workers=2, worker_queue=worker_queue)
-    thread = threading.Thread(target=server.run, kwargs={"duration": 60})
-    thread.start()
-    try:
-        with Connection(f"zreq+ipc://{tmp_path}/s", seed=5, timeout=30, prefetch=8) as connection:
-            received = list(connection)
-        assert same(received, reference(factories.small, seed=5, rank=0, world_size=1))
-    finally:
-        server.stop()
-        thread.join(timeout=40)
-    assert not thread.is_alive()
+    received = served_in_a_thread(tmp_path, seed=5, prefetch=8, workers=2, worker_queue=worker_queue)
+    assert same(received, reference(factories.small, seed=5, rank=0, world_size=1))
 
 
 @pytest.mark.parametrize(
