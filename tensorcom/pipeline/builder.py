@@ -209,25 +209,41 @@ class _AsyncReplaySource:
         return {"kind": "AsyncIterable", "type": type(self.source).__qualname__}
 
 
-def _wake(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
-    """Set ``event`` on its loop from another thread (nothing to do once the loop has closed)."""
-    try:
-        loop.call_soon_threadsafe(event.set)
-    except RuntimeError:
-        pass
+class _Doorbell:
+    """How the event loop waits for another thread to change a thread-safe queue, without a wake-up per item.
+
+    The loop says it is waiting and only then looks at the queue again, so a change made in between is seen; the
+    other thread rings (a loop wake-up) only while the loop says it waits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._event = asyncio.Event()
+        self._waiting = False
+
+    async def wait_while(self, blocked: Callable[[], bool]) -> None:
+        """On the loop: wait for a ring if ``blocked()`` still holds once the wait is announced."""
+        self._event.clear()
+        self._waiting = True
+        if blocked():
+            await self._event.wait()
+
+    def ring(self) -> None:
+        """From another thread: wake the loop if it waits (nothing to do once the loop has closed)."""
+        if self._waiting:
+            self._waiting = False
+            try:
+                self._loop.call_soon_threadsafe(self._event.set)
+            except RuntimeError:
+                pass
 
 
 class _ToConsumer:
-    """The sink: a bounded queue from the event loop to the consumer's thread.
-
-    The consumer takes items without a round trip through the loop; it wakes the loop only when the loop waits for
-    room (it sets ``_waiting`` and then looks at the queue again, so a wake-up cannot be missed)."""
+    """The sink: a bounded queue from the event loop to the consumer's thread. The consumer takes items without a
+    round trip through the loop, waking the loop only when it waits for room."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
-        self._loop = loop
         self._queue: queue.Queue[_Message] = queue.Queue(size)
-        self._room = asyncio.Event()
-        self._waiting = False
+        self._room = _Doorbell(loop)
 
     async def put(self, message: _Message) -> None:
         while True:
@@ -235,17 +251,12 @@ class _ToConsumer:
                 self._queue.put_nowait(message)
                 return
             except queue.Full:
-                self._room.clear()
-                self._waiting = True
-                if self._queue.full():
-                    await self._room.wait()
+                await self._room.wait_while(self._queue.full)
 
     def get(self, timeout: float) -> _Message:
         """The next message; raises ``queue.Empty`` after ``timeout`` seconds without one."""
         message = self._queue.get(timeout=timeout)
-        if self._waiting:
-            self._waiting = False
-            _wake(self._loop, self._room)
+        self._room.ring()
         return message
 
 
@@ -256,11 +267,9 @@ class _FromSource:
     stage) blocks this thread, not the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, source: Pipeline, size: int) -> None:
-        self._loop = loop
         self._source = source
         self._queue: queue.Queue[_Message] = queue.Queue(size)
-        self._ready = asyncio.Event()
-        self._waiting = False
+        self._ready = _Doorbell(loop)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._pull_all, name="tc-builder-source", daemon=True)
         self._thread.start()
@@ -274,9 +283,7 @@ class _FromSource:
                     break
                 except queue.Full:
                     continue
-            if self._waiting:
-                self._waiting = False
-                _wake(self._loop, self._ready)
+            self._ready.ring()
             if not isinstance(message, _Item):
                 return
 
@@ -285,10 +292,7 @@ class _FromSource:
             try:
                 return self._queue.get_nowait()
             except queue.Empty:
-                self._ready.clear()
-                self._waiting = True
-                if self._queue.empty():
-                    await self._ready.wait()
+                await self._ready.wait_while(self._queue.empty)
 
     def stop(self) -> None:
         """Stop pulling; return once the thread no longer touches the source (after the pull in progress)."""
@@ -460,9 +464,7 @@ class _Runner:
         except StopAsyncIteration:
             pass
         except Exception as exc:
-            error = PipelineError(f"stage 'source' failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            await out.put(_Failure(error))
+            await out.put(_source_failure(exc))
             return
         await out.put(_END)
 
@@ -470,10 +472,8 @@ class _Runner:
         """Start ``stage.op`` on an item: a task on the loop for async ops, a job for the op threads otherwise."""
         if stage.is_async:
             return asyncio.ensure_future(stage.op(item.record.value))
-        if self._ops is None:
-            raise RuntimeError(
-                "no op threads for a synchronous op"
-            )  # _Runner starts them when a stage needs them
+        if self._ops is None:  # _Runner starts them whenever a stage has a synchronous op
+            raise RuntimeError("no op threads for a synchronous op")
         return self._ops.submit(stage.op, item.record.value)
 
     async def _finish(self, stage: _PipeConfig, item: _Item, running: asyncio.Future[Any]) -> _Message:
@@ -609,10 +609,14 @@ def _pulled(source: Pipeline) -> _Message:
     except StopIteration:
         return _END
     except Exception as exc:
-        error = PipelineError(f"stage 'source' failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return _Failure(error)
+        return _source_failure(exc)
     return _Item(record, source._get_state())
+
+
+def _source_failure(exc: Exception) -> _Failure:
+    error = PipelineError(f"stage 'source' failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return _Failure(error)
 
 
 def _arithmetic(source: Pipeline) -> bool:
