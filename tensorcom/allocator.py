@@ -34,6 +34,7 @@ TRIM_THRESHOLD = 64 << 20
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+_USER_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold")
 
 _lock = threading.Lock()
 _result: bool | None = None
@@ -44,9 +45,8 @@ def _chosen_by_user() -> bool:
         return True
     if any(name in os.environ for name in _USER_SETTINGS):
         return True
-    return "glibc.malloc.trim_threshold" in os.environ.get(
-        "GLIBC_TUNABLES", ""
-    ) or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(name in tunables for name in _USER_TUNABLES)
 
 
 def tune() -> bool:

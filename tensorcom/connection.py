@@ -111,21 +111,18 @@ class Connection:
         dead_after: float | None = None,
         state: dict[str, Any] | None = None,
     ) -> None:
-        request_options = {
-            "seed": seed,
-            "rank": rank,
-            "world_size": world_size,
-            "prefetch": prefetch,
-            "heartbeat": heartbeat,
-            "dead_after": dead_after,
-            "state": state,
-        }
-        given = [f"{name}=" for name, value in request_options.items() if value is not None]
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} only apply to zreq:// URLs (deterministic request mode); "
-                f"stream URLs {urls!r} take none of them"
-            )
+        refuse_options(
+            {
+                "seed": seed,
+                "rank": rank,
+                "world_size": world_size,
+                "prefetch": prefetch,
+                "heartbeat": heartbeat,
+                "dead_after": dead_after,
+                "state": state,
+            },
+            f"only apply to zreq:// URLs (deterministic request mode); stream URLs {urls!r} take none of them",
+        )
         check_limits(epoch, total, timeout)
         if on_malformed not in ("raise", "log"):
             raise ConfigError(f"on_malformed must be 'raise' or 'log'. Found: {on_malformed!r}")
@@ -363,6 +360,13 @@ class Connection:
         context = getattr(self, "_context", None)
         if context is not None and not context.closed:
             self.close()
+
+
+def refuse_options(options: dict[str, Any], why: str) -> None:
+    """Raise ConfigError naming the ``options`` given (not None) that this kind of connection does not take."""
+    given = [f"{name}=" for name, value in options.items() if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} {why}")
 
 
 def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Message | None:

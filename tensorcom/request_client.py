@@ -25,7 +25,7 @@ import zmq
 
 from tensorcom import allocator, codec
 from tensorcom import shm as _shm
-from tensorcom.connection import BatchInfo, Connection, check_limits
+from tensorcom.connection import BatchInfo, Connection, check_limits, refuse_options
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
 from tensorcom.protocol import Command, Message, check_batch_fields, rebuild_batch
@@ -115,16 +115,11 @@ class RequestConnection(Connection):
         queue: int | None = None,
         on_malformed: str | None = None,
     ) -> None:
-        given = [
-            f"{name}="
-            for name, value in (("queue", queue), ("on_malformed", on_malformed))
-            if value is not None
-        ]
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} only apply to stream URLs; a zreq connection sizes its queue from prefetch "
-                "and always raises on a malformed reply"
-            )
+        refuse_options(
+            {"queue": queue, "on_malformed": on_malformed},
+            "only apply to stream URLs; a zreq connection sizes its queue from prefetch and always raises on a "
+            "malformed reply",
+        )
         default_rank, default_world = default_rank_and_world_size()
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size

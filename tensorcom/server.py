@@ -296,19 +296,9 @@ class Server:
     def _refuse_control(self) -> None:
         """Answer control messages that arrive while the server closes with an error, so that a client's SEEK fails
         at once, naming the reason, instead of waiting out its timeout."""
-        control = self._control
-        if control is None:
-            return
-        while control.socket.poll(0, zmq.POLLIN):
-            frames = control.socket.recv_multipart()
-            if len(frames) < 2:
-                continue
-            text = f"the server has finished ({self.count} batches sent) and is closing"
-            reply = Message(Command.ERROR, {"error": "unavailable", "message": text})
-            try:
-                control.socket.send_multipart([frames[0], reply.encode()], flags=zmq.NOBLOCK)
-            except zmq.ZMQError as error:
-                log.info("could not answer a control message on %s: %s", control, error)
+        text = f"the server has finished ({self.count} batches sent) and is closing"
+        refusal = Message(Command.ERROR, {"error": "unavailable", "message": text})
+        self._answer_control(lambda _: refusal)
 
     def _batches(self) -> Iterator[tuple[Any, dict[str, Any] | None]]:
         """The source's batches, with metadata in pipeline mode, obeying SEEK control messages between batches."""
@@ -357,17 +347,21 @@ class Server:
 
     def _obey_control(self) -> None:
         """Handle pending SEEK messages: restart the pipeline from the state (or epoch) a client sent."""
+        if self._control is not None:
+            self._control.count_peers()
+        self._answer_control(self._seek)
+
+    def _answer_control(self, answer: Callable[[bytes], Message]) -> None:
+        """Reply to every pending control message with ``answer(its header)``."""
         control = self._control
         if control is None:
             return
-        control.count_peers()
         while control.socket.poll(0, zmq.POLLIN):
             frames = control.socket.recv_multipart()
             if len(frames) < 2:
                 continue
-            client, reply = frames[0], self._seek(frames[1])
             try:
-                control.socket.send_multipart([client, reply.encode()], flags=zmq.NOBLOCK)
+                control.socket.send_multipart([frames[0], answer(frames[1]).encode()], flags=zmq.NOBLOCK)
             except zmq.ZMQError as error:
                 log.info("could not answer a control message on %s: %s", control, error)
 

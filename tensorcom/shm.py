@@ -298,8 +298,8 @@ class Arena:
     def put(self, frames: Sequence[Any]) -> bytes | None:
         """Write ``frames`` (from :func:`tensorcom.codec.encode`) into a slot; return the descriptor frame to send
         in their place, or None (small batch, every slot held, no shared memory) to send them as they are."""
-        if self._broken or sum(memoryview(f).nbytes for f in frames) + 128 * len(frames) < self.min_bytes:
-            return None  # 128: the most framing adds per frame, so the buffer is smaller than min_bytes
+        if self._broken:
+            return None
         size = codec.buffer_size(frames)
         if size < self.min_bytes:
             return None
