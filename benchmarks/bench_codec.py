@@ -29,6 +29,9 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_transport import batch_of_shape  # noqa: E402
 
 from tensorcom import codec  # noqa: E402
 
@@ -38,8 +41,7 @@ TIMED_S = {False: 0.2, True: 0.05}  # seconds per timed loop (full, quick)
 
 
 def make_arrays(size: str) -> list[np.ndarray]:
-    images = np.random.default_rng(0).integers(0, 256, SHAPES[size], dtype=np.uint8)
-    return [images, np.arange(64, dtype=np.int64)]
+    return list(batch_of_shape(SHAPES[size]))
 
 
 def received_frames(arrays: list[np.ndarray]) -> list[Any]:
@@ -53,8 +55,7 @@ def _fresh_decode(frames: list[Any]) -> list[np.ndarray]:
     return codec.decode(frames)
 
 
-def operations(size: str) -> dict[str, Callable[[], Any]]:
-    arrays = make_arrays(size)
+def operations(arrays: list[np.ndarray]) -> dict[str, Callable[[], Any]]:
     frames = received_frames(arrays)
     buffer = codec.encode_buffer(arrays)
     decoded = codec.decode(frames)
@@ -82,7 +83,8 @@ def time_us(function: Callable[[], Any], seconds: float) -> float:
 def measure(quick: bool = False, repeat: int | None = None) -> list[dict[str, Any]]:
     """One row per batch size: the median microseconds of each operation, and every round's figures."""
     repeat = repeat or (2 if quick else 5)
-    prepared = {size: operations(size) for size in SHAPES}
+    batches = {size: make_arrays(size) for size in SHAPES}
+    prepared = {size: operations(arrays) for size, arrays in batches.items()}
     samples: dict[str, dict[str, list[float]]] = {size: {op: [] for op in OPERATIONS} for size in SHAPES}
     for round_number in range(repeat):
         print(f"codec round {round_number + 1}/{repeat}", file=sys.stderr)
@@ -91,7 +93,7 @@ def measure(quick: bool = False, repeat: int | None = None) -> list[dict[str, An
                 samples[size][name].append(time_us(ops[name], TIMED_S[quick]))
     rows = []
     for size in SHAPES:
-        nbytes = sum(a.nbytes for a in make_arrays(size))
+        nbytes = sum(a.nbytes for a in batches[size])
         rows.append(
             {
                 "group": "codec",

@@ -56,7 +56,12 @@ SHM_ROOT = Path("/dev/shm")
 
 
 def make_batch(size: str) -> tuple[np.ndarray, np.ndarray]:
-    images = np.random.default_rng(0).integers(0, 256, SHAPES[size], dtype=np.uint8)
+    return batch_of_shape(SHAPES[size])
+
+
+def batch_of_shape(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images of ``shape`` and 64 int64 labels (the benchmarks' batch)."""
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     return images, np.arange(64, dtype=np.int64)
 
 

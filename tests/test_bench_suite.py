@@ -84,7 +84,7 @@ def test_codec_part_rows_and_growth(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_codec_frames_decode_to_the_arrays() -> None:
     arrays = bench_codec.make_arrays("64KB")
     frames = bench_codec.received_frames(arrays)
-    decoded = bench_codec.operations("64KB")["decode"]()
+    decoded = bench_codec.operations(arrays)["decode"]()
     assert [type(f).__name__ for f in frames] == ["bytes", "Frame", "bytes", "Frame"]
     assert all((a == b).all() for a, b in zip(decoded, arrays, strict=True))
 
