@@ -289,10 +289,8 @@ def decode(
             )
         try:
             arrays.append(np.ndarray(shape, dtype, buffer=data))
-        except (
-            ValueError,
-            TypeError,
-        ) as error:  # e.g. a zero-size shape with a dimension numpy cannot represent
+        except (ValueError, TypeError) as error:
+            # e.g. a zero-size shape with a dimension numpy cannot represent
             raise DecodeError(f"array {i // 2}: shape {shape} cannot be built: {error}") from None
         labels.append(info)
     return (arrays, labels) if infos else arrays

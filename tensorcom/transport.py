@@ -316,7 +316,6 @@ def receive(socket: zmq.Socket[Any], copy: bool, flags: int = 0, lead: int = 0) 
         if not socket.get(_RCVMORE):
             break
     if len(frames) == lead + 1 and isinstance(frames[-1], bytes):
-        frames[-1] = bytearray(
-            frames[-1]
-        )  # one frame holding a whole .ten buffer (tensorcom 0.1's single mode)
+        # one frame holding a whole .ten buffer (tensorcom 0.1's single mode)
+        frames[-1] = bytearray(frames[-1])
     return frames
