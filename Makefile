@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml setup.py
 ## demo: start a synthetic image server, read from it for a few seconds, print batches/s and GB/s
 demo: $(STAMP)
 	$(BIN)/tensorcom demo --seconds 5
-	$(BIN)/python -m tensorcom.imagenet_demo
+	$(BIN)/python -m tensorcom.examples.imagenet_demo
 
 ## demo-imagenet: serve generated JPEGs with serve-imagenet-dir, train a small CNN, checkpoint, resume, print images/s
 .PHONY: demo-imagenet
 demo-imagenet: $(STAMP)
-	$(BIN)/python -m tensorcom.imagenet_demo
+	$(BIN)/python -m tensorcom.examples.imagenet_demo
 
 ## test: lint, type-check and run the whole test suite
 test: $(STAMP)

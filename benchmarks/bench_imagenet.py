@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from tensorcom.imagenet import ImageDirectory, ImageTransform
+from tensorcom.datasets.imagenet import ImageDirectory, ImageTransform
+from tensorcom.datasets.sample_images import make_sample_images
 from tensorcom.pipeline import Conveyer, Map, Range
 from tensorcom.pipeline.rng import sample_key, sample_rng
-from tensorcom.sample_images import make_sample_images
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,7 +122,7 @@ def ours(
 ) -> float:
     from torch.utils.data import DataLoader
 
-    from tensorcom.torch_data import ConnectionDataset
+    from tensorcom.adapters.torch import ConnectionDataset
 
     server, url = start(
         ["-m", "tensorcom_servers.imagenet_dir", "-d", images, "-b", str(batch_size), "--size", str(size)]
@@ -152,7 +152,7 @@ def transport_seconds(batch_size: int, size: int, count: int, folder: str) -> fl
     """Seconds per batch moved over zreq from a server that computes nothing (workers=0: no extra hop)."""
     from torch.utils.data import DataLoader
 
-    from tensorcom.torch_data import ConnectionDataset
+    from tensorcom.adapters.torch import ConnectionDataset
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     server, url = start(

@@ -232,7 +232,7 @@ def send_stream(address: str, count: int, size: str, report: Any, queue: int = 2
 def send_zreq(address: str, count: int, size: str, report: Any, workers: int = 0) -> None:
     import functools
 
-    from tensorcom.request_server import RequestServer
+    from tensorcom.server.request import RequestServer
 
     server = RequestServer(functools.partial(same_batches, size=size), _url("zrep", address), workers=workers)
     try:

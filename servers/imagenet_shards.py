@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from tensorcom.cli import TensorcomCommand
-from tensorcom.imagenet import ImageShards
-from tensorcom.imagenet_cli import image_server_options, run_image_server
+from tensorcom.cli.image_server import image_server_options, run_image_server
+from tensorcom.datasets.imagenet import ImageShards
 
 
 @click.command(cls=TensorcomCommand)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from tensorcom.cli import TensorcomCommand, server_key_options, setup_logging, stop_on_sigterm
-from tensorcom.server import Server
-from tensorcom.synthetic import synthetic_batches
+from tensorcom.datasets.synthetic import synthetic_batches
+from tensorcom.server.stream import Server
 
 
 @click.command(cls=TensorcomCommand)

@@ -37,18 +37,18 @@ from tensorcom.pipeline import (
 from tensorcom.urls import ParsedURL, expand_urls, parse_url
 
 if TYPE_CHECKING:
-    from tensorcom.connection import BatchInfo, Connection
+    from tensorcom.client.stream import BatchInfo, Connection
     from tensorcom.loader import SwiftLoader
-    from tensorcom.server import Server, serve
+    from tensorcom.server.stream import Server, serve
 
 __version__ = "0.2.0.dev0"
 
 _LAZY = {
-    "BatchInfo": "tensorcom.connection",
-    "Connection": "tensorcom.connection",
-    "Server": "tensorcom.server",
+    "BatchInfo": "tensorcom.client.stream",
+    "Connection": "tensorcom.client.stream",
+    "Server": "tensorcom.server.stream",
     "SwiftLoader": "tensorcom.loader",
-    "serve": "tensorcom.server",
+    "serve": "tensorcom.server.stream",
 }
 
 __all__ = [

@@ -104,7 +104,7 @@ def request_server(
 @pytest.fixture
 def no_key_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unset the TENSORCOM_* CURVE key variables, so that only what a test sets applies (here and in its children)."""
-    from tensorcom.security import CLIENT_KEY_ENV, CLIENT_KEYS_ENV, SERVER_KEY_ENV, SERVER_PUBLIC_KEY_ENV
+    from tensorcom._net.security import CLIENT_KEY_ENV, CLIENT_KEYS_ENV, SERVER_KEY_ENV, SERVER_PUBLIC_KEY_ENV
 
     for name in (SERVER_KEY_ENV, CLIENT_KEYS_ENV, CLIENT_KEY_ENV, SERVER_PUBLIC_KEY_ENV):
         monkeypatch.delenv(name, raising=False)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tensorcom.imagenet import ImageDirectory, write_shards
+from tensorcom.datasets.imagenet import ImageDirectory, write_shards
 
 CLASSES = ("cat", "dog", "emu")  # sorted: labels 0, 1, 2
 PER_CLASS = 4

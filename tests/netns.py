@@ -29,7 +29,7 @@ from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
-from tensorcom.shm import process_alive
+from tensorcom._net.shm import process_alive
 
 PREFIX = "tcnet-"
 SUBNET = "10.213.0"

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 # Allocate 32 blocks of 1 MiB, free them, and report how much of that memory the process still holds.
 PROBE = """
 import sys
-from tensorcom import allocator
+from tensorcom._net import allocator
 {setup}
 def resident_kib():
     with open("/proc/self/statm") as statm:

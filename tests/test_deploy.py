@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tensorcom import security
+from tensorcom._net import security
 from tensorcom.urls import expand_urls
 
 ROOT = Path(__file__).parent.parent
@@ -136,7 +136,7 @@ def test_kubernetes_manifests_parse_and_agree() -> None:
 
 
 def test_environment_variables_named_in_the_recipes_are_the_ones_tensorcom_reads() -> None:
-    """Every TENSORCOM_* variable in the doc, scripts and manifests is one of tensorcom.security's."""
+    """Every TENSORCOM_* variable in the doc, scripts and manifests is one of tensorcom._net.security's."""
     known = {
         security.SERVER_KEY_ENV,
         security.CLIENT_KEYS_ENV,

@@ -21,7 +21,7 @@ from reliability import StartProcess, children_of, record, reference, rss_kib, s
 
 from tensorcom import Connection, Timeout
 from tensorcom.protocol import Command, Message
-from tensorcom.request_server import RequestServer
+from tensorcom.server.request import RequestServer
 
 BIG = ("-o", "nbytes=4096", "-o", "delay=0.002")
 

@@ -25,7 +25,7 @@ from imagenet_fixtures import (
 from PIL import Image
 
 from tensorcom import ConfigError, Connection, PipelineError, URLError
-from tensorcom.imagenet import (
+from tensorcom.datasets.imagenet import (
     ImageDirectory,
     ImageShards,
     ImageTransform,
@@ -147,7 +147,7 @@ def test_unreadable_image_is_replaced_by_the_next_readable_one(
     transform = ImageTransform(dataset, SIZE)
     rng = np.random.default_rng(0)
     uniforms = np.random.default_rng(0).random(41)
-    with caplog.at_level(logging.WARNING, logger="tensorcom.imagenet"):
+    with caplog.at_level(logging.WARNING, logger="tensorcom.datasets.imagenet"):
         image, label = transform(bad, rng)
     assert label == dataset.label(bad + 1)
     assert np.array_equal(image, transform.load(bad + 1, uniforms))
@@ -329,9 +329,9 @@ def test_stream_mode_sends_the_seeded_pipeline(
 
 
 def test_tensorcom_serve_accepts_the_directory_factory(folder: Path, request_server: object) -> None:
-    """`tensorcom serve tensorcom.imagenet:directory_pipeline -o directory=DIR` serves the same stream."""
+    """`tensorcom serve tensorcom.datasets.imagenet:directory_pipeline -o directory=DIR` serves the same stream."""
     _, url = request_server(  # type: ignore[operator]
-        "tensorcom.imagenet:directory_pipeline",
+        "tensorcom.datasets.imagenet:directory_pipeline",
         f"directory={folder}",
         f"batch_size={BATCH}",
         f"size={SIZE}",

@@ -18,7 +18,7 @@ from imagenet_fixtures import StartProcess, make_image_folder, make_shards, same
 from reliability import Keys
 
 from tensorcom import Connection, SecurityError
-from tensorcom.imagenet import directory_pipeline
+from tensorcom.datasets.imagenet import directory_pipeline
 from tensorcom_servers import imagenet_dir, imagenet_shards
 from tensorcom_tools import tensormon, tensorshow, tensorstat
 

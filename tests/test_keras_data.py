@@ -15,9 +15,9 @@ from imagenet_fixtures import StartProcess, make_image_folder, same_batches, sta
 keras = pytest.importorskip("keras")
 
 from tensorcom import ConfigError  # noqa: E402
-from tensorcom.imagenet import directory_pipeline  # noqa: E402
-from tensorcom.keras_data import ConnectionPyDataset  # noqa: E402
-from tensorcom.sample_images import make_sample_images  # noqa: E402
+from tensorcom.adapters.keras import ConnectionPyDataset  # noqa: E402
+from tensorcom.datasets.imagenet import directory_pipeline  # noqa: E402
+from tensorcom.datasets.sample_images import make_sample_images  # noqa: E402
 
 SIZE = 16
 

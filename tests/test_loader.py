@@ -401,7 +401,8 @@ def test_logger_benchmark_file_custom_collate_and_device(tmp_path: Path) -> None
         assert batch["total"].tolist() == [float(sum(batch["labels"]))] * 3
     assert sorted(label for batch in batches for label in batch["labels"]) == list(range(12))
     text = (tmp_path / "logs" / "run_consumer0.log").read_text()
-    assert "seed_number=77" in text and "request_server" in text  # the server process logs there too
+    # the server process logs there too
+    assert "seed_number=77" in text and "tensorcom.server.request" in text
     records = [json.loads(line) for line in benchmark_file.read_text().splitlines()]
     assert records[0]["epoch"] == 0 and records[0]["complete"] and records[0]["samples"] == 12
     assert {"loading_s", "batching_s", "encoding_s", "waiting_s", "decoding_s", "transfer_s"} <= records[

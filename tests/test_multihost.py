@@ -16,7 +16,7 @@ import netns
 import pytest
 from netns_client import digest
 
-from tensorcom import security
+from tensorcom._net import security
 
 TESTS = Path(__file__).parent
 CLIENT = str(TESTS / "netns_client.py")

@@ -69,7 +69,7 @@ def test_notebook_executes(name: str, tmp_path: Path) -> None:
 def test_imagenet_demo_runs(tmp_path: Path) -> None:
     """`make demo`'s ImageNet part (few steps): it trains, checkpoints, resumes, checks the resume, reports."""
     result = subprocess.run(
-        [sys.executable, "-m", "tensorcom.imagenet_demo", "--data", str(tmp_path / "images")]
+        [sys.executable, "-m", "tensorcom.examples.imagenet_demo", "--data", str(tmp_path / "images")]
         + ["--steps", "8", "-b", "8", "--size", "16", "-w", "1"],
         capture_output=True,
         text=True,

@@ -16,9 +16,9 @@ import zmq
 from reliability import reference, same
 
 from tensorcom import ConfigError, Connection, ProtocolError, RemoteError, Server, StateError, Timeout
+from tensorcom.client.request import RequestConnection
 from tensorcom.protocol import Command, Message
-from tensorcom.request_client import RequestConnection
-from tensorcom.request_server import RequestServer
+from tensorcom.server.request import RequestServer
 
 StartServer = Callable[..., tuple[subprocess.Popen[bytes], str]]
 
@@ -388,7 +388,7 @@ def test_a_deep_window_fits_in_the_client_queue(request_server: StartServer) -> 
     """The client's receive queue holds its whole request window (prefetch x group steps), so a server never has
     to hold replies back for a client that asked for them (a reply it holds waits for its next look, and with a
     window of 64 small batches that made a client 50 times slower). The batches are still the reference's."""
-    from tensorcom.request_client import _GROUP
+    from tensorcom.client.request import _GROUP
 
     _, url = request_server("factories:small")
     with Connection(url, timeout=30, prefetch=16) as connection:

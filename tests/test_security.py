@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from reliability import Keys, StartProcess, reference, same, serve
 
 from tensorcom import ConfigError, Connection, SecurityError, Server, Timeout
+from tensorcom._net.security import client_keys_from, is_loopback, server_keys_from
 from tensorcom.cli import main
-from tensorcom.security import client_keys_from, is_loopback, server_keys_from
 
 pytestmark = pytest.mark.usefixtures("no_key_variables")
 
@@ -114,10 +114,10 @@ def test_binding_a_network_address_without_keys_warns(
 ) -> None:
     """A socket bound beyond loopback without CURVE logs a warning; with keys it does not (bound here on 127.0.0.1,
     with the loopback test patched, so nothing listens on the network)."""
-    import tensorcom.transport
+    import tensorcom._net.transport
 
-    monkeypatch.setattr(tensorcom.transport, "is_loopback", lambda address: False)
-    with caplog.at_level(logging.WARNING, logger="tensorcom.transport"):
+    monkeypatch.setattr(tensorcom._net.transport, "is_loopback", lambda address: False)
+    with caplog.at_level(logging.WARNING, logger="tensorcom._net.transport"):
         Connection("zpull://127.0.0.1:0").close()
         assert "without CURVE keys" in caplog.text
         caplog.clear()
@@ -262,7 +262,7 @@ def test_stream_server_refuses_a_plain_client_and_logs_it(
 ) -> None:
     """A plain client of a CURVE stream server gets SecurityError; the server logs the refusal while it waits."""
     server = Server(None, ipc_url("zrpush"), linger=0, send_timeout=1.5, **keys.server())
-    with caplog.at_level(logging.WARNING, logger="tensorcom.security"):
+    with caplog.at_level(logging.WARNING, logger="tensorcom._net.security"):
         with Connection(ipc_url("zrpull"), timeout=20) as plain, pytest.raises(SecurityError):
             plain.recv()
         with pytest.raises(Exception, match="could not send"):

@@ -1,4 +1,4 @@
-"""The same-host fast path: batches in shared memory, descriptors over ZeroMQ (tensorcom.shm and its users)."""
+"""The same-host fast path: batches in shared memory, descriptors over ZeroMQ (tensorcom._net.shm and its users)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import pytest
 import torch
 from reliability import reference, same
 
-from tensorcom import Connection, DecodeError, Server, codec, shm
-from tensorcom.request_server import RequestServer
+from tensorcom import Connection, DecodeError, Server, codec
+from tensorcom._net import shm
+from tensorcom.server.request import RequestServer
 
 BIG = functools.partial(factories.big, nbytes=1 << 19)  # 1 MB batches: above shm.MIN_BYTES
 

@@ -1,5 +1,5 @@
 """tensormon, tensorshow and tensorstat against real server processes sending known content, and the modules behind
-them (tensorcom.monitor, tensorcom.images, tensorcom.statistics, tensorcom.plots)."""
+them (tensorcom.monitoring.throughput, tensorcom.monitoring.grids, tensorcom.monitoring.statistics, tensorcom.monitoring.plots)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tensorcom import codec
-from tensorcom.images import IMAGENET_MEAN, IMAGENET_STD, load_class_names, to_display_images
-from tensorcom.monitor import ThroughputMonitor
-from tensorcom.plots import PANEL_HEIGHT, PANEL_WIDTH, PLOT_BOX
-from tensorcom.statistics import ArrayStatistics
+from tensorcom.monitoring.grids import IMAGENET_MEAN, IMAGENET_STD, load_class_names, to_display_images
+from tensorcom.monitoring.plots import PANEL_HEIGHT, PANEL_WIDTH, PLOT_BOX
+from tensorcom.monitoring.statistics import ArrayStatistics
+from tensorcom.monitoring.throughput import ThroughputMonitor
 from tensorcom_tools import tensormon, tensorshow, tensorstat
 
 Start = Callable[..., subprocess.Popen[bytes]]
@@ -127,7 +127,7 @@ def test_tensormon_follows_a_zreq_stream(
     (tmp_path / "zreq_factory.py").write_text(ZREQ_FACTORY)
     server_url = ipc_url("zrep", "request")
     serve = (
-        "from tensorcom.request_server import RequestServer\n"
+        "from tensorcom.server.request import RequestServer\n"
         "server = RequestServer('zreq_factory:stream', %r, workers=0)\n"
         "print('ready', flush=True)\n"
         "server.run()\n"

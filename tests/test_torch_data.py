@@ -15,10 +15,10 @@ from imagenet_fixtures import StartProcess, make_image_folder, same_batches, sta
 from torch.utils.data import DataLoader
 
 from tensorcom import ConfigError
-from tensorcom.device import DeviceTransfer
-from tensorcom.imagenet import directory_pipeline
-from tensorcom.sample_images import make_sample_images
-from tensorcom.torch_data import ConnectionDataset, normalize_images
+from tensorcom.adapters.device import DeviceTransfer
+from tensorcom.adapters.torch import ConnectionDataset, normalize_images
+from tensorcom.datasets.imagenet import directory_pipeline
+from tensorcom.datasets.sample_images import make_sample_images
 
 SIZE = 16
 BATCH = 4
@@ -94,8 +94,8 @@ def test_cuda_transfer_bounds_batches_in_flight() -> None:
 
 
 def test_importing_device_does_not_import_torch() -> None:
-    """tensorcom.device imports torch only when a batch is moved or a device is named."""
-    code = "import sys, tensorcom.device; assert 'torch' not in sys.modules"
+    """tensorcom.adapters.device imports torch only when a batch is moved or a device is named."""
+    code = "import sys, tensorcom.adapters.device; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

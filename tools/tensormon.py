@@ -11,7 +11,7 @@ import click
 
 from tensorcom.cli import TensorcomCommand
 from tensorcom.errors import Timeout
-from tensorcom.monitor import MonitorReport, ThroughputMonitor, count_samples, format_seconds
+from tensorcom.monitoring.throughput import MonitorReport, ThroughputMonitor, count_samples, format_seconds
 from tensorcom_tools._connect import connection_options, open_connection
 
 

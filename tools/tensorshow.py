@@ -10,7 +10,7 @@ import numpy as np
 
 from tensorcom.cli import TensorcomCommand
 from tensorcom.errors import ConfigError
-from tensorcom.images import (
+from tensorcom.monitoring.grids import (
     LAYOUTS,
     NORMALISATIONS,
     find_image_array,

@@ -8,8 +8,8 @@ import click
 
 from tensorcom.cli import TensorcomCommand
 from tensorcom.errors import ConfigError
-from tensorcom.plots import BarChart, draw_bar_charts
-from tensorcom.statistics import ArrayStatistics, BatchStatistics
+from tensorcom.monitoring.plots import BarChart, draw_bar_charts
+from tensorcom.monitoring.statistics import ArrayStatistics, BatchStatistics
 from tensorcom_tools._connect import connection_options, open_connection
 
 PLOT_SAMPLES = 200_000

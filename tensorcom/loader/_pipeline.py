@@ -8,7 +8,7 @@
       → Collate(batch_size)                                                 stacked, or boxed for a collate_fn
       → Map(BatchPacker(collate_fn, batch_encoder))                         flat arrays for the .ten codec
 
-:func:`swift_pipeline` is the factory a :class:`~tensorcom.request_server.RequestServer` calls in each worker
+:func:`swift_pipeline` is the factory a :class:`~tensorcom.server.request.RequestServer` calls in each worker
 process, as ``functools.partial(swift_pipeline, spec=spec)``: the spec holds the dataset *class* and its keyword
 arguments, never a dataset object, and every worker process constructs the dataset once, on first use.
 """

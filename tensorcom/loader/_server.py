@@ -1,7 +1,7 @@
 """The process that serves one SwiftLoader consumer: a local RequestServer over ``ipc://``, and its logging.
 
 The parent starts :func:`serve_consumer` in a spawned process. It binds a
-:class:`~tensorcom.request_server.RequestServer` (which spawns the ``worker_per_consumer`` worker processes), says
+:class:`~tensorcom.server.request.RequestServer` (which spawns the ``worker_per_consumer`` worker processes), says
 ``ready`` (or what went wrong) on a pipe as one JSON message, and serves until the parent asks it to stop
 (SIGTERM) or disappears (then it also removes the socket's folder). It ignores SIGINT: on Ctrl-C the parent
 decides, and stops it on its way out. The worker processes inherit ``TENSORCOM_LOADER_ID`` in their environment, so they can be found in the process table.
@@ -94,7 +94,7 @@ def make_log_handlers(spec: LogSpec) -> list[logging.Handler]:
 
 
 def _local_server_class() -> Any:
-    from tensorcom.request_server import RequestServer
+    from tensorcom.server.request import RequestServer
 
     class LocalServer(RequestServer):
         """A RequestServer that, when closing, terminates workers still starting up.

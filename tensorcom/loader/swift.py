@@ -1,6 +1,6 @@
 """``SwiftLoader``: a local multi-process loader for map-style datasets, on tensorcom's request protocol.
 
-Each consumer (one per GPU or rank) runs a :class:`~tensorcom.request_server.RequestServer` in a child process,
+Each consumer (one per GPU or rank) runs a :class:`~tensorcom.server.request.RequestServer` in a child process,
 bound to an ``ipc://`` socket in a private temporary folder, with ``worker_per_consumer`` worker processes that
 each construct the dataset from ``dataset_class(**dataset_kwargs)``. The consumer reads from it through a ``zreq``
 :class:`~tensorcom.Connection` with ``rank=consumer_index`` and ``world_size=nb_consumer``. Every batch is a pure
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
-from tensorcom.connection import BatchInfo
+from tensorcom.client.stream import BatchInfo
 from tensorcom.errors import ConfigError, PipelineError, RemoteError, StateError, TensorcomError, Timeout
 from tensorcom.loader._pipeline import PipelineSpec, dataset_of, forget_dataset, swift_pipeline
 from tensorcom.loader._server import LOADER_ID_VARIABLE, LogSpec, make_log_handlers, serve_consumer
@@ -574,7 +574,7 @@ class SwiftLoader:
             raise
 
     def _start(self, consumer: _Consumer, device: Any, to_device: Callable[[Any], Any] | None) -> None:
-        from tensorcom.request_client import RequestConnection
+        from tensorcom.client.request import RequestConnection
 
         options = self.options
         name = f"consumer{consumer.index}"
@@ -636,7 +636,7 @@ class SwiftLoader:
         self._pending_state = None
         consumer.decoder = options.batch_decoder
         if device is not None or to_device is not None:
-            from tensorcom.device import DeviceTransfer
+            from tensorcom.adapters.device import DeviceTransfer
 
             consumer.transfer = DeviceTransfer(
                 device=device, to_device=to_device, max_batches_on_device=options.max_nb_batch_on_device

@@ -5,7 +5,7 @@ directions, a checkerboard, a triangle, a ring, a cross, dots, a diagonal band),
 size and noise, and writes them as ``DIR/train/CLASS/NNNN.JPEG``. The files depend only on the arguments, so every
 run makes the same dataset; nothing is downloaded. A small CNN learns the classes in a few hundred steps.
 
-Run ``python -m tensorcom.sample_images DIR`` to make one.
+Run ``python -m tensorcom.datasets.sample_images DIR`` to make one.
 """
 
 from __future__ import annotations
@@ -167,10 +167,10 @@ def make_sample_images(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tensorcom.sample_images DIR [PER_CLASS]``: make the sample folder and print where it is."""
+    """``python -m tensorcom.datasets.sample_images DIR [PER_CLASS]``: make the sample folder and print where it is."""
     arguments = sys.argv[1:] if argv is None else argv
     if not 1 <= len(arguments) <= 2:
-        raise SystemExit("usage: python -m tensorcom.sample_images DIR [PER_CLASS]")
+        raise SystemExit("usage: python -m tensorcom.datasets.sample_images DIR [PER_CLASS]")
     per_class = int(arguments[1]) if len(arguments) > 1 else 30
     root = make_sample_images(arguments[0], per_class=per_class)
     print(f"{root}: {per_class * len(SHAPES)} JPEG files in {len(SHAPES)} classes")  # noqa: T201

@@ -3,7 +3,7 @@
 Every socket gets explicit high-water marks counted in messages (one message is one whole batch), never ZMQ's
 default of 1000, and a maximum frame size (``zmq.MAXMSGSIZE``: a peer that sends a larger frame is disconnected
 before the frame is buffered). Every transport error names its endpoint. Sockets take CURVE keys
-(:mod:`tensorcom.security`); a monitored socket watches its handshakes, so a client refused by its server finds
+(:mod:`tensorcom._net.security`); a monitored socket watches its handshakes, so a client refused by its server finds
 out at once, and a server logs the clients it refuses.
 """
 
@@ -19,9 +19,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from tensorcom import codec
-from tensorcom.errors import ConfigError, DecodeError, SecurityError, Timeout, URLError
-from tensorcom.protocol import MAX_HEADER_BYTES
-from tensorcom.security import (
+from tensorcom._net.security import (
     HANDSHAKE_EVENTS,
     ClientKeys,
     ServerKeys,
@@ -30,6 +28,8 @@ from tensorcom.security import (
     is_loopback,
     refusals,
 )
+from tensorcom.errors import ConfigError, DecodeError, SecurityError, Timeout, URLError
+from tensorcom.protocol import MAX_HEADER_BYTES
 from tensorcom.urls import ParsedURL, expand_urls, parse_url
 
 __all__ = [

@@ -8,7 +8,7 @@
         ...
     checkpoint["data"] = dataset.state_dict()            # resume: ConnectionDataset(..., state=checkpoint["data"])
 
-Batches arrive as numpy arrays sharing the received frames' memory; :class:`tensorcom.device.DeviceTransfer` turns
+Batches arrive as numpy arrays sharing the received frames' memory; :class:`tensorcom.adapters.device.DeviceTransfer` turns
 them into tensors without copying and moves them to ``device`` (pinned staging, non-blocking copies and at most
 ``max_batches_on_device`` batches in flight for CUDA). The servers do the decoding, so the ``DataLoader`` needs no
 worker processes: with ``num_workers > 1`` every worker would open its own connection, and for a zreq stream each
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from tensorcom.connection import adapter_source
-from tensorcom.device import DeviceTransfer
+from tensorcom.adapters.device import DeviceTransfer
+from tensorcom.client.stream import adapter_source
+from tensorcom.datasets.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from tensorcom.errors import ConfigError
-from tensorcom.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ConnectionDataset", "normalize_images"]
 
@@ -81,7 +81,7 @@ class ConnectionDataset(torch.utils.data.IterableDataset):
 
     def _connect(self) -> Any:
         if self.connection is None:
-            from tensorcom.connection import Connection
+            from tensorcom.client.stream import Connection
 
             options = dict(self.connection_options)
             if self._pending_state is not None:

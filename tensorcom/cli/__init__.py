@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from tensorcom.errors import TensorcomError
-from tensorcom.signals import drain_on_sigterm, stop_on_sigterm
+from tensorcom.server.signals import drain_on_sigterm, stop_on_sigterm
 
 __all__ = [
     "TensorcomCommand",
@@ -119,7 +119,7 @@ def demo(seconds: float, batch_size: int, size: int, url: str | None) -> None:
 
     The server sends uint8 NHWC image batches plus int64 labels; the client checks that the labels arrive in order.
     """
-    from tensorcom.connection import Connection
+    from tensorcom.client.stream import Connection
 
     with tempfile.TemporaryDirectory(prefix="tensorcom-demo-") as folder:
         server_url = url or f"zrpush+ipc://{os.path.join(folder, 'demo.sock')}"
@@ -233,7 +233,7 @@ def serve(
     """
     import functools
 
-    from tensorcom.request_server import RequestServer, load_factory
+    from tensorcom.server.request import RequestServer, load_factory
 
     setup_logging(verbose, quiet)
     stop_on_sigterm()
@@ -273,7 +273,7 @@ def keygen(folder: str, clients: tuple[str, ...], server: bool) -> None:
     Never overwrites a key. Add a client later with --no-server --client NAME. Prints the environment variables
     that point servers and clients at the files.
     """
-    from tensorcom.security import (
+    from tensorcom._net.security import (
         CLIENT_KEY_ENV,
         CLIENT_KEYS_ENV,
         SERVER_KEY_ENV,

@@ -74,7 +74,7 @@ def synthetic_pipeline(
 ) -> Any:
     """A deterministic pipeline of random images: Permutation → Partition → Map(per-sample rng) → Collate.
 
-    The factory of ``tensorcom serve tensorcom.synthetic:synthetic_pipeline``; batches are ``(images, labels)``
+    The factory of ``tensorcom serve tensorcom.datasets.synthetic:synthetic_pipeline``; batches are ``(images, labels)``
     with uint8 NHWC images and int64 labels equal to each sample's dataset index modulo ``classes``.
     """
     from tensorcom.pipeline import Collate, Conveyer, Map, Partition, Permutation

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tensorcom.errors import ConfigError
-from tensorcom.images import require_pillow
+from tensorcom.monitoring.grids import require_pillow
 
 if TYPE_CHECKING:
     from PIL import Image

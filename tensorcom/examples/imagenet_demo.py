@@ -1,8 +1,8 @@
 """The ImageNet-style demo behind ``make demo``: serve generated JPEGs, train a small CNN, checkpoint, resume.
 
-Run ``python -m tensorcom.imagenet_demo``. It makes the sample folder (:mod:`tensorcom.sample_images`) if it is
+Run ``python -m tensorcom.examples.imagenet_demo``. It makes the sample folder (:mod:`tensorcom.datasets.sample_images`) if it is
 absent, starts ``serve-imagenet-dir`` on it in a child process, and trains a small PyTorch CNN through a zreq
-``Connection`` (:class:`tensorcom.torch_data.ConnectionDataset`) with a progress bar showing the loss. Half-way it
+``Connection`` (:class:`tensorcom.adapters.torch.ConnectionDataset`) with a progress bar showing the loss. Half-way it
 saves a checkpoint (model, optimizer and the stream's ``state_dict()``), drops the connection as a stopped job would,
 and resumes from the checkpoint in a new one, checking that the first batch after the restart holds the samples the
 old connection would have delivered next. It ends with the throughput and the share of time spent waiting for data.
@@ -91,7 +91,7 @@ class _Trainer:
         import torch
         from torch.utils.data import DataLoader
 
-        from tensorcom.torch_data import normalize_images
+        from tensorcom.adapters.torch import normalize_images
 
         def show(_: object) -> str:
             return f"loss {self.losses[-1]:.3f}" if self.losses else ""
@@ -131,9 +131,9 @@ def main(data: str, steps: int, batch_size: int, size: int, workers: int, seed: 
         import torch
     except ImportError:
         raise click.ClickException("the demo needs torch: pip install 'tensorcom[torch]'") from None
-    from tensorcom.imagenet import ImageDirectory
-    from tensorcom.sample_images import make_sample_images
-    from tensorcom.torch_data import ConnectionDataset
+    from tensorcom.adapters.torch import ConnectionDataset
+    from tensorcom.datasets.imagenet import ImageDirectory
+    from tensorcom.datasets.sample_images import make_sample_images
 
     if steps < 2:
         raise click.BadParameter(f"must be >= 2. Found: {steps}", param_hint="--steps")

@@ -35,11 +35,10 @@ from typing import Any
 import msgpack
 import zmq
 
-from tensorcom import allocator, codec, shm
-from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, TensorcomError
-from tensorcom.protocol import MAX_GROUP, MAX_SEED, Command, Message, check_bounded, flatten_batch
-from tensorcom.security import Authenticator, KeyPath, server_keys_from
-from tensorcom.transport import (
+from tensorcom import codec
+from tensorcom._net import allocator, shm
+from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
+from tensorcom._net.transport import (
     MAX_BATCH_FRAME,
     MAX_CONTROL_MESSAGE,
     Endpoint,
@@ -47,6 +46,8 @@ from tensorcom.transport import (
     parse_endpoints,
     send_parts,
 )
+from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, TensorcomError
+from tensorcom.protocol import MAX_GROUP, MAX_SEED, Command, Message, check_bounded, flatten_batch
 
 __all__ = ["RequestHandler", "RequestServer", "load_factory"]
 
@@ -313,7 +314,7 @@ class RequestServer:
         server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
             ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain).
 
-    Shared memory (:mod:`tensorcom.shm`): workers hand batches to the front end through shared memory; a client
+    Shared memory (:mod:`tensorcom._net.shm`): workers hand batches to the front end through shared memory; a client
     that connects over ``ipc://`` and says it can read shared memory gets the descriptor itself, and the batch
     never passes through a socket. Others get the batch as frames sent from the shared memory without a copy.
     ``TENSORCOM_SHM=0`` turns this off.

@@ -21,12 +21,13 @@ import msgpack
 import numpy as np
 import zmq
 
-from tensorcom import allocator, codec
-from tensorcom import shm as _shm
+from tensorcom import codec
+from tensorcom._net import allocator
+from tensorcom._net import shm as _shm
+from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
+from tensorcom._net.transport import Endpoint, open_endpoint, parse_endpoints, send_frames
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, check_bounded, flatten_batch
-from tensorcom.security import Authenticator, KeyPath, server_keys_from
-from tensorcom.transport import Endpoint, open_endpoint, parse_endpoints, send_frames
 from tensorcom.urls import expand_urls
 
 __all__ = ["Server", "serve"]
@@ -51,7 +52,7 @@ class Server:
     """Send batches to clients over one or more stream URLs.
 
     Given ``zrep://`` URLs, ``Server(factory, urls, workers=N)`` returns a
-    :class:`tensorcom.request_server.RequestServer` instead, which serves the deterministic request protocol.
+    :class:`tensorcom.server.request.RequestServer` instead, which serves the deterministic request protocol.
 
     Args:
         source: an iterable of batches (lists or tuples of arrays) for :meth:`run`, or None to call :meth:`send`.
@@ -73,7 +74,7 @@ class Server:
             ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain). Every
             socket, the control socket included, then encrypts and accepts only those clients.
         shm: send large batches through shared memory on ``zpush+ipc``/``zrpush+ipc`` URLs, with only a small
-            descriptor on the socket (:mod:`tensorcom.shm`). None (the default): on for those URLs unless
+            descriptor on the socket (:mod:`tensorcom._net.shm`). None (the default): on for those URLs unless
             $TENSORCOM_SHM is 0; False: off (needed for clients of tensorcom 0.1 over ipc).
     """
 
@@ -81,7 +82,7 @@ class Server:
         cls, source: Any = None, urls: str | Sequence[str] = "zpub://0.0.0.0:7880", **options: Any
     ) -> Any:
         if cls is Server and any(url.startswith("zrep") for url in expand_urls(urls)):
-            from tensorcom.request_server import RequestServer
+            from tensorcom.server.request import RequestServer
 
             return RequestServer(source, urls, **options)
         return super().__new__(cls)

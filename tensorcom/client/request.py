@@ -23,14 +23,15 @@ from typing import Any
 
 import zmq
 
-from tensorcom import allocator, codec
-from tensorcom import shm as _shm
-from tensorcom.connection import BatchInfo, Connection, check_limits, refuse_options
+from tensorcom import codec
+from tensorcom._net import allocator
+from tensorcom._net import shm as _shm
+from tensorcom._net.security import KeyPath, client_keys_from
+from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
+from tensorcom.client.stream import BatchInfo, Connection, check_limits, refuse_options
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
 from tensorcom.protocol import Command, Message, check_batch_fields, rebuild_batch
-from tensorcom.security import KeyPath, client_keys_from
-from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
 
 __all__ = ["RequestConnection", "default_rank_and_world_size"]
 
@@ -86,7 +87,7 @@ class RequestConnection(Connection):
         state: a :meth:`state` saved earlier (by any rank, with any world size) to continue from.
         converters, epoch, total, client_key, server_public_key, max_message_size: as for stream connections
             (a server that refuses this client's key raises :class:`tensorcom.SecurityError`).
-        shm: read batches from shared memory when the server is on this host (:mod:`tensorcom.shm`). None (the
+        shm: read batches from shared memory when the server is on this host (:mod:`tensorcom._net.shm`). None (the
             default): for ``ipc://`` servers, unless $TENSORCOM_SHM is 0. False: always through the socket.
             The arrays of such a batch are views of shared memory; its slot is reused once they are all dropped.
         queue, on_malformed: stream options; refused here with a :class:`tensorcom.ConfigError` (the receive

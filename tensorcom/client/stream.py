@@ -17,13 +17,14 @@ from typing import Any
 import msgpack
 import zmq
 
-from tensorcom import allocator, codec
-from tensorcom import shm as _shm
+from tensorcom import codec
+from tensorcom._net import allocator
+from tensorcom._net import shm as _shm
+from tensorcom._net.security import ClientKeys, KeyPath, client_keys_from
+from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, check_batch_fields, rebuild_batch
-from tensorcom.security import ClientKeys, KeyPath, client_keys_from
-from tensorcom.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
 from tensorcom.urls import expand_urls
 
 __all__ = ["BatchInfo", "Connection"]
@@ -56,7 +57,7 @@ class Connection:
     """Receive batches from one or more servers.
 
     Given ``zreq://`` URLs, ``Connection(urls, seed=..., rank=..., world_size=..., state=...)`` returns a
-    :class:`tensorcom.request_client.RequestConnection`: the deterministic, resumable request protocol.
+    :class:`tensorcom.client.request.RequestConnection`: the deterministic, resumable request protocol.
 
     Args:
         urls: one URL, a whitespace-separated string of URLs, or a list; braces expand (``zsub://h:788{0..3}``).
@@ -72,19 +73,19 @@ class Connection:
             refuses the key, or that is plain while this client uses CURVE (or the reverse), raises
             :class:`tensorcom.SecurityError` instead of a silent wait.
         max_message_size: the largest frame (one array) accepted, in bytes; a server that sends a larger one is
-            disconnected (default :data:`tensorcom.transport.MAX_BATCH_FRAME`, 1 GiB).
-        shm: accept batches in shared memory from servers on this host (``ipc://`` URLs; :mod:`tensorcom.shm`).
+            disconnected (default :data:`tensorcom._net.transport.MAX_BATCH_FRAME`, 1 GiB).
+        shm: accept batches in shared memory from servers on this host (``ipc://`` URLs; :mod:`tensorcom._net.shm`).
             None (the default): yes, unless $TENSORCOM_SHM is 0. Such arrays are views of shared memory; the
             server reuses the memory once they are all dropped.
         seed, rank, world_size, prefetch, heartbeat, dead_after, state: options of ``zreq://`` URLs, which make a
-            :class:`~tensorcom.request_client.RequestConnection` (see there); a stream connection refuses them
+            :class:`~tensorcom.client.request.RequestConnection` (see there); a stream connection refuses them
             with a :class:`tensorcom.ConfigError`. They are listed here so that type checkers accept
             ``Connection("zreq://...", seed=...)``.
     """
 
     def __new__(cls, urls: str | Sequence[str] = (), *args: Any, **options: Any) -> Connection:
         if cls is Connection and any(url.startswith("zreq") for url in expand_urls(urls)):
-            from tensorcom.request_client import RequestConnection
+            from tensorcom.client.request import RequestConnection
 
             return super().__new__(RequestConnection)
         return super().__new__(cls)

@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from tensorcom.errors import ConfigError, PipelineError, URLError
-from tensorcom.signals import drain_on_sigterm
+from tensorcom.server.signals import drain_on_sigterm
 from tensorcom.urls import expand_braces, expand_urls
 
 if TYPE_CHECKING:
-    from tensorcom.security import KeyPath
+    from tensorcom._net.security import KeyPath
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -585,7 +585,7 @@ def _shards(shards: str) -> ImageShards:
 def directory_pipeline(
     *, directory: str, seed: int = 0, rank: int = 0, world_size: int = 1, **options: Any
 ) -> Any:
-    """Factory for ``tensorcom serve tensorcom.imagenet:directory_pipeline -o directory=DIR``: the
+    """Factory for ``tensorcom serve tensorcom.datasets.imagenet:directory_pipeline -o directory=DIR``: the
     :func:`image_pipeline` of an :class:`ImageDirectory`, indexed once per process."""
     return image_pipeline(
         dataset=_directory(os.path.abspath(directory)), seed=seed, rank=rank, world_size=world_size, **options
@@ -593,7 +593,7 @@ def directory_pipeline(
 
 
 def shard_pipeline(*, shards: str, seed: int = 0, rank: int = 0, world_size: int = 1, **options: Any) -> Any:
-    """Factory for ``tensorcom serve tensorcom.imagenet:shard_pipeline -o shards='/data/train-{0..9}.tar'``."""
+    """Factory for ``tensorcom serve tensorcom.datasets.imagenet:shard_pipeline -o shards='/data/train-{0..9}.tar'``."""
     return image_pipeline(dataset=_shards(shards), seed=seed, rank=rank, world_size=world_size, **options)
 
 
@@ -655,9 +655,9 @@ def serve_images(
     prefetch window always fits.
 
     ``server_key`` and ``client_keys`` turn on CURVE (else $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS apply;
-    see :mod:`tensorcom.security`). With ``drain`` (seconds; zrep URLs; main thread only), SIGTERM makes the server
+    see :mod:`tensorcom._net.security`). With ``drain`` (seconds; zrep URLs; main thread only), SIGTERM makes the server
     finish the requests it has already received, for at most that long, and return; see
-    :func:`tensorcom.signals.drain_on_sigterm` for the second SIGTERM and the time limit.
+    :func:`tensorcom.server.signals.drain_on_sigterm` for the second SIGTERM and the time limit.
     """
     expanded = expand_urls(list(urls))
     request = [url.startswith("zrep") for url in expanded]
@@ -676,7 +676,7 @@ def serve_images(
     ImageTransform(dataset, size, normalize=normalize, augment=augment)  # validate before opening sockets
     server: Any
     if all(request):
-        from tensorcom.request_server import RequestServer
+        from tensorcom.server.request import RequestServer
 
         if control is not None:
             raise ConfigError("control= is for stream URLs; zreq clients send their state with each request")
@@ -692,7 +692,7 @@ def serve_images(
         )
         count: Callable[[], int] = lambda: server.served  # noqa: E731
     else:
-        from tensorcom.server import Server
+        from tensorcom.server.stream import Server
 
         pipeline = image_pipeline(
             dataset=dataset, seed=seed, rank=rank, world_size=world_size, workers=workers, **options

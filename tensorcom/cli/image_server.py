@@ -1,4 +1,4 @@
-"""The command-line face of :func:`tensorcom.imagenet.serve_images`, shared by serve-imagenet-dir and
+"""The command-line face of :func:`tensorcom.datasets.imagenet.serve_images`, shared by serve-imagenet-dir and
 serve-imagenet-shards: one option block, and one way to run (index, print "ready URL...", serve, stop on signals).
 """
 
@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from tensorcom.cli import server_key_options, setup_logging, stop_on_sigterm
-from tensorcom.imagenet import ImageDataset, serve_images
+from tensorcom.datasets.imagenet import ImageDataset, serve_images
 
 __all__ = ["image_server_options", "run_image_server"]
 
