@@ -233,7 +233,8 @@ def serve(
     """
     import functools
 
-    from tensorcom.server.request import RequestServer, load_factory
+    from tensorcom.server.request import RequestServer
+    from tensorcom.server.worker import load_factory
 
     setup_logging(verbose, quiet)
     stop_on_sigterm()

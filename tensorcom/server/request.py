@@ -21,18 +21,15 @@ With CURVE keys the front end accepts only allowed clients; the back end is an i
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import multiprocessing
 import os
 import tempfile
 import time
-import traceback
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import msgpack
 import zmq
 
 from tensorcom import codec
@@ -40,251 +37,23 @@ from tensorcom._net import allocator, shm
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
 from tensorcom._net.transport import (
     MAX_BATCH_FRAME,
-    MAX_CONTROL_MESSAGE,
     Endpoint,
     open_endpoint,
     parse_endpoints,
     send_parts,
 )
-from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, TensorcomError
-from tensorcom.protocol import MAX_GROUP, MAX_SEED, Command, Message, check_bounded, flatten_batch
+from tensorcom.errors import ConfigError, DecodeError, ProtocolError
+from tensorcom.protocol import MAX_GROUP, Command, Message
+from tensorcom.server.worker import Factory, RequestHandler, load_factory, worker_main
 
-__all__ = ["RequestHandler", "RequestServer", "load_factory"]
+__all__ = ["RequestServer"]
 
 log = logging.getLogger(__name__)
 
-Factory = Callable[..., Any]
 _MAX_PENDING_PER_CLIENT = 256
-_CACHED_PIPELINES = 8
 _MAX_ATTEMPTS = 3
 _SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
 _OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
-
-
-def load_factory(spec: str | Factory) -> Factory:
-    """Return the factory named by ``"module:function"`` (or the callable itself)."""
-    if callable(spec):
-        return spec
-    module_name, colon, name = str(spec).partition(":")
-    if not colon or not module_name or not name:
-        raise ConfigError(
-            f"factory must be MODULE:FUNCTION, e.g. mypackage.data:make_pipeline. Found: {spec!r}"
-        )
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(f"cannot import module {module_name!r} for factory {spec!r}: {error}") from error
-    for part in name.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise ConfigError(f"module {module_name!r} has no attribute {name!r} (factory {spec!r})")
-    if not callable(target):
-        raise ConfigError(f"factory {spec!r} is not callable")
-    return target
-
-
-def _base_key(fields: dict[str, Any]) -> bytes | str:
-    """The cache key of a client configuration; any value a peer can send gives a key (bytes, odd map keys)."""
-    config = [fields.get("seed"), fields.get("rank"), fields.get("world_size"), fields.get("base")]
-    try:
-        return msgpack.packb(
-            config, use_bin_type=True
-        )  # a peer's maps arrive in its order, the same every time
-    except (TypeError, ValueError, OverflowError):
-        return repr(config)
-
-
-class RequestHandler:
-    """Computes replies from requests: what a worker process (or a server with ``workers=0``) runs."""
-
-    def __init__(self, factory: Factory, server: str = "") -> None:
-        self.factory = factory
-        self.server = server
-        self._pipelines: OrderedDict[bytes | str, tuple[Any, int]] = OrderedDict()
-
-    def _client_config(self, message: Message) -> tuple[int, int, int, dict[str, Any]]:
-        seed = message.integer("seed", maximum=MAX_SEED)
-        world_size = message.integer("world_size", 1)
-        rank = message.integer("rank")
-        if rank >= world_size:
-            raise ProtocolError(f"rank must be < world_size ({world_size}). Found: {rank}")
-        base = message.fields.get("base") or {}
-        if not isinstance(base, dict):
-            raise ProtocolError(f"base must be a map. Found: {str(base)[:100]}")
-        check_bounded(base, "base")
-        return seed, rank, world_size, base
-
-    def _build(self, message: Message) -> Any:
-        seed, rank, world_size, base = self._client_config(message)
-        pipeline = self.factory(seed=seed, rank=rank, world_size=world_size)
-        for method in ("next_with_meta", "load_state", "skip", "state"):
-            if not hasattr(pipeline, method):
-                raise ConfigError(
-                    f"the factory returned a {type(pipeline).__name__}, which has no {method}(); "
-                    "it must return a tensorcom pipeline (a Conveyer, Join or built PipelineBuilder)"
-                )
-        if base.get("state") is not None:
-            pipeline.load_state(base["state"])
-        elif base.get("epoch") is not None:
-            pipeline.set_epoch(int(base["epoch"]))
-        return pipeline
-
-    def _pipeline_at(self, message: Message, step: int) -> tuple[bytes | str, Any]:
-        """The client's pipeline positioned at ``step``, and its cache key."""
-        key = _base_key(message.fields)
-        pipeline, position = self._pipelines.pop(key, (None, 0))
-        if pipeline is not None and position > step:
-            pipeline.close()
-            pipeline = None
-        if pipeline is None:
-            pipeline, position = self._build(message), 0
-        if step > position:
-            pipeline.skip(step - position)
-        self._pipelines[key] = (pipeline, step)
-        while len(self._pipelines) > _CACHED_PIPELINES:
-            _, (old, _) = self._pipelines.popitem(last=False)
-            old.close()
-        return key, pipeline
-
-    def _forget(self, message: Message) -> None:
-        pipeline, _ = self._pipelines.pop(_base_key(message.fields), (None, 0))
-        if pipeline is not None:
-            pipeline.close()
-
-    def handle(self, message: Message, arena: shm.Arena | None = None) -> tuple[bytes, list[Any]]:
-        """Answer one HELLO or REQUEST with (encoded header, tensor frames); errors become ERROR replies.
-
-        With an ``arena``, a large batch goes into shared memory and its one frame is the descriptor.
-        """
-        gen = message.fields.get("gen", 0)
-        step = message.fields.get("step", 0)
-        try:
-            if message.command == Command.HELLO:
-                pipeline = self._build(message)
-                try:
-                    reply = {
-                        "fingerprint": pipeline.fingerprint,
-                        "state": pipeline.state(),
-                        "server": self.server,
-                    }
-                finally:
-                    pipeline.close()
-                return _encodable(Message(Command.WELCOME, reply)), []
-            if message.command != Command.REQUEST:
-                raise ProtocolError(f"a worker cannot handle {message.command.name}")
-            step = message.integer("step")
-            key, pipeline = self._pipeline_at(message, step)
-            try:
-                batch, meta = pipeline.next_with_meta()
-            except StopIteration:
-                self._forget(message)
-                return Message(Command.END, {"gen": gen, "step": step, "server": self.server}).encode(), []
-            self._pipelines[key] = (pipeline, step + 1)
-            arrays, shape = flatten_batch(batch)
-            frames = codec.encode(arrays)
-            largest = max((memoryview(frame).nbytes for frame in frames[1::2]), default=0)
-            if largest > MAX_BATCH_FRAME:
-                raise ConfigError(
-                    f"an array of {largest} bytes is larger than the {MAX_BATCH_FRAME}-byte frame limit; "
-                    "split it into several arrays"
-                )
-            fields = {
-                "gen": gen,
-                "step": step,
-                "epoch": int(meta.get("epoch", 0)),
-                "indices": [int(i) for i in meta.get("indices", [])],
-                "state": pipeline.state(),
-                "fingerprint": pipeline.fingerprint,
-                "server": self.server,
-                **shape,
-            }
-            header = _encodable(Message(Command.BATCH, fields))  # before a slot is taken: this may fail
-            if arena is not None:
-                descriptor = arena.put(frames)
-                if descriptor is not None:
-                    frames = [descriptor]
-            return header, frames
-        except Exception as error:  # every failure becomes an ERROR reply; the server goes on
-            self._forget(message)
-            kind = (
-                "state"
-                if isinstance(error, StateError)
-                else "protocol"
-                if isinstance(error, ProtocolError)
-                else "pipeline"
-            )
-            if kind == "pipeline" and not isinstance(error, TensorcomError):
-                log.warning(
-                    "pipeline error at step %s: %s",
-                    step,
-                    "".join(traceback.format_exception_only(error)).strip(),
-                )
-            text = f"{type(error).__name__}: {error}"
-            fields = {"gen": gen, "step": step, "error": kind, "message": text, "server": self.server}
-            return Message(Command.ERROR, {**fields, "request": message.command.name}).encode(), []
-
-    def close(self) -> None:
-        """Close every cached pipeline (stopping their worker processes, if any)."""
-        for pipeline, _ in self._pipelines.values():
-            pipeline.close()
-        self._pipelines.clear()
-
-
-def _encodable(message: Message) -> bytes:
-    """``message`` encoded here, inside the handler's error handling (a hostile state can make a pipeline report
-    values msgpack cannot hold): the failure becomes the request's ERROR reply instead of killing the worker."""
-    return message.encode()
-
-
-def _worker_main(factory: str | Factory, backend: str, identity: bytes, parent: int, server: str) -> None:
-    """A worker process: take requests from the front end, compute replies, until told to stop or orphaned."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
-    allocator.tune()
-    handler = RequestHandler(load_factory(factory), server)
-    arena = shm.Arena() if shm.enabled() else None  # batches reach the front end through shared memory
-    context: zmq.Context[Any] = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.IDENTITY, identity)
-    socket.setsockopt(zmq.LINGER, 1000)
-    socket.setsockopt(zmq.SNDHWM, 8)
-    socket.setsockopt(zmq.RCVHWM, 8)
-    socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
-    socket.connect(backend)
-    socket.send_multipart([b"READY"])
-    try:
-        while os.getppid() == parent:
-            try:  # a queued request needs no poll first
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                if not socket.poll(500, zmq.POLLIN):
-                    continue
-                frames = socket.recv_multipart(copy=True)
-            if frames == [b"STOP"]:
-                break
-            client, header = frames[0], frames[1]
-            message = Message.decode(header, "front end")
-            try:
-                data, tensors = handler.handle(message, arena)
-            except (
-                Exception
-            ) as error:  # handle() answers errors itself; this keeps the worker alive regardless
-                log.exception("worker %s: unexpected failure", identity.decode())
-                fields = {
-                    "gen": message.fields.get("gen", 0),
-                    "step": message.fields.get("step", 0),
-                    "error": "pipeline",
-                    "message": f"{type(error).__name__}: {error}",
-                }
-                data, tensors = Message(Command.ERROR, {**fields, "server": server}).encode(), []
-            send_parts(socket, [client, data, *tensors])
-    finally:
-        handler.close()
-        socket.close()
-        context.term()
-        if arena is not None:
-            arena.close(wait=1.0)
 
 
 class _Worker:
@@ -395,7 +164,7 @@ class RequestServer:
     def _start_worker(self, worker: _Worker) -> None:
         context = multiprocessing.get_context("spawn")
         worker.process = context.Process(
-            target=_worker_main,
+            target=worker_main,
             args=(self.factory, self._backend_address, worker.identity, os.getpid(), self.name),
             name=f"tensorcom-{worker.identity.decode()}",
             daemon=True,
