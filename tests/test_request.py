@@ -16,7 +16,7 @@ import zmq
 from reliability import reference, same
 
 from tensorcom import ConfigError, Connection, ProtocolError, RemoteError, Server, StateError, Timeout
-from tensorcom.client.request import RequestConnection
+from tensorcom.client import RequestConnection, StreamConnection
 from tensorcom.protocol import Command, Message
 from tensorcom.server.request import RequestServer
 
@@ -294,7 +294,7 @@ def test_any_worker_queue_serves_the_same_batches(tmp_path: Any, worker_queue: i
         ({"rank": 3, "world_size": 2}, "rank must be in"),
         ({"prefetch": 0}, "prefetch must be >= 1"),
         ({"heartbeat": 0}, "heartbeat must be > 0"),
-        ({"queue": 32, "on_malformed": "log"}, r"queue=, on_malformed= only apply to stream URLs"),
+        ({"queue": 32, "on_malformed": "log"}, r"queue=, on_malformed= are options of zpull://.* \(stream mode\)"),
     ],
     ids=["rank", "prefetch", "heartbeat", "stream-options"],
 )
@@ -306,10 +306,10 @@ def test_bad_client_settings_are_refused(options: dict[str, Any], message: str) 
 
 def test_request_options_on_a_stream_url_are_refused_by_name() -> None:
     """zreq-only options given to a stream Connection raise ConfigError naming them, not a TypeError."""
-    with pytest.raises(ConfigError, match=r"seed=, prefetch= only apply to zreq:// URLs"):
+    with pytest.raises(ConfigError, match=r"seed=, prefetch= are options of zreq:// URLs"):
         Connection("zpull://127.0.0.1:1", seed=3, prefetch=8)
     with Connection("zpull://127.0.0.1:1", timeout=1, queue=4) as stream:  # stream options still work
-        assert type(stream) is Connection
+        assert type(stream) is StreamConnection and isinstance(stream, Connection)
 
 
 def test_type_checkers_accept_both_kinds_of_connection(tmp_path: Any) -> None:

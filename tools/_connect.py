@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from tensorcom.cli import client_key_options
-from tensorcom.client.stream import Connection
+from tensorcom.client import Connection
 from tensorcom.errors import ConfigError
 from tensorcom.urls import expand_urls, parse_url
 

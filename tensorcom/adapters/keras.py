@@ -28,7 +28,7 @@ from typing import Any
 
 import keras
 
-from tensorcom.client.stream import adapter_source
+from tensorcom.client._base import adapter_source
 from tensorcom.errors import ConfigError
 
 __all__ = ["ConnectionPyDataset"]
@@ -71,7 +71,7 @@ class ConnectionPyDataset(keras.utils.PyDataset):
 
     def _connect(self) -> Any:
         if self.connection is None:
-            from tensorcom.client.stream import Connection
+            from tensorcom.client import Connection
 
             self.connection = Connection(self.urls or [], **self.connection_options)
         return self.connection

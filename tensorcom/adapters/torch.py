@@ -24,7 +24,7 @@ import torch
 import torch.utils.data
 
 from tensorcom.adapters.device import DeviceTransfer
-from tensorcom.client.stream import adapter_source
+from tensorcom.client._base import adapter_source
 from tensorcom.datasets.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from tensorcom.errors import ConfigError
 
@@ -81,7 +81,7 @@ class ConnectionDataset(torch.utils.data.IterableDataset):
 
     def _connect(self) -> Any:
         if self.connection is None:
-            from tensorcom.client.stream import Connection
+            from tensorcom.client import Connection
 
             options = dict(self.connection_options)
             if self._pending_state is not None:

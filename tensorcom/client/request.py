@@ -17,19 +17,18 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from tensorcom import codec
-from tensorcom._net import allocator
 from tensorcom._net import shm as _shm
-from tensorcom._net.security import KeyPath, client_keys_from
-from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
-from tensorcom.client.stream import BatchInfo, Connection, check_limits, refuse_options
-from tensorcom.convert import ConverterSpec, make_converters
+from tensorcom._net.security import KeyPath
+from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, receive
+from tensorcom.client._base import BatchInfo, Connection
+from tensorcom.convert import ConverterSpec
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
 from tensorcom.protocol import Command, Message, check_batch_fields, rebuild_batch
 
@@ -70,8 +69,9 @@ class _Server:
         return self.endpoint.address
 
 
-class RequestConnection(Connection):
-    """Receive the deterministic stream ``factory(seed, rank, world_size)`` from ``zreq`` servers.
+class RequestConnection(Connection, schemes=("zreq",), mode="deterministic request"):
+    """Receive the deterministic stream ``factory(seed, rank, world_size)`` from ``zreq`` servers (what
+    ``Connection("zreq://...")`` builds).
 
     Args:
         urls: ``zreq://host:port`` URLs (braces expand), one per server.
@@ -79,19 +79,19 @@ class RequestConnection(Connection):
         rank, world_size: default to torch.distributed, else $RANK/$WORLD_SIZE, else 0 and 1.
         prefetch: requests outstanding at once (the credit window), spread over live servers. For batches under
             1 MB, each request asks for 4 consecutive steps and the window holds ``4 * prefetch`` steps: a batch
-            that small costs less to move than its request costs to send.
-        timeout: seconds without the next batch before :class:`tensorcom.Timeout` (names every endpoint).
+            that small costs less to move than its request costs to send. The receive queue holds the whole window.
+        timeout: seconds without the next batch before :class:`tensorcom.Timeout` (names every endpoint and whether
+            it is up, down, or never answered).
         heartbeat: seconds between pings to each server.
         dead_after: seconds of silence after which a server's outstanding steps go elsewhere (default
             ``max(3 * heartbeat, 2)``).
         state: a :meth:`state` saved earlier (by any rank, with any world size) to continue from.
-        converters, epoch, total, client_key, server_public_key, max_message_size: as for stream connections
-            (a server that refuses this client's key raises :class:`tensorcom.SecurityError`).
+        converters, epoch, total, client_key, server_public_key, max_message_size: as for every
+            :class:`~tensorcom.client.Connection` (a server that refuses this client's key raises
+            :class:`tensorcom.SecurityError`). A malformed reply always raises.
         shm: read batches from shared memory when the server is on this host (:mod:`tensorcom._net.shm`). None (the
             default): for ``ipc://`` servers, unless $TENSORCOM_SHM is 0. False: always through the socket.
             The arrays of such a batch are views of shared memory; its slot is reused once they are all dropped.
-        queue, on_malformed: stream options; refused here with a :class:`tensorcom.ConfigError` (the receive
-            queue follows ``prefetch``, and a malformed reply always raises).
     """
 
     def __init__(
@@ -113,14 +113,7 @@ class RequestConnection(Connection):
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
         shm: bool | None = None,
-        queue: int | None = None,
-        on_malformed: str | None = None,
     ) -> None:
-        refuse_options(
-            {"queue": queue, "on_malformed": on_malformed},
-            "only apply to stream URLs; a zreq connection sizes its queue from prefetch and always raises on a "
-            "malformed reply",
-        )
         default_rank, default_world = default_rank_and_world_size()
         rank = default_rank if rank is None else rank
         world_size = default_world if world_size is None else world_size
@@ -132,47 +125,30 @@ class RequestConnection(Connection):
             raise ConfigError(f"prefetch must be >= 1. Found: {prefetch}")
         if heartbeat <= 0:
             raise ConfigError(f"heartbeat must be > 0 seconds. Found: {heartbeat}")
-        check_limits(epoch, total, timeout)
-        parsed = parse_endpoints(urls, {"DEALER"}, "zreq Connection")
-        self._keys = client_keys_from(client_key, server_public_key)
+        super().__init__(
+            urls,
+            queue=prefetch * _GROUP + 16,  # the whole window fits: the server never waits on us
+            immediate=True,  # no queueing toward a server that is not there
+            converters=converters,
+            timeout=timeout,
+            epoch=epoch,
+            total=total,
+            client_key=client_key,
+            server_public_key=server_public_key,
+            max_message_size=max_message_size,
+            shm=shm,
+        )
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.prefetch = prefetch
-        self.timeout = timeout
         self.heartbeat = heartbeat
         self.dead_after = dead_after if dead_after is not None else max(3 * heartbeat, 2.0)
-        self.epoch = epoch
-        self.total = total
-        self.convert = make_converters(converters)
-        self.count = 0
-        self.malformed = 0
-        self.last = BatchInfo()
         self.fingerprint: str | None = None
-        allocator.tune()  # small batches: no heap shrink-and-regrow per batch
-        self._context: zmq.Context[Any] = zmq.Context()
-        self._endpoints: list[Endpoint] = []
-        self._servers: list[_Server] = []
-        try:
-            for url in parsed:
-                endpoint = open_endpoint(
-                    self._context,
-                    url,
-                    queue=prefetch * _GROUP + 16,  # the whole window fits: the server never waits on us
-                    monitor=True,
-                    keys=self._keys,
-                    max_message_size=max_message_size,
-                )
-                endpoint.socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a server that is not there
-                self._endpoints.append(endpoint)
-                local = url.transport == "ipc" and shm is not False and _shm.enabled()
-                self._servers.append(_Server(endpoint, shm=local))
-        except BaseException:
-            self.close()
-            raise
-        self._poller = zmq.Poller()
-        for server in self._servers:
-            self._poller.register(server.endpoint.socket, zmq.POLLIN)
+        self._servers = [
+            _Server(endpoint, shm=self._shm and endpoint.url.transport == "ipc")
+            for endpoint in self._endpoints
+        ]
         self._by_socket = {server.endpoint.socket: server for server in self._servers}
         self._generation = 0
         self._base: dict[str, Any] = {"state": None, "epoch": None}
@@ -183,13 +159,16 @@ class RequestConnection(Connection):
         self._last_epoch: int | None = None
         self._to_request: list[int] = []
         self._replies: dict[int, tuple[Message, Any]] = {}  # step -> (header, (arrays, infos) or frames)
-        self._reader = _shm.Reader()
         self._expected_fingerprint: str | None = None
         self._group = 1  # steps per request: _GROUP once batches are known to be small
         self._started_waiting = time.monotonic()
-        if state is not None:
-            self.load_state(state)
-        self._hello()
+        try:
+            if state is not None:
+                self.load_state(state)
+            self._hello()
+        except BaseException:
+            self.close()
+            raise
 
     # state
 
@@ -463,8 +442,7 @@ class RequestConnection(Connection):
 
     def recv(self) -> Any:
         """The next batch of the stream. Raises StopIteration at the end of a finite epoch."""
-        if self._context.closed:
-            raise ConfigError("this Connection is closed")
+        self._ensure_open()
         self._reader.collect()  # slots of the batches dropped since the last call
         step = self._next_step
         self._started_waiting = time.monotonic()
@@ -515,17 +493,6 @@ class RequestConnection(Connection):
         epoch = self._last_epoch if self._last_epoch is not None else _epoch_in(self._base.get("state")) or 0
         self._restart({"state": None, "epoch": epoch + 1})
         self._last_epoch = None
-
-    def __iter__(self) -> Iterator[Any]:
-        produced = 0
-        while self.epoch is None or produced < self.epoch:
-            if self.total is not None and self.count >= self.total:
-                return
-            try:
-                yield self.recv()
-            except StopIteration:
-                return
-            produced += 1
 
 
 def _epoch_in(state: Any) -> int | None:

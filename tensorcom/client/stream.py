@@ -1,8 +1,9 @@
-"""The client a training rank holds: receives batches from servers and yields them as arrays or tensors.
+"""The stream client: receives batches from stream servers and yields them as arrays or tensors.
 
 Stream mode (``zpull``, ``zsub``, ``zrpull``, ``zrsub``) receives whatever the servers send, as fast as the bounded
 queues allow; it reads tensorcom 0.1 servers as well as ours. Every URL gets its own socket, all of them are
-polled, and ready sockets are read in turn so no server starves another.
+polled, and ready sockets are read in turn so no server starves another. ``Connection`` and ``BatchInfo`` are
+re-exported here for code written against this module when it held them.
 """
 
 from __future__ import annotations
@@ -10,85 +11,39 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 import zmq
 
 from tensorcom import codec
-from tensorcom._net import allocator
 from tensorcom._net import shm as _shm
-from tensorcom._net.security import ClientKeys, KeyPath, client_keys_from
+from tensorcom._net.security import KeyPath
 from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
-from tensorcom.convert import ConverterSpec, make_converters
+from tensorcom.client._base import BatchInfo, Connection
+from tensorcom.convert import ConverterSpec
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, check_batch_fields, rebuild_batch
-from tensorcom.urls import expand_urls
 
-__all__ = ["BatchInfo", "Connection"]
+__all__ = ["BatchInfo", "Connection", "StreamConnection"]
 
 log = logging.getLogger(__name__)
 
-_RECEIVING = {"PULL", "SUB"}
 _NOBLOCK = int(zmq.NOBLOCK)
 _WATCH_STEP = 0.2  # seconds between looks at the sockets' handshakes while waiting
 
 
-@dataclass
-class BatchInfo:
-    """What is known about the last batch received, besides its arrays.
-
-    ``endpoint`` is the socket address (stream mode) or the server's name (zreq); ``step``, ``epoch`` and
-    ``indices`` (the dataset indices of its samples) are known for zreq batches only.
-    """
-
-    endpoint: str = ""
-    nbytes: int = 0
-    infos: list[str] = field(default_factory=list)
-    count: int = 0
-    step: int | None = None
-    epoch: int | None = None
-    indices: list[int] = field(default_factory=list)
-
-
-class Connection:
-    """Receive batches from one or more servers.
-
-    Given ``zreq://`` URLs, ``Connection(urls, seed=..., rank=..., world_size=..., state=...)`` returns a
-    :class:`tensorcom.client.request.RequestConnection`: the deterministic, resumable request protocol.
+class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"), mode="stream"):
+    """Receive whatever stream servers send (what ``Connection("zpull://...")`` builds).
 
     Args:
-        urls: one URL, a whitespace-separated string of URLs, or a list; braces expand (``zsub://h:788{0..3}``).
-        converters: "numpy" (default), "torch", a callable applied to each array, or one per array position.
-        timeout: seconds to wait for a batch before raising :class:`tensorcom.Timeout` (None waits forever).
-        epoch: if set, each ``iter(connection)`` yields this many batches, then stops; the next ``iter`` goes on.
-        total: if set, the connection yields at most this many batches in all, then every iteration ends.
+        urls, converters, timeout, epoch, total, client_key, server_public_key, max_message_size, shm: as for every
+            :class:`~tensorcom.client.Connection`.
         queue: batches each socket may hold before the server is slowed down (the receive high-water mark).
         on_malformed: "raise" (default) raises :class:`tensorcom.DecodeError` naming the server; "log" logs it,
             counts it in ``malformed`` and goes on to the next batch.
-        client_key, server_public_key: CURVE: this client's ``.key_secret`` file and the server's ``.key`` file
-            (default: $TENSORCOM_CLIENT_KEY and $TENSORCOM_SERVER_PUBLIC_KEY; neither: plain). A server that
-            refuses the key, or that is plain while this client uses CURVE (or the reverse), raises
-            :class:`tensorcom.SecurityError` instead of a silent wait.
-        max_message_size: the largest frame (one array) accepted, in bytes; a server that sends a larger one is
-            disconnected (default :data:`tensorcom._net.transport.MAX_BATCH_FRAME`, 1 GiB).
-        shm: accept batches in shared memory from servers on this host (``ipc://`` URLs; :mod:`tensorcom._net.shm`).
-            None (the default): yes, unless $TENSORCOM_SHM is 0. Such arrays are views of shared memory; the
-            server reuses the memory once they are all dropped.
-        seed, rank, world_size, prefetch, heartbeat, dead_after, state: options of ``zreq://`` URLs, which make a
-            :class:`~tensorcom.client.request.RequestConnection` (see there); a stream connection refuses them
-            with a :class:`tensorcom.ConfigError`. They are listed here so that type checkers accept
-            ``Connection("zreq://...", seed=...)``.
     """
-
-    def __new__(cls, urls: str | Sequence[str] = (), *args: Any, **options: Any) -> Connection:
-        if cls is Connection and any(url.startswith("zreq") for url in expand_urls(urls)):
-            from tensorcom.client.request import RequestConnection
-
-            return super().__new__(RequestConnection)
-        return super().__new__(cls)
 
     def __init__(
         self,
@@ -104,76 +59,31 @@ class Connection:
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
         shm: bool | None = None,
-        seed: int | None = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        prefetch: int | None = None,
-        heartbeat: float | None = None,
-        dead_after: float | None = None,
-        state: dict[str, Any] | None = None,
     ) -> None:
-        refuse_options(
-            {
-                "seed": seed,
-                "rank": rank,
-                "world_size": world_size,
-                "prefetch": prefetch,
-                "heartbeat": heartbeat,
-                "dead_after": dead_after,
-                "state": state,
-            },
-            f"only apply to zreq:// URLs (deterministic request mode); stream URLs {urls!r} take none of them",
-        )
-        check_limits(epoch, total, timeout)
         if on_malformed not in ("raise", "log"):
             raise ConfigError(f"on_malformed must be 'raise' or 'log'. Found: {on_malformed!r}")
-        parsed = parse_endpoints(urls, _RECEIVING, "Connection")
-        self._keys: ClientKeys | None = client_keys_from(client_key, server_public_key)
-        self.timeout = timeout
-        self.epoch = epoch
-        self.total = total
+        super().__init__(
+            urls,
+            queue=queue,
+            immediate=False,
+            converters=converters,
+            timeout=timeout,
+            epoch=epoch,
+            total=total,
+            client_key=client_key,
+            server_public_key=server_public_key,
+            max_message_size=max_message_size,
+            shm=shm,
+        )
         self.on_malformed = on_malformed
-        self.convert = make_converters(converters)
-        self.count = 0
-        self.malformed = 0
-        self.last = BatchInfo()
-        allocator.tune()  # small batches: no heap shrink-and-regrow per batch
-        self._context: zmq.Context[Any] = zmq.Context()
-        self._endpoints: list[Endpoint] = []
-        try:
-            for url in parsed:
-                self._endpoints.append(
-                    open_endpoint(
-                        self._context,
-                        url,
-                        queue=queue,
-                        monitor=True,
-                        keys=self._keys,
-                        max_message_size=max_message_size,
-                    )
-                )
-        except BaseException:
-            self.close()
-            raise
-        self._poller = zmq.Poller()
-        for endpoint in self._endpoints:
-            self._poller.register(endpoint.socket, zmq.POLLIN)
-        self._shm = shm is not False and _shm.enabled()
-        self._reader = _shm.Reader()
         self._turn = 0
         self._stash: deque[tuple[Endpoint, list[Any]]] = deque()
         self._generation = 0
         self._pipeline_state: Any = None
         self._stream_meta: Message | None = None
 
-    @property
-    def endpoints(self) -> list[str]:
-        """The addresses this connection receives from (bound addresses are read back, so port 0 shows its port)."""
-        return [endpoint.address for endpoint in self._endpoints]
-
     def _next_ready(self) -> Endpoint:
-        if self._context.closed:
-            raise ConfigError("this Connection is closed")
+        self._ensure_open()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             remaining = (
@@ -327,48 +237,6 @@ class Connection:
                     self._stash.popleft()  # older than anything the seek keeps
         raise Timeout(f"no answer to SEEK within {self.timeout} s from {dealer}")
 
-    def __iter__(self) -> Iterator[Any]:
-        produced = 0
-        while self.epoch is None or produced < self.epoch:
-            if self.total is not None and self.count >= self.total:
-                return
-            yield self.recv()
-            produced += 1
-
-    def __len__(self) -> int:
-        """The number of batches an iteration yields (``epoch``), for frameworks that ask for a length."""
-        if self.epoch is None:
-            raise TypeError(
-                "this Connection has no length; pass epoch=N (batches per iteration) to give it one"
-            )
-        return self.epoch
-
-    def close(self) -> None:
-        """Close every socket at once (nothing is waiting to be sent from a receiving client)."""
-        for endpoint in self._endpoints:
-            endpoint.close()
-        self._endpoints = []
-        if not self._context.closed:
-            self._context.term()
-
-    def __enter__(self) -> Connection:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        context = getattr(self, "_context", None)
-        if context is not None and not context.closed:
-            self.close()
-
-
-def refuse_options(options: dict[str, Any], why: str) -> None:
-    """Raise ConfigError naming the ``options`` given (not None) that this kind of connection does not take."""
-    given = [f"{name}=" for name, value in options.items() if value is not None]
-    if given:
-        raise ConfigError(f"{', '.join(given)} {why}")
-
 
 def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Message | None:
     """The metadata a pipeline-mode server appends to a batch, if this batch has it."""
@@ -382,28 +250,3 @@ def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Messag
         raise ProtocolError(f"batch metadata from {endpoint} must be a map")
     check_batch_fields(fields, str(endpoint))
     return Message(Command.BATCH, fields)
-
-
-def check_limits(epoch: int | None, total: int | None, timeout: float | None) -> None:
-    """Check the iteration limits and the receive timeout that every kind of Connection takes."""
-    for name, value in (("epoch", epoch), ("total", total)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be >= 1 batch or None. Found: {value}")
-    if timeout is not None and timeout <= 0:
-        raise ConfigError(f"timeout must be > 0 seconds or None. Found: {timeout}")
-
-
-def adapter_source(source: Any, batches: int | None, options: dict[str, Any]) -> tuple[list[str] | None, Any]:
-    """What the framework adapters take as ``source``: URLs (opened later with ``options``) or an open Connection.
-
-    Returns ``(urls, None)`` or ``(None, connection)``; checks ``batches`` (an int >= 1 or None) on the way.
-    """
-    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
-        raise ConfigError(f"batches must be an int >= 1 or None. Found: {batches!r}")
-    if isinstance(source, str | Sequence):
-        return expand_urls(source), None
-    if hasattr(source, "recv") and hasattr(source, "state"):
-        if options:
-            raise ConfigError(f"connection options {sorted(options)} need URLs, not an open Connection")
-        return None, source
-    raise ConfigError(f"source must be URLs or a tensorcom Connection. Found: {type(source).__name__}")

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
-from tensorcom.client.stream import BatchInfo
+from tensorcom.client import BatchInfo
 from tensorcom.errors import ConfigError, PipelineError, RemoteError, StateError, TensorcomError, Timeout
 from tensorcom.loader._pipeline import PipelineSpec, dataset_of, forget_dataset, swift_pipeline
 from tensorcom.loader._server import LOADER_ID_VARIABLE, LogSpec, make_log_handlers, serve_consumer
@@ -574,7 +574,7 @@ class SwiftLoader:
             raise
 
     def _start(self, consumer: _Consumer, device: Any, to_device: Callable[[Any], Any] | None) -> None:
-        from tensorcom.client.request import RequestConnection
+        from tensorcom.client import RequestConnection
 
         options = self.options
         name = f"consumer{consumer.index}"
