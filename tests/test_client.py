@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 import tensorcom.client
-from tensorcom import ConfigError, Connection, URLError
+from tensorcom import ConfigError, Connection, Timeout, URLError
 from tensorcom.client import RequestConnection, StreamConnection
 
 StartServer = Callable[..., tuple[subprocess.Popen[bytes], str]]
@@ -181,3 +182,37 @@ def test_old_import_paths_still_work() -> None:
     assert BatchInfo is tensorcom.BatchInfo
     assert Request is RequestConnection
     assert default_rank_and_world_size is tensorcom.client.default_rank_and_world_size
+
+
+def _unused_port() -> int:
+    """A port nothing listens on: bound to find a free one, then closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_timeout_names_the_servers_that_never_answered(request_server: StartServer) -> None:
+    """With a real server and an address where nothing listens, a Timeout says the dead one never answered and the
+    real one is up or down, not that the dead one is up."""
+    dead = _unused_port()
+    process, url = request_server("factories:small", "repeating=true")
+    live = url.rsplit(":", 1)[1]
+    urls = [url, f"zreq://127.0.0.1:{dead}"]
+    with Connection(urls, seed=1, timeout=2, heartbeat=0.2, prefetch=1) as connection:
+        connection.recv()
+        process.kill()
+        process.wait(timeout=10)
+        with pytest.raises(Timeout) as raised:
+            for _ in range(100):  # batches already prefetched may still arrive first
+                connection.recv()
+    text = str(raised.value)
+    assert f"127.0.0.1:{dead} (never answered)" in text
+    assert f"127.0.0.1:{live} (up)" in text or f"127.0.0.1:{live} (down)" in text
+
+
+def test_no_answer_at_all_names_every_server_as_never_answered() -> None:
+    """When no server answers the greeting, the Timeout lists each address as never answered."""
+    ports = [_unused_port(), _unused_port()]
+    with pytest.raises(Timeout) as raised:
+        Connection([f"zreq://127.0.0.1:{port}" for port in ports], timeout=1)
+    assert all(f"127.0.0.1:{port} (never answered)" in str(raised.value) for port in ports)

@@ -57,6 +57,7 @@ class _Server:
     endpoint: Endpoint
     alive: bool = True
     last_heard: float = 0.0
+    answered: bool = False  # it has sent something (a WELCOME, a PONG, a reply) since this connection opened
     last_ping: float = 0.0
     outstanding: set[int] = field(default_factory=set)
     fingerprint: str | None = None
@@ -293,6 +294,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
 
     def _on_message(self, server: _Server, frames: list[Any]) -> None:
         server.last_heard = time.monotonic()
+        server.answered = True
         if not server.alive:
             log.info("server %s answers again", server.address)
             server.alive = True
@@ -438,7 +440,11 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 )
 
     def _describe_servers(self) -> str:
-        return ", ".join(f"{s.address} ({'up' if s.alive else 'down'})" for s in self._servers)
+        """Each server's address and whether it is up, down, or never answered (a wrong address, or not started)."""
+        return ", ".join(
+            f"{s.address} ({'never answered' if not s.answered else 'up' if s.alive else 'down'})"
+            for s in self._servers
+        )
 
     def recv(self) -> Any:
         """The next batch of the stream. Raises StopIteration at the end of a finite epoch."""
