@@ -2,46 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import Processes, StartProcess, serve
 from reliability import Keys
 
-SERVER_STOP_SECONDS = 10
+
+@pytest.fixture
+def start_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartProcess]:
+    """Start real child processes (``python ARGS``, stderr to a log shown when a wait fails); on teardown terminate
+    each and join it within a time limit (then kill)."""
+    processes = Processes(tmp_path_factory.mktemp("stderr"))
+    yield processes.start
+    processes.stop()
 
 
 @pytest.fixture
-def start_process() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start real child processes; on teardown terminate each and join it within a time limit (then kill)."""
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str, **options: object) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen([sys.executable, *args], **options)  # type: ignore[call-overload]
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=SERVER_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=SERVER_STOP_SECONDS)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture
-def synthetic_server(
-    start_process: Callable[..., subprocess.Popen[bytes]],
-) -> Callable[..., subprocess.Popen[bytes]]:
+def synthetic_server(start_process: StartProcess) -> StartProcess:
     """Start ``serve-synthetic`` (small batches by default) as a real process sending on the given URLs."""
 
     def start(
@@ -65,38 +45,16 @@ def ipc_url(tmp_path: Path) -> Callable[[str, str], str]:
     return make
 
 
-TESTS = Path(__file__).parent
-
-
 @pytest.fixture
-def request_server(
-    start_process: Callable[..., subprocess.Popen[bytes]],
-) -> Callable[..., tuple[subprocess.Popen[bytes], str]]:
-    """Start `tensorcom serve FACTORY` as a real process (factories from tests/factories.py) and return it with
-    its zreq URL once it prints that it is ready."""
+def request_server(start_process: StartProcess) -> Callable[..., tuple[subprocess.Popen[bytes], str]]:
+    """Start `tensorcom serve FACTORY` as a real process (factories from tests/factories.py) with each OPTION as
+    ``-o OPTION``, and return it with its zreq URL once it prints that it is ready."""
 
     def start(
         factory: str, *options: str, workers: int = 1, port: int = 0
     ) -> tuple[subprocess.Popen[bytes], str]:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-        args = [
-            "-m",
-            "tensorcom.cli",
-            "serve",
-            factory,
-            "-q",
-            "--bind",
-            f"zrep://127.0.0.1:{port}",
-            "-w",
-            str(workers),
-        ]
-        for option in options:
-            args += ["-o", option]
-        process = start_process(*args, stdout=subprocess.PIPE, env=env)
-        assert process.stdout is not None
-        line = process.stdout.readline().decode().split()
-        assert line[:1] == [b"ready".decode()], f"server did not start: {line}"
-        return process, line[1].replace("tcp://", "zreq://")
+        pairs = [word for option in options for word in ("-o", option)]
+        return serve(start_process, factory, *pairs, workers=workers, port=port)
 
     return start
 

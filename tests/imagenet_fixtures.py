@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from helpers import StartProcess, client_url, wait_ready
 from PIL import Image
 
 from tensorcom.datasets.imagenet import ImageDirectory, write_shards
@@ -16,8 +16,6 @@ from tensorcom.datasets.imagenet import ImageDirectory, write_shards
 CLASSES = ("cat", "dog", "emu")  # sorted: labels 0, 1, 2
 PER_CLASS = 4
 CORRUPT = "dog/bad.JPEG"  # sorts after 0000..0003 in its class
-
-StartProcess = Callable[..., subprocess.Popen[bytes]]
 
 
 def make_image_folder(root: Path, *, corrupt: bool = True, train: bool = True, size: int = 32) -> Path:
@@ -55,32 +53,14 @@ def start_image_server(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``python -m tensorcom_servers.PROGRAM ARGS URL`` logging to ``log_file`` (with ``env`` added to this
     process's environment); return it and its client URL once it prints "ready"."""
-    log = open(log_file, "ab")  # noqa: SIM115 - the child process holds it
-    try:
-        process = start_process(
-            "-m",
-            f"tensorcom_servers.{program}",
-            *args,
-            url,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env={**os.environ, **(env or {})},
-        )
-    finally:
-        log.close()
-    assert process.stdout is not None
-    line = process.stdout.readline().decode().split()
-    assert line[:1] == ["ready"], f"server did not start: {line} {log_file.read_text()}"
-    address = line[1]
-    if url.startswith("zrep"):
-        return process, address.replace("tcp://", "zreq://")
-    return process, address
-
-
-def same_batches(left: list[Any], right: list[Any]) -> bool:
-    """Batches of (images, labels) equal bit for bit, in the same order."""
-    return len(left) == len(right) and all(
-        a.dtype == b.dtype and np.array_equal(a, b)
-        for x, y in zip(left, right, strict=True)
-        for a, b in zip(x, y, strict=True)
+    process = start_process(
+        "-m",
+        f"tensorcom_servers.{program}",
+        *args,
+        url,
+        stdout=subprocess.PIPE,
+        stderr_log=log_file,
+        env={**os.environ, **(env or {})},
     )
+    address = wait_ready(process)
+    return process, client_url(address) if url.startswith("zrep") else address

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
+
+from helpers import note_stderr_log, read_line, stop
 
 from tensorcom._net.shm import process_alive
 
@@ -179,6 +179,7 @@ class Network:
             env=env,
         )
         self.processes.append(popen)
+        note_stderr_log(popen, Path(log.name))
         return Process(popen, Path(log.name))
 
     def close(self) -> None:
@@ -187,11 +188,7 @@ class Network:
             if process.poll() is None:
                 process.terminate()
         for process in self.processes:
-            try:
-                process.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_SECONDS)
+            stop(process, STOP_SECONDS)
             for stream in (process.stdin, process.stdout):
                 if stream is not None:
                     try:
@@ -211,22 +208,11 @@ class Network:
 
 
 class Process:
-    """A process in a test host whose stdout is read by a thread, one line at a time, with time limits."""
+    """A process in a test host whose stdout is read one line at a time, each read with a time limit."""
 
     def __init__(self, popen: subprocess.Popen[str], log: Path) -> None:
         self.popen = popen
         self.log = log
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        try:
-            for line in self.popen.stdout:
-                self._lines.put(line)
-        except (OSError, ValueError):
-            pass
-        self._lines.put(None)
 
     @property
     def pid(self) -> int:
@@ -236,27 +222,9 @@ class Process:
         """What the process logged so far."""
         return self.log.read_text(errors="replace")
 
-    def line(self, timeout: float) -> str:
-        """The next line of stdout; fails when none comes within ``timeout`` seconds or the output ends."""
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no output within {timeout} s; its log:\n{self.stderr()}") from None
-        if line is None:
-            self._lines.put(None)
-            raise AssertionError(f"output ended (exit code {self.popen.poll()}); its log:\n{self.stderr()}")
-        return line
-
     def records(self, timeout: float) -> Iterator[dict[str, Any]]:
         """The JSON objects that the process prints, one per line, until it ends (each within ``timeout``)."""
-        while True:
-            try:
-                line = self._lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no output within {timeout} s; its log:\n{self.stderr()}") from None
-            if line is None:
-                self._lines.put(None)
-                return
+        while line := read_line(self.popen, timeout, allow_end=True):
             yield json.loads(line)
 
     def send(self, text: str = "") -> None:
@@ -269,21 +237,9 @@ class Process:
         return self.popen.wait(timeout=timeout)
 
 
-def wait_ready(process: Process, timeout: float = 30.0) -> str:
-    """Wait for a server's ``ready URL`` line and return the URL."""
-    words = process.line(timeout).split()
-    assert words[:1] == ["ready"], f"server did not start: {words}; its log:\n{process.stderr()}"
-    return words[1]
-
-
 def leftovers(tag: str) -> tuple[list[str], str]:
     """Namespaces and root-namespace links whose names contain ``tag`` (both empty after a clean teardown)."""
     links = ip("-o", "link", check=False).stdout
     return [name for name in namespaces() if tag in name], "\n".join(
         line for line in links.splitlines() if tag in line
     )
-
-
-def environment(paths: Sequence[Path]) -> dict[str, str]:
-    """This environment with ``paths`` prepended to PYTHONPATH (for factories and scripts in tests/)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), os.environ.get("PYTHONPATH", "")])}

@@ -13,11 +13,12 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import numpy as np
+from helpers import assert_same_batch
 
 from tensorcom.pipeline import Pipeline
 
@@ -61,31 +62,7 @@ def hang_on_three(x: int) -> int:
     return x
 
 
-# -- comparison and serialisation -----------------------------------------------------------------------------------
-
-
-def assert_same(a: Any, b: Any, where: str = "item") -> None:
-    """Assert two items are identical, bit for bit, through dicts, tuples, lists, arrays and tensors."""
-    if isinstance(a, Mapping):
-        assert isinstance(b, Mapping) and list(a) == list(b), f"{where}: keys {list(a)} != {b!r}"
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, tuple | list):
-        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray), f"{where}: ndarray != {type(b).__name__}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
-        assert a.tobytes() == b.tobytes(), f"{where}: arrays differ"
-    elif type(a).__module__.startswith("torch"):
-        import torch
-
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), (
-            f"{where}: tensors differ"
-        )
-    else:
-        assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
+# -- serialisation --------------------------------------------------------------------------------------------------
 
 
 def round_trip(state: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +125,7 @@ def check_resume_everywhere(
                 assert len(rest) == len(items) - k, f"restored at step {k}: stream ended early"
                 for j, ((a, meta_a), (b, meta_b)) in enumerate(zip(items[k:], rest, strict=True)):
                     assert meta_a == meta_b, f"restored at step {k}, item {k + j}: meta {meta_a} != {meta_b}"
-                    assert_same(a, b, f"restored at step {k}, item {k + j}")
+                    assert_same_batch(a, b, f"restored at step {k}, item {k + j}")
                 assert target.state() == states[-1], f"restored at step {k}: final state differs"
             finally:
                 if shared is None:
@@ -164,11 +141,11 @@ def check_resume_everywhere(
                 assert target.state() == states[k], f"skip({k}) state {target.state()} != {states[k]}"
                 item, meta = target.next_with_meta()
                 assert meta == items[k][1], f"skip({k}): meta {meta} != {items[k][1]}"
-                assert_same(item, items[k][0], f"skip({k})")
+                assert_same_batch(item, items[k][0], f"skip({k})")
                 if k + 2 <= last:
                     target.load_state(states[k])
                     target.skip(2)
-                    assert_same(next(target), items[k + 2][0], f"load step {k} then skip(2)")
+                    assert_same_batch(next(target), items[k + 2][0], f"load step {k} then skip(2)")
             finally:
                 if shared is None:
                     target.close()

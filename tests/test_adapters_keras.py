@@ -10,7 +10,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from imagenet_fixtures import StartProcess, make_image_folder, same_batches, start_image_server  # noqa: E402
+from helpers import StartProcess, assert_same_batches  # noqa: E402
+from imagenet_fixtures import make_image_folder, start_image_server  # noqa: E402
 
 keras = pytest.importorskip("keras")
 
@@ -77,7 +78,7 @@ def test_batches_follow_the_stream_and_resume_from_state(tmp_path: Path, start_p
     received += [second[0], second[1]]
     second.close()
     assert first.num_batches == 3 and second.num_batches is None
-    assert same_batches(received, expected)
+    assert_same_batches(received, expected)
     assert all(isinstance(batch, tuple) and batch[1].dtype == np.int64 for batch in received)
 
 

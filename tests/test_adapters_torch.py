@@ -11,7 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from imagenet_fixtures import StartProcess, make_image_folder, same_batches, start_image_server
+from helpers import StartProcess, assert_same_batches
+from imagenet_fixtures import make_image_folder, start_image_server
 from torch.utils.data import DataLoader
 
 from tensorcom import ConfigError
@@ -135,7 +136,7 @@ def test_dataloader_yields_the_pipeline_as_tensors_and_resumes(image_server: tup
     with resumed:
         rest = list(DataLoader(resumed, batch_size=None))
     received = [(images.numpy(), labels.numpy()) for images, labels in first + rest]
-    assert same_batches(received, expected)
+    assert_same_batches(received, expected)
 
 
 def test_zreq_dataset_refuses_several_loader_workers() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import assert_same_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -31,14 +32,6 @@ def golden_arrays() -> list[np.ndarray]:
     return [np.arange(6, dtype=np.uint8).reshape(2, 3), np.array([1.5, -2.0], dtype=np.float32)]
 
 
-def assert_same(decoded: list[np.ndarray], original: list[np.ndarray]) -> None:
-    assert len(decoded) == len(original)
-    for got, want in zip(decoded, original, strict=True):
-        assert got.dtype == np.asarray(want).dtype.newbyteorder("=")
-        assert got.shape == np.asarray(want).shape
-        assert np.array_equal(got, want, equal_nan=got.dtype.kind == "f")
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     arrays=st.lists(
@@ -52,9 +45,9 @@ def assert_same(decoded: list[np.ndarray], original: list[np.ndarray]) -> None:
 )
 def test_round_trip_frames_buffers_and_both_framings(arrays: list[np.ndarray]) -> None:
     """Every supported dtype and shape (0-d and empty included) survives frames, both buffer framings."""
-    assert_same(codec.decode(codec.encode(arrays)), arrays)
-    assert_same(codec.decode_buffer(codec.encode_buffer(arrays)), arrays)
-    assert_same(codec.decode_buffer(codec.encode_buffer(arrays, aligned=False)), arrays)
+    assert_same_batch(codec.decode(codec.encode(arrays)), arrays)
+    assert_same_batch(codec.decode_buffer(codec.encode_buffer(arrays)), arrays)
+    assert_same_batch(codec.decode_buffer(codec.encode_buffer(arrays, aligned=False)), arrays)
 
 
 def test_bfloat16_round_trip() -> None:
@@ -82,7 +75,7 @@ def test_original_framing_matches_tensorcom_0_1_buffer() -> None:
 def test_decodes_tensorcom_0_1_frames_with_infos() -> None:
     """Frames written by tensorcom 0.1 decode to the original arrays and labels."""
     arrays, infos = codec.decode([bytes.fromhex(h) for h in GOLDEN_FRAMES], infos=True)
-    assert_same(arrays, golden_arrays())
+    assert_same_batch(arrays, golden_arrays())
     assert infos == ["img", "lbl"]
 
 
@@ -282,7 +275,7 @@ def test_loads_files_in_the_original_framing(tmp_path: Path) -> None:
     path = tmp_path / "old.ten"
     codec.save(path, golden_arrays(), aligned=False)
     assert path.read_bytes() == bytes(codec.encode_buffer(golden_arrays(), aligned=False))
-    assert_same(codec.load(path), golden_arrays())
+    assert_same_batch(codec.load(path), golden_arrays())
 
 
 def test_empty_file_loads_as_no_arrays(tmp_path: Path) -> None:

@@ -12,16 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagenet_fixtures import (
-    CLASSES,
-    CORRUPT,
-    PER_CLASS,
-    StartProcess,
-    make_image_folder,
-    make_shards,
-    same_batches,
-    start_image_server,
-)
+from helpers import StartProcess, assert_same_batches, same_batches
+from imagenet_fixtures import CLASSES, CORRUPT, PER_CLASS, make_image_folder, make_shards, start_image_server
 from PIL import Image
 
 from tensorcom import ConfigError, Connection, PipelineError, URLError
@@ -134,7 +126,7 @@ def test_normalize_gives_float32_around_zero(folder: Path) -> None:
 
 def test_same_seed_same_batches_other_seed_others(folder: Path) -> None:
     """Augmentation depends on (seed, epoch, index) only: a repeat run is identical, another seed differs."""
-    assert same_batches(reference(folder, 5, 4), reference(folder, 5, 4))
+    assert_same_batches(reference(folder, 5, 4), reference(folder, 5, 4))
     assert not same_batches(reference(folder, 5, 4), reference(folder, 6, 4))
 
 
@@ -272,7 +264,8 @@ def test_directory_server_streams_the_in_process_pipeline_bit_for_bit(
         runs.append(batches)
         process.terminate()
         assert process.wait(timeout=20) == 0
-    assert same_batches(runs[0], expected) and same_batches(runs[1], expected)
+    assert_same_batches(runs[0], expected)
+    assert_same_batches(runs[1], expected)
     assert str(folder / "train" / CORRUPT) in log_file.read_text()
 
 
@@ -287,7 +280,7 @@ def test_shard_server_sends_what_the_directory_server_sends(
         _, url = start_image_server(start_process, program, tmp_path / f"{program}.log", *source, *common)
         with Connection(url, seed=4, rank=1, world_size=2, timeout=30) as connection:
             received.append([connection.recv() for _ in range(6)])
-    assert same_batches(received[0], received[1])
+    assert_same_batches(received[0], received[1])
     assert "train-002.tar:00000008" in (tmp_path / "imagenet_shards.log").read_text()  # the corrupt sample
 
 
@@ -321,7 +314,7 @@ def test_stream_mode_sends_the_seeded_pipeline(
     with Connection(f"{client_scheme}+ipc://{socket}", timeout=30) as connection:
         received = [connection.recv() for _ in range(5)]
         assert connection.last.step == 4
-    assert same_batches(received, reference(folder, seed=8, count=5))
+    assert_same_batches(received, reference(folder, seed=8, count=5))
     deadline = time.monotonic() + 10
     while "images/s" not in (tmp_path / "server.log").read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -338,7 +331,7 @@ def test_tensorcom_serve_accepts_the_directory_factory(folder: Path, request_ser
     )
     with Connection(url, seed=2, timeout=30) as connection:
         received = [connection.recv() for _ in range(3)]
-    assert same_batches(received, reference(folder, seed=2, count=3))
+    assert_same_batches(received, reference(folder, seed=2, count=3))
 
 
 def test_write_shards_needs_a_number_field(folder: Path, tmp_path: Path) -> None:

@@ -9,13 +9,14 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helpers import StartProcess, client_url, environment, serve_args, wait_ready
 
 from tensorcom._net import security
 from tensorcom.urls import expand_urls
@@ -172,33 +173,14 @@ def test_slurm_node_list_becomes_one_url_per_node(tmp_path: Path, hosts: list[st
 
 
 def test_train_script_resumes_from_its_checkpoint_on_the_example_data_module(
-    start_process: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+    start_process: StartProcess, tmp_path: Path
 ) -> None:
     """deploy/train.py against `tensorcom serve data:make`: 6 then 4 more steps leave the state of 10 in one go."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DEPLOY), os.environ.get("PYTHONPATH", "")])}
+    options = ("-o", "size=8", "-o", "batch_size=4", "-o", "n=30")
     server = start_process(
-        "-m",
-        "tensorcom.cli",
-        "serve",
-        "data:make",
-        "-q",
-        "--bind",
-        "zrep://127.0.0.1:0",
-        "-w",
-        "1",
-        "-o",
-        "size=8",
-        "-o",
-        "batch_size=4",
-        "-o",
-        "n=30",
-        stdout=subprocess.PIPE,
-        env=env,
+        *serve_args("data:make", *options), stdout=subprocess.PIPE, env=environment(DEPLOY)
     )
-    assert server.stdout is not None
-    words = server.stdout.readline().decode().split()
-    assert words[:1] == ["ready"], words
-    url = words[1].replace("tcp://", "zreq://")
+    url = client_url(wait_ready(server))
 
     def train(checkpoint: Path, steps: int) -> dict[str, Any]:
         result = subprocess.run(

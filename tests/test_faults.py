@@ -17,7 +17,8 @@ from typing import Any
 import factories
 import pytest
 import zmq
-from reliability import StartProcess, children_of, record, reference, rss_kib, same, serve
+from helpers import StartProcess, assert_same_batches, children_of, rss_kib, same_batches, serve
+from reliability import record, reference
 
 from tensorcom import Connection, Timeout
 from tensorcom.protocol import Command, Message
@@ -85,7 +86,7 @@ def run_random_kills(start_process: StartProcess, steps: int, kills: int, seed: 
             else:
                 subprocess.run(["kill", "-9", str(rng.choice(workers))], check=True)
                 faults["worker_kills"] += 1
-    assert same(received, expected), "the stream lost, repeated or reordered a batch"
+    assert same_batches(received, expected), "the stream lost, repeated or reordered a batch"
     faults["restarts_used"] = sum(1 for pid in restarted if pid in served_by)
     return faults
 
@@ -123,7 +124,7 @@ def test_a_server_restarted_on_its_address_is_picked_up(start_process: StartProc
             if step == 15:
                 second[0].kill()
         last = server_pid(connection.last.endpoint)
-    assert same(received, expected)
+    assert_same_batches(received, expected)
     assert last == replacement[0].pid
 
 
@@ -149,7 +150,8 @@ def test_sigterm_drains_in_flight_requests_and_exits(start_process: StartProcess
         with pytest.raises(Timeout):
             connection.timeout = 1
             connection.recv()
-    assert same(received, expected[: len(received)]) and len(received) == 2 + len(in_flight)
+    assert_same_batches(received, expected[: len(received)])
+    assert len(received) == 2 + len(in_flight)
     assert exited < 10
     record("sigterm-drain", in_flight=len(in_flight), delivered=len(in_flight), exit_seconds=round(exited, 2))
 
@@ -177,7 +179,7 @@ def test_sigterm_of_one_server_loses_nothing(start_process: StartProcess) -> Non
             if step == 10:
                 leaving[0].send_signal(signal.SIGTERM)
     assert leaving[0].wait(timeout=20) == 0
-    assert same(received, expected)
+    assert_same_batches(received, expected)
 
 
 # clients that vanish
@@ -258,4 +260,5 @@ def test_a_finished_stream_server_still_answers_a_seek(ipc_url: Any) -> None:
         again = [connection.recv() for _ in range(len(expected))]
     thread.join(timeout=30)
     assert not thread.is_alive()
-    assert same(first, expected) and same(again, expected)
+    assert_same_batches(first, expected)
+    assert_same_batches(again, expected)

@@ -21,9 +21,10 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from helpers import StartProcess, assert_same_batches, serve
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from reliability import StartProcess, record, reference, same, serve
+from reliability import record, reference
 
 from tensorcom import Connection, DecodeError, ProtocolError, Server, codec
 from tensorcom.protocol import META_INFO, Command, Message
@@ -330,7 +331,7 @@ def run_server_fuzz(start_process: StartProcess, examples: int) -> dict[str, int
         case()
         received.append(well_formed.recv())
         counts["well_formed_batches"] = len(received)
-        assert same(received, expected[: len(received)])
+        assert_same_batches(received, expected[: len(received)])
         assert process.poll() is None
     finally:
         well_formed.close()
@@ -433,7 +434,7 @@ def run_control_fuzz(ipc_url: Callable[..., str], examples: int) -> int:
         reading.clear()
         reader.join(timeout=40)
         connection.seek(ipc_url("zreq", "control"), epoch=0)
-        assert same([connection.recv() for _ in range(3)], expected)
+        assert_same_batches([connection.recv() for _ in range(3)], expected)
     finally:
         reading.clear()
         dealer.close()
@@ -541,7 +542,7 @@ def test_pickles_sent_to_every_receiving_socket_are_never_unpickled(
             assert Message.decode(dealer.recv_multipart()[0]).command == Command.ERROR
         dealer.close(linger=0)
         with Connection(url, timeout=30) as connection:
-            assert same(
+            assert_same_batches(
                 [connection.recv()], reference(factories.small, count=1, seed=0, rank=0, world_size=1)
             )
 

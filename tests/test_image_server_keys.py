@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from imagenet_fixtures import StartProcess, make_image_folder, make_shards, same_batches, start_image_server
+from helpers import StartProcess, assert_same_batches
+from imagenet_fixtures import make_image_folder, make_shards, start_image_server
 from reliability import Keys
 
 from tensorcom import Connection, SecurityError
@@ -71,7 +72,7 @@ def test_keyed_image_server_serves_an_allowed_client_its_exact_stream(
         client = {}
     with Connection(url, seed=5, timeout=30, **client) as connection:
         received = [connection.recv() for _ in range(4)]
-    assert same_batches(received, reference(folder, seed=5, count=4))
+    assert_same_batches(received, reference(folder, seed=5, count=4))
 
 
 @pytest.mark.parametrize("client", ["plain", "mallory"], ids=["no-key", "key-not-allowed"])

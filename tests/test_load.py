@@ -18,7 +18,8 @@ from typing import Any
 
 import factories
 import pytest
-from reliability import StartProcess, record, rss_kib, serve
+from helpers import StartProcess, rss_kib, serve
+from reliability import record
 
 from tensorcom import Connection
 

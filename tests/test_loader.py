@@ -16,6 +16,7 @@ from typing import Any
 import loader_datasets as datasets
 import numpy as np
 import pytest
+from helpers import assert_same_batches, read_line, running, wait_until_gone
 
 from tensorcom import codec
 from tensorcom.errors import ConfigError, PipelineError, RemoteError, StateError
@@ -23,26 +24,12 @@ from tensorcom.loader import LOADER_ID_VARIABLE, NearbyPermutation, SwiftLoader
 from tensorcom.loader._pipeline import PipelineSpec, swift_pipeline
 from tensorcom.loader._server import LogSpec
 from tensorcom.loader._tree import unpack_tree
-from tensorcom.protocol import Command, Message, flatten_batch, rebuild_batch
+from tensorcom.protocol import flatten_batch, rebuild_batch
 
 TESTS = Path(__file__).parent
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _state_of(pid: int) -> str | None:
-    """The process state letter from /proc (None when there is no such process)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
-            return stream.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def running(pid: int) -> bool:
-    state = _state_of(pid)
-    return state is not None and state != "Z"
 
 
 def loader_processes(loader_id: str) -> list[int]:
@@ -69,16 +56,6 @@ def wait_for_workers(loader_id: str, count: int, seconds: float = 15.0) -> list[
     while len(found := loader_processes(loader_id)) < count and time.monotonic() < deadline:
         time.sleep(0.1)
     return found
-
-
-def wait_until_gone(pids: list[int], seconds: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        alive = [pid for pid in pids if running(pid)]
-        if not alive:
-            return []
-        time.sleep(0.1)
-    return [pid for pid in pids if running(pid)]
 
 
 def server_pid(loader: SwiftLoader) -> int:
@@ -116,20 +93,8 @@ def reference(
         pipeline.set_epoch(epoch)
         for packed in pipeline:
             arrays, shape = flatten_batch(packed)
-            received = rebuild_batch(codec.decode(codec.encode(arrays)), Message(Command.BATCH, shape))
+            received = rebuild_batch(codec.decode(codec.encode(arrays)), **shape)
             yield unpack_tree(received)[0]
-
-
-def same(left: Any, right: Any) -> bool:
-    if isinstance(left, dict):
-        return (
-            isinstance(right, dict)
-            and left.keys() == right.keys()
-            and all(same(left[k], right[k]) for k in left)
-        )
-    if isinstance(left, tuple | list):
-        return type(left) is type(right) and len(left) == len(right) and all(map(same, left, right))
-    return bool(np.array_equal(np.asarray(left), np.asarray(right)))
 
 
 # -- options and validation (no processes) ---------------------------------------------------------------------
@@ -337,7 +302,7 @@ def test_batches_are_identical_whatever_worker_per_consumer(workers: int) -> Non
         loader.start(1)
         received = list(loader) + list(loader)
     assert len(received) == 8
-    assert same(received, expected)
+    assert_same_batches(received, expected)
 
 
 def as_int64(tensor: Any) -> Any:
@@ -505,8 +470,7 @@ def test_no_process_or_socket_outlives_the_loader_process(tmp_path: Path, ending
         start_new_session=True,
     )
     try:
-        assert process.stdout is not None
-        loader_id, pid, folder = process.stdout.readline().decode().split()
+        loader_id, pid, folder = read_line(process).split()
         workers = wait_for_workers(loader_id, 2)
         assert len(workers) == 2 and running(int(pid))
         assert process.stdin is not None

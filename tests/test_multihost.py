@@ -14,6 +14,7 @@ from typing import Any
 import factories
 import netns
 import pytest
+from helpers import environment, serve_args, wait_ready
 from netns_client import digest
 
 from tensorcom._net import security
@@ -41,16 +42,16 @@ def start_server(
     network: netns.Network, host: netns.Host, factory: str, *options: str
 ) -> tuple[netns.Process, str]:
     """``tensorcom serve FACTORY`` on ``host``, listening on all its addresses; returns it and its zreq URL."""
-    args = ["-m", "tensorcom.cli", "serve", factory, "-q", "--bind", f"zrep://0.0.0.0:{PORT}", "-w", "1"]
-    for option in options:
-        args += ["-o", option]
-    process = network.start(host, *args, env=netns.environment([TESTS]))
-    netns.wait_ready(process)
+    pairs = [word for option in options for word in ("-o", option)]
+    process = network.start(
+        host, *serve_args(factory, *pairs, bind=f"zrep://0.0.0.0:{PORT}"), env=environment()
+    )
+    wait_ready(process.popen)
     return process, f"zreq://{host.address}:{PORT}"
 
 
 def start_client(network: netns.Network, host: netns.Host, *args: str) -> netns.Process:
-    return network.start(host, CLIENT, *args, stdin=True, env=netns.environment([TESTS]))
+    return network.start(host, CLIENT, *args, stdin=True, env=environment())
 
 
 def server_name(process: netns.Process) -> str:
@@ -224,24 +225,14 @@ def test_curve_keys_from_the_environment_work_across_hosts(network: netns.Networ
     security.generate_keys(keys, ["trainer"])
     data, trainer = network.add_host("data0"), network.add_host("trainer")
     server_env = {
-        **netns.environment([TESTS]),
+        **environment(),
         security.SERVER_KEY_ENV: str(keys / "server.key_secret"),
         security.CLIENT_KEYS_ENV: str(keys / "clients"),
     }
-    args = [
-        "-m",
-        "tensorcom.cli",
-        "serve",
-        "factories:small",
-        "-q",
-        "--bind",
-        f"zrep://0.0.0.0:{PORT}",
-        "-w",
-        "0",
-    ]
-    netns.wait_ready(network.start(data, *args, env=server_env))
+    args = serve_args("factories:small", bind=f"zrep://0.0.0.0:{PORT}", workers=0)
+    wait_ready(network.start(data, *args, env=server_env).popen)
     client_env = {
-        **netns.environment([TESTS]),
+        **environment(),
         security.CLIENT_KEY_ENV: str(keys / "trainer.key_secret"),
         security.SERVER_PUBLIC_KEY_ENV: str(keys / "server.key"),
     }

@@ -18,7 +18,8 @@ import factories
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from reliability import Keys, StartProcess, reference, same, serve
+from helpers import StartProcess, assert_same_batches, serve
+from reliability import Keys, reference
 
 from tensorcom import ConfigError, Connection, SecurityError, Server, Timeout
 from tensorcom._net.security import client_keys_from, is_loopback, server_keys_from
@@ -145,7 +146,7 @@ def test_zreq_allowed_client_gets_its_exact_stream(
             patch.setenv(name, value)
         with Connection(url, seed=3, timeout=30) as connection:
             received = list(connection)
-    assert same(received, reference(factories.small, seed=3, rank=0, world_size=1))
+    assert_same_batches(received, reference(factories.small, seed=3, rank=0, world_size=1))
 
 
 @pytest.mark.parametrize(
@@ -177,7 +178,9 @@ def test_zreq_refused_clients_get_an_error_and_the_server_logs_it(
     assert url.split("//")[1] in str(raised.value)
     assert isinstance(raised.value, PermissionError)
     with Connection(url, seed=1, timeout=30, **keys.client()) as connection:
-        assert same([connection.recv()], reference(factories.small, count=1, seed=1, rank=0, world_size=1))
+        assert_same_batches(
+            [connection.recv()], reference(factories.small, count=1, seed=1, rank=0, world_size=1)
+        )
     process.terminate()
     _, stderr = process.communicate(timeout=20)
     assert "refused a client" in stderr.decode()
@@ -288,7 +291,7 @@ def test_seek_control_socket_uses_the_same_keys(keys: Keys, ipc_url: Callable[..
         first = [connection.recv() for _ in range(3)]
         connection.seek(ipc_url("zreq", "c"), epoch=0)
         again = [connection.recv() for _ in range(3)]
-        assert same(again, first)
+        assert_same_batches(again, first)
         with Connection(ipc_url("zpull", "m"), timeout=5, **keys.client("mallory")) as mallory:
             with pytest.raises(SecurityError, match="refused our credentials"):
                 mallory.seek(ipc_url("zreq", "c"), epoch=0)

@@ -21,7 +21,8 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from reliability import reference, same
+from helpers import assert_same_batch, assert_same_batches, wait_ready
+from reliability import reference
 
 from tensorcom import Connection, DecodeError, Server, codec
 from tensorcom._net import shm
@@ -62,7 +63,7 @@ def test_a_batch_arrives_intact_as_views_of_shared_memory(arena: shm.Arena) -> N
     assert descriptor is not None and len(descriptor) < 200
     arrays, infos = reader.read(descriptor, "test")
     assert infos == ["images", "labels"]
-    assert all(a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(arrays, sent, strict=True))
+    assert_same_batch(list(arrays), sent)
     mapping = next(iter(reader._mappings.values()))
     start = mapping.address
     assert start <= arrays[0].ctypes.data < start + mapping.size, "the array lives in the mapping"
@@ -262,7 +263,7 @@ def test_zreq_with_shm_off_and_over_tcp_gets_the_same_batches(tmp_path: Path) ->
             with Connection(url, seed=4, total=8, timeout=30, **options) as connection:
                 received = list(connection)
                 assert connection._reader.received == 0
-            assert same(received, expected)
+            assert_same_batches(received, expected)
     finally:
         server.stop()
         thread.join(timeout=40)
@@ -278,7 +279,7 @@ def test_a_zreq_client_that_keeps_every_batch_still_gets_them_all(tmp_path: Path
         with Connection(f"zreq+ipc://{tmp_path}/s", seed=5, total=30, timeout=30) as connection:
             received = list(connection)
             assert 0 < connection._reader.received < 30
-        assert same(received, reference(BIG, count=30, seed=5, rank=0, world_size=1))
+        assert_same_batches(received, reference(BIG, count=30, seed=5, rank=0, world_size=1))
     finally:
         server.stop()
         thread.join(timeout=40)
@@ -325,7 +326,7 @@ def test_nothing_is_left_in_dev_shm_after_a_served_zreq_run(tmp_path: Path) -> N
         env=env,
     )
     try:
-        assert process.stdout is not None and process.stdout.readline().startswith(b"ready")
+        wait_ready(process)
         with Connection(f"zreq+ipc://{tmp_path}/s", total=20, timeout=30) as connection:
             assert len(list(connection)) == 20
             assert connection._reader.received > 0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from helpers import wait_until_gone
 from pipeline_harness import (
     exit_on_five,
     fail_on_seven,
@@ -35,16 +34,6 @@ from tensorcom.pipeline.map import DistributedBatchedMap as _DBM
 def _worker_pids(stage: _DBM) -> list[int]:
     pool = stage._pool
     return [] if pool is None else [p.pid for p in pool._processes if p.pid is not None]
-
-
-def _gone(pids: list[int], within: float = 10.0) -> bool:
-    """True once none of the processes exists any more (waiting up to ``within`` seconds on a loaded machine)."""
-    deadline = time.monotonic() + within
-    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture
@@ -135,20 +124,20 @@ def test_worker_death_is_detected(fn: Callable[[int], int], no_orphans: None) ->
                 got.append(next(p))
                 pids = _worker_pids(stage)
         assert got == list(range(5)) and "sample index 5" in str(info.value)
-        assert stage._pool is None and _gone(pids)
+        assert stage._pool is None and wait_until_gone(pids, 10, reaped=True) == []
         assert p.state()["stream"]["position"] == 6
         assert next(p) == 6
 
 
 def test_timeout_raises_and_kills_workers(no_orphans: None) -> None:
     """No result within timeout raises WorkerError and the stuck worker is stopped."""
-    stage = DistributedBatchedMap(hang_on_three, n_workers=1, timeout=0.5)
+    stage = DistributedBatchedMap(hang_on_three, n_workers=1, timeout=5)
     with Conveyer([Range(10), stage]) as p:
         assert [next(p) for _ in range(3)] == [0, 1, 2]
         pids = _worker_pids(stage)
         with pytest.raises(WorkerError, match="timeout"):
             next(p)
-        assert _gone(pids)
+        assert wait_until_gone(pids, 10, reaped=True) == []
 
 
 def test_close_stops_workers_mid_stream(no_orphans: None) -> None:
@@ -161,7 +150,7 @@ def test_close_stops_workers_mid_stream(no_orphans: None) -> None:
     assert len(pids) == 2
     state = p.state()
     p.close()
-    assert _gone(pids) and p.state() == state
+    assert wait_until_gone(pids, 10, reaped=True) == [] and p.state() == state
     p.close()
 
 
@@ -175,7 +164,7 @@ def test_garbage_collection_stops_workers(no_orphans: None) -> None:
     import gc
 
     gc.collect()
-    assert _gone(pids)
+    assert wait_until_gone(pids, 10, reaped=True) == []
 
 
 @pytest.mark.parametrize(

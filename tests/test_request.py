@@ -6,21 +6,19 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import factories
 import msgpack
 import pytest
 import zmq
-from reliability import reference, same
+from helpers import StartServer, assert_same_batches, children_of, rss_kib, wait_until_gone
+from reliability import reference
 
 from tensorcom import ConfigError, Connection, ProtocolError, RemoteError, Server, StateError, Timeout
 from tensorcom.client import RequestConnection, StreamConnection
 from tensorcom.protocol import Command, Message
 from tensorcom.server.request import RequestServer
-
-StartServer = Callable[..., tuple[subprocess.Popen[bytes], str]]
 
 
 def urls_of(*servers: tuple[subprocess.Popen[bytes], str]) -> list[str]:
@@ -40,7 +38,7 @@ def test_stream_is_bit_identical_to_the_in_process_pipeline(
         assert isinstance(connection, RequestConnection)
         received = list(connection)
         steps = connection.last.step
-    assert same(received, expected)
+    assert_same_batches(received, expected)
     assert len(received) == 8 and steps == 7  # 60 samples, 2 ranks, batches of 4: 7 full and one of 2
 
 
@@ -82,7 +80,7 @@ def test_resume_from_state_on_new_servers_continues_exactly(
     new = [request_server("factories:small", workers=2) for _ in range(2)]
     with Connection(urls_of(*new), seed=3, rank=0, world_size=2, timeout=30, state=state) as connection:
         after = list(connection)
-    assert same(before + after, expected)
+    assert_same_batches(before + after, expected)
 
 
 def test_elastic_resume_with_another_world_size_sees_every_sample_once(request_server: StartServer) -> None:
@@ -114,7 +112,7 @@ def test_killing_a_server_loses_and_repeats_nothing(request_server: StartServer)
             if step == 10:
                 victim[0].kill()
         servers = {server.address: server.alive for server in connection._servers}
-    assert same(received, expected)
+    assert_same_batches(received, expected)
     assert list(servers.values()).count(False) == 1
 
 
@@ -136,7 +134,7 @@ def test_no_server_times_out_then_the_stream_continues_when_one_is_back(request_
         connection.timeout = 30
         while len(received) < 12:
             received.append(connection.recv())
-    assert same(received, expected)
+    assert_same_batches(received, expected)
 
 
 def test_pipeline_error_reaches_the_client_with_step_and_message(request_server: StartServer) -> None:
@@ -161,8 +159,8 @@ def test_several_clients_are_served_at_once(request_server: StartServer) -> None
         for _ in range(8):
             got[0].append(one.recv())
             got[1].append(two.recv())
-    assert same(got[0], reference(factories.small, count=8, seed=1, rank=0, world_size=1))
-    assert same(got[1], reference(factories.small, count=8, seed=2, rank=0, world_size=1))
+    assert_same_batches(got[0], reference(factories.small, count=8, seed=1, rank=0, world_size=1))
+    assert_same_batches(got[1], reference(factories.small, count=8, seed=2, rank=0, world_size=1))
 
 
 def test_state_from_another_pipeline_is_refused(request_server: StartServer) -> None:
@@ -212,26 +210,9 @@ def test_malformed_requests_get_error_replies_and_the_server_survives(request_se
         context.term()
     assert process.poll() is None
     with Connection(url, timeout=30) as connection:
-        assert same([connection.recv()], reference(factories.small, count=1, seed=0, rank=0, world_size=1))
-
-
-def rss_kib(pid: int) -> int:
-    total = 0
-    for candidate in [pid, *children_of(pid)]:
-        try:
-            with open(f"/proc/{candidate}/status") as status:
-                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-        except (FileNotFoundError, StopIteration):
-            pass
-    return total
-
-
-def children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as children:
-            return [int(child) for child in children.read().split()]
-    except FileNotFoundError:
-        return []
+        assert_same_batches(
+            [connection.recv()], reference(factories.small, count=1, seed=0, rank=0, world_size=1)
+        )
 
 
 def test_slow_consumer_keeps_server_memory_bounded(request_server: StartServer) -> None:
@@ -258,7 +239,7 @@ def test_rank_and_world_size_default_to_the_environment(
     with Connection(url, timeout=30) as connection:
         assert (connection.rank, connection.world_size) == (2, 3)
         received = list(connection)
-    assert same(received, reference(factories.small, seed=0, rank=2, world_size=3))
+    assert_same_batches(received, reference(factories.small, seed=0, rank=2, world_size=3))
 
 
 def served_in_a_thread(tmp_path: Any, seed: int, prefetch: int = 4, **options: Any) -> list[Any]:
@@ -278,14 +259,14 @@ def served_in_a_thread(tmp_path: Any, seed: int, prefetch: int = 4, **options: A
 def test_in_process_server_object_serves_and_stops(tmp_path: Any) -> None:
     """tensorcom.Server(factory, 'zrep://...') returns a request server that can run in a thread and stop."""
     received = served_in_a_thread(tmp_path, seed=6, workers=0)
-    assert same(received, reference(factories.small, seed=6, rank=0, world_size=1))
+    assert_same_batches(received, reference(factories.small, seed=6, rank=0, world_size=1))
 
 
 @pytest.mark.parametrize("worker_queue", [1, 8])
 def test_any_worker_queue_serves_the_same_batches(tmp_path: Any, worker_queue: int) -> None:
     """How many requests a worker holds at a time changes speed only, never which batches arrive or their order."""
     received = served_in_a_thread(tmp_path, seed=5, prefetch=8, workers=2, worker_queue=worker_queue)
-    assert same(received, reference(factories.small, seed=5, rank=0, world_size=1))
+    assert_same_batches(received, reference(factories.small, seed=5, rank=0, world_size=1))
 
 
 @pytest.mark.parametrize(
@@ -294,7 +275,10 @@ def test_any_worker_queue_serves_the_same_batches(tmp_path: Any, worker_queue: i
         ({"rank": 3, "world_size": 2}, "rank must be in"),
         ({"prefetch": 0}, "prefetch must be >= 1"),
         ({"heartbeat": 0}, "heartbeat must be > 0"),
-        ({"queue": 32, "on_malformed": "log"}, r"queue=, on_malformed= are options of zpull://.* \(stream mode\)"),
+        (
+            {"queue": 32, "on_malformed": "log"},
+            r"queue=, on_malformed= are options of zpull://.* \(stream mode\)",
+        ),
     ],
     ids=["rank", "prefetch", "heartbeat", "stream-options"],
 )
@@ -350,16 +334,7 @@ def test_sigterm_stops_server_and_its_workers(request_server: StartServer) -> No
     assert len(workers) >= 2
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=20) == 0
-    time.sleep(0.2)
-    assert [pid for pid in workers if is_running(pid)] == []
-
-
-def is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert wait_until_gone(workers, 20) == []
 
 
 def test_protocol_error_class_is_a_value_error() -> None:
@@ -378,7 +353,7 @@ def test_replies_a_full_client_queue_refuses_wait_and_none_is_lost(tmp_path: Any
             received = [connection.recv()]
             time.sleep(1.0)  # the window's requests are answered meanwhile; most replies wait in the outbox
             received += list(connection)
-        assert same(received, reference(factories.small, seed=2, rank=0, world_size=1))
+        assert_same_batches(received, reference(factories.small, seed=2, rank=0, world_size=1))
     finally:
         server.stop()
         thread.join(timeout=40)
@@ -396,7 +371,7 @@ def test_a_deep_window_fits_in_the_client_queue(request_server: StartServer) -> 
         for endpoint in connection._endpoints:
             assert endpoint.socket.getsockopt(zmq.RCVHWM) >= window
         batches = list(connection)  # one epoch: 15 batches
-    assert same(batches, reference(factories.small, count=15, seed=0, rank=0, world_size=1))
+    assert_same_batches(batches, reference(factories.small, count=15, seed=0, rank=0, world_size=1))
 
 
 def test_one_request_for_several_steps_gets_one_reply_per_step(request_server: StartServer) -> None:
@@ -420,7 +395,8 @@ def test_one_request_for_several_steps_gets_one_reply_per_step(request_server: S
             assert message.command == Command.BATCH
             replies[message.fields["step"]] = tuple(decode(frames))
         expected = reference(factories.small, count=5, seed=5, rank=0, world_size=1)[2:]
-        assert sorted(replies) == [2, 3, 4] and same([replies[s] for s in (2, 3, 4)], expected)
+        assert sorted(replies) == [2, 3, 4]
+        assert_same_batches([replies[s] for s in (2, 3, 4)], expected)
         for count in (0, MAX_GROUP + 1, "3"):
             dealer.send(Message(Command.REQUEST, {**fields, "step": 0, "count": count}).encode())
             assert dealer.poll(20_000)

@@ -10,6 +10,7 @@ from typing import Any
 import factories
 import numpy as np
 import pytest
+from helpers import assert_same_batches
 
 from tensorcom import ConfigError, Connection, ProtocolError, Server, StateError, Timeout
 
@@ -17,12 +18,6 @@ from tensorcom import ConfigError, Connection, ProtocolError, Server, StateError
 def reference(count: int, **config: Any) -> list[Any]:
     with factories.small(**config) as pipeline:
         return [next(pipeline) for _ in range(count)]
-
-
-def same(left: list[Any], right: list[Any]) -> bool:
-    return len(left) == len(right) and all(
-        all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)) for a, b in zip(left, right, strict=True)
-    )
 
 
 def serve_in_thread(server: Server, count: int | None = None) -> threading.Thread:
@@ -51,7 +46,7 @@ def test_pipeline_batches_carry_step_metadata(ipc_url: Callable[..., str]) -> No
         assert isinstance(received[0], tuple)
         assert connection.state()["pipeline"]["step"] == 6
     thread.join(timeout=20)
-    assert same(received, reference(6, seed=5, rank=0, world_size=1))
+    assert_same_batches(received, reference(6, seed=5, rank=0, world_size=1))
 
 
 def test_metadata_can_be_turned_off_for_tensorcom_0_1_clients(ipc_url: Callable[..., str]) -> None:
@@ -82,7 +77,7 @@ def test_restarted_server_resumes_from_the_clients_state(ipc_url: Callable[..., 
         connection.seek(ipc_url("zreq", "control"), state)
         received += [connection.recv() for _ in range(5)]
     thread.join(timeout=20)
-    assert same(received, expected)
+    assert_same_batches(received, expected)
 
 
 def test_seek_rewinds_a_running_server_to_an_epoch(ipc_url: Callable[..., str]) -> None:
@@ -102,7 +97,7 @@ def test_seek_rewinds_a_running_server_to_an_epoch(ipc_url: Callable[..., str]) 
         received = [connection.recv() for _ in range(3)]
         assert connection.last.epoch == 0 and connection.last.step is not None
     thread.join(timeout=20)
-    assert same(received, expected)
+    assert_same_batches(received, expected)
 
 
 def test_seek_with_a_foreign_state_is_refused(ipc_url: Callable[..., str]) -> None:

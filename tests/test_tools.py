@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import StartProcess, read_line
 from PIL import Image
 
 from tensorcom import codec
@@ -23,7 +24,6 @@ from tensorcom.monitoring.statistics import ArrayStatistics
 from tensorcom.monitoring.throughput import ThroughputMonitor
 from tensorcom_tools import tensormon, tensorshow, tensorstat
 
-Start = Callable[..., subprocess.Popen[bytes]]
 Batches = list[list[np.ndarray]]
 
 SERVE_FILES = (
@@ -34,8 +34,10 @@ SERVE_FILES = (
 
 
 @pytest.fixture
-def file_server(start_process: Start, tmp_path: Path) -> Callable[[str, Batches], subprocess.Popen[bytes]]:
-    """Start a server process that sends the given batches (saved as .ten files) on a URL, then exits."""
+def file_server(
+    start_process: StartProcess, tmp_path: Path
+) -> Callable[[str, Batches], subprocess.Popen[bytes]]:
+    """StartProcess a server process that sends the given batches (saved as .ten files) on a URL, then exits."""
 
     def start(url: str, batches: Batches) -> subprocess.Popen[bytes]:
         paths = []
@@ -66,7 +68,7 @@ def read_png(path: Path, mode: str = "RGB") -> np.ndarray:
 
 
 def test_tensormon_counts_and_rates_match_what_was_sent(
-    synthetic_server: Start, ipc_url: Callable[..., str]
+    synthetic_server: StartProcess, ipc_url: Callable[..., str]
 ) -> None:
     """--json reports exactly the batches, samples and bytes sent, rates equal to them over the time taken."""
     synthetic_server(ipc_url("zrpush"), count=20, batch_size=4, size=8)
@@ -84,7 +86,7 @@ def test_tensormon_counts_and_rates_match_what_was_sent(
     assert list(summary["servers"]) == [ipc_url("zrpull").replace("zrpull+", "")]
 
 
-def test_tensormon_reports_each_server(synthetic_server: Start, ipc_url: Callable[..., str]) -> None:
+def test_tensormon_reports_each_server(synthetic_server: StartProcess, ipc_url: Callable[..., str]) -> None:
     """With two servers (brace-expanded URL), per-server counts are what each sent and sum to the total."""
     synthetic_server(ipc_url("zrpush", "s0"), count=10, batch_size=4)
     synthetic_server(ipc_url("zrpush", "s1"), count=10, batch_size=3)
@@ -98,7 +100,7 @@ def test_tensormon_reports_each_server(synthetic_server: Start, ipc_url: Callabl
 
 @pytest.mark.parametrize("display", ["--no-live", "--live"], ids=["plain-lines", "rich-live"])
 def test_tensormon_prints_a_summary_line(
-    synthetic_server: Start, ipc_url: Callable[..., str], display: str
+    synthetic_server: StartProcess, ipc_url: Callable[..., str], display: str
 ) -> None:
     """Plain and in-place displays both end with a summary line giving the counts and rates."""
     synthetic_server(ipc_url("zrpush"), count=8)
@@ -121,7 +123,7 @@ def stream(*, seed, rank, world_size):
 
 
 def test_tensormon_follows_a_zreq_stream(
-    start_process: Start, ipc_url: Callable[..., str], tmp_path: Path
+    start_process: StartProcess, ipc_url: Callable[..., str], tmp_path: Path
 ) -> None:
     """Against a zrep server process, tensormon requests as the given rank and reports the last step."""
     (tmp_path / "zreq_factory.py").write_text(ZREQ_FACTORY)
@@ -135,9 +137,7 @@ def test_tensormon_follows_a_zreq_stream(
     process = start_process(
         "-c", serve % server_url, env={**os.environ, "PYTHONPATH": str(tmp_path)}, stdout=subprocess.PIPE
     )
-    assert process.stdout is not None
-    with process.stdout:  # wait until the server is bound, so the client's first requests find it
-        assert process.stdout.readline() == b"ready\n"
+    assert read_line(process) == "ready\n"  # the server is bound: the client's first requests find it
     url = server_url.replace("zrep", "zreq")
     output = invoke(tensormon.main, url, "--rank", "1", "--world-size", "2", "-n", "12", "--json")
     summary = json.loads(output.splitlines()[-1])
@@ -353,7 +353,7 @@ def test_tensorstat_figures_equal_numpys(
         assert (area != 255).any()  # bars were drawn
 
 
-def test_tensorstat_text_report(synthetic_server: Start, ipc_url: Callable[..., str]) -> None:
+def test_tensorstat_text_report(synthetic_server: StartProcess, ipc_url: Callable[..., str]) -> None:
     """The text report names each position's dtype and shapes, and lists the classes of the label array."""
     synthetic_server(ipc_url("zrpush"), count=3, batch_size=2)
     output = invoke(tensorstat.main, ipc_url("zrpull"), "-n", "3")

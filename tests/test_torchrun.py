@@ -7,13 +7,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import factories
-
-StartServer = Callable[..., tuple[subprocess.Popen[bytes], str]]
+from helpers import StartServer
 
 
 def test_two_ranks_under_torchrun_get_disjoint_complete_reference_batches(
