@@ -91,17 +91,13 @@ def rate(batches: Iterator[Any], count: int, warmup: int, batch_size: int) -> fl
     return count * batch_size / (time.perf_counter() - started)
 
 
-def _client_url(address: str) -> str:
-    return "zreq+" + address if address.startswith("ipc://") else address.replace("tcp://", "zreq://")
-
-
 def start(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     process = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, env=env)
     line = process.stdout.readline().decode().split() if process.stdout is not None else []
     if line[:1] != ["ready"]:
         process.kill()
         raise SystemExit(f"server did not start: {line}")
-    return process, _client_url(line[1])
+    return process, line[1]  # the ready line names the URL a client connects with
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -125,7 +121,7 @@ def ours(
     from tensorcom.adapters.torch import ConnectionDataset
 
     server, url = start(
-        ["-m", "tensorcom_servers.imagenet_dir", "-d", images, "-b", str(batch_size), "--size", str(size)]
+        ["-m", "tensorcom.cli.image_server", "-d", images, "-b", str(batch_size), "--size", str(size)]
         + ["-w", str(workers), "-q", _bind(folder)]
     )
     try:

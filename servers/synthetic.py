@@ -1,60 +1,10 @@
-"""serve-synthetic: send synthetic image-like batches (uint8 NHWC images and int64 labels) on stream URLs."""
+"""``serve-synthetic``: the installed entry point; the program is :func:`tensorcom.cli.synthetic_server.serve_synthetic`."""
 
 from __future__ import annotations
 
-import click
+from tensorcom.cli.synthetic_server import serve_synthetic as main
 
-from tensorcom.cli import TensorcomCommand, server_key_options, setup_logging, stop_on_sigterm
-from tensorcom.datasets.synthetic import synthetic_batches
-from tensorcom.server.stream import Server
-
-
-@click.command(cls=TensorcomCommand)
-@click.argument("urls", nargs=-1, required=True)
-@click.option("-b", "--batch-size", default=64, show_default=True, help="Images per batch.")
-@click.option("--size", default=224, show_default=True, help="Image height and width.")
-@click.option("-n", "--count", type=int, default=None, help="Stop after this many batches (default: never).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random image pool.")
-@click.option(
-    "--queue", default=2, show_default=True, help="Batches queued per client before sending blocks."
-)
-@click.option("--report", default=10.0, show_default=True, help="Seconds between rate reports.")
-@server_key_options
-@click.option("-q", "--quiet", is_flag=True, help="Only log warnings.")
-@click.option("-v", "--verbose", count=True, help="Log debug messages.")
-def main(
-    urls: tuple[str, ...],
-    batch_size: int,
-    size: int,
-    count: int | None,
-    seed: int,
-    queue: int,
-    report: float,
-    server_key: str | None,
-    client_keys: str | None,
-    quiet: bool,
-    verbose: int,
-) -> None:
-    """Send synthetic batches on URLS (e.g. zpub://0.0.0.0:7880 or zrpush+ipc:///tmp/s).
-
-    Batch i holds labels (i*B + 0..B-1) mod 1000, so a client can check order and completeness.
-    """
-    setup_logging(verbose, quiet)
-    stop_on_sigterm()
-    batches = synthetic_batches(batch_size, size, count=count, seed=seed)
-    server = Server(
-        batches,
-        list(urls),
-        queue=queue,
-        report_interval=report,
-        server_key=server_key,
-        client_keys=client_keys,
-    )
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

@@ -39,16 +39,18 @@ from tensorcom.urls import ParsedURL, expand_urls, parse_url
 if TYPE_CHECKING:
     from tensorcom.client.stream import BatchInfo, Connection
     from tensorcom.loader import SwiftLoader
-    from tensorcom.server.stream import Server, serve
+    from tensorcom.server import RequestServer, Server, StreamServer, serve
 
 __version__ = "0.2.0.dev0"
 
 _LAZY = {
     "BatchInfo": "tensorcom.client.stream",
     "Connection": "tensorcom.client.stream",
-    "Server": "tensorcom.server.stream",
+    "RequestServer": "tensorcom.server",
+    "Server": "tensorcom.server",
+    "StreamServer": "tensorcom.server",
     "SwiftLoader": "tensorcom.loader",
-    "serve": "tensorcom.server.stream",
+    "serve": "tensorcom.server",
 }
 
 __all__ = [
@@ -69,9 +71,11 @@ __all__ = [
     "ProtocolError",
     "Range",
     "RemoteError",
+    "RequestServer",
     "SecurityError",
     "Server",
     "StateError",
+    "StreamServer",
     "SwiftLoader",
     "TensorcomError",
     "Timeout",
@@ -83,6 +87,11 @@ __all__ = [
     "parse_url",
     "serve",
 ]
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily loaded ones included (``dir(tensorcom)`` lists ``Connection``)."""
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name: str) -> Any:

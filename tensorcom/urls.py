@@ -17,6 +17,7 @@ subscriber with a topic receives only that publisher's batches. Without it a SUB
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import product
@@ -24,7 +25,7 @@ from urllib.parse import parse_qs
 
 from tensorcom.errors import URLError
 
-__all__ = ["SCHEMES", "ParsedURL", "expand_braces", "expand_urls", "parse_url"]
+__all__ = ["PEER_SCHEMES", "SCHEMES", "ParsedURL", "expand_braces", "expand_urls", "parse_url", "peer_url"]
 
 # scheme -> (socket type name, binds)
 SCHEMES: dict[str, tuple[str, bool]] = {
@@ -39,7 +40,21 @@ SCHEMES: dict[str, tuple[str, bool]] = {
     "zrep": ("ROUTER", True),
     "zreq": ("DEALER", False),
 }
+PEER_SCHEMES: dict[str, str] = {
+    "zpush": "zpull",
+    "zpull": "zpush",
+    "zpub": "zsub",
+    "zsub": "zpub",
+    "zrpush": "zrpull",
+    "zrpull": "zrpush",
+    "zrpub": "zrsub",
+    "zrsub": "zrpub",
+    "zrep": "zreq",
+    "zreq": "zrep",
+}
+"""The scheme of the other end of each scheme's socket (a client's URL for a server's, and the reverse)."""
 TRANSPORTS = ("tcp", "ipc", "inproc")
+_WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?$")
 _URL = re.compile(r"^(?P<scheme>[a-z]+)(?:\+(?P<transport>[a-z]+))?://(?P<rest>.*)$")
 _MAX_EXPANSION = 100_000
@@ -182,3 +197,32 @@ def _check_tcp(url: str, location: str, bind: bool) -> None:
         )
     if not bind and (int(port) == 0 or host in ("*", "0.0.0.0")):
         raise URLError(f"{url!r}: a connecting socket needs a concrete host and port. Found: {location!r}")
+
+
+def peer_url(url: ParsedURL, address: str | None = None, host: str | None = None) -> str:
+    """The URL the other end uses to reach the socket of ``url``: ``zrep://0.0.0.0:7880`` gives
+    ``zreq://HOST:7880``, ``zrpush+ipc:///tmp/s`` gives ``zrpull+ipc:///tmp/s``, ``zpub://...?topic=a`` gives
+    ``zsub://...?topic=a``.
+
+    ``address`` is the zmq address the socket really bound (read back, so port 0 shows its port; default: the
+    URL's own). A wildcard host is replaced by ``host`` (default: this machine's name, or 127.0.0.1 when that
+    name does not resolve), since nothing can connect to 0.0.0.0.
+    """
+    scheme = PEER_SCHEMES[url.scheme]
+    transport, _, location = (address or url.address).partition("://")
+    if transport == "tcp":
+        bound_host, _, port = location.rpartition(":")
+        if bound_host in _WILDCARD_HOSTS:
+            location = f"{host or _this_host()}:{port}"
+    prefix = scheme if transport == "tcp" else f"{scheme}+{transport}"
+    query = f"?topic={url.topic.decode()}" if url.topic else ""
+    return f"{prefix}://{location}{query}"
+
+
+def _this_host() -> str:
+    name = socket.gethostname()
+    try:
+        socket.gethostbyname(name)
+    except OSError:
+        return "127.0.0.1"
+    return name

@@ -235,7 +235,7 @@ def test_send_timeout_when_no_client_takes_batches(ipc_url: Callable[..., str]) 
             for _ in range(100):
                 server.send([np.zeros(1 << 20, np.uint8)])
         assert connection.endpoints[0] in str(raised.value)
-        assert 1 <= server.count < 100
+        assert 1 <= server.served < 100
         server.close()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from tensorcom._net.security import (
     is_loopback,
     refusals,
 )
-from tensorcom.errors import ConfigError, DecodeError, SecurityError, Timeout, URLError
+from tensorcom.errors import ConfigError, DecodeError, SecurityError, TensorcomError, Timeout, URLError
 from tensorcom.protocol import MAX_HEADER_BYTES
 from tensorcom.urls import ParsedURL, expand_urls, parse_url
 
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_BATCH_FRAME",
     "MAX_CONTROL_MESSAGE",
     "Endpoint",
+    "SendCancelled",
     "open_endpoint",
     "parse_endpoints",
     "receive",
@@ -230,8 +231,17 @@ def send_parts(socket: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -
         socket.send(frame, flags=flags | _SNDMORE if index < last else flags, copy=_copies(frame))
 
 
+class SendCancelled(TensorcomError):
+    """A send waiting for room gave up because its ``waiting`` callback said so (a server asked to stop)."""
+
+
 def send_frames(
-    endpoint: Endpoint, frames: Sequence[Any], *, timeout: float | None, what: str = "batch"
+    endpoint: Endpoint,
+    frames: Sequence[Any],
+    *,
+    timeout: float | None,
+    what: str = "batch",
+    waiting: Callable[[], bool] | None = None,
 ) -> None:
     """Send one multipart message without copying large frames.
 
@@ -240,7 +250,8 @@ def send_frames(
     peer's handshake between steps. Once the first frame is accepted the rest of the message is sent frame by
     frame, each retried on ``zmq.Again`` rather than restarting the message from frame 0, which would corrupt the
     stream. Raises :class:`Timeout` naming the endpoint when the first frame cannot be queued within ``timeout``
-    seconds (None waits forever).
+    seconds (None waits forever). While it waits for that, ``waiting()`` is called every step; when it returns
+    True the send gives up with :class:`SendCancelled`.
     """
     socket = endpoint.socket
     last = len(frames) - 1
@@ -261,6 +272,10 @@ def send_frames(
                 if index == 0 and deadline is not None and time.monotonic() > deadline:
                     raise Timeout(
                         f"could not send a {what} on {endpoint} within {timeout} s (no peer took it)"
+                    ) from None
+                if index == 0 and waiting is not None and waiting():
+                    raise SendCancelled(
+                        f"gave up sending a {what} on {endpoint}: the server is stopping"
                     ) from None
                 if index == 0 and endpoint.monitor is not None:
                     endpoint.check_handshakes()  # a refused peer is an error, not a silent wait

@@ -1,5 +1,5 @@
 """``python -m tensorcom.cli``: the ``tensorcom`` command."""
 
-from tensorcom.cli import main
+from tensorcom.cli.main import main
 
 main()

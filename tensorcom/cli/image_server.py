@@ -1,24 +1,54 @@
-"""The command-line face of :func:`tensorcom.datasets.imagenet.serve_images`, shared by serve-imagenet-dir and
-serve-imagenet-shards: one option block, and one way to run (index, print "ready URL...", serve, stop on signals).
+"""``serve-imagenet-dir`` and ``serve-imagenet-shards``: serve an image dataset's pipeline
+(:mod:`tensorcom.datasets.imagenet`) over zreq or stream URLs, through the run loop every server program shares
+(:func:`tensorcom.server.run.run_server`): index the data (errors before any socket opens), print "ready URL...",
+serve, drain on SIGTERM.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
 
-from tensorcom.cli import server_key_options, setup_logging, stop_on_sigterm
-from tensorcom.datasets.imagenet import ImageDataset, serve_images
+from tensorcom._net.security import KeyPath
+from tensorcom.cli.options import (
+    TensorcomCommand,
+    echo_ready,
+    server_key_options,
+    setup_logging,
+    stop_on_sigterm,
+)
+from tensorcom.datasets.imagenet import (
+    ImageDataset,
+    ImageDirectory,
+    ImageShards,
+    ImageTransform,
+    image_pipeline,
+)
+from tensorcom.errors import ConfigError
+from tensorcom.server import Server
+from tensorcom.server.run import run_server
+from tensorcom.urls import expand_urls, parse_url
 
-__all__ = ["image_server_options", "run_image_server"]
+__all__ = [
+    "REQUEST_REPLY_QUEUE",
+    "build_image_server",
+    "image_server_options",
+    "run_image_server",
+    "serve_imagenet_dir",
+    "serve_imagenet_shards",
+]
 
 log = logging.getLogger(__name__)
 
 Function = TypeVar("Function", bound=Callable[..., Any])
+
+REQUEST_REPLY_QUEUE = 16
+"""The least replies a zrep image server queues per client. Above the zreq clients' default prefetch (4): a client
+that stops reading with its requests answered must not fill its queue, which would block the server's sends."""
 
 
 def image_server_options(function: Function) -> Function:
@@ -79,7 +109,8 @@ def image_server_options(function: Function) -> Function:
             type=click.FloatRange(min=0),
             default=10.0,
             show_default=True,
-            help="zrep:// URLs: on SIGTERM, seconds to finish the requests already received before exiting.",
+            help="On SIGTERM, seconds to finish what the server holds (zrep: requests received; stream: batches "
+            "queued) before exiting.",
         ),
         server_key_options,
         click.option("-q", "--quiet", is_flag=True, help="Only log warnings."),
@@ -90,21 +121,118 @@ def image_server_options(function: Function) -> Function:
     return function
 
 
+def build_image_server(
+    dataset: ImageDataset,
+    urls: Sequence[str],
+    *,
+    batch_size: int = 64,
+    size: int = 224,
+    normalize: bool = False,
+    augment: bool = True,
+    workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    report_interval: float = 10.0,
+    queue: int = 2,
+    control: str | None = None,
+    metadata: bool | None = None,
+    server_key: KeyPath | None = None,
+    client_keys: KeyPath | None = None,
+) -> Server:
+    """A server of ``dataset``'s image pipeline: a request server for ``zrep://`` URLs, a stream server otherwise.
+
+    With zrep URLs each client chooses seed, rank and world size, and ``workers`` server processes compute
+    batches; in stream mode this server's ``seed``, ``rank`` and ``world_size`` fix the stream and ``workers``
+    decode in a :class:`~tensorcom.pipeline.DistributedBatchedMap`. ``queue`` is the batches queued per client
+    before sending blocks; with zrep URLs at least :data:`REQUEST_REPLY_QUEUE`, so that a zreq client's prefetch
+    window always fits. Rates (batches/s, images/s) are logged every ``report_interval`` seconds.
+    ``server_key`` and ``client_keys`` turn on CURVE (else $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS apply).
+    """
+    expanded = expand_urls(list(urls))
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "size": size,
+        "normalize": normalize,
+        "augment": augment,
+    }
+    ImageTransform(dataset, size, normalize=normalize, augment=augment)  # validate before opening sockets
+    keys = {"server_key": server_key, "client_keys": client_keys, "report_interval": report_interval}
+    server: Server
+    if all(parse_url(url).is_request for url in expanded):
+        if control is not None:
+            raise ConfigError("control= is for stream URLs; zreq clients send their state with each request")
+        factory = functools.partial(image_pipeline, dataset=dataset, **options)
+        server = Server(factory, expanded, workers=workers, queue=max(queue, REQUEST_REPLY_QUEUE), **keys)
+    else:
+        pipeline = image_pipeline(
+            dataset=dataset, seed=seed, rank=rank, world_size=world_size, workers=workers, **options
+        )
+        try:
+            server = Server(
+                pipeline, expanded, queue=queue, control=control, metadata=metadata, seed=seed, **keys
+            )
+        except BaseException:
+            pipeline.close()
+            raise
+    server.report_samples = (batch_size, "images")
+    log.info("serving %r on %s", dataset, ", ".join(server.endpoints))
+    return server
+
+
 def run_image_server(dataset_of: Callable[[], ImageDataset], urls: tuple[str, ...], **options: Any) -> None:
     """Index the data (errors before any socket opens), print "ready URL...", serve until SIGINT or SIGTERM (which
-    drains zrep servers for at most --drain seconds; a second one stops at once)."""
+    lets the server finish what it holds for at most --drain seconds; a second one stops at once)."""
     setup_logging(options.pop("verbose"), options.pop("quiet"))
     stop_on_sigterm()
     dataset = dataset_of()
     report = options.pop("report")
+    drain = options.pop("drain")
     if any(url.startswith("zrep") for url in urls) and options["seed"] != 0:
         log.info("--seed is ignored for zrep:// URLs: each zreq client sends its own seed")
+    server = build_image_server(dataset, urls, report_interval=report, **options)
+    run_server(server, drain=drain, announce=echo_ready)
 
-    def ready(endpoints: list[str]) -> None:
-        click.echo("ready " + " ".join(endpoints))
-        sys.stdout.flush()
 
-    try:
-        serve_images(dataset, urls, report_interval=report, on_ready=ready, **options)
-    except KeyboardInterrupt:
-        pass
+@click.command(cls=TensorcomCommand)
+@click.option(
+    "-d",
+    "--directory",
+    required=True,
+    help="Folder holding train/CLASS/*.JPEG (or CLASS/* directly); classes sorted, labels from 0.",
+)
+@image_server_options
+def serve_imagenet_dir(directory: str, urls: tuple[str, ...], **options: Any) -> None:
+    """Serve the images of DIRECTORY on URLS: zrep://HOST:PORT for deterministic zreq clients (the default for
+    training), or stream URLs (zpub://, zpush://, zrpush://, zrpub://).
+
+    Batches are (images, labels): uint8 (B, SIZE, SIZE, 3) or float32 with --normalize, and int64 labels. An
+    unreadable image is logged and replaced by the next readable one in index order. Prints "ready URL..." (the
+    URLs a client connects with) once listening; logs batches/s and images/s every --report seconds. SIGTERM lets
+    the server finish what it holds (for at most --drain seconds), then it exits 0; a second SIGTERM or SIGINT
+    stops at once. With --server-key and --client-keys (or $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS), only
+    clients whose public key is in the folder can connect, and traffic is encrypted (see `tensorcom keygen`).
+    """
+    run_image_server(functools.partial(ImageDirectory, directory), urls, **options)
+
+
+@click.command(cls=TensorcomCommand)
+@click.option(
+    "-s",
+    "--shards",
+    required=True,
+    help="Local tar shards with braces, e.g. '/data/train-{000000..000146}.tar' (SAMPLE.jpg + SAMPLE.cls).",
+)
+@image_server_options
+def serve_imagenet_shards(shards: str, urls: tuple[str, ...], **options: Any) -> None:
+    """Serve the images of SHARDS on URLS (zrep:// for zreq clients, or stream URLs), exactly as
+    serve-imagenet-dir does for a folder, SIGTERM drain and CURVE keys included.
+
+    Samples are numbered in shard order (as the braces expand), then tar order, so the same shards give the same
+    stream everywhere; .cls holds the 0-based label.
+    """
+    run_image_server(functools.partial(ImageShards, shards), urls, **options)
+
+
+if __name__ == "__main__":
+    serve_imagenet_dir()

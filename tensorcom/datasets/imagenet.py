@@ -24,12 +24,12 @@ the batch keeps its size and step, and the stream stays deterministic. After
 
 :func:`image_pipeline` builds ``Permutation → Partition → Map(ImageTransform) → Collate``; the factories
 :func:`directory_pipeline` and :func:`shard_pipeline` work with ``tensorcom serve`` (the index is built once per
-process), and :func:`serve_images` runs the ``serve-imagenet-dir`` and ``serve-imagenet-shards`` programs.
+process); :mod:`tensorcom.cli.image_server` serves these pipelines as ``serve-imagenet-dir`` and
+``serve-imagenet-shards``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
@@ -38,25 +38,19 @@ import math
 import os
 import tarfile
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from tensorcom.errors import ConfigError, PipelineError, URLError
-from tensorcom.server.signals import drain_on_sigterm
 from tensorcom.urls import expand_braces, expand_urls
-
-if TYPE_CHECKING:
-    from tensorcom._net.security import KeyPath
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MAX_REPLACEMENTS",
-    "REQUEST_REPLY_QUEUE",
     "ImageDataset",
     "ImageDirectory",
     "ImageShards",
@@ -64,16 +58,11 @@ __all__ = [
     "directory_pipeline",
     "expand_shards",
     "image_pipeline",
-    "serve_images",
     "shard_pipeline",
     "write_shards",
 ]
 
 log = logging.getLogger(__name__)
-
-REQUEST_REPLY_QUEUE = 16
-"""The least replies a zrep image server queues per client. Above the zreq clients' default prefetch (4): a client
-that stops reading with its requests answered must not fill its queue, which would block the server's sends."""
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
@@ -595,135 +584,3 @@ def directory_pipeline(
 def shard_pipeline(*, shards: str, seed: int = 0, rank: int = 0, world_size: int = 1, **options: Any) -> Any:
     """Factory for ``tensorcom serve tensorcom.datasets.imagenet:shard_pipeline -o shards='/data/train-{0..9}.tar'``."""
     return image_pipeline(dataset=_shards(shards), seed=seed, rank=rank, world_size=world_size, **options)
-
-
-class _RateReporter(threading.Thread):
-    """Logs batches/s and images/s of a running server every ``interval`` seconds."""
-
-    def __init__(self, count: Callable[[], int], batch_size: int, interval: float) -> None:
-        super().__init__(name="tensorcom-rate", daemon=True)
-        self.count = count
-        self.batch_size = batch_size
-        self.interval = interval
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        then, before = time.monotonic(), self.count()
-        while not self.stopped.wait(self.interval):
-            now, count = time.monotonic(), self.count()
-            if count == before:
-                then = now
-                continue
-            seconds = max(now - then, 1e-9)
-            log.info(
-                "served %d batches: %.1f batches/s, %.0f images/s",
-                count,
-                (count - before) / seconds,
-                (count - before) * self.batch_size / seconds,
-            )
-            then, before = now, count
-
-
-def serve_images(
-    dataset: ImageDataset,
-    urls: Sequence[str],
-    *,
-    batch_size: int = 64,
-    size: int = 224,
-    normalize: bool = False,
-    augment: bool = True,
-    workers: int = 2,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    report_interval: float = 10.0,
-    queue: int = 2,
-    control: str | None = None,
-    metadata: bool | None = None,
-    server_key: KeyPath | None = None,
-    client_keys: KeyPath | None = None,
-    drain: float | None = None,
-    on_ready: Callable[[list[str]], None] | None = None,
-) -> None:
-    """Serve ``dataset`` until interrupted: zreq for ``zrep://`` URLs, stream mode for push/pub URLs.
-
-    With zrep URLs each client chooses seed, rank and world size, and ``workers`` server processes compute
-    batches; in stream mode this server's ``seed``, ``rank`` and ``world_size`` fix the stream and ``workers``
-    decode in a :class:`~tensorcom.pipeline.DistributedBatchedMap`. ``on_ready`` gets the bound endpoints once the
-    sockets are open. Rates are logged every ``report_interval`` seconds. ``queue`` is the batches queued per
-    client before sending blocks; with zrep URLs at least :data:`REQUEST_REPLY_QUEUE`, so that a zreq client's
-    prefetch window always fits.
-
-    ``server_key`` and ``client_keys`` turn on CURVE (else $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS apply;
-    see :mod:`tensorcom._net.security`). With ``drain`` (seconds; zrep URLs; main thread only), SIGTERM makes the server
-    finish the requests it has already received, for at most that long, and return; see
-    :func:`tensorcom.server.signals.drain_on_sigterm` for the second SIGTERM and the time limit.
-    """
-    expanded = expand_urls(list(urls))
-    request = [url.startswith("zrep") for url in expanded]
-    if any(request) and not all(request):
-        raise URLError(f"serve zrep:// URLs or stream URLs, not both at once. Found: {' '.join(expanded)}")
-    if report_interval <= 0:
-        raise ConfigError(f"report_interval must be > 0 seconds. Found: {report_interval}")
-    if drain is not None and drain < 0:
-        raise ConfigError(f"drain must be >= 0 seconds or None. Found: {drain}")
-    options: dict[str, Any] = {
-        "batch_size": batch_size,
-        "size": size,
-        "normalize": normalize,
-        "augment": augment,
-    }
-    ImageTransform(dataset, size, normalize=normalize, augment=augment)  # validate before opening sockets
-    server: Any
-    if all(request):
-        from tensorcom.server.request import RequestServer
-
-        if control is not None:
-            raise ConfigError("control= is for stream URLs; zreq clients send their state with each request")
-        factory = functools.partial(image_pipeline, dataset=dataset, **options)
-        server = RequestServer(
-            factory,
-            expanded,
-            workers=workers,
-            report_interval=1e9,
-            queue=max(queue, REQUEST_REPLY_QUEUE),
-            server_key=server_key,
-            client_keys=client_keys,
-        )
-        count: Callable[[], int] = lambda: server.served  # noqa: E731
-    else:
-        from tensorcom.server.stream import Server
-
-        pipeline = image_pipeline(
-            dataset=dataset, seed=seed, rank=rank, world_size=world_size, workers=workers, **options
-        )
-        try:
-            server = Server(
-                pipeline,
-                expanded,
-                queue=queue,
-                report_interval=report_interval,  # also paces its "waiting for a subscriber" messages
-                control=control,
-                metadata=metadata,
-                seed=seed,
-                server_key=server_key,
-                client_keys=client_keys,
-            )
-        except BaseException:
-            pipeline.close()
-            raise
-        count = lambda: server.count  # noqa: E731
-    draining = (
-        drain_on_sigterm(server, drain) if all(request) and drain is not None else contextlib.nullcontext()
-    )
-    reporter = _RateReporter(count, batch_size, report_interval)
-    with draining:  # before "ready", so that a SIGTERM as soon as clients may come already drains
-        log.info("serving %r on %s", dataset, ", ".join(server.endpoints))
-        if on_ready is not None:
-            on_ready(list(server.endpoints))
-        reporter.start()
-        try:
-            server.run()
-        finally:
-            reporter.stopped.set()
-            reporter.join(timeout=5)

@@ -33,7 +33,7 @@ def _start_server(
     command = [
         sys.executable,
         "-m",
-        "tensorcom_servers.imagenet_dir",
+        "tensorcom.cli.image_server",
         "-d",
         folder,
         "-b",
@@ -51,7 +51,7 @@ def _start_server(
     if line[:1] != ["ready"]:
         server.kill()
         raise click.ClickException(f"the server did not start (it printed {line!r})")
-    return server, line[1].replace("tcp://", "zreq://")
+    return server, line[1]
 
 
 def _model(classes: int) -> Any:

@@ -23,6 +23,8 @@ from typing import Any
 
 from tensorcom.errors import ConfigError
 from tensorcom.loader._pipeline import PipelineSpec, dataset_of, forget_dataset, swift_pipeline
+from tensorcom.server.request import RequestServer
+from tensorcom.server.run import run_server
 
 __all__ = ["LOADER_ID_VARIABLE", "LogSpec", "make_log_handlers", "serve_consumer"]
 
@@ -93,26 +95,6 @@ def make_log_handlers(spec: LogSpec) -> list[logging.Handler]:
     return handlers
 
 
-def _local_server_class() -> Any:
-    from tensorcom.server.request import RequestServer
-
-    class LocalServer(RequestServer):
-        """A RequestServer that, when closing, terminates workers still starting up.
-
-        ``RequestServer.close`` asks workers to stop through their socket; one that has not connected yet never
-        gets the message and is only terminated after a 5 s wait. A loader closed right after ``start`` hits that.
-        """
-
-        def close(self, *args: Any, **kwargs: Any) -> None:
-            for worker in getattr(self, "_processes", []):
-                process = getattr(worker, "process", None)
-                if not getattr(worker, "ready", True) and process is not None and process.is_alive():
-                    process.terminate()
-            super().close(*args, **kwargs)
-
-    return LocalServer
-
-
 def _send(pipe: Any, **message: Any) -> None:
     pipe.send_bytes(json.dumps(message).encode("utf-8"))
 
@@ -146,7 +128,7 @@ def serve_consumer(
             forget_dataset(spec.dataset_class, spec.dataset_kwargs)
             if spec.n <= 0:
                 raise ConfigError("the dataset is empty (len() is 0)")
-        server = _local_server_class()(
+        server = RequestServer(
             partial(swift_pipeline, spec=spec), url, workers=workers, queue=queue, name=name
         )
     except Exception as exc:
@@ -155,22 +137,19 @@ def serve_consumer(
         return
     stopped = threading.Event()
 
-    def stop(*_: Any) -> None:
-        stopped.set()
-        server.stop()
-
     def watch_parent() -> None:
         while not stopped.wait(0.2):
             if os.getppid() != parent:
                 log.warning("%s: the loader's process is gone; stopping", name)
-                stop()
+                server.stop()
 
-    signal.signal(signal.SIGTERM, stop)
+    def announce(_: Any) -> None:
+        _send(pipe, ready=True, n=spec.n)
+        pipe.close()
+
     threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
-    _send(pipe, ready=True, n=spec.n)
-    pipe.close()
     try:
-        server.run()
+        run_server(server, announce=announce)
     finally:
         stopped.set()
         if os.getppid() != parent:  # nobody else is left to remove the socket's folder

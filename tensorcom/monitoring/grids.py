@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tensorcom.datasets import imagenet
 from tensorcom.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ __all__ = [
     "to_display_images",
 ]
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+IMAGENET_MEAN = np.array(imagenet.IMAGENET_MEAN)
+IMAGENET_STD = np.array(imagenet.IMAGENET_STD)
 # ImageNet-normalised pixels lie in [(0 - mean) / std, (1 - mean) / std] = about [-2.12, 2.64]
 _IMAGENET_RANGE = (
     float(np.min(-IMAGENET_MEAN / IMAGENET_STD)),

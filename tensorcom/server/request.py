@@ -44,7 +44,9 @@ from tensorcom._net.transport import (
 )
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError
 from tensorcom.protocol import MAX_GROUP, Command, Message
+from tensorcom.server._base import Server
 from tensorcom.server.worker import Factory, RequestHandler, load_factory, worker_main
+from tensorcom.urls import ParsedURL
 
 __all__ = ["RequestServer"]
 
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 _MAX_PENDING_PER_CLIENT = 256
 _MAX_ATTEMPTS = 3
 _SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
+_LIMIT_DRAIN = 5.0  # seconds to answer the requests held once run()'s count or duration is reached
 _OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
 
 
@@ -67,8 +70,9 @@ class _Worker:
         self.next_ticket = 0
 
 
-class RequestServer:
-    """Serve numbered batches of ``factory(seed=..., rank=..., world_size=...)`` to ``zreq`` clients.
+class RequestServer(Server, sockets=("ROUTER",)):
+    """Serve numbered batches of ``factory(seed=..., rank=..., world_size=...)`` to ``zreq`` clients: what
+    ``Server(factory, "zrep://...")`` returns.
 
     Args:
         factory: a callable (module-level, so worker processes can import it) or ``"module:function"``.
@@ -102,6 +106,7 @@ class RequestServer:
         server_key: KeyPath | None = None,
         client_keys: KeyPath | None = None,
     ) -> None:
+        super().__init__(report_interval)
         if workers < 0:
             raise ConfigError(f"workers must be >= 0. Found: {workers}")
         if worker_queue < 1:
@@ -110,7 +115,6 @@ class RequestServer:
         load_factory(factory)  # fail now, not in a worker
         self.workers = workers
         self.worker_queue = worker_queue
-        self.report_interval = report_interval
         parsed = parse_endpoints(urls, {"ROUTER"}, "request Server")
         keys = server_keys_from(server_key, client_keys)
         allocator.tune()  # small batches: no heap shrink-and-regrow per batch
@@ -121,8 +125,6 @@ class RequestServer:
         self._processes: list[_Worker] = []
         self._handler: RequestHandler | None = None
         self._stopping = False
-        self._stop_requested = False
-        self._drain: float | None = None
         self._last_check = 0.0
         self.draining = False
         try:
@@ -151,13 +153,9 @@ class RequestServer:
         self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
         self._shm = shm.enabled()
         self._shm_clients: OrderedDict[tuple[int, bytes], None] = OrderedDict()
-        self.served = 0
-        self.nbytes = 0
 
-    @property
-    def endpoints(self) -> list[str]:
-        """The addresses clients connect to (bound addresses are read back, so port 0 shows its port)."""
-        return [endpoint.address for endpoint in self._frontends]
+    def _addresses(self) -> list[tuple[ParsedURL, str]]:
+        return [(endpoint.url, endpoint.address) for endpoint in self._frontends]
 
     # worker supervision
 
@@ -373,8 +371,13 @@ class RequestServer:
                 return
         self._reply(client, frames[2].bytes, replies)
 
-    def run(self, duration: float | None = None) -> None:
-        """Serve until :meth:`stop`, an interrupt (KeyboardInterrupt closes at once), or for ``duration`` seconds."""
+    def run(self, count: int | None = None, duration: float | None = None) -> int:
+        """Serve until :meth:`stop`, an interrupt (KeyboardInterrupt closes at once), ``count`` batches served or
+        ``duration`` seconds; then close. Returns the number of batches served.
+
+        After ``count`` or ``duration``, the requests already received are still answered (for at most 5 s), so
+        a client is not left waiting for replies it was promised: more than ``count`` batches may be served."""
+        self._check_run_limits(count, duration)
         self._processes = [_Worker(i) for i in range(self.workers)]
         for worker in self._processes:
             self._start_worker(worker)
@@ -383,28 +386,24 @@ class RequestServer:
             poller.register(endpoint.socket, zmq.POLLIN)
         poller.register(self._backend, zmq.POLLIN)
         self._indices = {endpoint.socket: index for index, endpoint in enumerate(self._frontends)}
-        started = last_report = time.monotonic()
-        self._last_check = started
-        reported = 0
+        started = self._last_check = time.monotonic()
         linger = 0.0
         log.info(
             "serving %s on %s with %d workers", self._factory_name(), ", ".join(self.endpoints), self.workers
         )
         try:
-            while not self._stop_requested and (duration is None or time.monotonic() - started < duration):
+            while not self._stop_requested and (count is None or self.served < count):
+                if duration is not None and time.monotonic() - started >= duration:
+                    break
                 self._serve_once(poller)
-                now = time.monotonic()
-                if now - last_report >= self.report_interval:
-                    log.info(
-                        "served %d batches: %.1f batches/s",
-                        self.served,
-                        (self.served - reported) / (now - last_report),
-                    )
-                    last_report, reported = now, self.served
-            if self._drain is not None:
+                self._maybe_report()
+            if not self._stop_requested:  # count or duration reached: answer the requests already received
+                linger = self._finish(poller, _LIMIT_DRAIN)
+            elif self._drain is not None:
                 linger = self._finish(poller, self._drain)
         finally:
             self.close(linger=linger)
+        return self.served
 
     def _serve_once(self, poller: zmq.Poller) -> None:
         self._reader.collect()  # slots of the batches the sockets have finished sending
@@ -449,16 +448,6 @@ class RequestServer:
         """Whether :meth:`stop` was called (or the server is closing)."""
         return self._stop_requested or self._stopping
 
-    def stop(self, drain: float | None = None) -> None:
-        """Ask :meth:`run` (in another thread, or from a signal handler) to return and close the server.
-
-        With ``drain`` (seconds), it first finishes the requests it has already received, for at most that long.
-        """
-        if drain is not None and drain < 0:
-            raise ConfigError(f"drain must be >= 0 seconds or None. Found: {drain}")
-        self._drain = drain
-        self._stop_requested = True
-
     def _factory_name(self) -> str:
         factory = self.factory
         return (
@@ -467,16 +456,21 @@ class RequestServer:
             else f"{factory.__module__}:{getattr(factory, '__qualname__', factory)}"
         )
 
-    def close(self, linger: float = 0.0) -> None:
+    def close(self, linger: float | None = None) -> None:
         """Stop the workers (asking first, then terminating, then killing) and close every socket, giving replies
         already queued up to ``linger`` seconds to leave."""
+        linger = linger or 0.0
         self._stopping = True
         for worker in self._processes:
-            if worker.process is not None and worker.process.is_alive():
-                try:
-                    self._backend.send_multipart([worker.identity, b"STOP"], flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+            if worker.process is None or not worker.process.is_alive():
+                continue
+            if not worker.ready:  # not connected yet: it would never read a STOP
+                worker.process.terminate()
+                continue
+            try:
+                self._backend.send_multipart([worker.identity, b"STOP"], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
         deadline = time.monotonic() + 5
         for worker in self._processes:
             if worker.process is None:
@@ -510,9 +504,3 @@ class RequestServer:
         if not self._context.closed:
             self._context.term()
         self._folder.cleanup()
-
-    def __enter__(self) -> RequestServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

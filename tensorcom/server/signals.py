@@ -1,8 +1,8 @@
-"""SIGTERM for server programs: stop like Ctrl-C, or first drain the requests already received.
+"""SIGTERM for server programs: stop like Ctrl-C, or first drain what the server holds.
 
-A process manager (systemd, Kubernetes, Slurm) stops a server with SIGTERM and kills it a while later. A request
-server given :func:`drain_on_sigterm` answers the requests it has already received in that time instead of
-dropping them; a second SIGTERM, or SIGINT, stops at once, and so does the end of the drain time plus
+A process manager (systemd, Kubernetes, Slurm) stops a server with SIGTERM and kills it a while later. A server
+given :func:`drain_on_sigterm` finishes in that time what it holds (a request server the requests it has
+received, a stream server the batches it has queued) instead of dropping it; a second SIGTERM, or SIGINT, stops at once, and so does the end of the drain time plus
 :data:`CLOSE_GRACE` (a server blocked in a send to a client that stopped reading never gets to drain).
 """
 

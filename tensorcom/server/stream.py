@@ -1,10 +1,10 @@
-"""The sending side: a server that encodes batches and sends them over push/pub sockets without copying them.
+"""The stream server: encodes batches and sends them over push/pub sockets without copying them.
 
 Stream mode (``zpush``, ``zpub``, ``zrpush``, ``zrpub``) sends every batch of a source as fast as the clients take
 them. Send queues are bounded in whole batches (``queue``), so a slow client slows the server instead of growing its
 memory. A PUB URL opens an XPUB socket with XPUB_NODROP unless ``drop=True``: subscribers are slowed down rather than
 silently losing batches, and the server waits for its first subscriber before sending. When the source is exhausted,
-:meth:`Server.run` returns only after the queued batches have left and the clients have disconnected (bounded by
+:meth:`StreamServer.run` returns only after the queued batches have left and the clients have disconnected (bounded by
 ``linger`` seconds).
 
 Batches must not be modified after they are handed to the server: their memory is sent in place.
@@ -25,12 +25,13 @@ from tensorcom import codec
 from tensorcom._net import allocator
 from tensorcom._net import shm as _shm
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
-from tensorcom._net.transport import Endpoint, open_endpoint, parse_endpoints, send_frames
+from tensorcom._net.transport import Endpoint, SendCancelled, open_endpoint, parse_endpoints, send_frames
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
 from tensorcom.protocol import META_INFO, Command, Message, check_bounded, flatten_batch
-from tensorcom.urls import expand_urls
+from tensorcom.server._base import Server
+from tensorcom.urls import ParsedURL
 
-__all__ = ["Server", "serve"]
+__all__ = ["StreamServer", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,8 @@ def _as_arrays(batch: Any) -> Sequence[Any]:
     return [batch]
 
 
-class Server:
-    """Send batches to clients over one or more stream URLs.
-
-    Given ``zrep://`` URLs, ``Server(factory, urls, workers=N)`` returns a
-    :class:`tensorcom.server.request.RequestServer` instead, which serves the deterministic request protocol.
+class StreamServer(Server, sockets=("PUSH", "PUB")):
+    """Send batches to clients over one or more stream URLs: what ``Server(source, "zpub://...")`` returns.
 
     Args:
         source: an iterable of batches (lists or tuples of arrays) for :meth:`run`, or None to call :meth:`send`.
@@ -78,15 +76,6 @@ class Server:
             $TENSORCOM_SHM is 0; False: off (needed for clients of tensorcom 0.1 over ipc).
     """
 
-    def __new__(
-        cls, source: Any = None, urls: str | Sequence[str] = "zpub://0.0.0.0:7880", **options: Any
-    ) -> Any:
-        if cls is Server and any(url.startswith("zrep") for url in expand_urls(urls)):
-            from tensorcom.server.request import RequestServer
-
-            return RequestServer(source, urls, **options)
-        return super().__new__(cls)
-
     def __init__(
         self,
         source: Iterable[Any] | Callable[..., Any] | None = None,
@@ -111,8 +100,7 @@ class Server:
             raise ConfigError(f"linger must be >= 0 seconds. Found: {linger}")
         if send_timeout is not None and send_timeout <= 0:
             raise ConfigError(f"send_timeout must be > 0 seconds or None. Found: {send_timeout}")
-        if report_interval <= 0:
-            raise ConfigError(f"report_interval must be > 0 seconds. Found: {report_interval}")
+        super().__init__(report_interval)
         parsed = parse_endpoints(urls, _SENDING, "stream Server")
         keys = server_keys_from(server_key, client_keys)
         if callable(source) and not hasattr(source, "__iter__"):
@@ -129,9 +117,6 @@ class Server:
         self.linger = linger
         self.send_timeout = send_timeout
         self.infos = list(infos) if infos is not None else None
-        self.report_interval = report_interval
-        self.count = 0
-        self.nbytes = 0
         allocator.tune()  # small batches: no heap shrink-and-regrow per batch
         self._context: zmq.Context[Any] = zmq.Context()
         self._endpoints: list[Endpoint] = []
@@ -175,26 +160,24 @@ class Server:
             for endpoint in self._endpoints:  # one arena per socket: each gets its own copy of a batch
                 if endpoint.url.socket_type == "PUSH" and endpoint.url.transport == "ipc":
                     self._arenas[id(endpoint)] = _shm.Arena(expire=None)
-        self._started = time.monotonic()
-        self._last_report = (self._started, 0, 0)
         self._peers_checked = 0.0
 
-    @property
-    def endpoints(self) -> list[str]:
-        """The addresses the server sends on (bound addresses are read back, so port 0 shows its port)."""
-        return [endpoint.address for endpoint in self._endpoints]
+    def _addresses(self) -> list[tuple[ParsedURL, str]]:
+        return [(endpoint.url, endpoint.address) for endpoint in self._endpoints]
 
     def _await_subscriber(self, endpoint: Endpoint) -> None:
         """Block until an XPUB socket has a subscriber for its topic, so the first batches reach someone."""
-        started = time.monotonic()
+        started = reported = time.monotonic()
         while not self._drain_subscriptions(endpoint):
-            waited = time.monotonic() - started
-            if self.send_timeout is not None and waited >= self.send_timeout:
+            now = time.monotonic()
+            if self.send_timeout is not None and now - started >= self.send_timeout:
                 raise Timeout(f"no subscriber on {endpoint} within {self.send_timeout} s")
-            if not endpoint.socket.poll(int(self.report_interval * 1000), zmq.POLLIN):
-                log.info(
-                    "waiting for a subscriber on %s (%.0f s so far)", endpoint, waited + self.report_interval
-                )
+            if self._stop_requested:
+                raise SendCancelled(f"stopped while waiting for a subscriber on {endpoint}")
+            if now - reported >= self.report_interval:
+                log.info("waiting for a subscriber on %s (%.0f s so far)", endpoint, now - started)
+                reported = now
+            endpoint.socket.poll(250, zmq.POLLIN)
         self._subscribed[id(endpoint)] = True
 
     @staticmethod
@@ -241,46 +224,47 @@ class Server:
                 descriptor = arena.put(frames)
                 if descriptor is not None:
                     message = [descriptor]
-            send_frames(endpoint, message, timeout=self.send_timeout)
-        self.count += 1
+            send_frames(endpoint, message, timeout=self.send_timeout, waiting=self._waiting)
+        self.served += 1
         self.nbytes += sum(getattr(a, "nbytes", 0) for a in arrays)
         self._maybe_report()
 
-    def _maybe_report(self) -> None:
-        now = time.monotonic()
-        then, count, nbytes = self._last_report
-        if now - then >= self.report_interval:
-            seconds = now - then
-            log.info(
-                "sent %d batches: %.1f batches/s, %.1f MB/s on %s",
-                self.count,
-                (self.count - count) / seconds,
-                (self.nbytes - nbytes) / seconds / 1e6,
-                ", ".join(self.endpoints),
-            )
-            self._last_report = (now, self.count, self.nbytes)
+    def _waiting(self) -> bool:
+        """While a send waits for a client: keep reporting, and give up once :meth:`stop` was called."""
+        self._maybe_report()
+        return self._stop_requested
 
-    def run(self, count: int | None = None) -> int:
-        """Send the source's batches (at most ``count``), then close, waiting up to ``linger`` s for them to leave.
+    def run(self, count: int | None = None, duration: float | None = None) -> int:
+        """Send the source's batches (at most ``count``, for at most ``duration`` seconds, until :meth:`stop`),
+        then close, waiting up to ``linger`` s (after :meth:`stop`: its ``drain``) for them to leave.
 
         Returns the number of batches sent.
         """
         if self.source is None:
             raise ConfigError("this Server has no source; pass one to Server(...) or call send() yourself")
-        if count is not None and count < 0:
-            raise ConfigError(f"count must be >= 0 or None. Found: {count}")
+        self._check_run_limits(count, duration)
+        started = time.monotonic()
         try:
             for batch, meta in self._batches():
-                if count is not None and self.count >= count:
+                if count is not None and self.served >= count:
+                    break
+                if self._stop_requested or (duration is not None and time.monotonic() - started >= duration):
                     break
                 self.send(batch, meta)
+        except SendCancelled:
+            pass  # stop() while a send waited for a client: that batch was not sent
         except BaseException:
             self.close(linger=0)  # interrupted or failed: do not hold the process for queued batches
             raise
-        self.close()
+        if (
+            self._stop_requested
+        ):  # queued batches get the drain time to leave; connected clients are not awaited
+            self._close(self._drain or 0.0, await_clients=False)
+        else:
+            self.close()
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        log.info("finished: %d batches, %.1f MB in %.1f s", self.count, self.nbytes / 1e6, elapsed)
-        return self.count
+        log.info("finished: %d batches, %.1f MB in %.1f s", self.served, self.nbytes / 1e6, elapsed)
+        return self.served
 
     def _await_disconnect(self, seconds: float) -> None:
         """Keep the sockets open until every client has disconnected, or for at most ``seconds``.
@@ -297,7 +281,7 @@ class Server:
     def _refuse_control(self) -> None:
         """Answer control messages that arrive while the server closes with an error, so that a client's SEEK fails
         at once, naming the reason, instead of waiting out its timeout."""
-        text = f"the server has finished ({self.count} batches sent) and is closing"
+        text = f"the server has finished ({self.served} batches sent) and is closing"
         refusal = Message(Command.ERROR, {"error": "unavailable", "message": text})
         self._answer_control(lambda _: refusal)
 
@@ -392,7 +376,11 @@ class Server:
         seconds = self.linger if linger is None else linger
         if self._linger_ends is not None:  # part of the linger time went to waiting for a SEEK
             seconds = min(seconds, max(0.0, self._linger_ends - time.monotonic()))
-        self._await_disconnect(seconds)
+        self._close(seconds, await_clients=True)
+
+    def _close(self, seconds: float, await_clients: bool) -> None:
+        if await_clients:
+            self._await_disconnect(seconds)
         for endpoint in self._endpoints:
             endpoint.close(linger=seconds)
         self._endpoints = []
@@ -412,13 +400,7 @@ class Server:
         if not self._context.closed:
             self._context.term()  # blocks until queued messages are sent or the linger time is over
 
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 def serve(source: Iterable[Any], urls: str | Sequence[str], **options: Any) -> int:
-    """Send every batch of ``source`` on ``urls`` and return the number sent; see :class:`Server` for options."""
-    return Server(source, urls, **options).run()
+    """Send every batch of ``source`` on ``urls`` and return the number sent; see :class:`StreamServer` for options."""
+    return StreamServer(source, urls, **options).run()

@@ -1,0 +1,112 @@
+"""Click glue shared by tensorcom's programs: errors as one clean line, logging, the CURVE key options, the ready
+line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+from tensorcom.errors import TensorcomError
+from tensorcom.server.signals import stop_on_sigterm
+
+if TYPE_CHECKING:
+    from tensorcom.server import Server
+
+__all__ = [
+    "TensorcomCommand",
+    "TensorcomGroup",
+    "client_key_options",
+    "echo_ready",
+    "server_key_options",
+    "setup_logging",
+    "stop_on_sigterm",
+]
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+
+def _fail(error: TensorcomError) -> NoReturn:
+    click.echo(f"Error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+class TensorcomCommand(click.Command):
+    """A click command that turns tensorcom errors into one clean line and the error's exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TensorcomError as error:
+            _fail(error)
+
+
+class TensorcomGroup(click.Group):
+    """A click group whose commands report tensorcom errors as one line (see :class:`TensorcomCommand`)."""
+
+    command_class = TensorcomCommand
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TensorcomError as error:
+            _fail(error)
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Log to stderr: warnings when quiet, info by default, debug with -v."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr
+    )
+
+
+def server_key_options(function: Function) -> Function:
+    """Add ``--server-key FILE`` and ``--client-keys DIR`` (CURVE) to a server command.
+
+    The command receives ``server_key`` and ``client_keys`` (None when not given, so $TENSORCOM_SERVER_KEY and
+    $TENSORCOM_CLIENT_KEYS apply) and passes them on: ``Server(..., server_key=server_key, client_keys=client_keys)``.
+    """
+    function = click.option(
+        "--client-keys",
+        type=click.Path(exists=True),
+        default=None,
+        help="CURVE: folder of allowed client public keys (NAME.key) [default: $TENSORCOM_CLIENT_KEYS].",
+    )(function)
+    return click.option(
+        "--server-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="CURVE: this server's secret key file (.key_secret) [default: $TENSORCOM_SERVER_KEY].",
+    )(function)
+
+
+def client_key_options(function: Function) -> Function:
+    """Add ``--client-key FILE`` and ``--server-public-key FILE`` (CURVE) to a client command.
+
+    The command receives ``client_key`` and ``server_public_key`` (None when not given, so $TENSORCOM_CLIENT_KEY and
+    $TENSORCOM_SERVER_PUBLIC_KEY apply) and passes them to ``Connection(...)``.
+    """
+    function = click.option(
+        "--server-public-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="CURVE: the server's public key file (.key) [default: $TENSORCOM_SERVER_PUBLIC_KEY].",
+    )(function)
+    return click.option(
+        "--client-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="CURVE: this client's secret key file (.key_secret) [default: $TENSORCOM_CLIENT_KEY].",
+    )(function)
+
+
+def echo_ready(server: Server) -> None:
+    """Print the ready line (``ready URL...``, the URLs a client connects with) and flush it at once."""
+    from tensorcom.server.run import ready_line  # servers load only in the programs that run one
+
+    click.echo(ready_line(server))
+    sys.stdout.flush()

@@ -1,0 +1,68 @@
+"""``serve-synthetic``: send synthetic image-like batches (uint8 NHWC images and int64 labels) on stream URLs;
+the server ``tensorcom demo`` starts."""
+
+from __future__ import annotations
+
+import click
+
+from tensorcom.cli.options import (
+    TensorcomCommand,
+    echo_ready,
+    server_key_options,
+    setup_logging,
+    stop_on_sigterm,
+)
+from tensorcom.datasets.synthetic import synthetic_batches
+from tensorcom.server import StreamServer
+from tensorcom.server.run import run_server
+
+__all__ = ["serve_synthetic"]
+
+
+@click.command(cls=TensorcomCommand)
+@click.argument("urls", nargs=-1, required=True)
+@click.option("-b", "--batch-size", default=64, show_default=True, help="Images per batch.")
+@click.option("--size", default=224, show_default=True, help="Image height and width.")
+@click.option("-n", "--count", type=int, default=None, help="Stop after this many batches (default: never).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random image pool.")
+@click.option(
+    "--queue", default=2, show_default=True, help="Batches queued per client before sending blocks."
+)
+@click.option("--report", default=10.0, show_default=True, help="Seconds between rate reports.")
+@server_key_options
+@click.option("-q", "--quiet", is_flag=True, help="Only log warnings.")
+@click.option("-v", "--verbose", count=True, help="Log debug messages.")
+def serve_synthetic(
+    urls: tuple[str, ...],
+    batch_size: int,
+    size: int,
+    count: int | None,
+    seed: int,
+    queue: int,
+    report: float,
+    server_key: str | None,
+    client_keys: str | None,
+    quiet: bool,
+    verbose: int,
+) -> None:
+    """Send synthetic batches on URLS (e.g. zpub://0.0.0.0:7880 or zrpush+ipc:///tmp/s).
+
+    Batch i holds labels (i*B + 0..B-1) mod 1000, so a client can check order and completeness. Prints
+    "ready URL..." (the URLs a client connects with) once the sockets are open; SIGTERM or SIGINT stops it.
+    """
+    setup_logging(verbose, quiet)
+    stop_on_sigterm()
+    batches = synthetic_batches(batch_size, size, count=count, seed=seed)
+    server = StreamServer(
+        batches,
+        list(urls),
+        queue=queue,
+        report_interval=report,
+        server_key=server_key,
+        client_keys=client_keys,
+    )
+    run_server(server, announce=echo_ready)
+
+
+if __name__ == "__main__":
+    serve_synthetic()
