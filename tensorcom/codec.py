@@ -59,12 +59,12 @@ than misreading it; write ``aligned=False`` to produce files it can read.
 
 from __future__ import annotations
 
+import functools
 import mmap as _mmap
 import os
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
-import ml_dtypes
 import numpy as np
 
 from tensorcom.errors import DecodeError
@@ -73,6 +73,7 @@ __all__ = [
     "ALIGNED_MAGIC",
     "DTYPE_CODES",
     "MAGIC",
+    "bfloat16",
     "buffer_size",
     "data_size",
     "decode",
@@ -80,6 +81,7 @@ __all__ = [
     "encode",
     "encode_buffer",
     "encode_into",
+    "is_bfloat16",
     "load",
     "save",
 ]
@@ -104,23 +106,40 @@ DTYPE_CODES: dict[str, np.dtype[Any]] = {
     "u4": np.dtype("<u4"),
     "u8": np.dtype("<u8"),
     "b1": np.dtype("bool"),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
 }
+"""The dtype of each code; ``bf16`` (bfloat16) is added on first use, when ml_dtypes is imported (it takes
+most of a second to load, so ``import tensorcom`` does not load it)."""
 _CODE_OF: dict[tuple[str, int], str] = {(dt.kind, dt.itemsize): code for code, dt in DTYPE_CODES.items()}
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _CODE_BYTES: dict[bytes, np.dtype[Any]] = {
     code.encode("ascii").ljust(8, b"\0"): dt for code, dt in DTYPE_CODES.items()
 }
+_BF16 = b"bf16".ljust(8, b"\0")
+
+
+def is_bfloat16(dtype: np.dtype[Any]) -> bool:
+    """Whether ``dtype`` is ml_dtypes' bfloat16 (checked without importing ml_dtypes)."""
+    return dtype.kind == "V" and dtype.name == "bfloat16"
+
+
+@functools.cache
+def bfloat16() -> np.dtype[Any]:
+    """ml_dtypes' bfloat16 dtype, importing ml_dtypes on first use; registers the ``bf16`` code."""
+    import ml_dtypes
+
+    dtype = np.dtype(ml_dtypes.bfloat16)
+    DTYPE_CODES["bf16"] = _CODE_BYTES[_BF16] = dtype
+    return dtype
+
 
 Frame = Any  # bytes, bytearray, memoryview, numpy array, or a zmq.Frame: anything with the buffer protocol
 
 
 def _dtype_code(dtype: np.dtype[Any]) -> str:
-    if dtype == _BFLOAT16:
+    if is_bfloat16(dtype):
         return "bf16"
     code = _CODE_OF.get((dtype.kind, dtype.itemsize))
     if code is None:
-        supported = ", ".join(sorted({str(dt) for dt in DTYPE_CODES.values()}))
+        supported = ", ".join(sorted({str(dt) for dt in DTYPE_CODES.values()} | {"bfloat16"}))
         raise ValueError(f"dtype {dtype} cannot be encoded in .ten; supported: {supported}")
     return code
 
@@ -146,7 +165,7 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     if str(tensor.dtype) == "torch.bfloat16":
         import torch
 
-        return tensor.contiguous().view(torch.int16).numpy().view(_BFLOAT16)
+        return tensor.contiguous().view(torch.int16).numpy().view(bfloat16())
     return tensor.numpy()
 
 
@@ -203,9 +222,10 @@ def _decode_header(header: memoryview, where: str) -> tuple[np.dtype[Any], str, 
     code = bytes(header[0:8])
     dtype = _CODE_BYTES.get(code)
     if dtype is None:
-        raise DecodeError(
-            f"{where}: unknown dtype code {code.rstrip(bytes(1))!r}; known: {', '.join(DTYPE_CODES)}"
-        )
+        if code != _BF16:
+            known = ", ".join([*(c for c in DTYPE_CODES if c != "bf16"), "bf16"])
+            raise DecodeError(f"{where}: unknown dtype code {code.rstrip(bytes(1))!r}; known: {known}")
+        dtype = bfloat16()
     raw_info = bytes(header[8:16]).rstrip(b"\0")
     if not raw_info.isascii():
         raise DecodeError(f"{where}: info field is not ASCII: {raw_info!r}")

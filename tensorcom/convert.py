@@ -5,17 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from tensorcom.codec import is_bfloat16
 from tensorcom.errors import ConfigError
 
 __all__ = ["Converter", "ConverterSpec", "make_converters", "to_numpy", "to_torch"]
 
 Converter = Callable[[np.ndarray], Any]
 ConverterSpec = str | Converter | None | Sequence[str | Converter | None]
-
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def to_numpy(array: np.ndarray) -> np.ndarray:
@@ -27,7 +25,7 @@ def to_torch(array: np.ndarray) -> Any:
     """Wrap the array as a torch tensor without copying (bfloat16 included)."""
     import torch
 
-    if array.dtype == _BFLOAT16:
+    if is_bfloat16(array.dtype):
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
 

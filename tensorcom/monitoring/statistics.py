@@ -13,21 +13,20 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from tensorcom.codec import is_bfloat16
 from tensorcom.errors import ConfigError
 
 __all__ = ["ArrayStatistics", "BatchStatistics"]
 
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _MAX_CLASSES = 65536
 
 
 def _numeric(array: Any) -> np.ndarray:
     """The array as numpy in a dtype numpy can reduce (bfloat16 to float32, bool to uint8)."""
     values = np.asarray(array)
-    if values.dtype == _BFLOAT16:
+    if is_bfloat16(values.dtype):
         return values.astype(np.float32)
     if values.dtype.kind == "b":
         return values.view(np.uint8)
