@@ -1,37 +1,47 @@
-"""The deterministic request protocol (``zreq`` clients, ``zrep`` servers): commands and the message header.
+"""The deterministic request protocol (``zreq`` clients, ``zrep`` servers): commands, one typed class per message,
+and the header they share.
 
-Every message starts with one header frame, a msgpack map, followed by the tensor frames of the ``.ten`` codec
-where the command carries a batch. msgpack is used for this small header only: nothing is ever unpickled.
+Every message starts with one header frame, a msgpack map ``{"v": 1, "cmd": N, ...fields}``, followed by the tensor
+frames of the ``.ten`` codec where the command carries a batch. msgpack is used for this small header only: nothing
+is ever unpickled.
 
 ::
 
     client (DEALER)                                   server (ROUTER)
-    HELLO    {seed, rank, world_size, base}     ->    WELCOME {fingerprint, state, server}   (or ERROR)
-    REQUEST  {gen, step, seed, rank, ..., base} ->    BATCH   {gen, step, epoch, indices, state, kind, keys}
-             [count: n consecutive steps]            (n replies: one BATCH, END or ERROR per step)
+    Hello    {seed, rank, world_size, base, gen} ->   Welcome {fingerprint, state, server}   (or Error)
+    Request  {..., gen, step[, count][, shm]}    ->   Batch   {gen, step, epoch, indices, state, fingerprint,
+             [count: n consecutive steps]                      server, kind[, keys]}
+                                                      (n replies: one Batch, End or Error per step)
                                                        + tensor frames [hdr0, data0, ...]
-                                                      END     {gen, step, epoch}      the epoch has no step `step`
-                                                      ERROR   {gen, step, error, message}
-    PING     {}                                 ->    PONG    {server}
+                                                      End     {gen, step, server}  the epoch has no step `step`
+                                                      Error   {gen, step, error, message, server, request}
+    Ping     {}                                 ->    Pong    {server}
 
 Stream servers that run a pipeline listen for control messages on a ROUTER of their own::
 
-    SEEK     {state | epoch}                    ->    SOUGHT  {gen, fingerprint}   (or ERROR)
+    Seek     {state | epoch}                    ->    Sought  {gen, fingerprint}   (or Error {error, message})
 
 and then send from that state on, tagging every batch with the new ``gen`` in a trailing metadata array (a uint8
-array of msgpack bytes whose .ten info is ``META_INFO``), so the client can drop batches sent before the seek.
+array of msgpack bytes whose .ten info is ``META_INFO``: a :class:`Batch`'s fields without the header, plus
+``seed``), so the client can drop batches sent before the seek.
 
-``base`` says where step 0 starts: ``{"state": <pipeline state> | None, "epoch": <int> | None}``; a server builds the
-pipeline with the client's seed, rank and world size, loads that state (or sets that epoch), skips ``step``
-batches by random access and computes the next one. ``gen`` is echoed back, so a client that reloaded its state
-can drop late replies to requests it made before.
+``base`` (:class:`Base`) says where step 0 starts: ``{"state": <pipeline state> | None, "epoch": <int> | None}``; a
+server builds the pipeline with the client's seed, rank and world size, loads that state (or sets that epoch),
+skips ``step`` batches by random access and computes the next one. ``gen`` is echoed back, so a client that
+reloaded its state can drop late replies to requests it made before.
+
+:func:`decode` checks a header and returns the typed message, or raises :class:`~tensorcom.ProtocolError` naming
+the peer and the field at fault; fields a peer sends that a class does not know are ignored (a newer peer may add
+some). ``encode()`` writes the fields in the order above and leaves out optional fields that are None (``count``
+when 1, ``shm`` when False). :class:`Message` is the untyped header (a command and a dict) beneath them: what a
+server reads before it knows a request is well formed, and what tests use to build malformed ones.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Any
+from enum import IntEnum, StrEnum
+from typing import Any, ClassVar, Self
 
 import msgpack
 
@@ -41,12 +51,26 @@ __all__ = [
     "MAX_GROUP",
     "MAX_HEADER_BYTES",
     "MAX_INTEGER",
+    "MAX_SEED",
     "META_INFO",
     "VERSION",
+    "AnyMessage",
+    "Base",
+    "Batch",
     "Command",
+    "End",
+    "Error",
+    "ErrorKind",
+    "Hello",
     "Message",
-    "check_batch_fields",
+    "Ping",
+    "Pong",
+    "Request",
+    "Seek",
+    "Sought",
+    "Welcome",
     "check_bounded",
+    "decode",
     "flatten_batch",
     "rebuild_batch",
 ]
@@ -61,6 +85,8 @@ MAX_SEED = (1 << 64) - 1
 MAX_GROUP = 64
 """Most consecutive steps one REQUEST may ask for (``count``); each is answered by a BATCH of its own."""
 _MAX_DEPTH = 32
+_BATCH_KINDS = ("single", "tuple", "list", "dict")
+_AN_INTEGER = f"an integer in [0, {MAX_INTEGER}]"
 
 
 class Command(IntEnum):
@@ -78,52 +104,520 @@ class Command(IntEnum):
     SOUGHT = 10
 
 
+class ErrorKind(StrEnum):
+    """Why a server answered with an ERROR; the value is what travels (the ``error`` field)."""
+
+    STATE = "state"
+    """The client's state or configuration does not fit the pipeline served (a mismatched resume)."""
+    PROTOCOL = "protocol"
+    """The message was malformed or not one this peer accepts."""
+    PIPELINE = "pipeline"
+    """The pipeline failed computing the step (or killed its worker process three times)."""
+    UNAVAILABLE = "unavailable"
+    """The server is shutting down or has finished: ask another one."""
+
+
 _COMMANDS: dict[Any, Command] = {int(command): command for command in Command}
+_ERROR_KINDS: dict[Any, ErrorKind] = {kind.value: kind for kind in ErrorKind}
+_MISSING: Any = object()
+
+
+def _pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def _parse(frame: Any, source: str) -> tuple[Command, dict[str, Any]]:
+    """The command and the fields of a header frame, its version checked; anything malformed raises
+    :class:`ProtocolError` naming ``source``."""
+    data = frame if type(frame) is bytes else bytes(getattr(frame, "bytes", frame))
+    if len(data) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header from {source} is {len(data)} bytes; at most {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as error:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"header from {source} is not valid msgpack: {error}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header from {source} must be a map. Found: {type(header).__name__}")
+    version = header.pop("v", None)
+    if version != VERSION:
+        raise ProtocolError(f"{source} speaks protocol version {version!r}; this tensorcom speaks {VERSION}")
+    code = header.pop("cmd", None)
+    command = _COMMANDS.get(code) if type(code) is int else None  # not a bool, float or unhashable list
+    if command is None:
+        raise ProtocolError(f"unknown command from {source}: {str(code)[:100]}")
+    return command, header
+
+
+def _field_error(command: Command, source: str, name: str, expected: str, value: Any) -> ProtocolError:
+    if value is _MISSING:
+        return ProtocolError(f"{command.name} from {source} has no field {name!r} ({expected})")
+    return ProtocolError(
+        f"{command.name} field {name!r} from {source} must be {expected}. Found: {str(value)[:100]}"
+    )
+
+
+def _integer(
+    fields: dict[str, Any],
+    name: str,
+    command: Command,
+    source: str,
+    minimum: int = 0,
+    maximum: int = MAX_INTEGER,
+    default: Any = _MISSING,
+) -> int:
+    """Field ``name`` as an int in [``minimum``, ``maximum``] (``default`` when absent, if given)."""
+    value = fields.get(name, default)
+    if type(value) is int and minimum <= value <= maximum:  # msgpack gives exact ints: a bool is refused
+        return value
+    raise _field_error(command, source, name, f"an integer in [{minimum}, {maximum}]", value)
+
+
+def _optional_integer(
+    fields: dict[str, Any], name: str, command: Command, source: str, maximum: int = MAX_INTEGER
+) -> int | None:
+    value = fields.get(name)
+    if value is None or (type(value) is int and 0 <= value <= maximum):
+        return value
+    raise _field_error(command, source, name, f"an integer in [0, {maximum}] or nil", value)
+
+
+def _optional_string(fields: dict[str, Any], name: str, command: Command, source: str) -> str | None:
+    value = fields.get(name)
+    if value is None or type(value) is str:
+        return value
+    raise _field_error(command, source, name, "a string or nil", value)
+
+
+def _string(fields: dict[str, Any], name: str, command: Command, source: str) -> str:
+    value = fields.get(name, _MISSING)
+    if type(value) is str:
+        return value
+    raise _field_error(command, source, name, "a string", value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Base:
+    """Where step 0 of a client's stream starts (the ``base`` field of HELLO and REQUEST): a pipeline state to
+    load, or the start of an epoch, or (both None) the start of the stream."""
+
+    state: Any = None
+    epoch: int | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {"state": self.state, "epoch": self.epoch}
+
+    @classmethod
+    def from_fields(cls, value: Any, command: Command, source: str) -> Base:
+        if value is None:
+            return cls()
+        if type(value) is not dict:
+            raise _field_error(command, source, "base", "a map", value)
+        state, epoch = value.get("state"), value.get("epoch")
+        check_bounded(state, f"{command.name} base state from {source}")
+        if epoch is not None and (type(epoch) is not int or not 0 <= epoch <= MAX_INTEGER):
+            raise _field_error(
+                command, source, "base.epoch", f"an integer in [0, {MAX_INTEGER}] or nil", epoch
+            )
+        return cls(state=state, epoch=epoch)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ClientConfig:
+    """What fixes a client's stream: the fields HELLO and REQUEST share."""
+
+    seed: int
+    rank: int
+    world_size: int
+    base: Base = field(default_factory=Base)
+    gen: int = 0
+
+    @staticmethod
+    def _config(fields: dict[str, Any], command: Command, source: str) -> dict[str, Any]:
+        seed = _integer(fields, "seed", command, source, maximum=MAX_SEED)
+        rank = _integer(fields, "rank", command, source)
+        world_size = _integer(fields, "world_size", command, source, 1)
+        if rank >= world_size:
+            raise _field_error(command, source, "rank", f"< world_size ({world_size})", rank)
+        base = Base.from_fields(fields.get("base"), command, source)
+        gen = _integer(fields, "gen", command, source, default=0)
+        return {"seed": seed, "rank": rank, "world_size": world_size, "base": base, "gen": gen}
+
+    def _header(self, command: Command) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "cmd": command,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "base": self.base.fields(),
+            "gen": self.gen,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(_ClientConfig):
+    """A client's greeting: the server answers WELCOME with its pipeline's fingerprint, or a STATE ERROR."""
+
+    command: ClassVar[Command] = Command.HELLO
+
+    def encode(self) -> bytes:
+        return _pack(self._header(Command.HELLO))
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        return cls(**cls._config(fields, Command.HELLO, source))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request(_ClientConfig):
+    """Ask for ``count`` consecutive steps from ``step`` on; ``shm``: the client reads shared memory."""
+
+    command: ClassVar[Command] = Command.REQUEST
+    step: int
+    count: int = 1
+    shm: bool = False
+
+    def encode(self) -> bytes:
+        header = self._header(Command.REQUEST)
+        header["step"] = self.step
+        if self.count != 1:
+            header["count"] = self.count
+        if self.shm:
+            header["shm"] = True
+        return _pack(header)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        command = Command.REQUEST
+        shm = fields.get("shm", False)
+        if type(shm) is not bool:
+            raise _field_error(command, source, "shm", "true or false", shm)
+        return cls(
+            **cls._config(fields, command, source),
+            step=_integer(fields, "step", command, source),
+            count=_integer(fields, "count", command, source, 1, MAX_GROUP, default=1),
+            shm=shm,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome:
+    """The answer to HELLO: the served pipeline's fingerprint and its state at step 0."""
+
+    command: ClassVar[Command] = Command.WELCOME
+    fingerprint: str | None = None
+    state: Any = None
+    server: str | None = None
+
+    def encode(self) -> bytes:
+        header = {
+            "v": VERSION,
+            "cmd": Command.WELCOME,
+            "fingerprint": self.fingerprint,
+            "state": self.state,
+            "server": self.server,
+        }
+        return _pack(_without_none(header))
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        command = Command.WELCOME
+        return cls(
+            fingerprint=_optional_string(fields, "fingerprint", command, source),
+            state=fields.get("state"),
+            server=_optional_string(fields, "server", command, source),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batch:
+    """One step's batch: its place in the stream, the pipeline's state after it, and how to rebuild its structure
+    from the arrays that follow (``kind``: single, tuple, list or dict, with ``keys``). Stream servers send the same
+    fields, with ``seed`` and without ``server``, in a batch's metadata array."""
+
+    command: ClassVar[Command] = Command.BATCH
+    gen: int = 0
+    step: int
+    epoch: int | None = None
+    indices: list[int] = field(default_factory=list)
+    state: Any = None
+    fingerprint: str | None = None
+    server: str | None = None
+    seed: int | None = None
+    kind: str = "single"
+    keys: list[str] | None = None
+
+    def encode(self) -> bytes:
+        header: dict[str, Any] = {"v": VERSION, "cmd": Command.BATCH, "gen": self.gen, "step": self.step}
+        if self.epoch is not None:
+            header["epoch"] = self.epoch
+        header["indices"] = self.indices
+        if self.state is not None:
+            header["state"] = self.state
+        if self.fingerprint is not None:
+            header["fingerprint"] = self.fingerprint
+        if self.server is not None:
+            header["server"] = self.server
+        if self.seed is not None:
+            header["seed"] = self.seed
+        header["kind"] = self.kind
+        if self.keys is not None:
+            header["keys"] = self.keys
+        return _pack(header)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        # One per batch on every client: the checks are written out, not calls to the helpers above.
+        command, get = Command.BATCH, fields.get
+        gen, step, epoch = get("gen", 0), get("step", _MISSING), get("epoch")
+        if type(gen) is not int or not 0 <= gen <= MAX_INTEGER:
+            raise _field_error(command, source, "gen", _AN_INTEGER, gen)
+        if type(step) is not int or not 0 <= step <= MAX_INTEGER:
+            raise _field_error(command, source, "step", _AN_INTEGER, step)
+        if epoch is not None and (type(epoch) is not int or not 0 <= epoch <= MAX_INTEGER):
+            raise _field_error(command, source, "epoch", f"{_AN_INTEGER} or nil", epoch)
+        indices = get("indices", [])
+        if type(indices) is not list or not all(type(index) is int for index in indices):
+            raise _field_error(command, source, "indices", "a list of integers", indices)
+        fingerprint, server, seed = get("fingerprint"), get("server"), get("seed")
+        if fingerprint is not None and type(fingerprint) is not str:
+            raise _field_error(command, source, "fingerprint", "a string or nil", fingerprint)
+        if server is not None and type(server) is not str:
+            raise _field_error(command, source, "server", "a string or nil", server)
+        if seed is not None and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
+            raise _field_error(command, source, "seed", f"an integer in [0, {MAX_SEED}] or nil", seed)
+        kind, keys = get("kind", _MISSING), get("keys")
+        if type(kind) is not str or kind not in _BATCH_KINDS:
+            raise _field_error(command, source, "kind", f"one of {', '.join(_BATCH_KINDS)}", kind)
+        if keys is not None and (type(keys) is not list or not all(type(key) is str for key in keys)):
+            raise _field_error(command, source, "keys", "a list of strings", keys)
+        return cls(
+            gen=gen,
+            step=step,
+            epoch=epoch,
+            indices=indices,
+            state=get("state"),
+            fingerprint=fingerprint,
+            server=server,
+            seed=seed,
+            kind=kind,
+            keys=keys,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class End:
+    """The epoch has no step ``step``: the client's epoch ends there."""
+
+    command: ClassVar[Command] = Command.END
+    gen: int = 0
+    step: int
+    server: str | None = None
+
+    def encode(self) -> bytes:
+        return _pack(
+            _without_none(
+                {"v": VERSION, "cmd": Command.END, "gen": self.gen, "step": self.step, "server": self.server}
+            )
+        )
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        command = Command.END
+        return cls(
+            gen=_integer(fields, "gen", command, source, default=0),
+            step=_integer(fields, "step", command, source),
+            server=_optional_string(fields, "server", command, source),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error:
+    """A refusal or a failure: ``error`` says why, ``message`` says what happened. Replies to a request carry its
+    ``gen``, ``step`` and command name (``request``); a stream server's answer to SEEK carries neither."""
+
+    command: ClassVar[Command] = Command.ERROR
+    gen: int | None = None
+    step: int | None = None
+    error: ErrorKind
+    message: str
+    server: str | None = None
+    request: str | None = None
+
+    def encode(self) -> bytes:
+        header = {
+            "v": VERSION,
+            "cmd": Command.ERROR,
+            "gen": self.gen,
+            "step": self.step,
+            "error": self.error.value,
+            "message": self.message,
+            "server": self.server,
+            "request": self.request,
+        }
+        return _pack(_without_none(header))
+
+    @classmethod
+    def refusing(
+        cls, request: AnyMessage | Message | None, error: ErrorKind, text: str, server: str
+    ) -> Error:
+        """The ERROR that answers ``request`` (a typed message, or a header that failed its checks, or None when
+        even the header could not be read), echoing its ``gen`` and ``step`` where it has valid ones (else 0)."""
+        if request is None:
+            return cls(gen=0, step=0, error=error, message=text, server=server)
+        if isinstance(request, Message):
+            gen, step = request.fields.get("gen", 0), request.fields.get("step", 0)
+        else:
+            gen = request.gen if isinstance(request, Hello | Request) else 0
+            step = request.step if isinstance(request, Request) else 0
+        return cls(
+            gen=gen if type(gen) is int and 0 <= gen <= MAX_INTEGER else 0,
+            step=step if type(step) is int and 0 <= step <= MAX_INTEGER else 0,
+            error=error,
+            message=text,
+            server=server,
+            request=request.command.name,
+        )
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        command = Command.ERROR
+        kind = fields.get("error", _MISSING)
+        error = _ERROR_KINDS.get(kind) if type(kind) is str else None
+        if error is None:
+            raise _field_error(command, source, "error", f"one of {', '.join(_ERROR_KINDS)}", kind)
+        return cls(
+            gen=_optional_integer(fields, "gen", command, source),
+            step=_optional_integer(fields, "step", command, source),
+            error=error,
+            message=_string(fields, "message", command, source),
+            server=_optional_string(fields, "server", command, source),
+            request=_optional_string(fields, "request", command, source),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ping:
+    """Are you there? Answered by PONG, even while the server is busy computing."""
+
+    command: ClassVar[Command] = Command.PING
+
+    def encode(self) -> bytes:
+        return _PING
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pong:
+    """The answer to PING: the server's name."""
+
+    command: ClassVar[Command] = Command.PONG
+    server: str | None = None
+
+    def encode(self) -> bytes:
+        return _pack(_without_none({"v": VERSION, "cmd": Command.PONG, "server": self.server}))
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        return cls(server=_optional_string(fields, "server", Command.PONG, source))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Seek:
+    """Ask a stream server to continue from ``state`` (a pipeline state), or else from the start of ``epoch``."""
+
+    command: ClassVar[Command] = Command.SEEK
+    state: Any = None
+    epoch: int | None = None
+
+    def encode(self) -> bytes:
+        if self.state is not None:
+            return _pack({"v": VERSION, "cmd": Command.SEEK, "state": self.state})
+        return _pack({"v": VERSION, "cmd": Command.SEEK, "epoch": self.epoch})
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        command = Command.SEEK
+        state = fields.get("state")
+        if state is not None:
+            check_bounded(state, f"SEEK state from {source}")
+            return cls(state=state)
+        epoch = _optional_integer(fields, "epoch", command, source)
+        if epoch is None:
+            raise ProtocolError(f"SEEK from {source} needs a state or an epoch")
+        return cls(epoch=epoch)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sought:
+    """The answer to SEEK: the stream's new generation, which tags every batch sent from the new state on."""
+
+    command: ClassVar[Command] = Command.SOUGHT
+    gen: int
+    fingerprint: str | None = None
+
+    def encode(self) -> bytes:
+        return _pack(
+            _without_none(
+                {"v": VERSION, "cmd": Command.SOUGHT, "gen": self.gen, "fingerprint": self.fingerprint}
+            )
+        )
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        command = Command.SOUGHT
+        return cls(
+            gen=_integer(fields, "gen", command, source),
+            fingerprint=_optional_string(fields, "fingerprint", command, source),
+        )
+
+
+AnyMessage = Hello | Welcome | Request | Batch | End | Error | Ping | Pong | Seek | Sought
+_CLASSES: dict[Command, Any] = {
+    cls.command: cls for cls in (Hello, Welcome, Request, Batch, End, Error, Ping, Pong, Seek, Sought)
+}
+_PING = _pack({"v": VERSION, "cmd": Command.PING})
+
+
+def _without_none(header: dict[str, Any]) -> dict[str, Any]:
+    """``header`` without the None values of its optional fields."""
+    return {name: value for name, value in header.items() if value is not None}
+
+
+def decode(frame: Any, source: str = "peer") -> AnyMessage:
+    """The typed message in a header frame; a malformed header or field raises :class:`ProtocolError` naming
+    ``source`` (and the field)."""
+    command, fields = _parse(frame, source)
+    return _CLASSES[command].from_fields(fields, source)
 
 
 @dataclass(frozen=True)
 class Message:
-    """One protocol header: a command and its fields (plain msgpack-able data)."""
+    """An untyped header: a command and its fields as plain msgpack-able data, unchecked.
+
+    A server reads this first, so that it can answer a request whose fields fail their checks with an ERROR that
+    echoes the request's ``gen`` and ``step``; tests use it to build messages the typed classes would refuse.
+    """
 
     command: Command
     fields: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         """The header frame: ``{"v": VERSION, "cmd": command, ...fields}`` as msgpack."""
-        return msgpack.packb({"v": VERSION, "cmd": int(self.command), **self.fields}, use_bin_type=True)
+        return _pack({"v": VERSION, "cmd": int(self.command), **self.fields})
 
     @classmethod
     def decode(cls, frame: Any, source: str = "peer") -> Message:
-        """Parse and check a header frame; anything malformed raises :class:`ProtocolError` naming ``source``."""
-        data = frame if type(frame) is bytes else bytes(getattr(frame, "bytes", frame))
-        if len(data) > MAX_HEADER_BYTES:
-            raise ProtocolError(f"header from {source} is {len(data)} bytes; at most {MAX_HEADER_BYTES}")
-        try:
-            header = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as error:  # msgpack raises several unrelated types for bad input
-            raise ProtocolError(f"header from {source} is not valid msgpack: {error}") from None
-        if not isinstance(header, dict):
-            raise ProtocolError(f"header from {source} must be a map. Found: {type(header).__name__}")
-        version = header.pop("v", None)
-        if version != VERSION:
-            raise ProtocolError(
-                f"{source} speaks protocol version {version!r}; this tensorcom speaks {VERSION}"
-            )
-        code = header.pop("cmd", None)
-        command = _COMMANDS.get(code) if type(code) is int else None  # not a bool, float or unhashable list
-        if command is None:
-            raise ProtocolError(f"unknown command from {source}: {str(code)[:100]}")
-        return cls(command, header)
+        """Parse a header frame and check its version and command (not its fields); anything malformed raises
+        :class:`ProtocolError` naming ``source``."""
+        return cls(*_parse(frame, source))
 
-    def integer(self, name: str, minimum: int = 0, maximum: int = MAX_INTEGER) -> int:
-        """Field ``name`` as an int in [``minimum``, ``maximum``], or :class:`ProtocolError`."""
-        value = self.fields.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
-            raise ProtocolError(
-                f"{self.command.name} field {name!r} must be an integer in [{minimum}, {maximum}]. "
-                f"Found: {str(value)[:100]}"
-            )
-        return value
+    def typed(self, source: str = "peer") -> AnyMessage:
+        """The typed message these fields make, checked as :func:`decode` checks them."""
+        return _CLASSES[self.command].from_fields(self.fields, source)
 
 
 def check_bounded(value: Any, what: str, depth: int = 0) -> None:
@@ -152,29 +646,9 @@ def check_bounded(value: Any, what: str, depth: int = 0) -> None:
     raise ProtocolError(f"{what} holds a {type(value).__name__}, which is not plain data")
 
 
-def check_batch_fields(fields: dict[str, Any], source: str) -> None:
-    """Raise :class:`ProtocolError` naming ``source`` unless a batch's metadata has the types a client relies on:
-    integers ``gen``, ``step``, ``epoch`` (or none), a list of integer ``indices``, a string ``kind`` and
-    ``fingerprint`` (or none)."""
-    for name in ("gen", "step", "epoch"):
-        value = fields.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ProtocolError(
-                f"batch metadata from {source}: {name} must be an integer. Found: {str(value)[:100]}"
-            )
-    indices = fields.get("indices", [])
-    if not isinstance(indices, list) or not all(type(i) is int for i in indices):  # msgpack gives exact ints
-        raise ProtocolError(f"batch metadata from {source}: indices must be a list of integers")
-    for name in ("kind", "fingerprint"):
-        value = fields.get(name)
-        if value is not None and not isinstance(value, str):
-            raise ProtocolError(
-                f"batch metadata from {source}: {name} must be a string. Found: {str(value)[:100]}"
-            )
-
-
 def flatten_batch(batch: Any) -> tuple[list[Any], dict[str, Any]]:
-    """Split a batch (tuple, list, dict of arrays, or one array) into arrays and the fields that rebuild it."""
+    """Split a batch (tuple, list, dict of arrays, or one array) into arrays and the fields that rebuild it
+    (``kind`` and, for dicts, ``keys``: see :func:`rebuild_batch`)."""
     if isinstance(batch, dict):
         keys = list(batch)
         if not all(isinstance(key, str) for key in keys):
@@ -187,11 +661,10 @@ def flatten_batch(batch: Any) -> tuple[list[Any], dict[str, Any]]:
     return [batch], {"kind": "single"}
 
 
-def rebuild_batch(values: list[Any], message: Message) -> Any:
-    """Inverse of :func:`flatten_batch`, from a BATCH header's ``kind`` and ``keys``."""
-    kind = message.fields.get("kind")
+def rebuild_batch(values: list[Any], kind: str, keys: list[str] | None = None) -> Any:
+    """Inverse of :func:`flatten_batch`: ``rebuild_batch(values, **shape)``, or from a :class:`Batch`'s ``kind``
+    and ``keys``."""
     if kind == "dict":
-        keys = message.fields.get("keys")
         if not isinstance(keys, list) or len(keys) != len(values):
             raise ProtocolError(f"BATCH keys {keys!r} do not match its {len(values)} arrays")
         return dict(zip(keys, values, strict=True))

@@ -23,14 +23,26 @@ from typing import Any
 
 import zmq
 
-from tensorcom import codec
+from tensorcom import codec, protocol
 from tensorcom._net import shm as _shm
 from tensorcom._net.security import KeyPath
 from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, receive
 from tensorcom.client._base import BatchInfo, Connection
 from tensorcom.convert import ConverterSpec
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
-from tensorcom.protocol import Command, Message, check_batch_fields, rebuild_batch
+from tensorcom.protocol import (
+    Base,
+    Batch,
+    End,
+    Error,
+    ErrorKind,
+    Hello,
+    Ping,
+    Pong,
+    Request,
+    Welcome,
+    rebuild_batch,
+)
 
 __all__ = ["RequestConnection", "default_rank_and_world_size"]
 
@@ -152,14 +164,16 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         ]
         self._by_socket = {server.endpoint.socket: server for server in self._servers}
         self._generation = 0
-        self._base: dict[str, Any] = {"state": None, "epoch": None}
+        self._base = Base()
         self._state: dict[str, Any] | None = None  # pipeline state after the last batch delivered
         self._next_step = 0  # the step the caller gets next
         self._next_request = 0  # the lowest step never requested
         self._end_step: int | None = None
         self._last_epoch: int | None = None
         self._to_request: list[int] = []
-        self._replies: dict[int, tuple[Message, Any]] = {}  # step -> (header, (arrays, infos) or frames)
+        self._replies: dict[
+            int, tuple[Batch | Error, Any]
+        ] = {}  # step -> (header, (arrays, infos) or frames)
         self._expected_fingerprint: str | None = None
         self._group = 1  # steps per request: _GROUP once batches are known to be small
         self._started_waiting = time.monotonic()
@@ -180,8 +194,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             "format": STATE_FORMAT,
             "seed": self.seed,
             "fingerprint": self.fingerprint,
-            "pipeline": self._state if self._state is not None else self._base["state"],
-            "epoch": None if self._state is not None else self._base["epoch"],
+            "pipeline": self._state if self._state is not None else self._base.state,
+            "epoch": None if self._state is not None else self._base.epoch,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -202,7 +216,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             raise StateError(
                 f"the state was saved from pipeline {state.get('fingerprint')}; the servers serve {self.fingerprint}"
             )
-        self._restart({"state": state.get("pipeline"), "epoch": state.get("epoch")})
+        self._restart(Base(state=state.get("pipeline"), epoch=state.get("epoch")))
         self._expected_fingerprint = state.get("fingerprint")
 
     set_state = load_state
@@ -213,7 +227,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             "seek() is for stream connections; a zreq connection continues from a state with load_state()"
         )
 
-    def _restart(self, base: dict[str, Any]) -> None:
+    def _restart(self, base: Base) -> None:
         self._generation += 1
         self._base = base
         self._state = None
@@ -226,24 +240,19 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
 
     # messages
 
-    def _fields(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "base": self._base,
-            "gen": self._generation,
-        }
+    def _request(self, server: _Server, step: int, count: int = 1) -> Request:
+        return Request(
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            base=self._base,
+            gen=self._generation,
+            step=step,
+            count=count,
+            shm=server.shm,
+        )
 
-    def _request(self, server: _Server, step: int, count: int = 1) -> Message:
-        fields = {**self._fields(), "step": step}
-        if count > 1:
-            fields["count"] = count
-        if server.shm:
-            fields["shm"] = True
-        return Message(Command.REQUEST, fields)
-
-    def _send(self, server: _Server, message: Message) -> bool:
+    def _send(self, server: _Server, message: Hello | Request | Ping) -> bool:
         try:
             server.endpoint.socket.send(message.encode(), flags=zmq.NOBLOCK)
             return True
@@ -252,7 +261,9 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
 
     def _hello(self) -> None:
         """Greet every server and wait for the first WELCOME: it checks our state against the served pipeline."""
-        hello = Message(Command.HELLO, self._fields())
+        hello = Hello(
+            seed=self.seed, rank=self.rank, world_size=self.world_size, base=self._base, gen=self._generation
+        )
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         greeted: set[int] = set()
         while self.fingerprint is None:
@@ -265,8 +276,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             if deadline is not None and time.monotonic() > deadline:
                 raise Timeout(f"no zreq server answered within {self.timeout} s: {self._describe_servers()}")
 
-    def _on_welcome(self, server: _Server, message: Message) -> None:
-        fingerprint = message.fields.get("fingerprint")
+    def _on_welcome(self, server: _Server, message: Welcome) -> None:
+        fingerprint = message.fingerprint
         server.fingerprint = fingerprint
         expected = self._expected_fingerprint
         if expected is not None and fingerprint != expected:
@@ -298,21 +309,22 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         if not server.alive:
             log.info("server %s answers again", server.address)
             server.alive = True
-        message = Message.decode(frames[0], f"server {server.address}")
-        command = message.command
-        if command == Command.PONG:
+        message = protocol.decode(frames[0], f"server {server.address}")
+        if isinstance(message, Pong):
             return
-        if command == Command.WELCOME:
+        if isinstance(message, Welcome):
             self._on_welcome(server, message)
             return
-        if message.fields.get("gen") != self._generation:
+        if not isinstance(message, Batch | End | Error):
+            raise ProtocolError(f"server {server.address} sent an unexpected {message.command.name}")
+        if message.gen != self._generation:
             self._release(server, frames[1:])
             return  # a reply to a request made before the last load_state
-        step = message.fields.get("step")
-        if not isinstance(step, int):
-            raise ProtocolError(f"server {server.address} sent {command.name} without a step")
+        step = message.step
+        if step is None:
+            raise ProtocolError(f"server {server.address} sent {message.command.name} without a step")
         server.outstanding.discard(step)
-        if command == Command.ERROR and message.fields.get("error") == "unavailable":
+        if isinstance(message, Error) and message.error is ErrorKind.UNAVAILABLE:
             if server.shutting_down:
                 self._to_request = sorted({*self._to_request, step})
             else:
@@ -320,28 +332,24 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 server.outstanding.add(step)  # so that _lose asks another server for it
                 self._lose(server, "is shutting down")
             return
-        if command == Command.ERROR:
-            kind = message.fields.get("error")
-            hello = message.fields.get("request") == "HELLO"
+        if isinstance(message, Error):
+            hello = message.request == "HELLO"
             where = "refused this connection" if hello else f"failed at step {step}"
-            text = f"server {server.address} {where}: {message.fields.get('message')}"
-            if kind == "state":
+            text = f"server {server.address} {where}: {message.message}"
+            if message.error is ErrorKind.STATE:
                 raise StateError(text)
-            if kind == "protocol":
+            if message.error is ErrorKind.PROTOCOL:
                 raise ProtocolError(text)
             if hello:
                 raise RemoteError(text)
             self._replies.setdefault(step, (message, []))
             return
-        if command == Command.END:
+        if isinstance(message, End):
             self._end_step = step if self._end_step is None else min(self._end_step, step)
             return
-        if command != Command.BATCH:
-            raise ProtocolError(f"server {server.address} sent an unexpected {command.name}")
-        check_batch_fields(message.fields, f"server {server.address}")
-        if message.fields.get("fingerprint") != self.fingerprint:
+        if message.fingerprint != self.fingerprint:
             raise ProtocolError(
-                f"server {server.address} now serves pipeline {message.fields.get('fingerprint')}, "
+                f"server {server.address} now serves pipeline {message.fingerprint}, "
                 f"not {self.fingerprint}: it was restarted with a different configuration"
             )
         if step < self._next_step or step in self._replies:
@@ -427,7 +435,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 server.shutting_down = False
                 self._lose(server, "disconnected")
             if now - server.last_ping >= self.heartbeat:
-                self._send(server, Message(Command.PING, {}))
+                self._send(server, Ping())
                 server.last_ping = now
             silent = now - max(server.last_heard, self._started_waiting)
             if server.alive and silent > self.dead_after:
@@ -467,37 +475,33 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         message, payload = self._replies.pop(step)
         self._next_step += 1
         self._fill_window()
-        if message.command == Command.ERROR:
-            raise RemoteError(
-                f"server {message.fields.get('server')} failed at step {step}: {message.fields.get('message')}"
-            )
+        if isinstance(message, Error):
+            raise RemoteError(f"server {message.server} failed at step {step}: {message.message}")
         try:
             arrays, infos = payload if isinstance(payload, tuple) else codec.decode(payload, infos=True)
         except ValueError as error:  # DecodeError, or any other ValueError a malformed batch raises
-            raise DecodeError(
-                f"malformed batch for step {step} from {message.fields.get('server')}: {error}"
-            ) from None
-        self._state = message.fields.get("state")
+            raise DecodeError(f"malformed batch for step {step} from {message.server}: {error}") from None
+        self._state = message.state
         nbytes = sum(a.nbytes for a in arrays)
         self._group = _GROUP if nbytes < _SMALL_BATCH else 1
-        epoch = message.fields.get("epoch")
+        epoch = message.epoch
         self._last_epoch = epoch if isinstance(epoch, int) else self._last_epoch
         self.count += 1
         self.last = BatchInfo(
-            endpoint=str(message.fields.get("server", "")),
+            endpoint=message.server or "",
             nbytes=nbytes,
             infos=infos,
             count=self.count,
             step=step,
             epoch=self._last_epoch,
-            indices=list(message.fields.get("indices", [])),
+            indices=list(message.indices),
         )
-        return rebuild_batch(self.convert(arrays), message)
+        return rebuild_batch(self.convert(arrays), message.kind, message.keys)
 
     def _finish_epoch(self) -> None:
         """After the last batch of a finite epoch, the next request starts the following epoch at position 0."""
-        epoch = self._last_epoch if self._last_epoch is not None else _epoch_in(self._base.get("state")) or 0
-        self._restart({"state": None, "epoch": epoch + 1})
+        epoch = self._last_epoch if self._last_epoch is not None else _epoch_in(self._base.state) or 0
+        self._restart(Base(epoch=epoch + 1))
         self._last_epoch = None
 
 

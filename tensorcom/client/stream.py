@@ -17,14 +17,14 @@ from typing import Any
 import msgpack
 import zmq
 
-from tensorcom import codec
+from tensorcom import codec, protocol
 from tensorcom._net import shm as _shm
 from tensorcom._net.security import KeyPath
 from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
 from tensorcom.client._base import BatchInfo, Connection
 from tensorcom.convert import ConverterSpec
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
-from tensorcom.protocol import META_INFO, Command, Message, check_batch_fields, rebuild_batch
+from tensorcom.protocol import META_INFO, Batch, Error, ErrorKind, Seek, Sought, rebuild_batch
 
 __all__ = ["BatchInfo", "Connection", "StreamConnection"]
 
@@ -80,7 +80,7 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         self._stash: deque[tuple[Endpoint, list[Any]]] = deque()
         self._generation = 0
         self._pipeline_state: Any = None
-        self._stream_meta: Message | None = None
+        self._stream_meta: Batch | None = None
 
     def _next_ready(self) -> Endpoint:
         self._ensure_open()
@@ -161,19 +161,19 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             arrays, infos = decoded
             meta = _metadata(arrays, infos, endpoint)
             if meta is not None:
-                if meta.fields.get("gen", 0) < self._generation:
+                if meta.gen < self._generation:
                     continue  # sent before our seek
                 arrays, infos = arrays[:-1], infos[:-1]
-                self._pipeline_state = meta.fields.get("state")
+                self._pipeline_state = meta.state
                 self._stream_meta = meta
             self.count += 1
             self.last = BatchInfo(endpoint.address, sum(a.nbytes for a in arrays), infos, self.count)
             if meta is None:
                 return self.convert(arrays)
-            self.last.step = meta.fields.get("step")
-            self.last.epoch = meta.fields.get("epoch")
-            self.last.indices = list(meta.fields.get("indices", []))
-            return rebuild_batch(self.convert(arrays), meta)
+            self.last.step = meta.step
+            self.last.epoch = meta.epoch
+            self.last.indices = list(meta.indices)
+            return rebuild_batch(self.convert(arrays), meta.kind, meta.keys)
 
     def state(self) -> dict[str, Any]:
         """Where a pipeline-mode stream stands (after the last batch received), for :meth:`seek` after a restart.
@@ -188,8 +188,8 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         return {
             "kind": "tensorcom.stream",
             "format": 1,
-            "seed": meta.fields.get("seed"),
-            "fingerprint": meta.fields.get("fingerprint"),
+            "seed": meta.seed,
+            "fingerprint": meta.fingerprint,
             "pipeline": self._pipeline_state,
             "epoch": None,
         }
@@ -206,20 +206,22 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         if (state is None) == (epoch is None):
             raise ConfigError("seek needs a state or an epoch (one of them)")
         pipeline_state = state.get("pipeline") if state is not None and "kind" in state else state
-        fields = {"state": pipeline_state} if pipeline_state is not None else {"epoch": epoch}
+        request = Seek(state=pipeline_state) if pipeline_state is not None else Seek(epoch=epoch)
         parsed = parse_endpoints(control, {"DEALER"}, "seek")[0]
         dealer = open_endpoint(self._context, parsed, queue=4, monitor=True, keys=self._keys)
         try:
-            dealer.socket.send(Message(Command.SEEK, fields).encode())
+            dealer.socket.send(request.encode())
             reply = self._await_reply(dealer)
         finally:
             dealer.close()
-        if reply.command == Command.ERROR:
-            error = StateError if reply.fields.get("error") == "state" else ProtocolError
-            raise error(f"server at {control} refused to seek: {reply.fields.get('message')}")
-        self._generation = reply.integer("gen")
+        if isinstance(reply, Error):
+            error = StateError if reply.error is ErrorKind.STATE else ProtocolError
+            raise error(f"server at {control} refused to seek: {reply.message}")
+        if not isinstance(reply, Sought):
+            raise ProtocolError(f"server at {control} answered SEEK with {reply.command.name}")
+        self._generation = reply.gen
 
-    def _await_reply(self, dealer: Endpoint) -> Message:
+    def _await_reply(self, dealer: Endpoint) -> protocol.AnyMessage:
         """Wait for the control reply, stashing (not losing) batches that arrive meanwhile."""
         data = self._endpoints[0]
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -230,7 +232,7 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             events = dict(poller.poll(100))
             dealer.check_handshakes()
             if dealer.socket in events:
-                return Message.decode(dealer.socket.recv(), f"control socket {dealer}")
+                return protocol.decode(dealer.socket.recv(), f"control socket {dealer}")
             if data.socket in events:
                 self._stash.append((data, self._read(data)))
                 while len(self._stash) > 64:
@@ -238,7 +240,7 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         raise Timeout(f"no answer to SEEK within {self.timeout} s from {dealer}")
 
 
-def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Message | None:
+def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Batch | None:
     """The metadata a pipeline-mode server appends to a batch, if this batch has it."""
     if not infos or infos[-1] != META_INFO:
         return None
@@ -248,5 +250,4 @@ def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Messag
         raise ProtocolError(f"malformed batch metadata from {endpoint}") from None
     if not isinstance(fields, dict):
         raise ProtocolError(f"batch metadata from {endpoint} must be a map")
-    check_batch_fields(fields, str(endpoint))
-    return Message(Command.BATCH, fields)
+    return Batch.from_fields(fields, f"the batch metadata from {endpoint}")

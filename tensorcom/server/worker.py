@@ -18,11 +18,21 @@ from typing import Any
 import msgpack
 import zmq
 
-from tensorcom import codec
+from tensorcom import codec, protocol
 from tensorcom._net import allocator, shm
 from tensorcom._net.transport import MAX_BATCH_FRAME, MAX_CONTROL_MESSAGE, send_parts
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError
-from tensorcom.protocol import MAX_SEED, Command, Message, check_bounded, flatten_batch
+from tensorcom.protocol import (
+    AnyMessage,
+    Batch,
+    End,
+    Error,
+    ErrorKind,
+    Hello,
+    Request,
+    Welcome,
+    flatten_batch,
+)
 
 __all__ = ["Factory", "RequestHandler", "load_factory", "worker_main"]
 
@@ -54,9 +64,9 @@ def load_factory(spec: str | Factory) -> Factory:
     return target
 
 
-def _base_key(fields: dict[str, Any]) -> bytes | str:
+def _base_key(message: Hello | Request) -> bytes | str:
     """The cache key of a client configuration; any value a peer can send gives a key (bytes, odd map keys)."""
-    config = [fields.get("seed"), fields.get("rank"), fields.get("world_size"), fields.get("base")]
+    config = [message.seed, message.rank, message.world_size, message.base.state, message.base.epoch]
     try:
         return msgpack.packb(
             config, use_bin_type=True
@@ -73,36 +83,24 @@ class RequestHandler:
         self.server = server
         self._pipelines: OrderedDict[bytes | str, tuple[Any, int]] = OrderedDict()
 
-    def _client_config(self, message: Message) -> tuple[int, int, int, dict[str, Any]]:
-        seed = message.integer("seed", maximum=MAX_SEED)
-        world_size = message.integer("world_size", 1)
-        rank = message.integer("rank")
-        if rank >= world_size:
-            raise ProtocolError(f"rank must be < world_size ({world_size}). Found: {rank}")
-        base = message.fields.get("base") or {}
-        if not isinstance(base, dict):
-            raise ProtocolError(f"base must be a map. Found: {str(base)[:100]}")
-        check_bounded(base, "base")
-        return seed, rank, world_size, base
-
-    def _build(self, message: Message) -> Any:
-        seed, rank, world_size, base = self._client_config(message)
-        pipeline = self.factory(seed=seed, rank=rank, world_size=world_size)
+    def _build(self, message: Hello | Request) -> Any:
+        """The client's pipeline at its base (seed, rank, world size and base were checked when decoded)."""
+        pipeline = self.factory(seed=message.seed, rank=message.rank, world_size=message.world_size)
         for method in ("next_with_meta", "load_state", "skip", "state"):
             if not hasattr(pipeline, method):
                 raise ConfigError(
                     f"the factory returned a {type(pipeline).__name__}, which has no {method}(); "
                     "it must return a tensorcom pipeline (a Conveyer, Join or built PipelineBuilder)"
                 )
-        if base.get("state") is not None:
-            pipeline.load_state(base["state"])
-        elif base.get("epoch") is not None:
-            pipeline.set_epoch(int(base["epoch"]))
+        if message.base.state is not None:
+            pipeline.load_state(message.base.state)
+        elif message.base.epoch is not None:
+            pipeline.set_epoch(message.base.epoch)
         return pipeline
 
-    def _pipeline_at(self, message: Message, step: int) -> tuple[bytes | str, Any]:
+    def _pipeline_at(self, message: Request, step: int) -> tuple[bytes | str, Any]:
         """The client's pipeline positioned at ``step``, and its cache key."""
-        key = _base_key(message.fields)
+        key = _base_key(message)
         pipeline, position = self._pipelines.pop(key, (None, 0))
         if pipeline is not None and position > step:
             pipeline.close()
@@ -117,39 +115,38 @@ class RequestHandler:
             old.close()
         return key, pipeline
 
-    def _forget(self, message: Message) -> None:
-        pipeline, _ = self._pipelines.pop(_base_key(message.fields), (None, 0))
+    def _forget(self, message: AnyMessage) -> None:
+        if not isinstance(message, Hello | Request):
+            return
+        pipeline, _ = self._pipelines.pop(_base_key(message), (None, 0))
         if pipeline is not None:
             pipeline.close()
 
-    def handle(self, message: Message, arena: shm.Arena | None = None) -> tuple[bytes, list[Any]]:
+    def handle(self, message: AnyMessage, arena: shm.Arena | None = None) -> tuple[bytes, list[Any]]:
         """Answer one HELLO or REQUEST with (encoded header, tensor frames); errors become ERROR replies.
 
         With an ``arena``, a large batch goes into shared memory and its one frame is the descriptor.
         """
-        gen = message.fields.get("gen", 0)
-        step = message.fields.get("step", 0)
+        step = message.step if isinstance(message, Request) else 0
         try:
-            if message.command == Command.HELLO:
+            if isinstance(message, Hello):
                 pipeline = self._build(message)
                 try:
-                    reply = {
-                        "fingerprint": pipeline.fingerprint,
-                        "state": pipeline.state(),
-                        "server": self.server,
-                    }
+                    reply = Welcome(
+                        fingerprint=pipeline.fingerprint, state=pipeline.state(), server=self.server
+                    )
                 finally:
                     pipeline.close()
-                return _encodable(Message(Command.WELCOME, reply)), []
-            if message.command != Command.REQUEST:
+                return _encodable(reply), []
+            if not isinstance(message, Request):
                 raise ProtocolError(f"a worker cannot handle {message.command.name}")
-            step = message.integer("step")
+            gen = message.gen
             key, pipeline = self._pipeline_at(message, step)
             try:
                 batch, meta = pipeline.next_with_meta()
             except StopIteration:
                 self._forget(message)
-                return Message(Command.END, {"gen": gen, "step": step, "server": self.server}).encode(), []
+                return End(gen=gen, step=step, server=self.server).encode(), []
             self._pipelines[key] = (pipeline, step + 1)
             arrays, shape = flatten_batch(batch)
             frames = codec.encode(arrays)
@@ -159,17 +156,17 @@ class RequestHandler:
                     f"an array of {largest} bytes is larger than the {MAX_BATCH_FRAME}-byte frame limit; "
                     "split it into several arrays"
                 )
-            fields = {
-                "gen": gen,
-                "step": step,
-                "epoch": int(meta.get("epoch", 0)),
-                "indices": [int(i) for i in meta.get("indices", [])],
-                "state": pipeline.state(),
-                "fingerprint": pipeline.fingerprint,
-                "server": self.server,
+            batch_header = Batch(
+                gen=gen,
+                step=step,
+                epoch=int(meta.get("epoch", 0)),
+                indices=[int(i) for i in meta.get("indices", [])],
+                state=pipeline.state(),
+                fingerprint=pipeline.fingerprint,
+                server=self.server,
                 **shape,
-            }
-            header = _encodable(Message(Command.BATCH, fields))  # before a slot is taken: this may fail
+            )
+            header = _encodable(batch_header)  # before a slot is taken: this may fail
             if arena is not None:
                 descriptor = arena.put(frames)
                 if descriptor is not None:
@@ -178,21 +175,20 @@ class RequestHandler:
         except Exception as error:  # every failure becomes an ERROR reply; the server goes on
             self._forget(message)
             kind = (
-                "state"
+                ErrorKind.STATE
                 if isinstance(error, StateError)
-                else "protocol"
+                else ErrorKind.PROTOCOL
                 if isinstance(error, ProtocolError)
-                else "pipeline"
+                else ErrorKind.PIPELINE
             )
-            if kind == "pipeline" and not isinstance(error, TensorcomError):
+            if kind is ErrorKind.PIPELINE and not isinstance(error, TensorcomError):
                 log.warning(
                     "pipeline error at step %s: %s",
                     step,
                     "".join(traceback.format_exception_only(error)).strip(),
                 )
             text = f"{type(error).__name__}: {error}"
-            fields = {"gen": gen, "step": step, "error": kind, "message": text, "server": self.server}
-            return Message(Command.ERROR, {**fields, "request": message.command.name}).encode(), []
+            return Error.refusing(message, kind, text, self.server).encode(), []
 
     def close(self) -> None:
         """Close every cached pipeline (stopping their worker processes, if any)."""
@@ -201,7 +197,7 @@ class RequestHandler:
         self._pipelines.clear()
 
 
-def _encodable(message: Message) -> bytes:
+def _encodable(message: Welcome | Batch) -> bytes:
     """``message`` encoded here, inside the handler's error handling (a hostile state can make a pipeline report
     values msgpack cannot hold): the failure becomes the request's ERROR reply instead of killing the worker."""
     return message.encode()
@@ -235,20 +231,15 @@ def worker_main(factory: str | Factory, backend: str, identity: bytes, parent: i
             if frames == [b"STOP"]:
                 break
             client, header = frames[0], frames[1]
-            message = Message.decode(header, "front end")
+            message = protocol.decode(header, "front end")
             try:
                 data, tensors = handler.handle(message, arena)
             except (
                 Exception
             ) as error:  # handle() answers errors itself; this keeps the worker alive regardless
                 log.exception("worker %s: unexpected failure", identity.decode())
-                fields = {
-                    "gen": message.fields.get("gen", 0),
-                    "step": message.fields.get("step", 0),
-                    "error": "pipeline",
-                    "message": f"{type(error).__name__}: {error}",
-                }
-                data, tensors = Message(Command.ERROR, {**fields, "server": server}).encode(), []
+                text = f"{type(error).__name__}: {error}"
+                data, tensors = Error.refusing(message, ErrorKind.PIPELINE, text, server).encode(), []
             send_parts(socket, [client, data, *tensors])
     finally:
         handler.close()
