@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -43,7 +44,7 @@ from tensorcom._net.transport import (
     send_parts,
 )
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError
-from tensorcom.protocol import MAX_GROUP, Command, Message
+from tensorcom.protocol import AnyMessage, Error, ErrorKind, Hello, Message, Ping, Pong, Request
 from tensorcom.server._base import Server
 from tensorcom.server.worker import Factory, RequestHandler, load_factory, worker_main
 from tensorcom.urls import ParsedURL
@@ -66,7 +67,7 @@ class _Worker:
         self.identity = b"worker-%d" % index
         self.process: Any = None
         self.ready = False
-        self.outstanding: dict[int, tuple[tuple[int, bytes], Message, int]] = {}
+        self.outstanding: dict[int, tuple[tuple[int, bytes], Hello | Request, int]] = {}
         self.next_ticket = 0
 
 
@@ -147,7 +148,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
         self._backend_address = f"ipc://{self._folder.name}/workers"
         self._backend.bind(self._backend_address)
         # requests waiting for a worker (or for this process), per client: (one step's request, attempts so far)
-        self._pending: OrderedDict[tuple[int, bytes], deque[tuple[Message, int]]] = OrderedDict()
+        self._pending: OrderedDict[tuple[int, bytes], deque[tuple[Hello | Request, int]]] = OrderedDict()
         self._outbox: dict[tuple[int, bytes], deque[list[Any]]] = {}  # replies its full socket queue refused
         self._reader = shm.Reader()
         self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
@@ -188,31 +189,19 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 shm.sweep()  # its slot files
                 self._start_worker(worker)
 
-    def _requeue(self, client: tuple[int, bytes], request: Message, attempts: int) -> None:
+    def _requeue(self, client: tuple[int, bytes], request: Hello | Request, attempts: int) -> None:
         if attempts >= _MAX_ATTEMPTS:
             text = f"the request killed {attempts} worker processes in a row"
-            self._reply(client, Message(Command.ERROR, self._error_fields(request, "pipeline", text)), [])
+            self._reply(client, Error.refusing(request, ErrorKind.PIPELINE, text, self.name), [])
             return
         self._pending.setdefault(client, deque()).appendleft((request, attempts))
 
     # front end
 
-    def _error_fields(self, message: Message | None, kind: str, text: str) -> dict[str, Any]:
-        fields = message.fields if message is not None else {}
-        request = message.command.name if message is not None else None
-        return {
-            "gen": fields.get("gen", 0),
-            "step": fields.get("step", 0),
-            "error": kind,
-            "message": text,
-            "server": self.name,
-            "request": request,
-        }
-
-    def _reply(self, client: tuple[int, bytes], header: Message | bytes, frames: Sequence[Any]) -> None:
+    def _reply(self, client: tuple[int, bytes], header: AnyMessage | bytes, frames: Sequence[Any]) -> None:
         """Send a reply without blocking the front end: one that the client's full socket queue refuses waits in
         its outbox (see :meth:`_flush`); one to a client that has gone is dropped."""
-        data = header.encode() if isinstance(header, Message) else header
+        data = header if isinstance(header, bytes) else header.encode()
         if shm.is_descriptor(frames):
             self.nbytes += shm.payload_size(frames[0])
         else:
@@ -257,54 +246,44 @@ class RequestServer(Server, sockets=("ROUTER",)):
         client = (index, frames[0].bytes)
         if len(frames) < 2:
             return
-        try:
-            message = Message.decode(frames[1], f"client of {endpoint}")
+        header: Message | None = None
+        try:  # the header first, so that a request with a bad field gets an ERROR echoing its gen and step
+            header = Message.decode(frames[1], f"client of {endpoint}")
+            message = header.typed(f"client of {endpoint}")
         except ProtocolError as error:
-            self._reply(client, Message(Command.ERROR, self._error_fields(None, "protocol", str(error))), [])
+            self._reply(client, Error.refusing(header, ErrorKind.PROTOCOL, str(error), self.name), [])
             return
-        if message.command == Command.PING:
-            self._reply(client, Message(Command.PONG, {"server": self.name}), [])
+        if isinstance(message, Ping):
+            self._reply(client, Pong(server=self.name), [])
             return
-        if message.command not in (Command.HELLO, Command.REQUEST):
+        if not isinstance(message, Hello | Request):
             text = f"a server does not accept {message.command.name} messages"
-            self._reply(client, Message(Command.ERROR, self._error_fields(message, "protocol", text)), [])
+            self._reply(client, Error.refusing(message, ErrorKind.PROTOCOL, text, self.name), [])
             return
         if self.draining:
             text = f"server {self.name} is shutting down"
-            self._reply(client, Message(Command.ERROR, self._error_fields(message, "unavailable", text)), [])
+            self._reply(client, Error.refusing(message, ErrorKind.UNAVAILABLE, text, self.name), [])
             return
         if (
-            message.fields.get("shm") is True
+            isinstance(message, Request)
+            and message.shm
             and endpoint.url.transport == "ipc"
             and client not in self._shm_clients
         ):
             self._shm_clients[client] = None  # it shares this host and reads shared memory
             while len(self._shm_clients) > _SHM_CLIENTS:
                 self._shm_clients.popitem(last=False)
-        count, first = 1, 0
-        if (
-            message.command == Command.REQUEST and message.fields.get("count", 1) != 1
-        ):  # several consecutive steps
-            try:
-                count = message.integer("count", 1, MAX_GROUP)
-                first = message.integer("step")
-            except ProtocolError as error:
-                self._reply(
-                    client, Message(Command.ERROR, self._error_fields(message, "protocol", str(error))), []
-                )
-                return
+        requests: list[Hello | Request] = [message]
+        if isinstance(message, Request) and message.count > 1:  # several consecutive steps, one reply each
+            first = message.step
+            requests = [replace(message, step=step, count=1) for step in range(first, first + message.count)]
         queue = self._pending.get(client, deque())
-        if len(queue) + count > _MAX_PENDING_PER_CLIENT:
+        if len(queue) + len(requests) > _MAX_PENDING_PER_CLIENT:
             text = f"more than {_MAX_PENDING_PER_CLIENT} requests pending from one client"
-            self._reply(client, Message(Command.ERROR, self._error_fields(message, "protocol", text)), [])
+            self._reply(client, Error.refusing(message, ErrorKind.PROTOCOL, text, self.name), [])
             return
         self._pending[client] = queue
-        if count == 1:
-            queue.append((message, 0))
-            return
-        fields = {key: value for key, value in message.fields.items() if key != "count"}
-        for step in range(first, first + count):
-            queue.append((Message(Command.REQUEST, {**fields, "step": step}), 0))
+        queue.extend((request, 0) for request in requests)
 
     def _dispatch(self) -> None:
         """Hand pending requests to workers with room, one client at a time in turn."""
@@ -333,7 +312,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
             route = b"%d:%d:" % (client[0], ticket) + client[1]
             self._backend.send_multipart([worker.identity, route, request.encode()])
 
-    def _handle_inline(self, client: tuple[int, bytes], request: Message) -> None:
+    def _handle_inline(self, client: tuple[int, bytes], request: Hello | Request) -> None:
         if self._handler is None:
             self._handler = RequestHandler(load_factory(self.factory), self.name)
         arena = None

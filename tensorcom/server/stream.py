@@ -27,7 +27,7 @@ from tensorcom._net import shm as _shm
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
 from tensorcom._net.transport import Endpoint, SendCancelled, open_endpoint, parse_endpoints, send_frames
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
-from tensorcom.protocol import META_INFO, Command, Message, check_bounded, flatten_batch
+from tensorcom.protocol import META_INFO, Error, ErrorKind, Seek, Sought, decode, flatten_batch
 from tensorcom.server._base import Server
 from tensorcom.urls import ParsedURL
 
@@ -282,7 +282,7 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         """Answer control messages that arrive while the server closes with an error, so that a client's SEEK fails
         at once, naming the reason, instead of waiting out its timeout."""
         text = f"the server has finished ({self.served} batches sent) and is closing"
-        refusal = Message(Command.ERROR, {"error": "unavailable", "message": text})
+        refusal = Error(error=ErrorKind.UNAVAILABLE, message=text)
         self._answer_control(lambda _: refusal)
 
     def _batches(self) -> Iterator[tuple[Any, dict[str, Any] | None]]:
@@ -336,7 +336,7 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             self._control.count_peers()
         self._answer_control(self._seek)
 
-    def _answer_control(self, answer: Callable[[bytes], Message]) -> None:
+    def _answer_control(self, answer: Callable[[bytes], Error | Sought]) -> None:
         """Reply to every pending control message with ``answer(its header)``."""
         control = self._control
         if control is None:
@@ -350,25 +350,22 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             except zmq.ZMQError as error:
                 log.info("could not answer a control message on %s: %s", control, error)
 
-    def _seek(self, header: bytes) -> Message:
+    def _seek(self, header: bytes) -> Error | Sought:
         pipeline = self.pipeline
         try:
-            message = Message.decode(header, f"control client of {self._control}")
-            if message.command != Command.SEEK:
+            message = decode(header, f"control client of {self._control}")
+            if not isinstance(message, Seek):
                 raise ProtocolError(f"the control socket accepts SEEK only. Found: {message.command.name}")
-            if message.fields.get("state") is not None:
-                check_bounded(message.fields["state"], "SEEK state")
-                pipeline.load_state(message.fields["state"])
-            elif message.fields.get("epoch") is not None:
-                pipeline.set_epoch(message.integer("epoch"))
+            if message.state is not None:
+                pipeline.load_state(message.state)
             else:
-                raise ProtocolError("SEEK needs a state or an epoch")
+                pipeline.set_epoch(message.epoch)
         except (TensorcomError, ValueError, TypeError, KeyError) as error:
-            kind = "state" if isinstance(error, StateError) else "protocol"
-            return Message(Command.ERROR, {"error": kind, "message": f"{type(error).__name__}: {error}"})
+            kind = ErrorKind.STATE if isinstance(error, StateError) else ErrorKind.PROTOCOL
+            return Error(error=kind, message=f"{type(error).__name__}: {error}")
         self.generation += 1
         log.info("seek: continuing from step %d (generation %d)", pipeline.step, self.generation)
-        return Message(Command.SOUGHT, {"gen": self.generation, "fingerprint": pipeline.fingerprint})
+        return Sought(gen=self.generation, fingerprint=pipeline.fingerprint)
 
     def close(self, linger: float | None = None) -> None:
         """Close the sockets, waiting up to ``linger`` seconds (default: the server's) for queued batches to leave
