@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Processes, StartProcess, serve
+from helpers import MakeSocket, Processes, StartProcess, TrackedContext, close_and_term, serve
 from reliability import Keys
 
 
@@ -18,6 +18,21 @@ def start_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartPro
     processes = Processes(tmp_path_factory.mktemp("stderr"))
     yield processes.start
     processes.stop()
+
+
+@pytest.fixture
+def context() -> Iterator[TrackedContext]:
+    """A zmq context for the test; on teardown its sockets are closed with linger=0 and term() has a time limit
+    (the test fails naming the sockets still open instead of hanging)."""
+    made = TrackedContext()
+    yield made
+    close_and_term(made)
+
+
+@pytest.fixture
+def socket(context: TrackedContext) -> MakeSocket:
+    """Make a socket of the test's context: ``socket(zmq.PUSH)``; closed with linger=0 on teardown."""
+    return context.socket
 
 
 @pytest.fixture

@@ -18,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import zmq
 
 TESTS = Path(__file__).parent
 READY_SECONDS = 60.0  # a server imports numpy, zmq and maybe torch on a busy 2-core machine
 STOP_SECONDS = 10.0
 READ_STDERR_SECONDS = 5.0
+TERM_SECONDS = 10.0  # a context whose sockets are all closed with linger=0 terms at once
 
 StartProcess = Callable[..., "subprocess.Popen[bytes]"]
 StartServer = Callable[..., "tuple[subprocess.Popen[bytes], str]"]  # the request_server fixture
+MakeSocket = Callable[..., "zmq.Socket[Any]"]  # the socket fixture
 
 # -- child processes and their ready lines --------------------------------------------------------------------------
 
@@ -110,8 +114,8 @@ def read_line(
 
 
 def wait_ready(process: subprocess.Popen[Any], timeout: float = READY_SECONDS) -> str:
-    """Wait for a server's ``ready URL`` line and return the URL; fail with the process's stderr when the first
-    line is something else, or does not come within ``timeout`` seconds."""
+    """Wait for a server's ``ready URL...`` line and return its first URL (one a client uses as it is); fail with
+    the process's stderr when the first line is something else, or does not come within ``timeout`` seconds."""
     line = read_line(process, timeout)
     words = line.split()
     if words[:1] != ["ready"] or len(words) < 2:
@@ -177,11 +181,6 @@ def serve_args(factory: str, *args: str, bind: str = "zrep://127.0.0.1:0", worke
     return ["-m", "tensorcom.cli", "serve", factory, "-q", "--bind", bind, "-w", str(workers), *args]
 
 
-def client_url(ready_url: str) -> str:
-    """The zreq URL a client uses for a request server's ready URL (which is tcp://...)."""
-    return ready_url.replace("tcp://", "zreq://")
-
-
 def serve(
     start_process: StartProcess,
     factory: str,
@@ -200,7 +199,7 @@ def serve(
         env=environment(env=env),
         **options,
     )
-    return process, client_url(wait_ready(process))
+    return process, wait_ready(process)
 
 
 # -- batches, bit for bit -------------------------------------------------------------------------------------------
@@ -302,6 +301,57 @@ def assert_same_batches(left: Sequence[Any], right: Sequence[Any]) -> None:
     """Fail, naming the first batch that differs and how, unless two sequences of batches are the same."""
     found = _batches_difference(left, right)
     assert found is None, found
+
+
+# -- zmq contexts that cannot hang a test ---------------------------------------------------------------------------
+
+
+class TrackedContext(zmq.Context):
+    """A zmq context that keeps every socket it makes, so that teardown can close what a test left open."""
+
+    made: list[zmq.Socket[Any]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made = []
+
+    def socket(self, socket_type: int, *args: Any, **kwargs: Any) -> zmq.Socket[Any]:
+        socket: zmq.Socket[Any] = super().socket(socket_type, *args, **kwargs)
+        self.made.append(socket)
+        return socket
+
+
+def describe_socket(socket: zmq.Socket[Any]) -> str:
+    """A socket's type and the endpoint it last bound or connected to, e.g. ``PUSH ipc:///tmp/x``."""
+    try:
+        endpoint = bytes(socket.getsockopt(zmq.LAST_ENDPOINT)).decode() or "(no endpoint)"
+        return f"{zmq.SocketType(int(socket.getsockopt(zmq.TYPE))).name} {endpoint}"
+    except zmq.ZMQError as error:
+        return f"a socket ({error})"
+
+
+def open_sockets(context: zmq.Context[Any]) -> list[zmq.Socket[Any]]:
+    """The sockets of ``context`` not closed yet: those it made (if it tracks them), and any other pyzmq knows of."""
+    known = {id(s): s for s in [*getattr(context, "made", ()), *list(getattr(context, "_sockets", ()))]}
+    return [s for s in known.values() if not s.closed]
+
+
+def term_within(context: zmq.Context[Any], seconds: float = TERM_SECONDS) -> None:
+    """``term()`` the context within ``seconds``, or fail naming the sockets still open (which keep it waiting)."""
+    done, _ = _call_with_time_limit(context.term, seconds)
+    if not done:
+        still = ", ".join(map(describe_socket, open_sockets(context))) or "none that the context knows of"
+        pytest.fail(
+            f"context.term() did not return within {seconds:g} s; sockets still open: {still}", pytrace=False
+        )
+
+
+def close_and_term(context: TrackedContext, seconds: float = TERM_SECONDS) -> None:
+    """Close the sockets that a test left open, with linger=0, then :func:`term_within`: a socket made after this
+    closing pass (by a thread still running) or behind the context's back fails the test instead of hanging it."""
+    for socket in open_sockets(context):
+        socket.close(linger=0)
+    term_within(context, seconds)
 
 
 # -- processes seen through /proc -----------------------------------------------------------------------------------

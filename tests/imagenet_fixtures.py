@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from helpers import StartProcess, client_url, wait_ready
+from helpers import StartProcess, wait_ready
 from PIL import Image
 
 from tensorcom.datasets.imagenet import ImageDirectory, write_shards
@@ -62,5 +62,4 @@ def start_image_server(
         stderr_log=log_file,
         env={**os.environ, **(env or {})},
     )
-    address = wait_ready(process)
-    return process, client_url(address) if url.startswith("zrep") else address
+    return process, wait_ready(process)

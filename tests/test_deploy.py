@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import StartProcess, client_url, environment, serve_args, wait_ready
+from helpers import StartProcess, environment, serve_args, wait_ready
 
 from tensorcom._net import security
 from tensorcom.urls import expand_urls
@@ -180,7 +180,7 @@ def test_train_script_resumes_from_its_checkpoint_on_the_example_data_module(
     server = start_process(
         *serve_args("data:make", *options), stdout=subprocess.PIPE, env=environment(DEPLOY)
     )
-    url = client_url(wait_ready(server))
+    url = wait_ready(server)
 
     def train(checkpoint: Path, steps: int) -> dict[str, Any]:
         result = subprocess.run(

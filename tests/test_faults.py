@@ -17,7 +17,7 @@ from typing import Any
 import factories
 import pytest
 import zmq
-from helpers import StartProcess, assert_same_batches, children_of, rss_kib, same_batches, serve
+from helpers import MakeSocket, StartProcess, assert_same_batches, children_of, rss_kib, same_batches, serve
 from reliability import record, reference
 
 from tensorcom import Connection, Timeout
@@ -185,26 +185,25 @@ def test_sigterm_of_one_server_loses_nothing(start_process: StartProcess) -> Non
 # clients that vanish
 
 
-def abandon(url: str, clients: int, requests: int) -> None:
+def abandon(socket: MakeSocket, url: str, clients: int, requests: int) -> None:
     """Clients that ask for batches and disappear without reading the replies: zreq Connections closed after one
-    batch (their prefetch window abandoned) and raw DEALERs that send a burst of REQUESTs and close."""
+    batch (their prefetch window abandoned) and raw DEALERs (made by ``socket``) that send a burst of REQUESTs and
+    close."""
     for index in range(clients):
         with Connection(url, seed=index, timeout=30, prefetch=8) as connection:
             connection.recv()
-    context: zmq.Context[Any] = zmq.Context()
     tcp = url.replace("zreq://", "tcp://")
     for index in range(clients):
-        dealer = context.socket(zmq.DEALER)
+        dealer = socket(zmq.DEALER)
         dealer.connect(tcp)
         for step in range(requests):
             fields = {"seed": index, "rank": 0, "world_size": 1, "gen": 1, "step": step, "base": {}}
             dealer.send(Message(Command.REQUEST, fields).encode())
         time.sleep(0.01)
         dealer.close(linger=0)
-    context.term()
 
 
-def test_vanished_clients_leave_no_state_on_the_server(tmp_path: Any) -> None:
+def test_vanished_clients_leave_no_state_on_the_server(socket: MakeSocket) -> None:
     """After clients vanish mid-request, the server's per-client queues and workers' outstanding requests drain to
     empty: nothing is kept for clients that are gone."""
     server = RequestServer(
@@ -215,7 +214,7 @@ def test_vanished_clients_leave_no_state_on_the_server(tmp_path: Any) -> None:
     thread.start()
     try:
         for _ in range(2):
-            abandon(url, clients=10, requests=20)
+            abandon(socket, url, clients=10, requests=20)
             deadline = time.monotonic() + 30
             while (server.in_flight or server._pending) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -227,13 +226,13 @@ def test_vanished_clients_leave_no_state_on_the_server(tmp_path: Any) -> None:
         thread.join(timeout=30)
 
 
-def test_vanished_clients_do_not_grow_server_memory(start_process: StartProcess) -> None:
+def test_vanished_clients_do_not_grow_server_memory(start_process: StartProcess, socket: MakeSocket) -> None:
     """Rounds of clients that abandon requests for 512 KB batches: the server's RSS settles instead of growing
     round after round."""
     process, url = serve(start_process, "factories:big", "-o", "nbytes=262144", workers=1)
     sizes = []
     for _ in range(4):
-        abandon(url, clients=12, requests=16)
+        abandon(socket, url, clients=12, requests=16)
         time.sleep(1.0)
         sizes.append(rss_kib(process.pid))
     growth = sizes[-1] - sizes[0]

@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from helpers import StartProcess, assert_same_batches, serve
+from helpers import MakeSocket, StartProcess, assert_same_batches, serve
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from reliability import record, reference
@@ -299,15 +299,14 @@ def hostile_requests(draw: st.DrawFn, state: dict[str, Any]) -> list[bytes]:
     return frames
 
 
-def run_server_fuzz(start_process: StartProcess, examples: int) -> dict[str, int]:
+def run_server_fuzz(start_process: StartProcess, socket: MakeSocket, examples: int) -> dict[str, int]:
     process, url = serve(start_process, "factories:small", "-o", "repeating=true", workers=1)
     expected = reference(
         factories.small, count=examples // 25 + 2, seed=5, rank=0, world_size=1, repeating=True
     )
     with factories.small(seed=0, rank=0, world_size=1, repeating=True) as pipeline:
         state = pipeline.state()
-    context: zmq.Context[Any] = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
+    dealer = socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(url.replace("zreq://", "tcp://"))
     counts = {"cases": 0, "errors": 0, "batches": 0, "well_formed_batches": 0}
@@ -336,22 +335,25 @@ def run_server_fuzz(start_process: StartProcess, examples: int) -> dict[str, int
     finally:
         well_formed.close()
         dealer.close()
-        context.term()
     return counts
 
 
-def test_live_request_server_survives_hostile_messages(start_process: StartProcess) -> None:
+def test_live_request_server_survives_hostile_messages(
+    start_process: StartProcess, socket: MakeSocket
+) -> None:
     """Hundreds of random and mutated messages: each gets one reply, the server stays up, and a well-formed client
     interleaved with them receives its exact stream."""
-    counts = run_server_fuzz(start_process, 600)
+    counts = run_server_fuzz(start_process, socket, 600)
     assert counts["cases"] == 600 and counts["errors"] > 150
     record("request-server", **counts)
 
 
 @pytest.mark.slow
-def test_live_request_server_survives_hostile_messages_long(start_process: StartProcess) -> None:
+def test_live_request_server_survives_hostile_messages_long(
+    start_process: StartProcess, socket: MakeSocket
+) -> None:
     """The same with ten times as many messages."""
-    record("request-server-long", **run_server_fuzz(start_process, 6000))
+    record("request-server-long", **run_server_fuzz(start_process, socket, 6000))
 
 
 # a stream server's control socket
@@ -375,7 +377,7 @@ def hostile_seeks(draw: st.DrawFn, state: dict[str, Any]) -> list[bytes]:
     return [Message(Command.SEEK, fields).encode()]
 
 
-def run_control_fuzz(ipc_url: Callable[..., str], examples: int) -> int:
+def run_control_fuzz(ipc_url: Callable[..., str], socket: MakeSocket, examples: int) -> int:
     with factories.small(seed=4, rank=0, world_size=1, repeating=True) as pipeline:
         state = pipeline.state()
     expected = reference(factories.small, count=3, seed=4, rank=0, world_size=1, repeating=True)
@@ -410,8 +412,7 @@ def run_control_fuzz(ipc_url: Callable[..., str], examples: int) -> int:
     reader = threading.Thread(target=read, daemon=True)
     server_thread.start()
     reader.start()
-    context: zmq.Context[Any] = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
+    dealer = socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(ipc_url("zreq", "control").split("+", 1)[1])
     tried = 0
@@ -438,27 +439,27 @@ def run_control_fuzz(ipc_url: Callable[..., str], examples: int) -> int:
     finally:
         reading.clear()
         dealer.close()
-        context.term()
         connection.close()
         server_thread.join(timeout=30)
     assert [type(error).__name__ for error in failures] in ([], ["Timeout"])
     return tried
 
 
-def test_stream_control_socket_survives_hostile_seeks(ipc_url: Callable[..., str]) -> None:
+def test_stream_control_socket_survives_hostile_seeks(
+    ipc_url: Callable[..., str], socket: MakeSocket
+) -> None:
     """Random and corrupted SEEK messages each get SOUGHT or ERROR; afterwards a valid seek restarts the stream
     exactly, and the server only ever stopped because the test stopped reading."""
-    tried = run_control_fuzz(ipc_url, 300)
+    tried = run_control_fuzz(ipc_url, socket, 300)
     record("control-socket", cases=tried)
 
 
 # a stream client
 
 
-def run_client_fuzz(ipc_url: Callable[..., str], examples: int) -> dict[str, int]:
+def run_client_fuzz(ipc_url: Callable[..., str], socket: MakeSocket, examples: int) -> dict[str, int]:
     counts = {"cases": 0, "raised": 0, "skipped": 0, "decoded": 0}
-    context: zmq.Context[Any] = zmq.Context()
-    push = context.socket(zmq.PUSH)
+    push = socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
     with Connection(ipc_url("zpull"), timeout=REPLY_SECONDS, on_malformed="log") as connection:
         push.connect(connection.endpoints[0])
@@ -486,15 +487,14 @@ def run_client_fuzz(ipc_url: Callable[..., str], examples: int) -> dict[str, int
             case()
         finally:
             push.close()
-            context.term()
         counts["skipped"] = connection.malformed
     return counts
 
 
-def test_stream_client_survives_hostile_batches(ipc_url: Callable[..., str]) -> None:
+def test_stream_client_survives_hostile_batches(ipc_url: Callable[..., str], socket: MakeSocket) -> None:
     """Random and mutated batches (with hostile metadata) make a stream client raise DecodeError or ProtocolError, or
     skip them; the well-formed batch after each one always arrives."""
-    counts = run_client_fuzz(ipc_url, 600)
+    counts = run_client_fuzz(ipc_url, socket, 600)
     assert counts["cases"] == 600 and counts["raised"] + counts["skipped"] > 200
     record("stream-client", **counts)
 
@@ -524,63 +524,57 @@ def test_the_armed_pickle_really_runs_code(tmp_path: Path) -> None:
 
 
 def test_pickles_sent_to_every_receiving_socket_are_never_unpickled(
-    start_process: StartProcess, ipc_url: Callable[..., str], tmp_path: Path
+    start_process: StartProcess, ipc_url: Callable[..., str], tmp_path: Path, socket: MakeSocket
 ) -> None:
     """A pickle that would create a marker file, sent as a request, inside a request field, as batches and metadata
     to a stream client, and to a control socket: no marker ever appears and every peer keeps working."""
     markers = {name: tmp_path / f"marker-{name}" for name in ("frame", "field", "client", "meta", "control")}
     process, url = serve(start_process, "factories:small", workers=1)
-    context: zmq.Context[Any] = zmq.Context()
-    try:
-        dealer = context.socket(zmq.DEALER)
-        dealer.connect(url.replace("zreq://", "tcp://"))
-        inner = Message(Command.REQUEST, {"seed": 0, "rank": 0, "world_size": 1, "step": 0, "gen": 1})
-        inner.fields["base"] = {"state": armed_pickle(markers["field"]), "epoch": None}
-        for frames in ([armed_pickle(markers["frame"])], [inner.encode(), armed_pickle(markers["frame"])]):
-            dealer.send_multipart(frames)
-            assert dealer.poll(REPLY_SECONDS * 1000)
-            assert Message.decode(dealer.recv_multipart()[0]).command == Command.ERROR
-        dealer.close(linger=0)
-        with Connection(url, timeout=30) as connection:
-            assert_same_batches(
-                [connection.recv()], reference(factories.small, count=1, seed=0, rank=0, world_size=1)
-            )
-
-        push = context.socket(zmq.PUSH)
-        with Connection(ipc_url("zpull"), timeout=REPLY_SECONDS, on_malformed="log") as client:
-            push.connect(client.endpoints[0])
-            push.send(armed_pickle(markers["client"]))
-            push.send_multipart([armed_pickle(markers["client"])] * 2)
-            payload = np.frombuffer(armed_pickle(markers["meta"]), np.uint8)
-            push.send_multipart(codec.encode([np.zeros(1), payload], ["", META_INFO]))
-            push.send_multipart(codec.encode([np.array([7])]))
-            outcomes: list[Any] = []
-            while not outcomes or isinstance(outcomes[-1], str):
-                try:
-                    outcomes.append(client.recv())
-                except (DecodeError, ProtocolError) as error:
-                    outcomes.append(type(error).__name__)
-            assert outcomes[-1][0].tolist() == [7] and "ProtocolError" in outcomes
-            assert client.malformed == 2  # the two pickle-only messages, skipped as undecodable
-        push.close(linger=0)
-
-        server = Server(
-            factories.small, ipc_url("zpush"), control=ipc_url("zrep", "c"), send_timeout=3, linger=0
+    dealer = socket(zmq.DEALER)
+    dealer.connect(url.replace("zreq://", "tcp://"))
+    inner = Message(Command.REQUEST, {"seed": 0, "rank": 0, "world_size": 1, "step": 0, "gen": 1})
+    inner.fields["base"] = {"state": armed_pickle(markers["field"]), "epoch": None}
+    for frames in ([armed_pickle(markers["frame"])], [inner.encode(), armed_pickle(markers["frame"])]):
+        dealer.send_multipart(frames)
+        assert dealer.poll(REPLY_SECONDS * 1000)
+        assert Message.decode(dealer.recv_multipart()[0]).command == Command.ERROR
+    dealer.close(linger=0)
+    with Connection(url, timeout=30) as connection:
+        assert_same_batches(
+            [connection.recv()], reference(factories.small, count=1, seed=0, rank=0, world_size=1)
         )
-        control = context.socket(zmq.DEALER)
-        control.connect(ipc_url("zreq", "c").split("+", 1)[1])
-        control.send(armed_pickle(markers["control"]))
-        with Connection(ipc_url("zpull"), timeout=REPLY_SECONDS) as reader:
-            thread = threading.Thread(target=lambda: _quietly(server.run), daemon=True)
-            thread.start()
-            reader.recv()
-            assert control.poll(REPLY_SECONDS * 1000)
-            assert Message.decode(control.recv_multipart()[0]).command == Command.ERROR
-            reader.recv()
-        control.close(linger=0)
-        thread.join(timeout=20)
-    finally:
-        context.destroy(linger=0)
+
+    push = socket(zmq.PUSH)
+    with Connection(ipc_url("zpull"), timeout=REPLY_SECONDS, on_malformed="log") as client:
+        push.connect(client.endpoints[0])
+        push.send(armed_pickle(markers["client"]))
+        push.send_multipart([armed_pickle(markers["client"])] * 2)
+        payload = np.frombuffer(armed_pickle(markers["meta"]), np.uint8)
+        push.send_multipart(codec.encode([np.zeros(1), payload], ["", META_INFO]))
+        push.send_multipart(codec.encode([np.array([7])]))
+        outcomes: list[Any] = []
+        while not outcomes or isinstance(outcomes[-1], str):
+            try:
+                outcomes.append(client.recv())
+            except (DecodeError, ProtocolError) as error:
+                outcomes.append(type(error).__name__)
+        assert outcomes[-1][0].tolist() == [7] and "ProtocolError" in outcomes
+        assert client.malformed == 2  # the two pickle-only messages, skipped as undecodable
+    push.close(linger=0)
+
+    server = Server(factories.small, ipc_url("zpush"), control=ipc_url("zrep", "c"), send_timeout=3, linger=0)
+    control = socket(zmq.DEALER)
+    control.connect(ipc_url("zreq", "c").split("+", 1)[1])
+    control.send(armed_pickle(markers["control"]))
+    with Connection(ipc_url("zpull"), timeout=REPLY_SECONDS) as reader:
+        thread = threading.Thread(target=lambda: _quietly(server.run), daemon=True)
+        thread.start()
+        reader.recv()
+        assert control.poll(REPLY_SECONDS * 1000)
+        assert Message.decode(control.recv_multipart()[0]).command == Command.ERROR
+        reader.recv()
+    control.close(linger=0)
+    thread.join(timeout=20)
     assert process.poll() is None
     assert [name for name, path in markers.items() if path.exists()] == []
 

@@ -12,7 +12,7 @@ import factories
 import msgpack
 import pytest
 import zmq
-from helpers import StartServer, assert_same_batches, children_of, rss_kib, wait_until_gone
+from helpers import MakeSocket, StartServer, assert_same_batches, children_of, rss_kib, wait_until_gone
 from reliability import reference
 
 from tensorcom import ConfigError, Connection, ProtocolError, RemoteError, Server, StateError, Timeout
@@ -184,11 +184,12 @@ def test_factory_that_returns_no_pipeline_is_reported(request_server: StartServe
     assert process.poll() is None
 
 
-def test_malformed_requests_get_error_replies_and_the_server_survives(request_server: StartServer) -> None:
+def test_malformed_requests_get_error_replies_and_the_server_survives(
+    request_server: StartServer, socket: MakeSocket
+) -> None:
     """Garbage, an unknown version and a bad field each get an ERROR reply; the server then serves normally."""
     process, url = request_server("factories:small")
-    context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
+    dealer = socket(zmq.DEALER)
     dealer.connect(url.replace("zreq://", "tcp://"))
     bad = [
         b"\xc1not msgpack",
@@ -199,15 +200,11 @@ def test_malformed_requests_get_error_replies_and_the_server_survives(request_se
         msgpack.packb({"v": 1, "cmd": 3.0}),
         Message(Command.BATCH, {}).encode(),
     ]
-    try:
-        for frame in bad:
-            dealer.send(frame)
-            assert dealer.poll(20_000), "no reply to a malformed request"
-            reply = Message.decode(dealer.recv_multipart()[0])
-            assert reply.command == Command.ERROR and reply.fields["error"] in ("protocol", "pipeline")
-    finally:
-        dealer.close(linger=0)
-        context.term()
+    for frame in bad:
+        dealer.send(frame)
+        assert dealer.poll(20_000), "no reply to a malformed request"
+        reply = Message.decode(dealer.recv_multipart()[0])
+        assert reply.command == Command.ERROR and reply.fields["error"] in ("protocol", "pipeline")
     assert process.poll() is None
     with Connection(url, timeout=30) as connection:
         assert_same_batches(
@@ -374,37 +371,34 @@ def test_a_deep_window_fits_in_the_client_queue(request_server: StartServer) -> 
     assert_same_batches(batches, reference(factories.small, count=15, seed=0, rank=0, world_size=1))
 
 
-def test_one_request_for_several_steps_gets_one_reply_per_step(request_server: StartServer) -> None:
+def test_one_request_for_several_steps_gets_one_reply_per_step(
+    request_server: StartServer, socket: MakeSocket
+) -> None:
     """REQUEST with count=3 is answered by three BATCH replies, steps 2, 3 and 4, the reference's batches; a count
     out of [1, MAX_GROUP] is a protocol ERROR."""
     from tensorcom.codec import decode
     from tensorcom.protocol import MAX_GROUP
 
     _, url = request_server("factories:small", workers=1)
-    context = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
+    dealer = socket(zmq.DEALER)
     dealer.connect(url.replace("zreq://", "tcp://"))
     fields = {"seed": 5, "rank": 0, "world_size": 1, "base": {"state": None, "epoch": None}, "gen": 0}
-    try:
-        dealer.send(Message(Command.REQUEST, {**fields, "step": 2, "count": 3}).encode())
-        replies = {}
-        for _ in range(3):
-            assert dealer.poll(20_000), "fewer replies than steps asked for"
-            header, *frames = dealer.recv_multipart()
-            message = Message.decode(header)
-            assert message.command == Command.BATCH
-            replies[message.fields["step"]] = tuple(decode(frames))
-        expected = reference(factories.small, count=5, seed=5, rank=0, world_size=1)[2:]
-        assert sorted(replies) == [2, 3, 4]
-        assert_same_batches([replies[s] for s in (2, 3, 4)], expected)
-        for count in (0, MAX_GROUP + 1, "3"):
-            dealer.send(Message(Command.REQUEST, {**fields, "step": 0, "count": count}).encode())
-            assert dealer.poll(20_000)
-            reply = Message.decode(dealer.recv_multipart()[0])
-            assert reply.command == Command.ERROR and reply.fields["error"] == "protocol"
-        dealer.send(Message(Command.HELLO, {**fields, "count": "x"}).encode())  # count means nothing there
+    dealer.send(Message(Command.REQUEST, {**fields, "step": 2, "count": 3}).encode())
+    replies = {}
+    for _ in range(3):
+        assert dealer.poll(20_000), "fewer replies than steps asked for"
+        header, *frames = dealer.recv_multipart()
+        message = Message.decode(header)
+        assert message.command == Command.BATCH
+        replies[message.fields["step"]] = tuple(decode(frames))
+    expected = reference(factories.small, count=5, seed=5, rank=0, world_size=1)[2:]
+    assert sorted(replies) == [2, 3, 4]
+    assert_same_batches([replies[s] for s in (2, 3, 4)], expected)
+    for count in (0, MAX_GROUP + 1, "3"):
+        dealer.send(Message(Command.REQUEST, {**fields, "step": 0, "count": count}).encode())
         assert dealer.poll(20_000)
-        assert Message.decode(dealer.recv_multipart()[0]).command == Command.WELCOME
-    finally:
-        dealer.close(linger=0)
-        context.term()
+        reply = Message.decode(dealer.recv_multipart()[0])
+        assert reply.command == Command.ERROR and reply.fields["error"] == "protocol"
+    dealer.send(Message(Command.HELLO, {**fields, "count": "x"}).encode())  # count means nothing there
+    assert dealer.poll(20_000)
+    assert Message.decode(dealer.recv_multipart()[0]).command == Command.WELCOME

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -10,10 +9,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import zmq
+from helpers import MakeSocket, StartProcess
 
 from tensorcom import Connection, DecodeError, Server, Timeout, URLError, codec, serve
-
-Start = Callable[..., subprocess.Popen[bytes]]
 
 
 def labels_of(batches: list[list[np.ndarray]]) -> list[int]:
@@ -32,7 +30,7 @@ def tcp_pair(client_scheme: str, server_scheme: str) -> tuple[Connection, str]:
     ids=["push-pull", "pub-sub"],
 )
 def test_server_process_feeds_connection_over_tcp(
-    synthetic_server: Start, client_scheme: str, server_scheme: str
+    synthetic_server: StartProcess, client_scheme: str, server_scheme: str
 ) -> None:
     """A serve-synthetic process delivers every batch, in order, to a Connection over tcp."""
     connection, server_url = tcp_pair(client_scheme, server_scheme)
@@ -48,7 +46,7 @@ def test_server_process_feeds_connection_over_tcp(
     "server_scheme, client_scheme", [("zrpush", "zrpull"), ("zpub", "zsub")], ids=["push-pull", "pub-sub"]
 )
 def test_server_process_feeds_connection_over_ipc(
-    synthetic_server: Start, ipc_url: Callable[..., str], server_scheme: str, client_scheme: str
+    synthetic_server: StartProcess, ipc_url: Callable[..., str], server_scheme: str, client_scheme: str
 ) -> None:
     """Over ipc, with the server binding, a late-connecting client still gets every batch from the first."""
     process = synthetic_server(ipc_url(server_scheme), count=25)
@@ -59,7 +57,7 @@ def test_server_process_feeds_connection_over_ipc(
     assert process.wait(timeout=20) == 0
 
 
-def test_every_url_is_used(synthetic_server: Start, ipc_url: Callable[..., str]) -> None:
+def test_every_url_is_used(synthetic_server: StartProcess, ipc_url: Callable[..., str]) -> None:
     """A Connection given several URLs (brace-expanded) receives from all its servers, not just the last."""
     first = synthetic_server(ipc_url("zrpush", "s0"), count=10)
     second = synthetic_server(ipc_url("zrpush", "s1"), count=10, batch_size=3)
@@ -78,7 +76,7 @@ def test_every_url_is_used(synthetic_server: Start, ipc_url: Callable[..., str])
 
 
 def test_server_returns_only_after_every_batch_left(
-    synthetic_server: Start, ipc_url: Callable[..., str]
+    synthetic_server: StartProcess, ipc_url: Callable[..., str]
 ) -> None:
     """A server that runs out of batches stays up until a slow client has taken them all and gone, then exits."""
     process = synthetic_server(ipc_url("zrpush"), count=40)
@@ -113,21 +111,17 @@ def test_torch_conversion_shares_memory_with_the_frame(ipc_url: Callable[..., st
     assert shared[0, 0, 0, 0] == 200
 
 
-def test_decoded_arrays_are_views_of_received_frames(ipc_url: Callable[..., str]) -> None:
+def test_decoded_arrays_are_views_of_received_frames(ipc_url: Callable[..., str], socket: MakeSocket) -> None:
     """A received 64x3x224x224 batch is not copied: the array's memory lies inside the zmq frame."""
-    context = zmq.Context()
-    pull = context.socket(zmq.PULL)
+    pull = socket(zmq.PULL)
     pull.bind(ipc_url("raw").split("+", 1)[1])
-    push = context.socket(zmq.PUSH)
+    push = socket(zmq.PUSH)
     push.connect(ipc_url("raw").split("+", 1)[1])
     images = np.zeros((64, 3, 224, 224), np.uint8)
     push.send_multipart(codec.encode([images, np.arange(64)]), copy=False)
     frames = pull.recv_multipart(copy=False)
     decoded = codec.decode(frames)
     assert np.shares_memory(decoded[0], np.frombuffer(frames[1].buffer, np.uint8))
-    for socket in (pull, push):
-        socket.close(linger=0)
-    context.term()
 
 
 def test_epoch_and_total_limit_iteration(ipc_url: Callable[..., str]) -> None:
@@ -162,44 +156,36 @@ def test_timeout_names_the_endpoints() -> None:
     ids=["one-frame", "bad-header"],
 )
 def test_malformed_message_is_reported_with_its_source(
-    ipc_url: Callable[..., str], frames: list[bytes], message: str
+    ipc_url: Callable[..., str], socket: MakeSocket, frames: list[bytes], message: str
 ) -> None:
     """A malformed message raises DecodeError naming the endpoint; on_malformed='log' skips it and goes on."""
-    context = zmq.Context()
-    push = context.socket(zmq.PUSH)
-    try:
-        with Connection(ipc_url("zpull"), timeout=20) as connection:
-            push.connect(connection.endpoints[0])
-            push.send_multipart(frames)
-            with pytest.raises(DecodeError, match=message) as raised:
-                connection.recv()
-            assert connection.endpoints[0] in str(raised.value)
-        with Connection(ipc_url("zpull", "second"), timeout=20, on_malformed="log") as connection:
-            push.close(linger=0)
-            push = context.socket(zmq.PUSH)
-            push.connect(connection.endpoints[0])
-            push.send_multipart(frames)
-            push.send_multipart(codec.encode([np.array([42])]))
-            (value,) = connection.recv()
-            assert int(value[0]) == 42 and connection.malformed == 1
-    finally:
+    push = socket(zmq.PUSH)
+    with Connection(ipc_url("zpull"), timeout=20) as connection:
+        push.connect(connection.endpoints[0])
+        push.send_multipart(frames)
+        with pytest.raises(DecodeError, match=message) as raised:
+            connection.recv()
+        assert connection.endpoints[0] in str(raised.value)
+    with Connection(ipc_url("zpull", "second"), timeout=20, on_malformed="log") as connection:
         push.close(linger=0)
-        context.term()
+        push = socket(zmq.PUSH)
+        push.connect(connection.endpoints[0])
+        push.send_multipart(frames)
+        push.send_multipart(codec.encode([np.array([42])]))
+        (value,) = connection.recv()
+        assert int(value[0]) == 42 and connection.malformed == 1
 
 
-def test_single_buffer_messages_from_tensorcom_0_1_are_read(ipc_url: Callable[..., str]) -> None:
+def test_single_buffer_messages_from_tensorcom_0_1_are_read(
+    ipc_url: Callable[..., str], socket: MakeSocket
+) -> None:
     """tensorcom 0.1's non-multipart mode (one frame holding a .ten buffer) decodes too."""
-    context = zmq.Context()
-    push = context.socket(zmq.PUSH)
-    try:
-        with Connection(ipc_url("zpull"), timeout=20) as connection:
-            push.connect(connection.endpoints[0])
-            push.send(bytes(codec.encode_buffer([np.arange(3, dtype=np.int16)], aligned=False)))
-            (value,) = connection.recv()
-            assert value.tolist() == [0, 1, 2]
-    finally:
-        push.close(linger=0)
-        context.term()
+    push = socket(zmq.PUSH)
+    with Connection(ipc_url("zpull"), timeout=20) as connection:
+        push.connect(connection.endpoints[0])
+        push.send(bytes(codec.encode_buffer([np.arange(3, dtype=np.int16)], aligned=False)))
+        (value,) = connection.recv()
+        assert value.tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
