@@ -86,7 +86,6 @@ MAX_GROUP = 64
 """Most consecutive steps one REQUEST may ask for (``count``); each is answered by a BATCH of its own."""
 _MAX_DEPTH = 32
 _BATCH_KINDS = ("single", "tuple", "list", "dict")
-_AN_INTEGER = f"an integer in [0, {MAX_INTEGER}]"
 
 
 class Command(IntEnum):
@@ -367,15 +366,16 @@ class Batch:
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
-        # One per batch on every client: the checks are written out, not calls to the helpers above.
+        # One per batch on every client: the checks are written out, not calls to the helpers above. Positions
+        # are not bounded by MAX_INTEGER: a server counts on from the state it was given, which may be that high.
         command, get = Command.BATCH, fields.get
         gen, step, epoch = get("gen", 0), get("step", _MISSING), get("epoch")
-        if type(gen) is not int or not 0 <= gen <= MAX_INTEGER:
-            raise _field_error(command, source, "gen", _AN_INTEGER, gen)
-        if type(step) is not int or not 0 <= step <= MAX_INTEGER:
-            raise _field_error(command, source, "step", _AN_INTEGER, step)
-        if epoch is not None and (type(epoch) is not int or not 0 <= epoch <= MAX_INTEGER):
-            raise _field_error(command, source, "epoch", f"{_AN_INTEGER} or nil", epoch)
+        if type(gen) is not int:
+            raise _field_error(command, source, "gen", "an integer", gen)
+        if type(step) is not int:
+            raise _field_error(command, source, "step", "an integer", step)
+        if epoch is not None and type(epoch) is not int:
+            raise _field_error(command, source, "epoch", "an integer or nil", epoch)
         indices = get("indices", [])
         if type(indices) is not list or not all(type(index) is int for index in indices):
             raise _field_error(command, source, "indices", "a list of integers", indices)

@@ -303,6 +303,13 @@ def test_stream_batch_metadata_decodes_as_a_batch() -> None:
     assert batch.server is None and batch.keys is None
 
 
+def test_a_batch_counted_on_past_the_input_bound_is_accepted() -> None:
+    """A server may count on from a state as high as MAX_INTEGER (what a peer may send it), so a BATCH's gen, step
+    and epoch beyond that bound still decode (a hostile seek once made a client refuse the stream)."""
+    batch = Batch(gen=MAX_INTEGER + 1, step=MAX_INTEGER + 157, epoch=MAX_INTEGER + 2, kind="single")
+    assert decode(batch.encode(), "server x") == batch
+
+
 @pytest.mark.parametrize(
     "batch",
     [("a", "b"), ["a", "b"], {"x": "a", "y": "b"}, "a"],
