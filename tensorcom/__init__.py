@@ -37,17 +37,19 @@ from tensorcom.pipeline import (
 from tensorcom.urls import ParsedURL, expand_urls, parse_url
 
 if TYPE_CHECKING:
-    from tensorcom.client.stream import BatchInfo, Connection
+    from tensorcom.client import BatchInfo, Connection, RequestConnection, StreamConnection
     from tensorcom.loader import SwiftLoader
     from tensorcom.server import RequestServer, Server, StreamServer, serve
 
 __version__ = "0.2.0.dev0"
 
 _LAZY = {
-    "BatchInfo": "tensorcom.client.stream",
-    "Connection": "tensorcom.client.stream",
+    "BatchInfo": "tensorcom.client",
+    "Connection": "tensorcom.client",
+    "RequestConnection": "tensorcom.client",
     "RequestServer": "tensorcom.server",
     "Server": "tensorcom.server",
+    "StreamConnection": "tensorcom.client",
     "StreamServer": "tensorcom.server",
     "SwiftLoader": "tensorcom.loader",
     "serve": "tensorcom.server",
@@ -71,10 +73,12 @@ __all__ = [
     "ProtocolError",
     "Range",
     "RemoteError",
+    "RequestConnection",
     "RequestServer",
     "SecurityError",
     "Server",
     "StateError",
+    "StreamConnection",
     "StreamServer",
     "SwiftLoader",
     "TensorcomError",

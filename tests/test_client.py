@@ -171,7 +171,8 @@ def test_the_client_modules_import_each_other_in_one_direction() -> None:
 
 
 def test_old_import_paths_still_work() -> None:
-    """Names that lived in client/stream.py before the base existed import from their old places."""
+    """Names that lived in client/stream.py before the base existed import from their old places, and both kinds
+    are public names of tensorcom."""
     import tensorcom
     from tensorcom.client.request import RequestConnection as Request
     from tensorcom.client.request import default_rank_and_world_size
@@ -182,6 +183,7 @@ def test_old_import_paths_still_work() -> None:
     assert BatchInfo is tensorcom.BatchInfo
     assert Request is RequestConnection
     assert default_rank_and_world_size is tensorcom.client.default_rank_and_world_size
+    assert (tensorcom.StreamConnection, tensorcom.RequestConnection) == (StreamConnection, RequestConnection)
 
 
 def _unused_port() -> int:

@@ -37,7 +37,7 @@ def demo(seconds: float, batch_size: int, size: int, url: str | None) -> None:
 
     The server sends uint8 NHWC image batches plus int64 labels; the client checks that the labels arrive in order.
     """
-    from tensorcom.client.stream import Connection
+    from tensorcom.client import Connection
 
     with tempfile.TemporaryDirectory(prefix="tensorcom-demo-") as folder:
         server_url = url or f"zrpush+ipc://{os.path.join(folder, 'demo.sock')}"
