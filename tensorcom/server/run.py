@@ -37,7 +37,7 @@ def run_server(
     SIGTERM or SIGINT stops it at once. ``announce(server)`` is called once the signal handler is in place, so
     that a SIGTERM sent as soon as the server says it is ready already drains. Call it on the main thread.
     """
-    with drain_on_sigterm(server, drain or 0.0):
+    with drain_on_sigterm(server, drain):
         if announce is not None:
             announce(server)
         try:

@@ -39,8 +39,8 @@ def stop_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def drain_on_sigterm(server: Drainable, seconds: float) -> Iterator[None]:
-    """While in the block, SIGTERM asks ``server`` to finish the requests it has received (for at most ``seconds``)
+def drain_on_sigterm(server: Drainable, seconds: float | None) -> Iterator[None]:
+    """While in the block, SIGTERM asks ``server`` to finish what it holds (for at most ``seconds``; None: nothing)
     and stop. KeyboardInterrupt is raised by a second SIGTERM, or when the block is still running ``seconds`` +
     :data:`CLOSE_GRACE` after the first (an alarm: SIGALRM). The previous handlers are restored on leaving.
 
@@ -51,10 +51,10 @@ def drain_on_sigterm(server: Drainable, seconds: float) -> Iterator[None]:
         if server.stopping:
             raise KeyboardInterrupt(f"signal {signum}")
         server.stop(drain=seconds)
-        signal.setitimer(signal.ITIMER_REAL, seconds + CLOSE_GRACE)
+        signal.setitimer(signal.ITIMER_REAL, (seconds or 0.0) + CLOSE_GRACE)
 
     def give_up(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"SIGTERM, and not stopped {seconds + CLOSE_GRACE:g} s later")
+        raise KeyboardInterrupt(f"SIGTERM, and not stopped {(seconds or 0.0) + CLOSE_GRACE:g} s later")
 
     previous_alarm = signal.signal(signal.SIGALRM, give_up)
     previous = signal.signal(signal.SIGTERM, terminate)
