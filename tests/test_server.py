@@ -6,13 +6,13 @@ import inspect
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TESTS, StartProcess, read_line, wait_ready
 
 from tensorcom import ConfigError, Connection, RequestServer, Server, StreamServer, URLError
 from tensorcom.pipeline import Collate, Conveyer, Map, Range
@@ -161,7 +161,9 @@ def test_stop_from_another_thread_ends_run_while_it_waits(kind: str, ipc_url: Ca
     assert not thread.is_alive() and result == [server.served]
 
 
-def test_run_server_drains_on_sigterm_and_announces_once_ready(tmp_path: Path) -> None:
+def test_run_server_drains_on_sigterm_and_announces_once_ready(
+    tmp_path: Path, start_process: StartProcess
+) -> None:
     """The shared run loop: announce() sees a ready server, SIGTERM makes run return and the program exit 0."""
     script = tmp_path / "program.py"
     script.write_text(
@@ -174,25 +176,14 @@ def test_run_server_drains_on_sigterm_and_announces_once_ready(tmp_path: Path) -
         "served = run_server(server, drain=5, announce=lambda s: print(ready_line(s), flush=True))\n"
         "print('served', served, flush=True)\n"
     )
-    process = subprocess.Popen(
-        [sys.executable, str(script), str(Path(__file__).parent), str(tmp_path / "socket")],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        words = process.stdout.readline().decode().split()
-        assert words == ["ready", f"zreq+ipc://{tmp_path / 'socket'}"]
-        with Connection(words[1], seed=2, timeout=THREAD_SECONDS) as connection:
-            assert connection.recv().tolist() == [0, 1]
-        os.kill(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=THREAD_SECONDS) == 0
-        assert process.stdout.readline().decode().split()[0] == "served"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=THREAD_SECONDS)
-        if process.stdout is not None:
-            process.stdout.close()
+    process = start_process(str(script), str(TESTS), str(tmp_path / "socket"), stdout=subprocess.PIPE)
+    url = wait_ready(process)
+    assert url == f"zreq+ipc://{tmp_path / 'socket'}"
+    with Connection(url, seed=2, timeout=THREAD_SECONDS) as connection:
+        assert connection.recv().tolist() == [0, 1]
+    os.kill(process.pid, signal.SIGTERM)
+    assert read_line(process).split()[0] == "served"
+    assert process.wait(timeout=THREAD_SECONDS) == 0
 
 
 def test_stop_refuses_a_negative_drain() -> None:
