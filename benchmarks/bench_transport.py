@@ -393,10 +393,16 @@ def tc01_python() -> str | None:
 def run_tc01(python: str, address: str, count: int, size: str) -> tuple[float, float, float, int]:
     """tensorcom 0.1.0 sending and receiving with its own Connection, in its own interpreter."""
     shape = ",".join(str(d) for d in SHAPES[size])
+    env = {
+        name: value for name, value in os.environ.items() if name != "PYTHONPATH"
+    }  # its own tensorcom, not ours
     receiver = subprocess.Popen(
-        [python, str(TC01_SCRIPT), "receive", address, str(count), shape], stdout=subprocess.PIPE, text=True
+        [python, str(TC01_SCRIPT), "receive", address, str(count), shape],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
-    sender = subprocess.Popen([python, str(TC01_SCRIPT), "send", address, str(count + 20), shape])
+    sender = subprocess.Popen([python, str(TC01_SCRIPT), "send", address, str(count + 20), shape], env=env)
     output, _ = receiver.communicate(timeout=300)
     sender.kill()
     sender.wait(timeout=30)
