@@ -8,7 +8,7 @@ is ever unpickled.
 ::
 
     client (DEALER)                                   server (ROUTER)
-    Hello    {seed, rank, world_size, base, gen} ->   Welcome {fingerprint, state, server}   (or Error)
+    Hello    {seed, rank, world_size, base, gen} ->   Welcome {fingerprint, state, server[, classes]}  (or Error)
     Request  {..., gen, step[, count][, shm]}    ->   Batch   {gen, step, epoch, indices, state, fingerprint,
              [count: n consecutive steps]                      server, kind[, keys]}
                                                       (n replies: one Batch, End or Error per step)
@@ -301,12 +301,17 @@ class Request(_ClientConfig):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome:
-    """The answer to HELLO: the served pipeline's fingerprint and its state at step 0."""
+    """The answer to HELLO: the served pipeline's fingerprint and its state at step 0.
+
+    ``classes`` (optional, absent when None): the names of the pipeline's classes, label i named ``classes[i]``,
+    for tools that caption samples. Older clients ignore it; servers that know none leave it out.
+    """
 
     command: ClassVar[Command] = Command.WELCOME
     fingerprint: str | None = None
     state: Any = None
     server: str | None = None
+    classes: tuple[str, ...] | None = None
 
     def encode(self) -> bytes:
         header = {
@@ -315,16 +320,21 @@ class Welcome:
             "fingerprint": self.fingerprint,
             "state": self.state,
             "server": self.server,
+            "classes": None if self.classes is None else list(self.classes),
         }
         return _pack(_without_none(header))
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
         command = Command.WELCOME
+        classes = fields.get("classes")
+        if classes is not None and (type(classes) is not list or not all(type(c) is str for c in classes)):
+            raise _field_error(command, source, "classes", "a list of strings or nil", classes)
         return cls(
             fingerprint=_optional_string(fields, "fingerprint", command, source),
             state=fields.get("state"),
             server=_optional_string(fields, "server", command, source),
+            classes=None if classes is None else tuple(classes),
         )
 
 

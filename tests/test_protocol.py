@@ -67,6 +67,14 @@ GOLDEN: dict[str, tuple[AnyMessage, str]] = {
         "343463313035313363a47374657001a673747265616d83a47365656401a565706f636800a8706f736974696f6e04a6736572766572a9"
         "686f73743a31323334",
     ),
+    # the optional field of issue 18, pinned from msgpack.packb of the header map in the documented field order
+    "welcome-classes": (
+        Welcome(fingerprint=FINGERPRINT, state=STATE, server="host:1234", classes=("cat", "dog", "emu")),
+        "86a17601a3636d6402ab66696e6765727072696e74d92037666338656266326232363339653138336338353763623434633130353133"
+        "63a5737461746584a6666f726d617401ab66696e6765727072696e74d920376663386562663262323633396531383363383537636234"
+        "3463313035313363a47374657001a673747265616d83a47365656401a565706f636800a8706f736974696f6e04a6736572766572a968"
+        "6f73743a31323334a7636c617373657393a3636174a3646f67a3656d75",
+    ),
     "batch": (
         Batch(
             gen=1,
@@ -189,6 +197,21 @@ def test_fields_a_newer_peer_adds_are_accepted(name: str) -> None:
     assert decode(extended.encode(), "newer peer") == message
 
 
+def test_class_names_only_add_a_field_to_welcome() -> None:
+    """The optional WELCOME field is additive both ways: without it the bytes are today's WELCOME (servers that
+    know no names send what they always sent, and those decode to classes None); with it, a peer that reads only
+    the fields it knows (an older client) finds today's WELCOME."""
+    plain, golden = GOLDEN["welcome"]
+    named, named_golden = GOLDEN["welcome-classes"]
+    assert decode(bytes.fromhex(golden), "old server") == plain and plain.classes is None
+    header = Message.decode(bytes.fromhex(named_golden))
+    older = {
+        name: value for name, value in header.fields.items() if name in ("fingerprint", "state", "server")
+    }
+    assert Message(Command.WELCOME, older).encode().hex() == golden
+    assert header.fields["classes"] == ["cat", "dog", "emu"] and named.classes == ("cat", "dog", "emu")
+
+
 def _request(**fields: Any) -> dict[str, Any]:
     return {"seed": 1, "rank": 0, "world_size": 2, "base": {"state": None, "epoch": None}, "gen": 3, **fields}
 
@@ -216,6 +239,8 @@ MALFORMED: list[tuple[Command, dict[str, Any], str]] = [
         "base state .* field 'step' is out of range",
     ),
     (Command.WELCOME, {"fingerprint": 3}, "field 'fingerprint' .* must be a string"),
+    (Command.WELCOME, {"classes": "cat"}, "field 'classes' .* must be a list of strings or nil"),
+    (Command.WELCOME, {"classes": ["cat", 1]}, "field 'classes' .* must be a list of strings or nil"),
     (Command.BATCH, {"gen": "1", "step": 0, "kind": "single"}, "field 'gen'"),
     (Command.BATCH, {"step": 0, "epoch": "0", "kind": "single"}, "field 'epoch'"),
     (Command.BATCH, {"kind": "single"}, "has no field 'step'"),

@@ -105,6 +105,10 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         shm: read batches from shared memory when the server is on this host (:mod:`tensorcom._net.shm`). None (the
             default): for ``ipc://`` servers, unless $TENSORCOM_SHM is 0. False: always through the socket.
             The arrays of such a batch are views of shared memory; its slot is reused once they are all dropped.
+
+    Once open, ``fingerprint`` names the served pipeline and ``class_names`` holds the names of its classes (label i
+    named ``class_names[i]``) where the servers send them in their WELCOME (serve-imagenet-dir: its class folders),
+    else None. Stream servers have no such handshake: a stream connection has no ``class_names``.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         self.heartbeat = heartbeat
         self.dead_after = dead_after if dead_after is not None else max(3 * heartbeat, 2.0)
         self.fingerprint: str | None = None
+        self.class_names: tuple[str, ...] | None = None
         self._servers = [
             _Server(endpoint, shm=self._shm and endpoint.url.transport == "ipc")
             for endpoint in self._endpoints
@@ -284,6 +289,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             raise StateError(
                 f"the state was saved from pipeline {expected}; server {server.address} serves {fingerprint}"
             )
+        if self.class_names is None:
+            self.class_names = message.classes
         if self.fingerprint is None:
             self.fingerprint = fingerprint
         elif fingerprint != self.fingerprint:

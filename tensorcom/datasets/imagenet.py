@@ -541,7 +541,9 @@ def image_pipeline(
 
     Batches are ``(images, labels)``: ``images`` uint8 ``(B, size, size, 3)`` (float32 with ``normalize``),
     ``labels`` int64 ``(B,)``. ``workers > 0`` decodes in that many worker processes (a ``DistributedBatchedMap``:
-    same batches, same fingerprint). ``repeating`` goes on with a new order each epoch.
+    same batches, same fingerprint). ``repeating`` goes on with a new order each epoch. The pipeline's
+    ``class_names`` are the dataset's ``classes`` (an :class:`ImageDirectory`'s class folders; None for shards), which
+    a request server sends its clients so that tools caption images by name.
     """
     from tensorcom.pipeline import Collate, Conveyer, DistributedBatchedMap, Map, Partition, Permutation
 
@@ -551,7 +553,7 @@ def image_pipeline(
         raise ConfigError(f"workers must be >= 0. Found: {workers}")
     transform = ImageTransform(dataset, size, normalize=normalize, augment=augment, draft=draft)
     decode: Any = DistributedBatchedMap(transform, n_workers=workers) if workers else Map(transform)
-    return Conveyer(
+    pipeline: Any = Conveyer(
         [
             Permutation(len(dataset), seed=seed, repeating=repeating),
             Partition(rank, world_size),
@@ -559,6 +561,9 @@ def image_pipeline(
             Collate(batch_size),
         ]
     )
+    classes = getattr(dataset, "classes", None)
+    pipeline.class_names = None if classes is None else tuple(classes)
+    return pipeline
 
 
 @functools.lru_cache(maxsize=4)

@@ -2,7 +2,8 @@
 
 :class:`RequestHandler` turns one request into an encoded reply (a BATCH with its tensor frames, an END, or an
 ERROR); it runs in each worker process (:func:`worker_main`) or, with ``workers=0``, inside the front end. A handler
-keeps recently used pipelines, so consecutive steps cost one ``next`` and others a random-access ``skip``.
+keeps recently used pipelines, so consecutive steps cost one ``next`` and others a random-access ``skip``. A
+pipeline with a ``class_names`` attribute (label i named ``class_names[i]``) has them sent in the WELCOME.
 """
 
 from __future__ import annotations
@@ -132,8 +133,12 @@ class RequestHandler:
             if isinstance(message, Hello):
                 pipeline = self._build(message)
                 try:
+                    names = getattr(pipeline, "class_names", None)  # optional: label i is named names[i]
                     reply = Welcome(
-                        fingerprint=pipeline.fingerprint, state=pipeline.state(), server=self.server
+                        fingerprint=pipeline.fingerprint,
+                        state=pipeline.state(),
+                        server=self.server,
+                        classes=None if names is None else tuple(str(name) for name in names),
                     )
                 finally:
                     pipeline.close()
