@@ -40,24 +40,43 @@ def test_import_tensorcom_loads_no_heavy_library() -> None:
     assert loaded_after("import tensorcom, tensorcom.codec, tensorcom.pipeline", (*HEAVY, "zmq")) == []
 
 
-@pytest.mark.parametrize(
-    "entry",
-    [
-        "tensorcom.cli.main:main",
-        "tensorcom_tools.tensormon:main",
-        "tensorcom_tools.tensorshow:main",
-        "tensorcom_tools.tensorstat:main",
-        "tensorcom_servers.synthetic:main",
-        "tensorcom_servers.imagenet_dir:main",
-        "tensorcom_servers.imagenet_shards:main",
-    ],
-    ids=lambda entry: entry.split(":")[0].rpartition(".")[2],
-)
-def test_help_loads_no_heavy_library(entry: str) -> None:
-    """PROGRAM --help loads neither ml_dtypes, torch, Keras, matplotlib nor Pillow."""
+PROGRAMS = {
+    "tensorcom": "tensorcom.cli.main:main",
+    "tensormon": "tensorcom_tools.tensormon:main",
+    "tensorshow": "tensorcom_tools.tensorshow:main",
+    "tensorstat": "tensorcom_tools.tensorstat:main",
+    "serve-synthetic": "tensorcom_servers.synthetic:main",
+    "serve-imagenet-dir": "tensorcom_servers.imagenet_dir:main",
+    "serve-imagenet-shards": "tensorcom_servers.imagenet_shards:main",
+}
+
+
+def run_program(entry: str, *args: str) -> str:
+    """Code that runs the program at ``entry`` (MODULE:FUNCTION) with ``args`` in a fresh interpreter."""
     module, _, function = entry.partition(":")
-    code = f"import importlib\nsys.argv = ['program', '--help']\nimportlib.import_module({module!r}).{function}()\n"
-    assert loaded_after(code) == []
+    argv = ["program", *args]
+    return f"import importlib\nsys.argv = {argv!r}\nimportlib.import_module({module!r}).{function}()\n"
+
+
+@pytest.mark.parametrize("entry", list(PROGRAMS.values()), ids=list(PROGRAMS))
+@pytest.mark.parametrize("flag", ["--help", "--version"], ids=["help", "version"])
+def test_help_and_version_load_no_heavy_library(entry: str, flag: str) -> None:
+    """PROGRAM --help and --version load neither zmq, ml_dtypes, torch, Keras, matplotlib nor Pillow."""
+    assert loaded_after(run_program(entry, flag), (*HEAVY, "zmq")) == []
+
+
+def test_server_and_client_packages_load_zmq_on_first_use() -> None:
+    """Importing tensorcom.server, tensorcom.client or tensorcom.server.signals loads no zmq; their classes load
+    it when first asked for, and Server then knows both kinds (it dispatches by URL)."""
+    code = (
+        "import tensorcom.server, tensorcom.client, tensorcom.server.signals\n"
+        "assert 'zmq' not in sys.modules\n"
+        "from tensorcom.server import Server\n"
+        "assert sorted(Server._kinds) == ['PUB', 'PUSH', 'ROUTER'], Server._kinds\n"
+        "from tensorcom.client import Connection\n"
+        "assert sorted(Connection._kinds) == ['zpull', 'zreq', 'zrpull', 'zrsub', 'zsub'], Connection._kinds\n"
+    )
+    assert loaded_after(code, ("zmq",)) == ["zmq"]
 
 
 def test_bfloat16_decodes_without_ml_dtypes_imported_first() -> None:

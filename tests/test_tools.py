@@ -5,22 +5,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import StartProcess, read_line
+from imagenet_fixtures import CLASSES, make_image_folder, start_image_server
 from PIL import Image
 
 from tensorcom import codec
+from tensorcom.client import Connection
+from tensorcom.errors import ConfigError
 from tensorcom.monitoring.grids import IMAGENET_MEAN, IMAGENET_STD, load_class_names, to_display_images
-from tensorcom.monitoring.plots import PANEL_HEIGHT, PANEL_WIDTH, PLOT_BOX
-from tensorcom.monitoring.statistics import ArrayStatistics
+from tensorcom.monitoring.plots import DPI, PANEL_HEIGHT, WIDTH, Histogram, histogram_figure, rate_figure
+from tensorcom.monitoring.statistics import ArrayStatistics, BatchStatistics
 from tensorcom.monitoring.throughput import ThroughputMonitor
 from tensorcom_tools import tensormon, tensorshow, tensorstat
 
@@ -83,6 +90,10 @@ def test_tensormon_counts_and_rates_match_what_was_sent(
     assert 0 < summary["latency_median_s"] <= summary["latency_p99_s"] <= summary["seconds"]
     assert 0 < summary["stall_s"] <= summary["seconds"]
     assert sum(line["batches"] for line in lines[:-1]) <= 20
+    so_far = 0
+    for line in lines[:-1]:  # each interval counts its own batches and says how many came so far
+        so_far += line["batches"]
+        assert line["total_batches"] == so_far
     assert list(summary["servers"]) == [ipc_url("zrpull").replace("zrpull+", "")]
 
 
@@ -346,11 +357,10 @@ def test_tensorstat_figures_equal_numpys(
     }
     assert "classes" not in report["positions"][0] and "classes" not in report["positions"][2]
     picture = read_png(plot)
-    assert picture.shape == (3 * PANEL_HEIGHT, PANEL_WIDTH, 3)
-    left, top, right, bottom = PLOT_BOX
-    for panel in range(3):
-        area = picture[panel * PANEL_HEIGHT + top : panel * PANEL_HEIGHT + bottom, left:right]
-        assert (area != 255).any()  # bars were drawn
+    assert picture.shape == (round(3 * PANEL_HEIGHT * DPI), round(WIDTH * DPI), 3)
+    panel = picture.shape[0] // 3
+    for number in range(3):
+        assert (picture[number * panel : (number + 1) * panel] != 255).any(axis=2).mean() > 0.01  # drawn on
 
 
 def test_tensorstat_text_report(synthetic_server: StartProcess, ipc_url: Callable[..., str]) -> None:
@@ -425,3 +435,177 @@ def test_request_options_need_zreq_urls() -> None:
     result = CliRunner().invoke(tensorstat.main, ["zrpull://127.0.0.1:5", "--rank", "1"])
     assert result.exit_code == 2
     assert result.output.strip() == "Error: --rank: only for zreq:// URLs. Found: zrpull://127.0.0.1:5"
+
+
+# tensormon: what a person reads ----------------------------------------------------------------------------------
+
+
+def test_tensormon_lines_name_the_one_server_and_count_batches_so_far(
+    synthetic_server: StartProcess, ipc_url: Callable[..., str]
+) -> None:
+    """With one server, each plain line names its address; the batch count grows from line to line (the total so
+    far) and ends at what was received, while batches/s is the interval's rate."""
+    synthetic_server(ipc_url("zrpush"), count=40, batch_size=2, size=8)
+    output = invoke(tensormon.main, ipc_url("zrpull"), "-n", "40", "--interval", "0.001", "--no-live")
+    address = ipc_url("zrpull").replace("zrpull+", "")
+    lines = [line for line in output.splitlines() if re.match(r"\s*[\d.]+ s  ", line)]
+    assert lines, output
+    totals = []
+    for line in lines:
+        match = re.fullmatch(
+            rf"\s*[\d.]+ s  {re.escape(address)}\s+(\d+) batches  [\d.]+ batches/s  .*", line
+        )
+        assert match, line
+        totals.append(int(match.group(1)))
+    assert totals == sorted(totals) and totals[-1] <= 40 and len(set(totals)) > 1
+    assert f"  {address}: 40 batches" in output  # the summary names it too
+
+
+def test_tensormon_plots_rates_per_server(
+    synthetic_server: StartProcess, ipc_url: Callable[..., str], tmp_path: Path
+) -> None:
+    """--plot writes batches/s and MB/s over time as a PNG: one line per server and one for all of them."""
+    pytest.importorskip("matplotlib")
+    synthetic_server(ipc_url("zrpush", "s0"), count=30, batch_size=4)
+    synthetic_server(ipc_url("zrpush", "s1"), count=30, batch_size=3)
+    plot = tmp_path / "rates.png"
+    output = invoke(
+        tensormon.main, ipc_url("zrpull", "s{0,1}"), "-n", "60", "--interval", "0.001", "--plot", str(plot)
+    )
+    assert f"wrote {plot}: rates over" in output
+    assert read_png(plot).shape == (round(2 * PANEL_HEIGHT * DPI), round(WIDTH * DPI), 3)
+
+
+def test_rate_charts_have_a_line_per_server_labelled_axes_and_a_legend() -> None:
+    """The rate chart of two servers has, per panel, a line for each server and one for all, axis labels, ticks
+    and a legend naming them; a server silent in an interval shows 0 there."""
+    pytest.importorskip("matplotlib")
+    clock = iter([0.0]).__next__
+    monitor = ThroughputMonitor(clock=clock)
+    history = []
+    for second, endpoints in ((1.0, ["a", "b"]), (2.0, ["a"]), (3.0, ["a", "b", "b"])):
+        for endpoint in endpoints:
+            monitor.record(endpoint, 4, 1_000_000, 0.01, now=second - 0.5)
+        history.append((second, monitor.interval(now=second)))
+    charts = tensormon.rate_charts(history)
+    assert list(charts) == ["batches/s", "MB/s"]
+    assert [series.name for series in charts["batches/s"]] == ["a", "b", "all"]
+    assert list(charts["batches/s"][1].values) == [1.0, 0.0, 2.0]
+    assert list(charts["MB/s"][2].values) == [2.0, 1.0, 3.0]
+    figure = rate_figure(charts, title="rates")
+    for axes, label in zip(figure.axes, charts, strict=True):
+        assert (axes.get_xlabel(), axes.get_ylabel()) == ("seconds since start", label)
+        assert len(axes.get_lines()) == 3 and len(axes.get_yticks()) > 2
+        assert [text.get_text() for text in axes.get_legend().get_texts()] == ["a", "b", "all"]
+
+
+# tensorstat: histograms ------------------------------------------------------------------------------------------
+
+
+def test_histograms_have_ticks_across_the_range_and_separated_bars() -> None:
+    """A value histogram has ticks between its ends (not only min and max) and a gap between neighbouring bars;
+    a label histogram has one bar per class, a tick under each, and gaps too; every panel labels its axes."""
+    pytest.importorskip("matplotlib")
+    statistics = BatchStatistics(sample_limit=10_000)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        statistics.update([rng.normal(0.0, 1.0, (16, 8)).astype(np.float32), rng.integers(0, 5, 16)])
+    figure = histogram_figure(tensorstat.histograms(statistics))
+    values, labels = figure.axes
+    assert (values.get_xlabel(), values.get_ylabel(), labels.get_xlabel()) == ("value", "count", "label")
+    low, high = values.get_xlim()
+    inside = [tick for tick in values.get_xticks() if low < tick < high]
+    assert len(inside) >= 3
+    for axes in (values, labels):
+        bars = sorted(axes.patches, key=lambda bar: bar.get_x())
+        assert len(bars) > 1
+        assert all(a.get_x() + a.get_width() < b.get_x() for a, b in pairwise(bars))
+    assert [bar.get_x() + bar.get_width() / 2 for bar in labels.patches] == pytest.approx([0, 1, 2, 3, 4])
+    assert list(labels.get_xticks()) == [0, 1, 2, 3, 4]
+    assert labels.get_title(loc="left").startswith("[1] int64")
+
+
+def test_a_discrete_histogram_needs_one_integer_per_bin() -> None:
+    """Histogram(discrete=True) refuses bins that are not one integer wide, naming what it expected."""
+    with pytest.raises(ConfigError, match="one bin per integer"):
+        Histogram("t", [1, 2], 0.0, 4.0, discrete=True)
+    with pytest.raises(ConfigError, match="high edge must be > its low edge"):
+        Histogram("t", [1], 3.0, 3.0)
+
+
+# output paths and optional libraries ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "program, option",
+    [(tensorstat, "--plot"), (tensormon, "--plot"), (tensorshow, "--output")],
+    ids=["tensorstat", "tensormon", "tensorshow"],
+)
+def test_an_output_in_a_missing_folder_fails_before_any_work(
+    program: Any, option: str, tmp_path: Path, ipc_url: Callable[..., str]
+) -> None:
+    """An output file in a folder that does not exist ends the program at once (no server is even there) with one
+    clean line naming the option, the folder and what is expected, and exit code 2."""
+    path = tmp_path / "missing" / "out.png"
+    started = time.monotonic()
+    result = CliRunner().invoke(program.main, [ipc_url("zrpull"), option, str(path), "--timeout", "60"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        f"Error: {option} {str(path)!r}: folder {str(path.parent)!r} does not exist; "
+        "expected a file in an existing folder"
+    ]
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("program", ["tensorstat", "tensormon"])
+def test_plot_without_matplotlib_says_how_to_install_it(program: str, tmp_path: Path) -> None:
+    """Where matplotlib cannot be imported, --plot fails at once with one line naming pip install
+    'tensorcom[tools]' (exit code 2), before connecting."""
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # as if it were not installed\n"
+        f"from tensorcom_tools.{program} import main\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, f"zrpull+ipc://{tmp_path}/none", "--plot", str(tmp_path / "p.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: drawing charts needs matplotlib, which is not installed: pip install 'tensorcom[tools]'"
+    ]
+
+
+# tensorshow: class names from the server --------------------------------------------------------------------------
+
+
+def test_tensorshow_captions_with_the_class_names_a_zreq_server_sends(
+    start_process: StartProcess, tmp_path: Path
+) -> None:
+    """serve-imagenet-dir sends its class folder names in WELCOME: the connection exposes them and tensorshow
+    captions with them without a names file; a names file still wins."""
+    folder = make_image_folder(tmp_path / "images", corrupt=False)
+    _, url = start_image_server(
+        start_process, "imagenet_dir", tmp_path / "server.log", "-d", str(folder), "-b", "4", "--size", "16"
+    )
+    with Connection(url, timeout=60) as connection:
+        assert connection.class_names == CLASSES
+    output = invoke(tensorshow.main, url, "-o", str(tmp_path / "grid.png"))
+    assert "captioned with class names from the server" in output
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["tabby", "hound", "bird"]))
+    output = invoke(tensorshow.main, url, "-o", str(tmp_path / "grid.png"), "--classes", str(names))
+    assert "captioned with class names from --classes" in output
+
+
+def test_servers_without_class_names_send_none(
+    request_server: Callable[..., tuple[subprocess.Popen[bytes], str]],
+) -> None:
+    """A zreq server whose pipeline has no class names leaves them out: the connection's class_names is None."""
+    _, url = request_server("factories:small")
+    with Connection(url, timeout=60) as connection:
+        assert connection.class_names is None
+        connection.recv()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from tensorcom.cli import client_key_options
-from tensorcom.client import Connection
 from tensorcom.errors import ConfigError
 from tensorcom.urls import expand_urls, parse_url
+
+if TYPE_CHECKING:
+    from tensorcom.client import Connection
 
 Function = TypeVar("Function", bound=Callable[..., Any])
 
@@ -60,6 +62,8 @@ def open_connection(urls: tuple[str, ...], timeout: float, **request: int | None
     """A Connection to the URLs (brace expansion applies). The request options (seed, rank, world_size) are passed
     on only when given, and only to zreq:// URLs, whose stream they choose. CURVE keys come from the command's
     --client-key/--server-public-key, else from $TENSORCOM_CLIENT_KEY/$TENSORCOM_SERVER_PUBLIC_KEY."""
+    from tensorcom.client import Connection  # zmq loads when a tool connects, not for --help
+
     given: dict[str, Any] = {name: value for name, value in request.items() if value is not None}
     if given:
         parsed = [parse_url(url) for url in expand_urls(urls)]

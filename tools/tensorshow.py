@@ -8,7 +8,7 @@ import sys
 import click
 import numpy as np
 
-from tensorcom.cli import TensorcomCommand
+from tensorcom.cli import TensorcomCommand, check_output_path, version_option
 from tensorcom.errors import ConfigError
 from tensorcom.monitoring.grids import (
     LAYOUTS,
@@ -17,6 +17,7 @@ from tensorcom.monitoring.grids import (
     find_label_array,
     load_class_names,
     make_grid,
+    require_pillow,
     to_display_images,
 )
 from tensorcom_tools._connect import connection_options, open_connection
@@ -33,6 +34,7 @@ def has_display() -> bool:
 
 
 @click.command(cls=TensorcomCommand)
+@version_option("tensorshow")
 @connection_options
 @click.option(
     "-n", "--count", type=click.IntRange(min=1), default=1, show_default=True, help="Batches to show."
@@ -41,7 +43,10 @@ def has_display() -> bool:
     "-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the grid to this PNG file."
 )
 @click.option(
-    "--classes", type=click.Path(exists=True, dir_okay=False), default=None, help="JSON file of class names."
+    "--classes",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="JSON file of class names (default: the names a zreq server sends, if any).",
 )
 @click.option(
     "--index",
@@ -92,12 +97,22 @@ def main(
     """Show the images of the next --count batches from URLS in a grid, labelled with their classes.
 
     Writes a PNG when --output is given or no display is available (to tensorshow.png), opens a window otherwise.
-    Images may be NHWC or NCHW, uint8 or float (normalised for display), colour or greyscale.
+    Images may be NHWC or NCHW, uint8 or float (normalised for display), colour or greyscale. Captions are class
+    names from --classes, else those a zreq server sends (serve-imagenet-dir sends its class folder names; stream
+    servers send none), else the label values.
     """
+    require_pillow()  # before connecting: a missing Pillow or an unwritable output fails at once
+    path = output if output is not None else None if has_display() else DEFAULT_OUTPUT  # None: a window
+    if path is not None:
+        check_output_path(path, "--output")
     names = load_class_names(classes) if classes else {}
+    named_by = "--classes" if classes else ""
     images: list[np.ndarray] = []
     labels: list[str] = []
     with open_connection(urls, timeout, seed=seed, rank=rank, world_size=world_size) as connection:
+        sent = getattr(connection, "class_names", None)  # what a zreq server sent when the connection opened
+        if not classes and sent:
+            names, named_by = dict(enumerate(sent)), "the server"
         for _ in range(count):
             batch = [np.asarray(array) for array in connection.recv()]
             position = find_image_array(batch) if index is None else index
@@ -119,11 +134,12 @@ def main(
     grid_labels = labels[:max_images] if any(labels) else None
     picture, grid = make_grid(grid_images, grid_labels, columns=columns, scale=scale)
     description = f"{grid.count} images from {count} batch{'es' if count > 1 else ''} in a {grid.columns}x{grid.rows} grid, {grid.size[0]}x{grid.size[1]} px"
-    if output is None and has_display():
+    if grid_labels is not None and named_by:
+        description += f", captioned with class names from {named_by}"
+    if path is None:
         picture.show(title="tensorshow")
         click.echo(f"showing {description}")
         return
-    path = output or DEFAULT_OUTPUT
     try:
         picture.save(path, format="PNG")
     except OSError as error:

@@ -6,9 +6,8 @@ import json
 
 import click
 
-from tensorcom.cli import TensorcomCommand
-from tensorcom.errors import ConfigError
-from tensorcom.monitoring.plots import BarChart, draw_bar_charts
+from tensorcom.cli import TensorcomCommand, check_output_path, version_option
+from tensorcom.monitoring.plots import Histogram, draw_histograms, require_matplotlib
 from tensorcom.monitoring.statistics import ArrayStatistics, BatchStatistics
 from tensorcom_tools._connect import connection_options, open_connection
 
@@ -44,28 +43,40 @@ def describe(position: int, statistics: ArrayStatistics) -> list[str]:
     return lines
 
 
-def charts(statistics: BatchStatistics) -> list[BarChart]:
-    """One histogram per position: label counts for label arrays, values (a sample of them) otherwise."""
+def histograms(statistics: BatchStatistics) -> list[Histogram]:
+    """One histogram per position: label counts for label arrays, values (a sample of them) otherwise; integer
+    values in bins of one value each get a bar on each value."""
     result = []
     for position, figures in enumerate(statistics.positions):
         counts, low, high = figures.histogram()
-        if figures.minimum is not None and figures.maximum is not None:
-            low, high = figures.minimum, figures.maximum  # the axis shows the values seen, not the bin edges
-        what = "classes" if figures.is_labels else "values"
         shapes = ", ".join(str(shape) for shape in figures.shapes)
-        title = f"[{position}] {', '.join(figures.dtypes)} {shapes}: {what}"
-        result.append(BarChart(title, counts.tolist(), low, high))
+        what = "class counts" if figures.is_labels else "values"
+        discrete = isinstance(figures.minimum, int) and high - low == len(counts) > 0
+        result.append(
+            Histogram(
+                f"[{position}] {', '.join(figures.dtypes)} {shapes}: {what}",
+                counts.tolist(),
+                low,
+                high,
+                xlabel="label" if figures.is_labels else "value",
+                discrete=discrete,
+            )
+        )
     return result
 
 
 @click.command(cls=TensorcomCommand)
+@version_option("tensorstat")
 @connection_options
 @click.option(
     "-n", "--count", type=click.IntRange(min=1), default=10, show_default=True, help="Batches to read."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON document.")
 @click.option(
-    "--plot", type=click.Path(dir_okay=False), default=None, help="Write histograms to this PNG file."
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a histogram of each position to this PNG file (needs matplotlib: pip install 'tensorcom[tools]').",
 )
 def main(
     urls: tuple[str, ...],
@@ -79,6 +90,9 @@ def main(
 ) -> None:
     """Read --count batches from URLS and report, per array position: dtype, shapes, min, max, mean, std, NaN and
     Inf counts (figures over the finite values), and the class histogram of 1-D integer (label) arrays."""
+    if plot:  # before reading: a bad path or a missing matplotlib fails at once
+        check_output_path(plot, "--plot")
+        require_matplotlib()
     statistics = BatchStatistics(sample_limit=PLOT_SAMPLES if plot else 0)
     with open_connection(urls, timeout, seed=seed, rank=rank, world_size=world_size) as connection:
         for _ in range(count):
@@ -91,11 +105,7 @@ def main(
             for line in describe(position, figures):
                 click.echo(line)
     if plot:
-        picture = draw_bar_charts(charts(statistics))
-        try:
-            picture.save(plot, format="PNG")
-        except OSError as error:
-            raise ConfigError(f"cannot write {plot!r}: {error}") from error
+        draw_histograms(histograms(statistics), plot)
         click.echo(f"wrote {plot}: {len(statistics.positions)} histograms", err=as_json)
 
 

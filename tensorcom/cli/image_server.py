@@ -9,17 +9,17 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from tensorcom._net.security import KeyPath
 from tensorcom.cli.options import (
     TensorcomCommand,
     echo_ready,
     server_key_options,
     setup_logging,
     stop_on_sigterm,
+    version_option,
 )
 from tensorcom.datasets.imagenet import (
     ImageDataset,
@@ -29,9 +29,11 @@ from tensorcom.datasets.imagenet import (
     image_pipeline,
 )
 from tensorcom.errors import ConfigError
-from tensorcom.server import Server
-from tensorcom.server.run import run_server
 from tensorcom.urls import expand_urls, parse_url
+
+if TYPE_CHECKING:
+    from tensorcom._net.security import KeyPath
+    from tensorcom.server import Server
 
 __all__ = [
     "REQUEST_REPLY_QUEUE",
@@ -149,6 +151,8 @@ def build_image_server(
     window always fits. Rates (batches/s, images/s) are logged every ``report_interval`` seconds.
     ``server_key`` and ``client_keys`` turn on CURVE (else $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS apply).
     """
+    from tensorcom.server import Server  # zmq loads only in a program that serves
+
     expanded = expand_urls(list(urls))
     options: dict[str, Any] = {
         "batch_size": batch_size,
@@ -183,6 +187,8 @@ def build_image_server(
 def run_image_server(dataset_of: Callable[[], ImageDataset], urls: tuple[str, ...], **options: Any) -> None:
     """Index the data (errors before any socket opens), print "ready URL...", serve until SIGINT or SIGTERM (which
     lets the server finish what it holds for at most --drain seconds; a second one stops at once)."""
+    from tensorcom.server.run import run_server
+
     setup_logging(options.pop("verbose"), options.pop("quiet"))
     stop_on_sigterm()
     dataset = dataset_of()
@@ -195,6 +201,7 @@ def run_image_server(dataset_of: Callable[[], ImageDataset], urls: tuple[str, ..
 
 
 @click.command(cls=TensorcomCommand)
+@version_option("serve-imagenet-dir")
 @click.option(
     "-d",
     "--directory",
@@ -217,6 +224,7 @@ def serve_imagenet_dir(directory: str, urls: tuple[str, ...], **options: Any) ->
 
 
 @click.command(cls=TensorcomCommand)
+@version_option("serve-imagenet-shards")
 @click.option(
     "-s",
     "--shards",

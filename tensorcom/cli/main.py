@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -17,31 +18,134 @@ from tensorcom.cli.options import (
     server_key_options,
     setup_logging,
     stop_on_sigterm,
+    version_option,
 )
 
 __all__ = ["main"]
 
 
 @click.group(cls=TensorcomGroup)
+@version_option("tensorcom")
 def main() -> None:
     """tensorcom: deterministic, disaggregated data loading over ZeroMQ."""
 
 
+DEMO_READY_TIMEOUT = 30.0
+"""Seconds ``tensorcom demo`` waits for its server's ready line."""
+_DEMO_SCHEMES = ("zpush", "zpub", "zrpush", "zrpub")
+
+
+def _demo_server_url(context: click.Context, parameter: click.Parameter, url: str | None) -> str | None:
+    """``--url``: the URL if the demo's synthetic server can send on it, else a click error saying what is
+    expected (checked before the server starts)."""
+    if url is None:
+        return None
+    from tensorcom.errors import URLError
+    from tensorcom.urls import PEER_SCHEMES, expand_urls, parse_url
+
+    expected = (
+        "the server's URL: one stream URL it sends on (zpub://, zpush://, zrpush:// or zrpub://, over tcp or ipc), "
+        "e.g. zpub://127.0.0.1:7880"
+    )
+    try:
+        expanded = expand_urls(url)
+        if len(expanded) != 1:
+            raise click.BadParameter(f"expected {expected}. Found {len(expanded)} URLs: {url!r}")
+        parsed = parse_url(expanded[0])
+    except URLError as error:
+        raise click.BadParameter(f"{error}. Expected {expected}") from None
+    if parsed.scheme not in _DEMO_SCHEMES:
+        what = {"ROUTER": "a request server's URL", "DEALER": "a request client's URL"}.get(
+            parsed.socket_type, f"a client's URL (its server side is {PEER_SCHEMES[parsed.scheme]}://)"
+        )
+        raise click.BadParameter(f"expected {expected}. Found {what}: {url!r}")
+    if parsed.transport == "inproc":
+        raise click.BadParameter(
+            f"expected {expected}. Found inproc, which cannot reach another process: {url!r}"
+        )
+    return expanded[0]
+
+
+def _read_ready_line(server: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """The server's ``ready URL...`` line; "" when its stdout ends first, None when none comes within ``timeout``."""
+    stream = server.stdout
+    if stream is None:
+        raise ValueError("the server's stdout must be a pipe")
+    deadline = time.monotonic() + timeout
+    received = b""
+    while True:
+        lines = received.split(b"\n")
+        for line in lines[:-1]:
+            if line.startswith(b"ready "):
+                return line.decode(errors="replace").strip()
+        received = lines[-1]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        readable, _, _ = select.select([stream], [], [], left)
+        if readable:
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                return ""
+            received += chunk
+
+
+def _server_failure(
+    server: subprocess.Popen[bytes], errors: Any, timeout: float, ended: bool
+) -> click.ClickException:
+    """The error for a demo server that never said it was ready (``ended``: its stdout closed): its exit code or
+    the wait, and its stderr."""
+    try:
+        code = server.wait(timeout=10) if ended else server.poll()
+    except subprocess.TimeoutExpired:
+        code = None
+    if code is not None:
+        why = f"exited with code {code}"
+    elif ended:
+        why = "closed its stdout"
+    else:
+        why = f"printed no 'ready URL' line within {timeout:g} s"
+    errors.flush()
+    errors.seek(0)
+    text = errors.read().decode(errors="replace").strip()
+    shown = f"; its stderr:\n{text}" if text else " and wrote nothing to stderr"
+    return click.ClickException(
+        f"the demo server {why}; expected it to print 'ready URL' once listening{shown}"
+    )
+
+
 @main.command()
-@click.option("--seconds", default=5.0, show_default=True, help="How long to receive batches.")
-@click.option("-b", "--batch-size", default=64, show_default=True, help="Images per batch.")
-@click.option("--size", default=224, show_default=True, help="Image height and width.")
-@click.option("--url", default=None, help="Server URL to use (default: an ipc socket in a temporary folder).")
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="How long to receive batches (at least one batch is received).",
+)
+@click.option(
+    "-b", "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch."
+)
+@click.option(
+    "--size", type=click.IntRange(min=1), default=224, show_default=True, help="Image height and width."
+)
+@click.option(
+    "--url",
+    default=None,
+    metavar="URL",
+    callback=_demo_server_url,
+    help="The server's URL, a stream URL it sends on (e.g. zpub://127.0.0.1:7880); the client connects to the URL "
+    "the server prints. Default: zrpush over an ipc socket in a temporary folder.",
+)
 def demo(seconds: float, batch_size: int, size: int, url: str | None) -> None:
     """Start a synthetic image server in a child process, receive from it, and print the throughput.
 
-    The server sends uint8 NHWC image batches plus int64 labels; the client checks that the labels arrive in order.
+    The server sends uint8 NHWC image batches plus int64 labels; the client connects to the URL on the server's
+    ready line and checks that the labels arrive in order.
     """
     from tensorcom.client import Connection
 
     with tempfile.TemporaryDirectory(prefix="tensorcom-demo-") as folder:
         server_url = url or f"zrpush+ipc://{os.path.join(folder, 'demo.sock')}"
-        client_url = server_url.replace("zrpush", "zrpull", 1) if url is None else server_url
         command = [
             sys.executable,
             "-m",
@@ -53,31 +157,49 @@ def demo(seconds: float, batch_size: int, size: int, url: str | None) -> None:
             "--quiet",
             server_url,
         ]
-        click.echo(f"server: {' '.join(command[2:])}")
-        server = subprocess.Popen(command)
-        try:
-            with Connection(client_url, timeout=30.0) as connection:
-                click.echo(f"client: Connection({client_url!r}) for {seconds:g} s")
-                start = time.monotonic()
-                count = nbytes = 0
-                expected = 0
-                while time.monotonic() - start < seconds:
-                    images, labels = connection.recv()
-                    if int(labels[0]) != expected % 1000:
-                        raise click.ClickException(
-                            f"batch out of order: label {int(labels[0])}, expected {expected}"
-                        )
-                    expected += batch_size
-                    count += 1
-                    nbytes += images.nbytes + labels.nbytes
-                elapsed = time.monotonic() - start
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        click.echo(f"server: serve-synthetic {' '.join(command[3:])}")
+        with open(os.path.join(folder, "server.stderr"), "w+b") as errors:
+            server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors)
+            try:
+                ready = _read_ready_line(server, DEMO_READY_TIMEOUT)
+                if not ready:
+                    raise _server_failure(server, errors, DEMO_READY_TIMEOUT, ended=ready == "")
+                client_url = ready.split()[1]
+                with Connection(client_url, timeout=DEMO_READY_TIMEOUT) as connection:
+                    click.echo(f"client: Connection({client_url!r}) for {seconds:g} s")
+                    count, nbytes, shape, elapsed = _receive(connection, seconds, batch_size)
+            finally:
+                server.terminate()
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait(timeout=30)
+                if server.stdout is not None:
+                    server.stdout.close()
     click.echo(
-        f"received {count} batches of {tuple(images.shape)} uint8 + labels in {elapsed:.1f} s: "
+        f"received {count} batch{'es' if count != 1 else ''} of {shape} uint8 + labels in {elapsed:.1f} s: "
         f"{count / elapsed:.1f} batches/s, {nbytes / elapsed / 1e9:.2f} GB/s"
     )
+
+
+def _receive(connection: Any, seconds: float, batch_size: int) -> tuple[int, int, tuple[int, ...], float]:
+    """Receive for ``seconds`` (at least one batch), checking that labels follow on from batch to batch; return
+    (batches, bytes, image batch shape, seconds taken)."""
+    start = time.monotonic()
+    count = nbytes = 0
+    expected: int | None = None  # a subscriber may join a stream after its first batches
+    while True:
+        images, labels = connection.recv()
+        first = int(labels[0])
+        if expected is not None and first != expected:
+            raise click.ClickException(f"batch out of order: its first label is {first}; expected {expected}")
+        expected = (first + batch_size) % 1000
+        count += 1
+        nbytes += images.nbytes + labels.nbytes
+        elapsed = time.monotonic() - start
+        if elapsed >= seconds:
+            return count, nbytes, tuple(images.shape), max(elapsed, 1e-9)
 
 
 def _factory_options(options: tuple[str, ...]) -> dict[str, Any]:

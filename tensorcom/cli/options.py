@@ -1,16 +1,22 @@
-"""Click glue shared by tensorcom's programs: errors as one clean line, logging, the CURVE key options, the ready
-line."""
+"""Click glue shared by tensorcom's programs: errors as one clean line, ``--version``, logging, the CURVE key
+options, output paths checked before any work, the ready line.
+
+Nothing here loads zmq: a program's ``--help`` and ``--version`` stay fast (the server and client load inside the
+functions that run one).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from tensorcom.errors import TensorcomError
+import tensorcom
+from tensorcom.errors import ConfigError, TensorcomError
 from tensorcom.server.signals import stop_on_sigterm
 
 if TYPE_CHECKING:
@@ -19,11 +25,13 @@ if TYPE_CHECKING:
 __all__ = [
     "TensorcomCommand",
     "TensorcomGroup",
+    "check_output_path",
     "client_key_options",
     "echo_ready",
     "server_key_options",
     "setup_logging",
     "stop_on_sigterm",
+    "version_option",
 ]
 
 Function = TypeVar("Function", bound=Callable[..., Any])
@@ -54,6 +62,32 @@ class TensorcomGroup(click.Group):
             return super().invoke(ctx)
         except TensorcomError as error:
             _fail(error)
+
+
+def version_option(program: str) -> Callable[[Function], Function]:
+    """Add ``--version`` to a program: it prints ``PROGRAM VERSION`` (tensorcom's version) and exits."""
+    return click.version_option(
+        tensorcom.__version__,
+        "--version",
+        prog_name=program,
+        message="%(prog)s %(version)s",
+        help="Show the version.",
+    )
+
+
+def check_output_path(path: str, option: str) -> None:
+    """Refuse an output file that cannot be written (its folder is missing or read-only, or it is a folder), before
+    any work starts: a ConfigError naming ``option`` and what was expected."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {path!r} is a folder; expected a file name")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ConfigError(
+            f"{option} {path!r}: folder {folder!r} {what}; expected a file in an existing folder"
+        )
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{option} {path!r}: folder {folder!r} is not writable")
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:

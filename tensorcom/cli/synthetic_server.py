@@ -11,15 +11,15 @@ from tensorcom.cli.options import (
     server_key_options,
     setup_logging,
     stop_on_sigterm,
+    version_option,
 )
 from tensorcom.datasets.synthetic import synthetic_batches
-from tensorcom.server import StreamServer
-from tensorcom.server.run import run_server
 
 __all__ = ["serve_synthetic"]
 
 
 @click.command(cls=TensorcomCommand)
+@version_option("serve-synthetic")
 @click.argument("urls", nargs=-1, required=True)
 @click.option("-b", "--batch-size", default=64, show_default=True, help="Images per batch.")
 @click.option("--size", default=224, show_default=True, help="Image height and width.")
@@ -50,6 +50,9 @@ def serve_synthetic(
     Batch i holds labels (i*B + 0..B-1) mod 1000, so a client can check order and completeness. Prints
     "ready URL..." (the URLs a client connects with) once the sockets are open; SIGTERM or SIGINT stops it.
     """
+    from tensorcom.server.run import run_server  # zmq loads only when serving
+    from tensorcom.server.stream import StreamServer
+
     setup_logging(verbose, quiet)
     stop_on_sigterm()
     batches = synthetic_batches(batch_size, size, count=count, seed=seed)

@@ -1,2 +1,3 @@
-"""What the tools measure and draw: throughput of a receiving client (tensormon), array statistics and plots
-(tensorstat), image grids (tensorshow). No zmq."""
+"""What the tools measure and draw: throughput of a receiving client (tensormon), array statistics (tensorstat),
+image grids (tensorshow), and the charts of tensorstat and tensormon ``--plot`` (matplotlib, loaded on first use).
+No zmq."""

@@ -71,6 +71,15 @@ class ThroughputReport:
             f"(p99 {format_seconds(self.latency_p99)})  stall {self.stall_fraction:.0%}"
         )
 
+    def describe_rates(self) -> str:
+        """The rates, latency and stall of :meth:`describe` without the counts (for an interval, whose counts are
+        shown as totals so far)."""
+        return (
+            f"{self.batches_per_second:.1f} batches/s  {self.samples_per_second:.1f} samples/s  "
+            f"{self.megabytes_per_second:.1f} MB/s  latency {format_seconds(self.latency_median)} "
+            f"(p99 {format_seconds(self.latency_p99)})  stall {self.stall_fraction:.0%}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-ready figures (rates per second, times in seconds)."""
         return {

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 import time
 from collections import OrderedDict, deque
@@ -58,6 +59,7 @@ _MAX_ATTEMPTS = 3
 _SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
 _LIMIT_DRAIN = 5.0  # seconds to answer the requests held once run()'s count or duration is reached
 _OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
+_STOPPING_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})  # the exit codes they give
 
 
 class _Worker:
@@ -69,6 +71,7 @@ class _Worker:
         self.ready = False
         self.outstanding: dict[int, tuple[tuple[int, bytes], Hello | Request, int]] = {}
         self.next_ticket = 0
+        self.died: float | None = None  # when it was first seen dead (None: alive, or not looked at since)
 
 
 class RequestServer(Server, sockets=("ROUTER",)):
@@ -169,25 +172,58 @@ class RequestServer(Server, sockets=("ROUTER",)):
             daemon=True,
         )
         worker.ready = False
+        worker.died = None
         worker.process.start()
 
     def _supervise(self) -> None:
+        """Restart the workers that died, their requests given to the others; while stopping, let them go.
+
+        A SIGTERM to the whole process group (a process manager stopping the group) reaches the workers too and may
+        kill one before this process's handler has run (:meth:`stop`). So whether the server is stopping is read
+        only after a death was seen, and a worker that a stopping signal killed is restarted only if the server is
+        still not stopping on the next round (0.25 s later): a worker cannot die of a signal sent to the group
+        before the signal is pending here too, and its handler runs well within that time.
+        """
+        now = time.monotonic()
         for worker in self._processes:
-            if worker.process is not None and not worker.process.is_alive() and not self._stopping:
-                log.warning(
-                    "worker %s died (exit code %s); restarting it",
-                    worker.identity.decode(),
-                    worker.process.exitcode,
-                )
-                # A worker computes its requests in turn: only the oldest was running when it died; the others
-                # go back without blame (three deaths in a row make a request an ERROR).
-                for rank, ticket in enumerate(sorted(worker.outstanding, reverse=True)):
-                    client, request, attempts = worker.outstanding[ticket]
-                    oldest = rank == len(worker.outstanding) - 1
-                    self._requeue(client, request, attempts + 1 if oldest else attempts)
-                worker.outstanding.clear()
-                shm.sweep()  # its slot files
-                self._start_worker(worker)
+            if worker.process is None or worker.process.is_alive():
+                continue
+            code = worker.process.exitcode
+            first_look = worker.died is None
+            if first_look:  # its requests go to the others at once; it gets no more
+                self._release(worker)
+                worker.died = now
+            if self.stopping:
+                if first_look:
+                    log.debug("worker %s ended (exit code %s) while stopping", worker.identity.decode(), code)
+                continue
+            if first_look and code in _STOPPING_SIGNALS:
+                continue
+            log.warning("worker %s died (exit code %s); restarting it", worker.identity.decode(), code)
+            self._start_worker(worker)
+        if self.stopping and self._processes and not any(w.died is None for w in self._processes):
+            self._refuse_pending(f"server {self.name} is shutting down and has no worker left")
+
+    def _release(self, worker: _Worker) -> None:
+        """Give a dead worker's requests back to the queue (its slot files swept); it gets no more.
+
+        A worker computes its requests in turn: only the oldest was running when it died; the others go back
+        without blame (three deaths in a row make a request an ERROR).
+        """
+        for rank, ticket in enumerate(sorted(worker.outstanding, reverse=True)):
+            client, request, attempts = worker.outstanding[ticket]
+            oldest = rank == len(worker.outstanding) - 1
+            self._requeue(client, request, attempts + 1 if oldest else attempts)
+        worker.outstanding.clear()
+        worker.ready = False
+        shm.sweep()  # its slot files
+
+    def _refuse_pending(self, text: str) -> None:
+        """Answer every request waiting for a worker with an ``unavailable`` ERROR (clients ask elsewhere)."""
+        for client, queue in list(self._pending.items()):
+            for request, _ in queue:
+                self._reply(client, Error.refusing(request, ErrorKind.UNAVAILABLE, text, self.name), [])
+        self._pending.clear()
 
     def _requeue(self, client: tuple[int, bytes], request: Hello | Request, attempts: int) -> None:
         if attempts >= _MAX_ATTEMPTS:
