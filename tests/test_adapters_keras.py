@@ -1,4 +1,5 @@
-"""Keras 3 adapter on the torch backend: model.fit trains from a real serve-imagenet-dir process."""
+"""Keras 3 adapter on the torch backend: model.fit trains from real server processes, PyDataset arguments that
+cannot work are refused, and ConnectionCheckpoint resumes an interrupted fit on the batches it would have seen."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import os
 os.environ["KERAS_BACKEND"] = "torch"  # before keras is imported anywhere in this process
 
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from helpers import StartProcess, assert_same_batches  # noqa: E402
+from helpers import StartProcess, StartServer, assert_same_batches  # noqa: E402
 from imagenet_fixtures import make_image_folder, start_image_server  # noqa: E402
 
 keras = pytest.importorskip("keras")
 
 from tensorcom import ConfigError  # noqa: E402
-from tensorcom.adapters.keras import ConnectionPyDataset  # noqa: E402
+from tensorcom.adapters.keras import ConnectionCheckpoint, ConnectionPyDataset  # noqa: E402
 from tensorcom.datasets.imagenet import directory_pipeline  # noqa: E402
 from tensorcom.datasets.sample_images import make_sample_images  # noqa: E402
 
@@ -72,7 +74,8 @@ def test_batches_follow_the_stream_and_resume_from_state(tmp_path: Path, start_p
         expected = [next(pipeline) for _ in range(5)]
     first = ConnectionPyDataset(url, seed=3, batches=3, timeout=30)
     received = [first[2], first[0], first[1]]
-    state = first.state()
+    state = first.state_dict()
+    assert first.state() == state
     first.close()
     second = ConnectionPyDataset(url, seed=3, state=state, timeout=30)
     received += [second[0], second[1]]
@@ -88,3 +91,92 @@ def test_several_workers_are_refused() -> None:
     data.workers = 4
     with pytest.raises(ConfigError, match="workers"):
         data[0]
+
+
+@pytest.mark.parametrize(
+    "argument, value",
+    [("workers", 4), ("use_multiprocessing", True), ("max_queue_size", 10)],
+    ids=["workers", "use_multiprocessing", "max_queue_size"],
+)
+def test_py_dataset_arguments_are_refused_at_construction(argument: str, value: object) -> None:
+    """workers=, use_multiprocessing= and max_queue_size= raise a ConfigError naming the argument and why, before
+    any connection is made."""
+    with pytest.raises(ConfigError, match=rf"does not take {argument}= \(.+\)\. Found: {argument}={value!r}"):
+        ConnectionPyDataset("zreq://127.0.0.1:9", **{argument: value})
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records (step, sample indices) of every batch trained on, and can interrupt fit after a given batch."""
+
+    def __init__(self, data: ConnectionPyDataset, stop_after: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.data = data
+        self.stop_after = stop_after
+        self.epoch = 0
+        self.batches: list[tuple[int, list[int]]] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.batches.append((self.data.last.step, list(self.data.last.indices)))
+        if (self.epoch, batch) == self.stop_after:
+            raise KeyboardInterrupt("interrupted by the test")
+
+
+def tiny_model() -> Any:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 3), dtype="uint8"),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            keras.layers.Dense(60),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def fit(
+    url: str, backup: Path | None, stop_after: tuple[int, int] | None = None
+) -> tuple[Any, Recorder, Any]:
+    """4 epochs of 5 batches from a fresh model and dataset, with a ConnectionCheckpoint when ``backup`` is given."""
+    model, data = tiny_model(), ConnectionPyDataset(url, seed=4, batches=5, timeout=30)
+    recorder = Recorder(data, stop_after)
+    checkpoint = None if backup is None else ConnectionCheckpoint(data, backup)
+    callbacks = [recorder] if checkpoint is None else [checkpoint, recorder]
+    try:
+        model.fit(data, epochs=4, shuffle=False, verbose=0, callbacks=callbacks)  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        pass
+    finally:
+        data.close()
+    return model, recorder, checkpoint
+
+
+@pytest.mark.filterwarnings(  # raised inside Keras' own save_weights on the torch backend with numpy 2
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+def test_an_interrupted_fit_resumes_from_its_backup_on_the_same_batches(
+    request_server: StartServer, tmp_path: Path
+) -> None:
+    """Interrupted in the middle of epoch 2 and started again, fit with ConnectionCheckpoint continues at epoch 2
+    with epoch 1's weights and data position: it trains on exactly the batches (steps and samples) of epochs 2 and
+    3 of an uninterrupted run and ends with the same weights; the backup is removed at the end."""
+    _, url = request_server("factories:small", "repeating=true")
+    model, uninterrupted, _ = fit(url, None)
+    assert [step for step, _ in uninterrupted.batches] == list(range(20))
+    backup = tmp_path / "backup"
+    _, interrupted, _ = fit(url, backup, stop_after=(2, 2))
+    assert interrupted.batches == uninterrupted.batches[:13]
+    assert (backup / "backup.json").exists()
+    resumed_model, resumed, checkpoint = fit(url, backup)
+    assert checkpoint.restored_epoch == 2
+    assert resumed.batches == uninterrupted.batches[10:]
+    for expected, found in zip(model.get_weights(), resumed_model.get_weights(), strict=True):
+        np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-7)
+    assert not backup.exists()

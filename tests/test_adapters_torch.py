@@ -1,17 +1,21 @@
-"""PyTorch adapters: DeviceTransfer on CPU, ConnectionDataset under DataLoader(batch_size=None) against a real
-serve-imagenet-dir process, resume from state_dict, and a tiny CNN whose loss falls on the sample images."""
+"""PyTorch adapters: DeviceTransfer on CPU; ConnectionDataset under DataLoader(batch_size=None) against real server
+processes: epochs of N batches, set_epoch, resume from state_dict (also through StatefulDataLoader when torchdata is
+installed), loader workers and re-batching refused; and a tiny CNN whose loss falls on the sample images."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import factories
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from helpers import StartProcess, assert_same_batches
+from helpers import StartProcess, StartServer, assert_same_batches
 from imagenet_fixtures import make_image_folder, start_image_server
 from torch.utils.data import DataLoader
 
@@ -139,15 +143,165 @@ def test_dataloader_yields_the_pipeline_as_tensors_and_resumes(image_server: tup
     assert_same_batches(received, expected)
 
 
-def test_zreq_dataset_refuses_several_loader_workers() -> None:
-    """num_workers=2 would duplicate a zreq stream: the worker raises a ConfigError before connecting."""
-    loader = DataLoader(ConnectionDataset("zreq://127.0.0.1:9", batches=2), batch_size=None, num_workers=2)
+def stateful_loader() -> Any:
+    return pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
+
+
+LOADERS = {"DataLoader": lambda: DataLoader, "StatefulDataLoader": stateful_loader}
+
+
+@pytest.mark.parametrize(
+    "url, workers, reason",
+    [
+        ("zreq://127.0.0.1:9", 1, "the same zreq stream"),
+        ("zreq://127.0.0.1:9", 2, "the same zreq stream"),
+        ("zsub://127.0.0.1:9", 2, "receive every batch"),
+        ("zrpull://127.0.0.1:9", 1, "split the stream"),
+    ],
+    ids=["zreq-1", "zreq-2", "zsub-2", "zrpull-1"],
+)
+def test_every_loader_worker_count_is_refused(url: str, workers: int, reason: str) -> None:
+    """num_workers >= 1 raises a ConfigError (raised by the worker before it connects) saying why, and to use 0."""
+    loader = DataLoader(ConnectionDataset(url, batches=2), batch_size=None, num_workers=workers)
     iterator = iter(loader)
     try:
-        with pytest.raises(ConfigError, match="num_workers=0"):
+        with pytest.raises(ConfigError, match=f"num_workers={workers}") as raised:
             next(iterator)
     finally:
         iterator._shutdown_workers()  # type: ignore[attr-defined]
+    assert reason in str(raised.value) and "Use num_workers=0" in str(raised.value)
+
+
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")  # torchdata 0.11 on a newer torch
+@pytest.mark.parametrize("loader_kind", ["DataLoader", "StatefulDataLoader"], ids=str)
+@pytest.mark.parametrize("options", [{}, {"batch_size": 4}], ids=["default-batch-size", "batch-size-4"])
+def test_a_dataloader_that_batches_again_is_refused(options: dict[str, Any], loader_kind: str) -> None:
+    """DataLoader(dataset) (batch_size=1) or any batch_size but None fails when iteration starts, before connecting,
+    instead of yielding batches of batches."""
+    make_loader = LOADERS[loader_kind]()
+    loader = make_loader(ConnectionDataset("zreq://127.0.0.1:9", batches=2), **options)
+    with pytest.raises(ConfigError, match="batch_size=None"):
+        iter(loader)
+
+
+# Epochs, set_epoch and resume against a real `tensorcom serve`
+
+N = 10  # batches per epoch of the dataset
+PIPELINES = {
+    "repeating": ("repeating=true",),  # one endless stream: epoch e is steps [e * N, (e + 1) * N)
+    "epochs-of-N": ("n=40",),  # 40 samples in batches of 4: the pipeline's epochs are N batches
+}
+
+
+def served_epochs(kind: str, epochs: int) -> list[list[tuple[list[int], int]]]:
+    """(sample indices, step) of every batch of the dataset's first ``epochs`` epochs, computed in this process."""
+    options: dict[str, Any] = {"repeating": True} if kind == "repeating" else {"n": 40}
+    result = []
+    for epoch in range(epochs):
+        with factories.small(seed=5, rank=0, world_size=1, **options) as pipeline:
+            if kind == "repeating":
+                pipeline.skip(epoch * N)
+            else:
+                pipeline.set_epoch(epoch)
+            batches = [pipeline.next_with_meta() for _ in range(N)]
+        result.append([(batch[1].tolist(), meta["step"]) for batch, meta in batches])
+    return result
+
+
+def seen(dataset: ConnectionDataset, batch: Any) -> tuple[list[int], int]:
+    return batch[1].tolist(), dataset.last.step
+
+
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")  # torchdata 0.11 on a newer torch
+@pytest.mark.parametrize("loader_kind", list(LOADERS), ids=list(LOADERS))
+@pytest.mark.parametrize("kind", list(PIPELINES), ids=list(PIPELINES))
+def test_a_resume_k_batches_into_an_epoch_delivers_the_rest_then_full_epochs(
+    request_server: StartServer, kind: str, loader_kind: str
+) -> None:
+    """batches=N: len is N; interrupted after 2 batches of epoch 0 and resumed, the run sees 2 + 8 + 10 = 20 batches,
+    the same ones and with the same step numbers as two uninterrupted epochs (DataLoader and StatefulDataLoader,
+    with set_epoch called as DistributedSampler users do)."""
+    make_loader = LOADERS[loader_kind]()
+    _, url = request_server("factories:small", *PIPELINES[kind])
+    expected = served_epochs(kind, 2)
+    dataset = ConnectionDataset(url, seed=5, batches=N, timeout=30)
+    loader = make_loader(dataset, batch_size=None)
+    assert len(dataset) == len(loader) == N
+    received: list[tuple[list[int], int]] = []
+    with dataset:
+        dataset.set_epoch(0)
+        for batch in loader:
+            received.append(seen(dataset, batch))
+            if len(received) == 2:
+                saved = loader.state_dict() if loader_kind == "StatefulDataLoader" else dataset.state_dict()
+                break
+    assert json.loads(json.dumps(saved)) == saved
+    resumed = ConnectionDataset(url, seed=5, batches=N, timeout=30)
+    loader = make_loader(resumed, batch_size=None)
+    if loader_kind == "StatefulDataLoader":
+        loader.load_state_dict(saved)
+    else:
+        resumed.load_state_dict(saved)
+    per_epoch = []
+    with resumed:
+        for epoch in range(2):
+            resumed.set_epoch(epoch)  # the epoch it stands in already: keeps the restored position
+            batches = [seen(resumed, batch) for batch in loader]
+            per_epoch.append(len(batches))
+            received += batches
+        assert (resumed.epoch, resumed.position) == (2, 0)
+    assert per_epoch == [N - 2, N]
+    assert received == expected[0] + expected[1]
+
+
+@pytest.mark.parametrize("kind", list(PIPELINES), ids=list(PIPELINES))
+def test_set_epoch_moves_to_the_start_of_any_epoch(request_server: StartServer, kind: str) -> None:
+    """set_epoch(e) jumps (forward or back, mid-epoch or fresh) to the first batch of epoch e; set_epoch of the
+    current epoch keeps the position."""
+    _, url = request_server("factories:small", *PIPELINES[kind])
+    expected = served_epochs(kind, 3)
+    with ConnectionDataset(url, seed=5, batches=N, timeout=30) as dataset:
+        loader = DataLoader(dataset, batch_size=None)
+        dataset.set_epoch(2)
+        assert [seen(dataset, batch) for batch in loader] == expected[2]
+        dataset.set_epoch(0)
+        iterator = iter(loader)
+        first = [seen(dataset, next(iterator)) for _ in range(3)]
+        dataset.set_epoch(0)
+        rest = [seen(dataset, batch) for batch in iterator]
+        assert first + rest == expected[0]
+        dataset.set_epoch(1)
+        assert [seen(dataset, batch) for batch in loader] == expected[1]
+
+
+def test_a_pipeline_whose_epochs_differ_from_batches_is_refused(request_server: StartServer) -> None:
+    """With a pipeline that ends its epochs (10 batches here), batches=4 is refused where the pipeline's epoch ends
+    inside one of the dataset's, naming both numbers."""
+    _, url = request_server("factories:small", "n=40")
+    with ConnectionDataset(url, seed=5, batches=4, timeout=30) as dataset:
+        loader = DataLoader(dataset, batch_size=None)
+        assert len(list(loader)) == len(list(loader)) == 4
+        with pytest.raises(ConfigError, match=r"after 10 batches, 2 batches into epoch 2.*Found: batches=4"):
+            list(loader)
+
+
+def test_batches_none_iterates_the_pipelines_epochs(request_server: StartServer) -> None:
+    """batches=None: an iteration is one epoch of a pipeline that ends its epochs; set_epoch(e) starts its epoch e,
+    and a resume mid-epoch delivers the rest of it."""
+    _, url = request_server("factories:small", "n=40")
+    expected = served_epochs("epochs-of-N", 3)
+    with ConnectionDataset(url, seed=5, timeout=30) as dataset:
+        loader = DataLoader(dataset, batch_size=None)
+        assert [seen(dataset, batch) for batch in loader] == expected[0]
+        dataset.set_epoch(2)
+        iterator = iter(loader)
+        head = [seen(dataset, next(iterator)) for _ in range(4)]
+        state = dataset.state_dict()
+    resumed = ConnectionDataset(url, seed=5, timeout=30, state=state)
+    with resumed:
+        resumed.set_epoch(2)
+        assert head + [seen(resumed, batch) for batch in DataLoader(resumed, batch_size=None)] == expected[2]
+        assert resumed.epoch == 3
 
 
 def test_a_small_cnn_learns_from_the_sample_images(tmp_path: Path, start_process: StartProcess) -> None:

@@ -128,6 +128,18 @@ class _Receiver:
         """Where the stream stands after the last batch received: plain data to resume from."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """The same as :meth:`state`: the checkpoint name every face of tensorcom answers to."""
+        return self.state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the batch ``state`` (from :meth:`state_dict`) was taken at."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Continue from the start of ``epoch``, as ``DistributedSampler.set_epoch`` users expect."""
+        raise NotImplementedError
+
     def seek(self, control: str, state: dict[str, Any] | None = None, *, epoch: int | None = None) -> None:
         """Move a stream server to ``state`` or to the start of ``epoch`` (stream connections only)."""
         raise NotImplementedError
@@ -255,6 +267,7 @@ class Connection(_Receiver):
         heartbeat: float = _DEFAULT,
         dead_after: float | None = _DEFAULT,
         state: dict[str, Any] | None = _DEFAULT,
+        control: str | None = _DEFAULT,
     ) -> Connection:
         arguments = locals()
         given = [name for name in _NEW_OPTIONS if arguments[name] is not _DEFAULT]

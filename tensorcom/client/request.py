@@ -6,9 +6,10 @@ order. Every server is pinged each ``heartbeat`` seconds; one that stays silent 
 considered down and its outstanding steps are asked of the others. It is used again as soon as it answers. A reply
 that arrives late, twice, or for a state the client has since left is dropped, so delivery is exactly once.
 
-Its :meth:`state` is small plain data (the pipeline's own state after the last batch delivered, plus the seed and a
-fingerprint of the pipeline) and is the same on every rank of a synchronous job; a new connection given that
-state, with any number of servers and any world size, continues where it left off.
+Its :meth:`state_dict` (alias ``state``) is small plain data (the pipeline's own state after the last batch delivered,
+the step of the next batch, the seed and a fingerprint of the pipeline) and is the same on every rank of a synchronous
+job; a new connection given that state (``state=`` or :meth:`load_state_dict`), with any number of servers and any
+world size, continues where it left off, and its step numbers (``last.step``) go on from there.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 _SMALL_BATCH = 1 << 20  # below this many bytes, requests go in groups (see RequestConnection)
 _GROUP = 4
 STATE_KIND = "tensorcom.zreq"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+_STATE_FORMATS = (1, 2)  # format 1 had no "step": it is read from the pipeline state, else 0
 
 
 def default_rank_and_world_size() -> tuple[int, int]:
@@ -170,6 +172,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         self._by_socket = {server.endpoint.socket: server for server in self._servers}
         self._generation = 0
         self._base = Base()
+        self._base_step = 0  # the absolute step (last.step) of the base's step 0
         self._state: dict[str, Any] | None = None  # pipeline state after the last batch delivered
         self._next_step = 0  # the step the caller gets next
         self._next_request = 0  # the lowest step never requested
@@ -193,7 +196,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
     # state
 
     def state(self) -> dict[str, Any]:
-        """Where the stream stands: plain data to store in a checkpoint and pass to ``Connection(state=...)``."""
+        """Where the stream stands: plain data to store in a checkpoint and pass to ``Connection(state=...)`` or
+        :meth:`load_state_dict` (``state_dict`` is the same method)."""
         return {
             "kind": STATE_KIND,
             "format": STATE_FORMAT,
@@ -201,17 +205,19 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             "fingerprint": self.fingerprint,
             "pipeline": self._state if self._state is not None else self._base.state,
             "epoch": None if self._state is not None else self._base.epoch,
+            "step": self._base_step + self._next_step,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``: the next batch is the one after the batch the state was taken at."""
+        """Continue from ``state``: the next batch is the one after the batch the state was taken at, and its
+        ``last.step`` the one after that batch's (``load_state_dict`` and ``set_state`` are the same method)."""
         if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
             raise StateError(
                 f"not a zreq connection state (expected kind {STATE_KIND!r}). Found: {str(state)[:200]}"
             )
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") not in _STATE_FORMATS:
             raise StateError(
-                f"state format {state.get('format')!r} is not supported; expected {STATE_FORMAT}"
+                f"state format {state.get('format')!r} is not supported; expected one of {list(_STATE_FORMATS)}"
             )
         if state.get("seed") != self.seed:
             raise StateError(
@@ -221,22 +227,49 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             raise StateError(
                 f"the state was saved from pipeline {state.get('fingerprint')}; the servers serve {self.fingerprint}"
             )
-        self._restart(Base(state=state.get("pipeline"), epoch=state.get("epoch")))
+        pipeline, step = state.get("pipeline"), _step_of(state)
+        if pipeline is None:  # at the start of the stream or of an epoch, ``step`` batches into it
+            self._restart(Base(epoch=state.get("epoch")), first_step=step)
+        else:
+            self._restart(Base(state=pipeline, epoch=state.get("epoch")), base_step=step)
         self._expected_fingerprint = state.get("fingerprint")
 
     set_state = load_state
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The same as :meth:`load_state`."""
+        self.load_state(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Continue from the start of ``epoch`` (as ``DistributedSampler.set_epoch`` does); steps count from 0 again.
+
+        The servers' pipeline must be able to start an epoch (its source a ``Range`` or ``Permutation``)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be an int >= 0. Found: {epoch!r}")
+        self._restart(Base(epoch=epoch))
+
+    def seek_step(self, step: int) -> None:
+        """Continue from step ``step`` of the stream from its start (the seed's stream, before any epoch was set):
+        the next batch is that step. Servers skip to it without computing the batches before it where the stages
+        allow random access."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be an int >= 0. Found: {step!r}")
+        self._restart(Base(), first_step=step)
+
     def seek(self, control: str, state: dict[str, Any] | None = None, *, epoch: int | None = None) -> None:
-        """Stream servers only: a zreq connection moves with :meth:`load_state` instead."""
+        """Stream servers only: a zreq connection moves with :meth:`load_state_dict` or :meth:`set_epoch` instead."""
         raise ConfigError(
-            "seek() is for stream connections; a zreq connection continues from a state with load_state()"
+            "seek() is for stream connections; a zreq connection continues from a state with load_state_dict() "
+            "or from an epoch with set_epoch()"
         )
 
-    def _restart(self, base: Base) -> None:
+    def _restart(self, base: Base, *, base_step: int = 0, first_step: int = 0) -> None:
+        """Drop what is in flight; ask for steps from ``first_step`` of ``base``, whose step 0 is ``base_step``."""
         self._generation += 1
         self._base = base
+        self._base_step = base_step
         self._state = None
-        self._next_step = self._next_request = 0
+        self._next_step = self._next_request = first_step
         self._end_step = None
         self._to_request = []
         self._replies = {}
@@ -499,7 +532,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             nbytes=nbytes,
             infos=infos,
             count=self.count,
-            step=step,
+            step=self._base_step + step,
             epoch=self._last_epoch,
             indices=list(message.indices),
         )
@@ -510,6 +543,18 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         epoch = self._last_epoch if self._last_epoch is not None else _epoch_in(self._base.state) or 0
         self._restart(Base(epoch=epoch + 1))
         self._last_epoch = None
+
+
+def _step_of(state: dict[str, Any]) -> int:
+    """The absolute step of the batch after ``state``: its "step", else (format 1) its pipeline state's, else 0."""
+    step = state.get("step")
+    if step is None:
+        pipeline = state.get("pipeline")
+        step = pipeline.get("step") if isinstance(pipeline, dict) else None
+        return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise StateError(f"the state's step must be an int >= 0. Found: {step!r}")
+    return step
 
 
 def _epoch_in(state: Any) -> int | None:

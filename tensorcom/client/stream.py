@@ -43,6 +43,8 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         queue: batches each socket may hold before the server is slowed down (the receive high-water mark).
         on_malformed: "raise" (default) raises :class:`tensorcom.DecodeError` naming the server; "log" logs it,
             counts it in ``malformed`` and goes on to the next batch.
+        control: the ``zreq://`` URL of the server's control socket (a pipeline server started with ``control=``):
+            then :meth:`load_state_dict` and :meth:`set_epoch` move that server (see :meth:`seek`).
     """
 
     def __init__(
@@ -59,9 +61,12 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
         shm: bool | None = None,
+        control: str | None = None,
     ) -> None:
         if on_malformed not in ("raise", "log"):
             raise ConfigError(f"on_malformed must be 'raise' or 'log'. Found: {on_malformed!r}")
+        if control is not None:
+            parse_endpoints(control, {"DEALER"}, "control")  # a bad URL fails here, not at the first seek
         super().__init__(
             urls,
             queue=queue,
@@ -76,6 +81,7 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             shm=shm,
         )
         self.on_malformed = on_malformed
+        self.control = control
         self._turn = 0
         self._stash: deque[tuple[Endpoint, list[Any]]] = deque()
         self._generation = 0
@@ -193,6 +199,27 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             "pipeline": self._pipeline_state,
             "epoch": None,
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Move the server to ``state`` through the control socket given as ``control=``: the next batch received is
+        the one after the batch the state was taken at (``load_state`` and ``set_state`` are the same method)."""
+        self.seek(self._control_url("load_state_dict"), state)
+
+    load_state = set_state = load_state_dict
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move the server to the start of ``epoch`` through the control socket given as ``control=``."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be an int >= 0. Found: {epoch!r}")
+        self.seek(self._control_url("set_epoch"), epoch=epoch)
+
+    def _control_url(self, method: str) -> str:
+        if self.control is None:
+            raise ConfigError(
+                f"{method}() on a stream connection moves its server through the server's control socket: pass "
+                "control='zreq://...' (the server's control= address), or use zreq:// URLs"
+            )
+        return self.control
 
     def seek(self, control: str, state: dict[str, Any] | None = None, *, epoch: int | None = None) -> None:
         """Ask the stream server whose control socket is ``control`` (a ``zreq://`` URL) to continue from ``state``

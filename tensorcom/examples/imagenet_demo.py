@@ -157,7 +157,7 @@ def main(data: str, steps: int, batch_size: int, size: int, workers: int, seed: 
         expected = list(first.last.indices)
         first.close()
         click.echo(
-            f"checkpoint at step {half}: stream state {checkpoint['data']['pipeline']['stream']}; restarting"
+            f"checkpoint at step {half}: stream state {checkpoint['data']['connection']['pipeline']['stream']}; restarting"
         )
 
         trainer.model.load_state_dict(checkpoint["model"])

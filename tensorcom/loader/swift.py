@@ -389,8 +389,9 @@ class SwiftLoader:
                 ...
 
     Each ``iter(loader)`` runs to the end of the current epoch; the next one starts the next epoch, in a new order.
-    ``state()`` / ``load_state()`` save and restore the position within an epoch exactly. ``close()`` (or leaving a
-    ``with`` block, garbage collection, interpreter exit) stops every process the loader started.
+    ``state_dict()`` / ``load_state_dict()`` (aliases ``state()`` / ``load_state()``) save and restore the position
+    within an epoch exactly. ``close()`` (or leaving a ``with`` block, garbage collection, interpreter exit) stops
+    every process the loader started.
 
     Args:
         dataset_class: a class defined at module level; ``dataset_class(**dataset_kwargs)`` must have
@@ -787,6 +788,14 @@ class SwiftLoader:
                 consumer.start_receiver()
 
     set_state = load_state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The same as :meth:`state`: the checkpoint name every face of tensorcom answers to."""
+        return self.state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The same as :meth:`load_state`."""
+        self.load_state(state)
 
     @staticmethod
     def batches_per_epoch(n: int, consumer_index: int, nb_consumer: int, batch_size: int) -> int:

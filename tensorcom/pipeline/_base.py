@@ -129,9 +129,9 @@ class Pipeline(Stage):
     """Public face of anything that can run alone: iteration, state, skip, fingerprint and clean shutdown.
 
     ``next(p)`` and ``p()`` return the next item; ``p.next_with_meta()`` also returns where it came from
-    (``{"step", "epoch", "indices"}`` and, for mixes, ``"sources"``). ``p.state()`` is plain data that
-    ``p.load_state()`` (alias ``set_state``) restores exactly; ``p.skip(n)`` advances ``n`` items, computing none
-    of them wherever the stages allow random access.
+    (``{"step", "epoch", "indices"}`` and, for mixes, ``"sources"``). ``p.state_dict()`` (alias ``state``) is plain
+    data that ``p.load_state_dict()`` (aliases ``load_state``, ``set_state``) restores exactly; ``p.skip(n)``
+    advances ``n`` items, computing none of them wherever the stages allow random access.
     """
 
     _step: int = 0
@@ -209,6 +209,14 @@ class Pipeline(Stage):
         self._last = None
 
     set_state = load_state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The same as :meth:`state`: the checkpoint name every face of tensorcom answers to."""
+        return self.state()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The same as :meth:`load_state`."""
+        self.load_state(state)
 
     def skip(self, n: int) -> None:
         """Advance ``n`` items without computing them where the stages allow random access."""

@@ -632,7 +632,8 @@ def _group(items: list[_Item]) -> _Item:
 
 
 class BuiltPipeline(Pipeline):
-    """A built :class:`PipelineBuilder` pipeline: iterate it; ``state``/``load_state``/``skip``/``fingerprint`` too."""
+    """A built :class:`PipelineBuilder` pipeline: iterate it; ``state_dict``/``load_state_dict`` (aliases ``state``,
+    ``load_state``), ``skip`` and ``fingerprint`` too."""
 
     def __init__(
         self,
