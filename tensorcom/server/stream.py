@@ -251,6 +251,8 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
                 if self._stop_requested or (duration is not None and time.monotonic() - started >= duration):
                     break
                 self.send(batch, meta)
+                if count is not None and self.served >= count:
+                    break  # before the source reads control again: a SEEK obeyed now would never be acted on
         except SendCancelled:
             pass  # stop() while a send waited for a client: that batch was not sent
         except BaseException:
