@@ -1,8 +1,9 @@
-"""What many test files need: child processes and their ready lines, bit-for-bit batch comparison, and process
-facts from /proc (children, liveness, resident memory).
+"""What many test files need: child processes and their ready lines, bit-for-bit batch comparison, process facts
+from /proc (children, liveness, resident memory), and waiting for an event (:func:`wait_until`).
 
 Every wait here has a time limit and fails with what the process said on stderr, so a server that does not start
-fails its test at once instead of hanging until pytest's timeout.
+fails its test at once instead of hanging until pytest's timeout. Tests wait for what they need (a ready line, a
+file, a log line) with generous limits, never for a guessed time: the suite runs on busy 2-core machines.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TESTS = Path(__file__).parent
 READY_SECONDS = 60.0  # a server imports numpy, zmq and maybe torch on a busy 2-core machine
 STOP_SECONDS = 10.0
 READ_STDERR_SECONDS = 5.0
+WAIT_SECONDS = 30.0  # for a log line, a file, a process gone: at once when idle, seconds on a busy machine
 TERM_SECONDS = 10.0  # a context whose sockets are all closed with linger=0 terms at once
 
 StartProcess = Callable[..., "subprocess.Popen[bytes]"]
@@ -393,11 +395,25 @@ def running(pid: int) -> bool:
     return state is not None and state != "Z"
 
 
-def wait_until_gone(pids: Sequence[int], seconds: float = 15.0, *, reaped: bool = False) -> list[int]:
+def wait_until_gone(pids: Sequence[int], seconds: float = WAIT_SECONDS, *, reaped: bool = False) -> list[int]:
     """Wait up to ``seconds`` for the processes to stop running (with ``reaped``: to leave the process table,
     zombies included); return those still there."""
     there = (lambda pid: process_state(pid) is not None) if reaped else running
+    wait_until(lambda: not [pid for pid in pids if there(pid)], seconds)
+    return [pid for pid in pids if there(pid)]
+
+
+# -- waiting for an event -------------------------------------------------------------------------------------------
+
+
+def wait_until(
+    condition: Callable[[], object], seconds: float = WAIT_SECONDS, interval: float = 0.05
+) -> bool:
+    """Check ``condition`` every ``interval`` seconds until it is true or ``seconds`` have passed; return whether it
+    became true. Tests wait on what they need this way instead of sleeping for a guessed time."""
     deadline = time.monotonic() + seconds
-    while (left := [pid for pid in pids if there(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+    while not condition():
+        if time.monotonic() >= deadline:
+            return bool(condition())
+        time.sleep(interval)
+    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from helpers import (
     same_batch,
     term_within,
     wait_ready,
+    wait_until,
 )
 
 # -- ready lines ----------------------------------------------------------------------------------------------------
@@ -45,10 +47,17 @@ def test_a_process_that_exits_before_its_ready_line_fails_with_its_stderr(
         wait_ready(process)
 
 
-def test_a_silent_process_fails_within_the_time_limit_with_its_stderr(start_process: StartProcess) -> None:
+def test_a_silent_process_fails_within_the_time_limit_with_its_stderr(
+    start_process: StartProcess, tmp_path: Path
+) -> None:
     """A process that never prints fails the wait after its time limit (not pytest's), stopped, stderr shown."""
-    script = "import sys, time; sys.stderr.write('still loading\\n'); sys.stderr.flush(); time.sleep(60)"
+    written = tmp_path / "written"
+    script = (
+        "import pathlib, sys, time; sys.stderr.write('still loading\\n'); sys.stderr.flush(); "
+        f"pathlib.Path({str(written)!r}).touch(); time.sleep(60)"
+    )
     process = start_process("-c", script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_until(written.exists), "the process did not start"  # its start-up is not in the 2 s below
     started = time.monotonic()
     with pytest.raises(AssertionError, match=r"(?s)no line on its stdout within 2 s.*still loading"):
         wait_ready(process, timeout=2)
@@ -177,3 +186,25 @@ def test_socket_fixture_makes_working_sockets_of_the_test_context(
     push.send(b"hello")
     assert pull.poll(20_000) and pull.recv() == b"hello"
     assert context.made == [pull, push] and pull.context is context
+
+
+# -- waiting for an event -------------------------------------------------------------------------------------------
+
+
+def test_wait_until_returns_once_the_condition_holds(tmp_path: Path) -> None:
+    """wait_until returns True as soon as the condition holds (here: a file another thread makes), not at the limit."""
+    flag = tmp_path / "flag"
+    timer = threading.Timer(0.2, flag.touch)
+    timer.start()
+    started = time.monotonic()
+    assert wait_until(flag.exists, seconds=60)
+    assert time.monotonic() - started < 30
+    timer.join()
+
+
+def test_wait_until_gives_up_at_its_limit() -> None:
+    """A condition that never holds makes wait_until return False after its limit, having checked it again."""
+    checks = []
+    started = time.monotonic()
+    assert not wait_until(lambda: checks.append(1), seconds=0.3)
+    assert 0.3 <= time.monotonic() - started < 20 and len(checks) >= 2
