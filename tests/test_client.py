@@ -200,10 +200,11 @@ def test_a_timeout_names_the_servers_that_never_answered(request_server: StartSe
     process, url = request_server("factories:small", "repeating=true")
     live = url.rsplit(":", 1)[1]
     urls = [url, f"zreq://127.0.0.1:{dead}"]
-    with Connection(urls, seed=1, timeout=2, heartbeat=0.2, prefetch=1) as connection:
-        connection.recv()
+    with Connection(urls, seed=1, timeout=30, heartbeat=0.2, prefetch=1) as connection:
+        connection.recv()  # the server and its worker are up: their start-up is not timed
         process.kill()
         process.wait(timeout=10)
+        connection.timeout = 2
         with pytest.raises(Timeout) as raised:
             for _ in range(100):  # batches already prefetched may still arrive first
                 connection.recv()

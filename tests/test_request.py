@@ -121,15 +121,16 @@ def test_no_server_times_out_then_the_stream_continues_when_one_is_back(request_
     expected = reference(factories.small, seed=4, rank=0, world_size=1, repeating=True, count=12)
     process, url = request_server("factories:small", "repeating=true")
     port = int(url.rsplit(":", 1)[1])
-    with Connection(url, seed=4, timeout=2, heartbeat=0.2) as connection:
-        received = [connection.recv() for _ in range(4)]
+    with Connection(url, seed=4, timeout=30, heartbeat=0.2) as connection:
+        received = [connection.recv() for _ in range(4)]  # the server and its worker are up: not timed
         process.kill()
         process.wait(timeout=10)
+        connection.timeout = 2
         started = time.monotonic()
         with pytest.raises(Timeout, match=f"127.0.0.1:{port}"):
             for _ in range(100):  # batches already prefetched may still arrive first
                 received.append(connection.recv())
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 20  # the 2 s timeout, not the 30 s one the connection opened with
         request_server("factories:small", "repeating=true", port=port)
         connection.timeout = 30
         while len(received) < 12:
@@ -402,3 +403,27 @@ def test_one_request_for_several_steps_gets_one_reply_per_step(
     dealer.send(Message(Command.HELLO, {**fields, "count": "x"}).encode())  # count means nothing there
     assert dealer.poll(20_000)
     assert Message.decode(dealer.recv_multipart()[0]).command == Command.WELCOME
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a zreq client's DEALERs use ZMQ_IMMEDIATE (tensorcom/client/request.py), and libzmq then drops what a "
+    "socket has received but not read when its peer disconnects",
+)
+def test_replies_that_arrived_before_the_server_closed_are_read(tmp_path: Any) -> None:
+    """Replies sent by the only server before it finished (its run count reached) are delivered, even when the client
+    reads them after the server has closed."""
+    server = RequestServer(factories.small, f"zrep+ipc://{tmp_path}/s", workers=0)
+    thread = threading.Thread(target=server.run, kwargs={"count": 3})
+    thread.start()
+    try:
+        with Connection(f"zreq+ipc://{tmp_path}/s", seed=1, prefetch=1, timeout=30) as connection:
+            received = [connection.recv() for _ in range(2)]  # then it asks for steps 2 to 5 at once
+            thread.join(timeout=40)  # the server answers the steps it holds, then closes
+            assert not thread.is_alive() and server.served == 6
+            connection.timeout = 5  # the replies are in this process already, or never come
+            received += [connection.recv() for _ in range(4)]
+        assert_same_batches(received, reference(factories.small, count=6, seed=1, rank=0, world_size=1))
+    finally:
+        server.stop()
+        thread.join(timeout=40)
