@@ -1,11 +1,13 @@
 """A training-rank stand-in for multi-host tests: receive batches and print one JSON object per line.
 
-    python netns_client.py URL... [--count N] [--pause-at STEP ...] [zreq options] [--sleep S]
+    python netns_client.py URL... [--count N] [--pause-at STEP ...] [zreq options] [--sleep S] [--announce]
 
 Per batch: ``{"batch": k, "step", "epoch", "server", "labels", "digest"}`` (``digest``: SHA-256 of every array's
 dtype, shape and bytes, as :func:`digest` computes it in the test process). After the batch numbered by
 ``--pause-at`` it prints ``{"paused": k}`` and waits for a line on stdin, so a test can change the network at a
-known point. It ends with ``{"done": count}``, or ``{"error": "Timeout", "message": ...}`` when ``recv`` times out.
+known point; ``--timeout-after-pause`` then replaces ``--timeout``, so that a short timeout under test does not also
+time the start-up. With ``--announce`` it first prints ``{"connected": true}`` once its sockets are open. It ends
+with ``{"done": count}``, or ``{"error": "Timeout", "message": ...}`` when ``recv`` times out.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--timeout-after-pause", type=float, default=None)
+    parser.add_argument("--announce", action="store_true", help='Print {"connected": true} once connected.')
     parser.add_argument("--heartbeat", type=float, default=0.2)
     parser.add_argument("--dead-after", type=float, default=1.0)
     parser.add_argument("--sleep", type=float, default=0.0, help="Seconds of 'training' after each batch.")
@@ -65,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     received = 0
     try:
         with Connection(args.urls, **options) as connection:
+            if args.announce:
+                emit(connected=True)
             while args.count is None or received < args.count:
                 try:
                     batch = connection.recv()
@@ -81,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if received in args.pause_at:
                     emit(paused=received)
                     sys.stdin.readline()
+                    if args.timeout_after_pause is not None:
+                        connection.timeout = args.timeout_after_pause
                 received += 1
                 if args.sleep:
                     time.sleep(args.sleep)

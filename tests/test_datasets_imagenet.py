@@ -7,12 +7,11 @@ import logging
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import StartProcess, assert_same_batches, same_batches
+from helpers import StartProcess, assert_same_batches, same_batches, wait_until
 from imagenet_fixtures import CLASSES, CORRUPT, PER_CLASS, make_image_folder, make_shards, start_image_server
 from PIL import Image
 
@@ -315,9 +314,7 @@ def test_stream_mode_sends_the_seeded_pipeline(
         received = [connection.recv() for _ in range(5)]
         assert connection.last.step == 4
     assert_same_batches(received, reference(folder, seed=8, count=5))
-    deadline = time.monotonic() + 10
-    while "images/s" not in (tmp_path / "server.log").read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: "images/s" in (tmp_path / "server.log").read_text())
     assert re.search(r"batches/s, \d+ images/s", (tmp_path / "server.log").read_text())
 
 

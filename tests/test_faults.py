@@ -17,11 +17,21 @@ from typing import Any
 import factories
 import pytest
 import zmq
-from helpers import MakeSocket, StartProcess, assert_same_batches, children_of, rss_kib, same_batches, serve
+from helpers import (
+    MakeSocket,
+    StartProcess,
+    assert_same_batches,
+    children_of,
+    rss_kib,
+    same_batches,
+    serve,
+    wait_until,
+)
 from reliability import record, reference
 
-from tensorcom import Connection, Timeout
-from tensorcom.protocol import Command, Message
+from tensorcom import Connection, Timeout, protocol
+from tensorcom.client import RequestConnection
+from tensorcom.protocol import Command, Message, Ping, Pong
 from tensorcom.server.request import RequestServer
 
 BIG = ("-o", "nbytes=4096", "-o", "delay=0.002")
@@ -128,6 +138,41 @@ def test_a_server_restarted_on_its_address_is_picked_up(start_process: StartProc
     assert last == replacement[0].pid
 
 
+class PingCounter:
+    """Counts the PINGs a RequestConnection sends and the PONGs it gets back. A server reads each client's messages
+    in order and answers a PING at once, so when every PING has its PONG, the server has read all that was sent
+    before the last one."""
+
+    def __init__(self, connection: RequestConnection) -> None:
+        self.connection = connection
+        self.pings = self.pongs = 0
+        send, on_message = connection._send, connection._on_message
+
+        def counting_send(server: Any, message: Any) -> bool:
+            sent = send(server, message)
+            self.pings += bool(sent and isinstance(message, Ping))
+            return sent
+
+        def counting_on_message(server: Any, frames: list[Any]) -> None:
+            self.pongs += isinstance(protocol.decode(frames[0]), Pong)
+            on_message(server, frames)
+
+        connection._send = counting_send  # type: ignore[method-assign]
+        connection._on_message = counting_on_message  # type: ignore[method-assign]
+
+    def wait_until_read(self, seconds: float = 60) -> None:
+        """Ping every server, and return once each PING sent has its PONG (replies meanwhile are kept as usual)."""
+        connection = self.connection
+        for server in connection._servers:
+            assert connection._send(server, Ping()), f"could not ping {server.address}"
+        deadline = time.monotonic() + seconds
+        while self.pongs < self.pings:
+            assert time.monotonic() < deadline, (
+                f"{self.pings - self.pongs} PINGs unanswered after {seconds} s"
+            )
+            connection._poll_once(0.05)
+
+
 def test_sigterm_drains_in_flight_requests_and_exits(start_process: StartProcess) -> None:
     """SIGTERM with requests in flight: they are all answered, later ones are refused, and the server exits 0
     soon after (bounded by --drain)."""
@@ -135,9 +180,11 @@ def test_sigterm_drains_in_flight_requests_and_exits(start_process: StartProcess
         start_process, "factories:big", "-o", "nbytes=4096", "-o", "delay=0.05", "--drain", "10"
     )
     expected = reference(factories.big, count=24, seed=1, rank=0, world_size=1, nbytes=4096, delay=0.05)
-    with Connection(url, seed=1, timeout=10, prefetch=4, heartbeat=0.2) as connection:
+    with Connection(url, seed=1, timeout=60, prefetch=4, heartbeat=0.2) as connection:
+        assert isinstance(connection, RequestConnection)
+        pings = PingCounter(connection)
         received = [connection.recv() for _ in range(2)]
-        time.sleep(0.5)  # the window's requests reach the server
+        pings.wait_until_read()  # the window's requests have reached the server (not a guess of how long it takes)
         in_flight = sorted({*connection._servers[0].outstanding, *connection._replies})
         # batches this small are asked for 4 steps a request, so the window of 4 requests holds 12 to 16 steps
         assert 12 <= len(in_flight) <= 16
@@ -254,7 +301,8 @@ def test_a_finished_stream_server_still_answers_a_seek(ipc_url: Any) -> None:
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         first = [connection.recv() for _ in range(len(expected))]
-        time.sleep(0.2)  # the pipeline has ended; the server waits for its client to go
+        # the pipeline has ended; the server waits for its client to go (and for a SEEK) until its linger time ends
+        assert wait_until(lambda: server._linger_ends is not None), "the server did not reach the end"
         connection.seek(ipc_url("zreq", "c"), epoch=0)
         again = [connection.recv() for _ in range(len(expected))]
     thread.join(timeout=30)

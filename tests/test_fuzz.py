@@ -387,7 +387,7 @@ def run_control_fuzz(ipc_url: Callable[..., str], socket: MakeSocket, examples: 
         ipc_url("zpush"),
         seed=4,
         control=ipc_url("zrep", "control"),
-        send_timeout=5,
+        send_timeout=60,  # longer than a busy machine may keep the reader thread from reading; stop() ends it
         linger=0,
     )
     failures: list[BaseException] = []
@@ -395,7 +395,7 @@ def run_control_fuzz(ipc_url: Callable[..., str], socket: MakeSocket, examples: 
     def run_server() -> None:
         try:
             server.run()
-        except BaseException as error:  # the test checks that the server only ever stopped by send timeout
+        except BaseException as error:  # the test checks that the server never stopped on an error
             failures.append(error)
 
     reading = threading.Event()
@@ -438,10 +438,11 @@ def run_control_fuzz(ipc_url: Callable[..., str], socket: MakeSocket, examples: 
         assert_same_batches([connection.recv() for _ in range(3)], expected)
     finally:
         reading.clear()
+        server.stop()
         dealer.close()
         connection.close()
         server_thread.join(timeout=30)
-    assert [type(error).__name__ for error in failures] in ([], ["Timeout"])
+    assert [type(error).__name__ for error in failures] == []
     return tried
 
 
@@ -449,7 +450,7 @@ def test_stream_control_socket_survives_hostile_seeks(
     ipc_url: Callable[..., str], socket: MakeSocket
 ) -> None:
     """Random and corrupted SEEK messages each get SOUGHT or ERROR; afterwards a valid seek restarts the stream
-    exactly, and the server only ever stopped because the test stopped reading."""
+    exactly, and the server runs until the test stops it."""
     tried = run_control_fuzz(ipc_url, socket, 300)
     record("control-socket", cases=tried)
 

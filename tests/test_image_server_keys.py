@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import StartProcess, assert_same_batches
+from helpers import StartProcess, assert_same_batches, wait_until
 from imagenet_fixtures import make_image_folder, make_shards, start_image_server
 from reliability import Keys
 
@@ -89,10 +88,7 @@ def test_keyed_image_server_refuses_a_client_without_an_allowed_key(
     with Connection(url, seed=5, timeout=30, **keys.client()) as connection:  # the server goes on
         connection.recv()
     # the server logs refusals when it next looks at its peers (every 0.25 s)
-    deadline = time.monotonic() + 10
-    while "refused a client" not in log_file.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "refused a client" in log_file.read_text()
+    assert wait_until(lambda: "refused a client" in log_file.read_text()), log_file.read_text()
 
 
 def test_keyed_shard_server_in_stream_mode(

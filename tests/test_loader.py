@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import loader_datasets as datasets
 import numpy as np
 import pytest
-from helpers import assert_same_batches, read_line, running, wait_until_gone
+from helpers import WAIT_SECONDS, assert_same_batches, read_line, running, wait_until, wait_until_gone
 
 from tensorcom import codec
 from tensorcom.errors import ConfigError, PipelineError, RemoteError, StateError
@@ -49,13 +48,11 @@ def loader_processes(loader_id: str) -> list[int]:
     return found
 
 
-def wait_for_workers(loader_id: str, count: int, seconds: float = 15.0) -> list[int]:
+def wait_for_workers(loader_id: str, count: int, seconds: float = WAIT_SECONDS) -> list[int]:
     """The loader's worker processes, once ``count`` of them show in the process table (they may still be
     starting: the environment of a process only shows once it has executed the interpreter)."""
-    deadline = time.monotonic() + seconds
-    while len(found := loader_processes(loader_id)) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return found
+    wait_until(lambda: len(loader_processes(loader_id)) >= count, seconds, interval=0.1)
+    return loader_processes(loader_id)
 
 
 def server_pid(loader: SwiftLoader) -> int:
@@ -281,7 +278,7 @@ def test_consumers_are_disjoint_and_complete_and_each_epoch_has_a_new_order() ->
         pids = [server_pid(loader) for loader in loaders]
         workers = [pid for loader in loaders for pid in wait_for_workers(loader.id, 1)]
         assert len(workers) == 2
-    assert wait_until_gone(pids + workers, 5) == []
+    assert wait_until_gone(pids + workers) == []
 
 
 GOLDEN_FIRST_BATCH = [12, 13, 8, 5]
@@ -429,12 +426,13 @@ def test_worker_errors_reach_the_consumer_and_a_crash_leaves_no_orphans() -> Non
     assert len(pids) == 3
     folder = loader._consumer.folder if loader._consumer else None
     loader.close()
-    assert wait_until_gone(pids, 5) == [] and loader_processes(loader.id) == []
+    assert wait_until_gone(pids) == [] and loader_processes(loader.id) == []
     assert folder is not None and not os.path.exists(folder)
 
 
 _SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if the test runs in a background job
 sys.path.insert(0, {tests!r})
 import loader_datasets
 from tensorcom.loader import SwiftLoader
@@ -450,6 +448,7 @@ if __name__ == "__main__":
     elif {ending!r} == "kill":
         time.sleep(60)
     elif {ending!r} == "sigint":
+        print("reading", flush=True)
         while True:  # Ctrl-C arrives while the loader is reading
             for _ in loader:
                 pass
@@ -478,18 +477,15 @@ def test_no_process_or_socket_outlives_the_loader_process(tmp_path: Path, ending
         if ending == "kill":
             process.send_signal(signal.SIGKILL)
         elif ending == "sigint":
-            time.sleep(0.2)
+            assert read_line(process) == "reading\n"
             os.killpg(process.pid, signal.SIGINT)
         expected = {"exit": 0, "kill": -signal.SIGKILL, "sigint": -signal.SIGINT}[
             ending
         ]  # Python re-raises SIGINT
-        assert process.wait(timeout=30) == expected
+        assert process.wait(timeout=60) == expected  # the loader gives its own teardown up to 30 s
         assert wait_until_gone([int(pid), *workers]) == []
         assert loader_processes(loader_id) == []
-        deadline = time.monotonic() + 5
-        while os.path.exists(folder) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not os.path.exists(folder)
+        assert wait_until(lambda: not os.path.exists(folder)), f"{folder} is still there"
     finally:
         if process.poll() is None:
             process.kill()

@@ -18,12 +18,14 @@ from helpers import environment, serve_args, wait_ready
 from netns_client import digest
 
 from tensorcom._net import security
+from tensorcom.client.request import _GROUP
 
 TESTS = Path(__file__).parent
 CLIENT = str(TESTS / "netns_client.py")
 PORT = 7880
 PUB_PORT = 7890
 PREFETCH = 4
+WINDOW = PREFETCH * _GROUP  # steps a client asks for beyond the one it delivers (small batches: 4 a request)
 
 
 @pytest.fixture
@@ -157,7 +159,7 @@ def test_a_server_host_cut_off_mid_epoch_fails_over_and_is_used_again_when_back(
         served_by([r for r in batches if low <= r["step"] < high], victim)
         for low, high in (
             (0, cut_at + 1),
-            (cut_at + 2 * PREFETCH + 1, restore_at + 1),
+            (cut_at + WINDOW + 1, restore_at + 1),
             (restore_at + 1, count),
         )
     )
@@ -172,7 +174,12 @@ def test_every_server_host_cut_off_raises_timeout_naming_the_endpoints(network: 
     hosts = [network.add_host(name) for name in ("data0", "data1", "trainer")]
     servers = [start_server(network, host, "factories:small", "repeating=true") for host in hosts[:2]]
     client = start_client(
-        network, hosts[2], *(url for _, url in servers), "--timeout=2", "--pause-at=3", "--count=1000"
+        network,
+        hosts[2],
+        *(url for _, url in servers),
+        "--timeout-after-pause=2",  # the start-up before the pause has the default 30 s
+        "--pause-at=3",
+        "--count=1000",
     )
     records: list[dict[str, Any]] = []
     read_until_pause(client, records)
@@ -193,7 +200,11 @@ def test_a_pub_stream_is_shared_by_client_hosts_of_two_jobs(network: netns.Netwo
     """Two jobs on two hosts subscribe to one publisher: each gets consecutive batches, the same bytes for each."""
     publisher, job0, job1 = (network.add_host(name) for name in ("data0", "job0", "job1"))
     url = f"zsub://{publisher.address}:{PUB_PORT}"
-    clients = [start_client(network, host, url, "--count=60", "--sleep=0.02") for host in (job0, job1)]
+    clients = [
+        start_client(network, host, url, "--count=60", "--sleep=0.02", "--announce") for host in (job0, job1)
+    ]
+    for client in clients:  # both subscribe before the publisher starts, however long their start-up takes
+        assert next(client.records(timeout=60)) == {"connected": True}, client.stderr()
     network.start(
         publisher,
         "-m",

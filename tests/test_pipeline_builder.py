@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from helpers import wait_until
 from pipeline_harness import square
 
 from tensorcom.errors import ConfigError, PipelineError, StateError
@@ -27,9 +28,7 @@ def _builder_threads() -> list[threading.Thread]:
 def no_loop_threads() -> Iterator[None]:
     """Fail a test that leaves a builder thread running (event loop, source puller or op thread)."""
     yield
-    deadline = time.monotonic() + 5
-    while _builder_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not _builder_threads(), interval=0.01)
     assert not _builder_threads()
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
-from helpers import MakeSocket, StartProcess
+from helpers import READY_SECONDS, MakeSocket, StartProcess, wait_until
 
 from tensorcom import Connection, DecodeError, Server, Timeout, URLError, codec, serve
 
@@ -46,11 +47,15 @@ def test_server_process_feeds_connection_over_tcp(
     "server_scheme, client_scheme", [("zrpush", "zrpull"), ("zpub", "zsub")], ids=["push-pull", "pub-sub"]
 )
 def test_server_process_feeds_connection_over_ipc(
-    synthetic_server: StartProcess, ipc_url: Callable[..., str], server_scheme: str, client_scheme: str
+    synthetic_server: StartProcess,
+    ipc_url: Callable[..., str],
+    tmp_path: Path,
+    server_scheme: str,
+    client_scheme: str,
 ) -> None:
     """Over ipc, with the server binding, a late-connecting client still gets every batch from the first."""
     process = synthetic_server(ipc_url(server_scheme), count=25)
-    time.sleep(0.3)
+    assert wait_until(lambda: (tmp_path / "socket").exists(), READY_SECONDS), "the server never bound"
     with Connection(ipc_url(client_scheme), timeout=20) as connection:
         batches = [connection.recv() for _ in range(25)]
     assert labels_of(batches) == list(range(100))
