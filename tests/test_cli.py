@@ -138,14 +138,14 @@ def test_sigterm_stops_a_serving_server_cleanly(tmp_path: Path) -> None:
     """serve-synthetic exits 0 on SIGTERM while blocked waiting for a client."""
     process = subprocess.Popen(
         [sys.executable, "-m", "tensorcom_servers.synthetic", "-q", f"zrpush+ipc://{tmp_path}/s"],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        process.wait(timeout=2)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-    _, errors = process.communicate(timeout=20)
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith("ready ")  # its SIGTERM handler is in place from here on
+    process.terminate()
+    _, errors = process.communicate(timeout=60)
     assert process.returncode == 0
     assert "Traceback" not in errors
 

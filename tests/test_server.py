@@ -215,3 +215,21 @@ def test_stop_refuses_a_negative_drain() -> None:
             server.stop(drain=-1)
     finally:
         server.close(linger=0)
+
+
+def test_a_worker_killed_between_two_requests_costs_no_batch(ipc_url: Callable[..., str]) -> None:
+    """kill -9 of the only worker while a client streams: the front end restarts it and the client gets every step
+    once, in order."""
+    server = Server(numbers, ipc_url("zrep"), workers=1)
+    (url,) = server.client_urls
+    thread, result = in_thread(server.run)
+    try:
+        with Connection(url, seed=1, prefetch=1, timeout=THREAD_SECONDS) as connection:
+            first = connection.recv().tolist()
+            os.kill(server._processes[0].process.pid, signal.SIGKILL)
+            rest = [connection.recv().tolist() for _ in range(4)]
+    finally:
+        server.stop()
+        thread.join(THREAD_SECONDS)
+    assert [first, *rest] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert not thread.is_alive() and result == [server.served]

@@ -346,7 +346,15 @@ class RequestServer(Server, sockets=("ROUTER",)):
             worker.next_ticket += 1
             worker.outstanding[ticket] = (client, request, attempts)
             route = b"%d:%d:" % (client[0], ticket) + client[1]
-            self._backend.send_multipart([worker.identity, route, request.encode()])
+            try:
+                self._backend.send_multipart([worker.identity, route, request.encode()])
+            except zmq.ZMQError as error:  # the worker died since it last spoke (EHOSTUNREACH)
+                log.info(
+                    "worker %s is gone (%s); its requests wait for another", worker.identity.decode(), error
+                )
+                del worker.outstanding[ticket]
+                worker.ready = False  # supervision restarts it; until then it gets nothing
+                self._requeue(client, request, attempts)
 
     def _handle_inline(self, client: tuple[int, bytes], request: Hello | Request) -> None:
         if self._handler is None:
