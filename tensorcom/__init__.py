@@ -6,10 +6,10 @@ use, so ``import tensorcom.codec`` (or ``tensorcom.pipeline``) pulls in neither 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tensorcom import codec
+from tensorcom._lazy import lazy_exports
 from tensorcom.errors import (
     ConfigError,
     DecodeError,
@@ -93,15 +93,4 @@ __all__ = [
 ]
 
 
-def __dir__() -> list[str]:
-    """The module's names, the lazily loaded ones included (``dir(tensorcom)`` lists ``Connection``)."""
-    return sorted(set(globals()) | set(__all__))
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tensorcom' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -36,7 +36,7 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
 # -- the table: which tensorcom folders each folder may import (its own folder always) -------------------------------
 
-BOTTOM = frozenset({"errors", "codec", "urls", "protocol", "convert"})
+BOTTOM = frozenset({"errors", "codec", "urls", "protocol", "convert", "_lazy"})
 INIT = "tensorcom/__init__.py"
 EVERYTHING = BOTTOM | {
     "pipeline",

@@ -9,8 +9,9 @@ its kind from those registered, and each registers itself when its module is imp
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tensorcom._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from tensorcom.server._base import Server
@@ -28,16 +29,5 @@ _HOMES = {
 _KINDS = ("tensorcom.server.stream", "tensorcom.server.request")
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    for kind in _KINDS:  # every kind registered before Server is handed out
-        importlib.import_module(kind)
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+# every kind registered before any class is handed out
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, load_first=_KINDS)
