@@ -407,7 +407,8 @@ def test_timeout_is_one_clean_line(program: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 4
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"Error: no batch within 0.5 s from ipc://{tmp_path}/none"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: no batch within 0.5 s from ipc://{tmp_path}/none")
 
 
 @pytest.mark.parametrize(

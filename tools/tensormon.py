@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import click
 
 from tensorcom.cli import TensorcomCommand, check_output_path, version_option
-from tensorcom.errors import Timeout
+from tensorcom.errors import ConfigError, Timeout
 from tensorcom.monitoring.plots import RateSeries, draw_rates, require_matplotlib
 from tensorcom.monitoring.throughput import (
     MonitorReport,
@@ -19,7 +19,7 @@ from tensorcom.monitoring.throughput import (
     count_samples,
     format_seconds,
 )
-from tensorcom_tools._connect import connection_options, open_connection
+from tensorcom_tools._connect import HELP_OPTIONS, connection_options, open_connection, refused_option
 
 _IDLE = ThroughputReport(0.0, 0, 0, 0, None, None, 0.0)
 
@@ -168,22 +168,38 @@ def rate_charts(history: list[tuple[float, MonitorReport]]) -> dict[str, list[Ra
     return charts
 
 
-@click.command(cls=TensorcomCommand)
+@click.command(cls=TensorcomCommand, context_settings=HELP_OPTIONS)
 @version_option("tensormon")
-@connection_options
+@connection_options()
 @click.option(
+    "-c",
     "-n",
     "--count",
     type=click.IntRange(min=1),
     default=None,
-    help="Stop after this many batches (default: Ctrl-C).",
+    help="Stop after this many batches (default: Ctrl-C). -c is tensorcom 0.1's spelling.",
 )
 @click.option(
     "--interval",
     type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Seconds between reports (a report is made when a batch arrives after the interval is over).",
+    default=None,
+    help="Seconds between reports (a report is made when a batch arrives after the interval is over). "
+    "[default: 1]",
+)
+@click.option(
+    "-r",
+    "--report",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Report every N batches instead of every --interval seconds (tensorcom 0.1's -r).",
+)
+@refused_option(
+    "-R",
+    "--raw",
+    reason="tensorcom 0.1's undecoded mode, which its Connection ignored; here decoding copies nothing, so the "
+    "rates already are the transport's: drop -R",
+    help="tensorcom 0.1's undecoded mode: refused (0.1 ignored it; decoding here copies nothing), drop it.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines: one per interval, then a summary.")
 @click.option(
@@ -209,7 +225,8 @@ def main(
     rank: int | None,
     world_size: int | None,
     count: int | None,
-    interval: float,
+    interval: float | None,
+    report: int | None,
     as_json: bool,
     live: bool | None,
     compute: float,
@@ -220,8 +237,17 @@ def main(
     Figures: batches/s, samples/s (the first dimension of a batch's first array), MB/s, the latency between batches
     (median and 99th percentile), and stall, the share of time spent waiting for a batch. Each line or row names
     a server by its address (zreq: the server's name) and counts the batches received from it so far; the rates
-    are those of the last interval. With several servers (e.g. zrpull://host:788{0..3}) an "all" row adds them up.
+    are those of the last interval. With several servers (several URLS, or e.g. zsub://host:788{0..3}) an "all"
+    row adds them up.
+
+    With no URLS it reads zsub://127.0.0.1:7880, as tensorcom 0.1 did. tensorcom 0.1's flags: -c N (--count),
+    -r N (a report every N batches); -R is refused.
     """
+    if report is not None and interval is not None:
+        raise ConfigError(
+            "-r/--report and --interval: give one (a report every N batches, or every S seconds)"
+        )
+    interval = 1.0 if interval is None else interval
     if plot:  # before connecting: a bad path or a missing matplotlib fails at once
         check_output_path(plot, "--plot")
         require_matplotlib()
@@ -236,6 +262,7 @@ def main(
             display = PlainDisplay()
         monitor = ThroughputMonitor()
         next_report = monitor.started + interval
+        reported = 0
         try:
             while count is None or monitor.batches < count:
                 started = time.monotonic()
@@ -254,11 +281,13 @@ def main(
                 )
                 if compute:
                     time.sleep(compute)
-                if arrived >= next_report:
-                    report = monitor.interval(arrived)
-                    history.append((arrived - monitor.started, report))
-                    display.interval(report, monitor.summary(arrived), arrived - monitor.started)
+                due = monitor.batches - reported >= report if report is not None else arrived >= next_report
+                if due:
+                    figures = monitor.interval(arrived)
+                    history.append((arrived - monitor.started, figures))
+                    display.interval(figures, monitor.summary(arrived), arrived - monitor.started)
                     next_report = arrived + interval
+                    reported = monitor.batches
         except KeyboardInterrupt:
             pass
         except Timeout:

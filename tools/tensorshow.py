@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -20,9 +21,12 @@ from tensorcom.monitoring.grids import (
     require_pillow,
     to_display_images,
 )
-from tensorcom_tools._connect import connection_options, open_connection
+from tensorcom_tools._connect import HELP_OPTIONS, connection_options, open_connection, refused_option
 
 DEFAULT_OUTPUT = "tensorshow.png"
+DEFAULT_URLS = ("zsub://127.0.0.1:788{0..3}",)
+"""tensorcom 0.1's tensorshow read the four publishers on ports 7880 to 7883 of this host when given no URL."""
+MODES = ("imgclass", "img2img")
 
 
 def has_display() -> bool:
@@ -33,9 +37,13 @@ def has_display() -> bool:
     )
 
 
-@click.command(cls=TensorcomCommand)
+@click.command(cls=TensorcomCommand, context_settings=HELP_OPTIONS)
 @version_option("tensorshow")
-@connection_options
+@connection_options(
+    DEFAULT_URLS,
+    timeout_note=" (tensorcom 0.1's --timeout -1 waited for a click between images; here the grid stays until "
+    "you close it: drop it)",
+)
 @click.option(
     "-n", "--count", type=click.IntRange(min=1), default=1, show_default=True, help="Batches to show."
 )
@@ -43,10 +51,43 @@ def has_display() -> bool:
     "-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the grid to this PNG file."
 )
 @click.option(
+    "-m",
+    "--mode",
+    type=click.Choice(MODES),
+    default="imgclass",
+    show_default=True,
+    help="imgclass: images captioned with their classes; img2img: the images of two arrays side by side, in "
+    "pairs (tensorcom 0.1's -m).",
+)
+@click.option(
+    "-b",
+    "--unbatched",
+    is_flag=True,
+    help="Each message is one sample, not a batch (tensorcom 0.1's -b): an image and its label.",
+)
+@click.option(
+    "-B",
+    "--perbatch",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Show at most N images of each batch (tensorcom 0.1's -B) [default: all].",
+)
+@click.option(
+    "-C",
     "--classes",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="JSON file of class names (default: the names a zreq server sends, if any).",
+    help="JSON file of class names (default: the names a zreq server sends, if any). -C is tensorcom 0.1's "
+    "spelling.",
+)
+@refused_option(
+    "-t",
+    reason="tensorcom 0.1's seconds each image stayed on screen; tensorshow now draws all the images at once, in "
+    "one grid that stays until you close it: drop -t (--timeout here is the seconds to wait for a batch)",
+    help="tensorcom 0.1's seconds per image: refused, the grid shows every image at once. Not --timeout, which "
+    "here is the seconds to wait for a batch.",
+    metavar="SECONDS",
 )
 @click.option(
     "--index",
@@ -85,6 +126,9 @@ def main(
     world_size: int | None,
     count: int,
     output: str | None,
+    mode: str,
+    unbatched: bool,
+    perbatch: int | None,
     classes: str | None,
     index: int | None,
     label_index: int | None,
@@ -99,8 +143,17 @@ def main(
     Writes a PNG when --output is given or no display is available (to tensorshow.png), opens a window otherwise.
     Images may be NHWC or NCHW, uint8 or float (normalised for display), colour or greyscale. Captions are class
     names from --classes, else those a zreq server sends (serve-imagenet-dir sends its class folder names; stream
-    servers send none), else the label values.
+    servers send none), else the label values. With --mode img2img, each image of the first image array is shown
+    beside the same image of the next one (input and target), captioned with its number and array position.
+
+    With no URLS it reads zsub://127.0.0.1:788{0..3}, as tensorcom 0.1 did; several URLS (or a brace URL) are read
+    together. tensorcom 0.1's flags: -b, -m, -B N, -C FILE; -t is refused (0.1's seconds per image), and --timeout
+    keeps its meaning here: the seconds to wait for a batch.
     """
+    if mode == "img2img":
+        for given, name in ((label_index, "--label-index"), (classes, "-C/--classes")):
+            if given is not None:
+                raise ConfigError(f"{name}: not used with --mode img2img, whose pairs carry no labels")
     require_pillow()  # before connecting: a missing Pillow or an unwritable output fails at once
     path = output if output is not None else None if has_display() else DEFAULT_OUTPUT  # None: a window
     if path is not None:
@@ -115,11 +168,18 @@ def main(
             names, named_by = dict(enumerate(sent)), "the server"
         for _ in range(count):
             batch = [np.asarray(array) for array in connection.recv()]
+            if unbatched:
+                batch = [array[np.newaxis] for array in batch]
+            if mode == "img2img":
+                shown, texts = _pairs(batch, index, layout, normalise, perbatch)
+                images.append(shown)
+                labels += texts
+                continue
             position = find_image_array(batch) if index is None else index
             if position >= len(batch):
                 raise ConfigError(f"--index {position}: the batch has only {len(batch)} arrays")
             found = find_label_array(batch, position) if label_index is None else label_index
-            shown = to_display_images(batch[position], layout=layout, normalisation=normalise)
+            shown = to_display_images(batch[position], layout=layout, normalisation=normalise)[:perbatch]
             images.append(shown)
             if found is not None and found >= 0:
                 if found >= len(batch):
@@ -132,9 +192,13 @@ def main(
         raise ConfigError(f"the batches hold images of different sizes: {sorted(sizes)}")
     grid_images = np.concatenate(images)[:max_images]
     grid_labels = labels[:max_images] if any(labels) else None
+    if mode == "img2img" and columns is None:
+        columns = 2 * math.ceil(math.sqrt(len(grid_images) / 2))  # whole pairs on each row
     picture, grid = make_grid(grid_images, grid_labels, columns=columns, scale=scale)
-    description = f"{grid.count} images from {count} batch{'es' if count > 1 else ''} in a {grid.columns}x{grid.rows} grid, {grid.size[0]}x{grid.size[1]} px"
-    if grid_labels is not None and named_by:
+    what = "image pairs" if mode == "img2img" else "images"
+    shown_count = grid.count // 2 if mode == "img2img" else grid.count
+    description = f"{shown_count} {what} from {count} batch{'es' if count > 1 else ''} in a {grid.columns}x{grid.rows} grid, {grid.size[0]}x{grid.size[1]} px"
+    if grid_labels is not None and named_by and mode == "imgclass":
         description += f", captioned with class names from {named_by}"
     if path is None:
         picture.show(title="tensorshow")
@@ -145,6 +209,35 @@ def main(
     except OSError as error:
         raise ConfigError(f"cannot write {path!r}: {error}") from error
     click.echo(f"wrote {path}: {description}")
+
+
+def _pairs(
+    batch: list[np.ndarray], index: int | None, layout: str, normalise: str, perbatch: int | None
+) -> tuple[np.ndarray, list[str]]:
+    """img2img: the images of the first image array (or --index) and of the next image array after it,
+    interleaved (first, second, first, second, ...), each captioned "NUMBER [POSITION]"; a smaller image is
+    padded with black to the larger's size."""
+    first = find_image_array(batch) if index is None else index
+    if first >= len(batch):
+        raise ConfigError(f"--index {first}: the batch has only {len(batch)} arrays")
+    rest = batch[first + 1 :]
+    try:
+        second = first + 1 + find_image_array(rest)
+    except ConfigError:
+        shapes = ", ".join(str(array.shape) for array in batch)
+        raise ConfigError(
+            f"--mode img2img needs a second image array after array {first}. Found shapes: {shapes}"
+        ) from None
+    left = to_display_images(batch[first], layout=layout, normalisation=normalise)
+    right = to_display_images(batch[second], layout=layout, normalisation=normalise)
+    count = min(len(left), len(right), perbatch or len(left))
+    height = max(left.shape[1], right.shape[1])
+    width = max(left.shape[2], right.shape[2])
+    pairs = np.zeros((count, 2, height, width, 3), dtype=np.uint8)
+    pairs[:, 0, : left.shape[1], : left.shape[2]] = left[:count]
+    pairs[:, 1, : right.shape[1], : right.shape[2]] = right[:count]
+    texts = [f"{number} [{position}]" for number in range(count) for position in (first, second)]
+    return pairs.reshape(2 * count, height, width, 3), texts
 
 
 def _label_texts(values: np.ndarray, count: int, names: dict[int, str]) -> list[str]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import click
+import numpy as np
 
 from tensorcom.cli import TensorcomCommand, check_output_path, version_option
 from tensorcom.monitoring.plots import Histogram, draw_histograms, require_matplotlib
 from tensorcom.monitoring.statistics import ArrayStatistics, BatchStatistics
-from tensorcom_tools._connect import connection_options, open_connection
+from tensorcom_tools._connect import HELP_OPTIONS, connection_options, open_connection, refused_option
 
 PLOT_SAMPLES = 200_000
 SHOWN_CLASSES = 20
@@ -65,11 +66,30 @@ def histograms(statistics: BatchStatistics) -> list[Histogram]:
     return result
 
 
-@click.command(cls=TensorcomCommand)
+@click.command(cls=TensorcomCommand, context_settings=HELP_OPTIONS)
 @version_option("tensorstat")
-@connection_options
+@connection_options()
 @click.option(
-    "-n", "--count", type=click.IntRange(min=1), default=10, show_default=True, help="Batches to read."
+    "-c",
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Batches to read. -c is tensorcom 0.1's spelling.",
+)
+@click.option(
+    "-b",
+    "--unbatched",
+    is_flag=True,
+    help="Each message is one sample, not a batch (tensorcom 0.1's -b): a batch axis is added, so labels sent as "
+    "single numbers are counted as classes.",
+)
+@refused_option(
+    "-r",
+    "--raw",
+    reason="tensorcom 0.1 printed only the throughput with it; for that use tensormon -c N URL...",
+    help="tensorcom 0.1's throughput-only mode: refused, use tensormon -c N.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON document.")
 @click.option(
@@ -85,18 +105,24 @@ def main(
     rank: int | None,
     world_size: int | None,
     count: int,
+    unbatched: bool,
     as_json: bool,
     plot: str | None,
 ) -> None:
     """Read --count batches from URLS and report, per array position: dtype, shapes, min, max, mean, std, NaN and
-    Inf counts (figures over the finite values), and the class histogram of 1-D integer (label) arrays."""
+    Inf counts (figures over the finite values), and the class histogram of 1-D integer (label) arrays.
+
+    With no URLS it reads zsub://127.0.0.1:7880, as tensorcom 0.1 did; several URLS (or a brace URL) are read
+    together. tensorcom 0.1's flags: -c N (--count), -b (--unbatched); -r is refused.
+    """
     if plot:  # before reading: a bad path or a missing matplotlib fails at once
         check_output_path(plot, "--plot")
         require_matplotlib()
     statistics = BatchStatistics(sample_limit=PLOT_SAMPLES if plot else 0)
     with open_connection(urls, timeout, seed=seed, rank=rank, world_size=world_size) as connection:
         for _ in range(count):
-            statistics.update(connection.recv())
+            batch = connection.recv()
+            statistics.update([np.asarray(array)[np.newaxis] for array in batch] if unbatched else batch)
     if as_json:
         click.echo(json.dumps(statistics.to_dict(), allow_nan=False))
     else:
