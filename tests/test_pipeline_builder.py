@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from fractions import Fraction
 
 import pytest
 from helpers import wait_until
 from pipeline_harness import square
 
-from tensorcom.errors import ConfigError, PipelineError, StateError
+from tensorcom.errors import ConfigError, PipelineError, StateError, Timeout
 from tensorcom.pipeline import Range, collate
 from tensorcom.pipeline.builder import PipelineBuilder
 
@@ -243,7 +246,10 @@ def test_skip_is_arithmetic_for_sequence_sources(no_loop_threads: None) -> None:
         (lambda b: b.add_source([1]).aggregate(0), "aggregate size must be an int > 0. Found: 0"),
         (lambda b: b.add_source([1]).add_sink(2).pipe(square), "after add_sink"),
         (lambda b: b.add_source([1]).add_source([2]), "add_source was already called"),
-        (lambda b: b.add_source([1]).add_sink(0), "buffer_size must be an int > 0. Found: 0"),
+        (
+            lambda b: b.add_source([1]).add_sink(-1),
+            "buffer_size must be an int >= 0 (0: unbounded). Found: -1",
+        ),
     ],
     ids=[
         "no-source",
@@ -260,3 +266,231 @@ def test_bad_builder_configuration(build: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         build(PipelineBuilder())  # type: ignore[operator]
     assert message in str(info.value)
+
+
+# -- SPDL's face: start/stop, auto_stop, get_item, get_iterator, its builder arguments --------------------------
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+def test_spdl_intro_example_with_start_and_stop(no_loop_threads: None) -> None:
+    """SPDL's introductory pipeline gives SPDL's documented output with start(), iteration and stop()."""
+    pipeline = (
+        PipelineBuilder()
+        .add_source(range(12))
+        .pipe(double)
+        .pipe(plus_one)
+        .aggregate(3)
+        .add_sink(3)
+        .build(num_threads=1)
+    )
+    pipeline.start()
+    assert _loop_threads()
+    with pytest.raises(RuntimeError, match="already started"):
+        pipeline.start()
+    assert [item for item in pipeline] == [[1, 3, 5], [7, 9, 11], [13, 15, 17], [19, 21, 23]]
+    pipeline.stop()
+    pipeline.stop()  # safe twice
+
+
+def test_auto_stop_starts_and_stops_and_stop_is_final(no_loop_threads: None) -> None:
+    """auto_stop() starts on entry and stops on exit even after a break; a stopped pipeline yields nothing more,
+    refuses to start, and still reports where the consumer stopped."""
+    pipeline = (
+        PipelineBuilder().add_source(range(20)).pipe(square, concurrency=2).add_sink(4).build(num_threads=2)
+    )
+    with pipeline.auto_stop():
+        assert _loop_threads()
+        got = []
+        for item in pipeline.get_iterator(timeout=30):
+            got.append(item)
+            if len(got) == 5:
+                break
+    assert got == [0, 1, 4, 9, 16]
+    assert not _loop_threads()
+    assert list(pipeline) == []
+    with pytest.raises(EOFError, match="stopped"):
+        pipeline.get_item(timeout=1)
+    with pytest.raises(PipelineError, match="stopped"):
+        pipeline.start()
+    assert pipeline.state()["stream"]["position"] == 5
+
+
+def test_get_item_timeout_keeps_the_item_and_eof_at_the_end(no_loop_threads: None) -> None:
+    """get_item(timeout=) raises TimeoutError while an op is still busy and then returns that same item; at the end
+    get_item raises EOFError and get_iterator simply ends."""
+    release = threading.Event()
+
+    def wait_for_release(x: int) -> int:
+        release.wait(60)
+        return x
+
+    pipeline = PipelineBuilder().add_source(range(3)).pipe(wait_for_release).build()
+    with pytest.raises(TimeoutError, match="no item within 0.05 s") as info:
+        pipeline.get_item(timeout=0.05)  # the op cannot finish before release is set: no guessed timing
+    assert isinstance(info.value, Timeout) and pipeline.step == 0
+    release.set()
+    assert pipeline.get_item(timeout=30) == 0
+    assert list(pipeline.get_iterator(timeout=30)) == [1, 2]
+    with pytest.raises(EOFError, match="end"):
+        pipeline.get_item()
+    assert list(pipeline.get_iterator()) == []
+    pipeline.stop()
+
+
+def raise_on_even(x: int) -> int:
+    if x % 2 == 0:
+        raise ValueError(f"even {x}")
+    return x
+
+
+def test_max_failures_drops_and_logs_then_raises(
+    no_loop_threads: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Within max_failures failed items are logged and dropped (as in SPDL); the next failure is raised; build's
+    max_failures applies to pipes without their own, and a Fraction is a rate of the calls."""
+    with caplog.at_level(logging.WARNING, logger="tensorcom.pipeline.builder"):
+        assert list(PipelineBuilder().add_source(range(8)).pipe(explode_on_four, max_failures=1).build()) == [
+            0,
+            1,
+            2,
+            3,
+            5,
+            6,
+            7,
+        ]
+    assert "failed on input 4: ValueError: bad sample (dropped; max_failures=1)" in caplog.text
+    pipeline = PipelineBuilder().add_source(range(8)).pipe(raise_on_even, max_failures=2).build()
+    got = []
+    with pytest.raises(PipelineError, match="input 4: ValueError: even 4") as info:
+        for item in pipeline:
+            got.append(item)
+    assert got == [1, 3] and "max_failures=2 was exceeded" in "".join(info.value.__notes__)
+    assert list(PipelineBuilder().add_source(range(8)).pipe(raise_on_even).build(max_failures=-1)) == [
+        1,
+        3,
+        5,
+        7,
+    ]
+    rate = PipelineBuilder().add_source(range(300)).pipe(raise_on_even, max_failures=Fraction(3, 5)).build()
+    assert list(rate) == list(range(1, 300, 2))  # about half the calls fail: within 3/5
+    strict = PipelineBuilder().add_source(range(300)).pipe(raise_on_even, max_failures=Fraction(1, 3)).build()
+    got = []
+    with pytest.raises(PipelineError, match="input 100: ValueError: even 100"):
+        for item in strict:  # the rate is enforced from the 100th call on
+            got.append(item)
+    assert got == list(range(1, 100, 2))
+    strict.close()
+
+
+def test_executor_container_ops_and_unbounded_sink(no_loop_threads: None) -> None:
+    """pipe(executor=) runs a sync op on that executor; a dict op maps by __getitem__; add_sink(0) has no limit."""
+    names: set[str] = set()
+
+    def record_thread(x: int) -> int:
+        names.add(threading.current_thread().name)
+        return x
+
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="user-executor") as executor:
+        pipeline = (
+            PipelineBuilder()
+            .add_source(range(6))
+            .pipe(record_thread, concurrency=2, executor=executor)
+            .pipe({i: chr(ord("a") + i) for i in range(6)})
+            .add_sink(0)
+            .build(num_threads=1)
+        )
+        assert list(pipeline) == ["a", "b", "c", "d", "e", "f"]
+    assert names and all(name.startswith("user-executor") for name in names)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda b: b.add_source([1], continuous=True),
+            "add_source: continuous= (an SPDL argument) is not supported",
+        ),
+        (
+            lambda b: b.add_source([1]).pipe(square, hooks=[]),
+            "pipe: hooks= (an SPDL argument) is not supported",
+        ),
+        (
+            lambda b: b.add_source([1]).pipe(square, concurency=2),
+            "unknown argument 'concurency'. Did you mean 'concurrency'?",
+        ),
+        (
+            lambda b: b.add_source([1]).aggregate(2, droplast=True),
+            "unknown argument 'droplast'. Did you mean 'drop_last'?",
+        ),
+        (lambda b: b.add_source([1]).add_sink(2, size=3), "add_sink got an unknown argument 'size'"),
+        (lambda b: b.add_source([1]).build(num_thread=2), "Did you mean 'num_threads'?"),
+        (
+            lambda b: b.add_source([1]).build(queue_class=list),
+            "queue_class= (an SPDL argument) is not supported",
+        ),
+        (
+            lambda b: b.add_source([1]).pipe(square, max_failures=Fraction(0)),
+            "max_failures must be an int (< 0: no limit) or a Fraction in (0, 1]",
+        ),
+        (
+            lambda b: b.add_source([1]).pipe(
+                async_increment, executor=concurrent.futures.ThreadPoolExecutor(1)
+            ),
+            "executor= is for synchronous ops",
+        ),
+        (
+            lambda b: b.add_source([1]).build().get_iterator(timout=3),
+            "get_iterator got an unknown argument 'timout'",
+        ),
+        (
+            lambda b: b.add_source([1]).build().get_item(timeout=-1),
+            "timeout must be seconds >= 0 or None. Found: -1",
+        ),
+        (
+            lambda b: b.add_source([1]).build().auto_stop(wait=1).__enter__(),
+            "auto_stop got an unknown argument 'wait'",
+        ),
+    ],
+    ids=[
+        "continuous",
+        "hooks",
+        "misspelt-concurrency",
+        "misspelt-drop-last",
+        "sink-keyword",
+        "misspelt-num-threads",
+        "queue-class",
+        "max-failures",
+        "executor-async",
+        "iterator-keyword",
+        "negative-timeout",
+        "auto-stop-keyword",
+    ],
+)
+def test_spdl_arguments_without_meaning_and_unknown_ones_are_config_errors(
+    call: object, message: str
+) -> None:
+    """Each argument SPDL has but tensorcom cannot honour, and each unknown one, is a one-line ConfigError."""
+    with pytest.raises(ConfigError) as info:
+        call(PipelineBuilder())  # type: ignore[operator]
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_spdl_arguments_that_change_nothing_are_accepted(no_loop_threads: None) -> None:
+    """build() takes SPDL's report_stats_interval, stage_id and use_thread_output_queue; pipe its name."""
+    pipeline = (
+        PipelineBuilder()
+        .add_source(range(4))
+        .pipe(square, concurrency=2, name="square", output_order="input")
+        .aggregate(2, drop_last=False)
+        .add_sink(buffer_size=2)
+        .build(num_threads=2, report_stats_interval=5, stage_id=3, use_thread_output_queue=True)
+    )
+    with pipeline.auto_stop(timeout=30):
+        assert list(pipeline) == [[0, 1], [4, 9]]

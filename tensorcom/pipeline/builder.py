@@ -24,6 +24,14 @@ consumer as :class:`~tensorcom.errors.PipelineError` naming the stage and input 
 ``__cause__``), after the items that came before it; the next ``next`` starts the pipeline again after the
 failed output item (load a saved state to retry it instead).
 
+SPDL's face on the same object: ``start()`` / ``stop()``, ``with pipeline.auto_stop():``, ``get_item(timeout=)``
+and ``get_iterator(timeout=)`` (``TimeoutError`` when no item comes in time, ``EOFError`` / the iterator's end at
+the end); iterating without ``start()`` starts the pipeline (SPDL 0.4 and later). ``stop()`` is final: afterwards
+the pipeline yields nothing more (``close()``, tensorcom's own, pauses instead: the next ``next`` continues).
+``pipe(max_failures=)`` / ``build(max_failures=)`` drop and log failed items as SPDL does; without them a failure
+is raised, as described above. An argument of SPDL's that has no meaning here is a :class:`ConfigError` saying
+why, and an unknown one a :class:`ConfigError` naming the known ones.
+
 State and resume: the state is the source's state as of the last item delivered to the consumer. Sequences and
 tensorcom pipelines resume and ``skip`` in O(1) (arithmetic); plain iterables and async iterables resume by replay
 from their start. With ``output_order="completion"`` items leave a stage out of order, so ``state()`` refuses (no
@@ -33,18 +41,23 @@ exact resume point exists); use ``"input"`` (the default) where resume matters.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import difflib
 import inspect
 import logging
 import math
 import queue
 import threading
+import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Literal, Protocol
 
-from tensorcom.errors import ConfigError, PipelineError, StateError
+from tensorcom.errors import ConfigError, PipelineError, StateError, Timeout
 from tensorcom.pipeline._base import Pipeline, Record
 from tensorcom.pipeline.collate import merge_records
 from tensorcom.pipeline.map import _function_name
@@ -56,8 +69,59 @@ logger = logging.getLogger(__name__)
 __all__ = ["BuiltPipeline", "PipelineBuilder"]
 
 _QUEUE_SIZE = 2
+_RATE_PROBATION = 100  # calls before a max_failures rate is enforced, as in SPDL
 _JOIN_S = 5.0
 _POLL_S = 0.5  # how often a blocked thread looks whether the pipeline stopped
+
+
+# SPDL arguments with no meaning here, and why (an argument in neither list is refused as unknown)
+_UNSUPPORTED = {
+    "continuous": "a source is read once per built pipeline here; for many epochs add_source(Permutation(n, "
+    "repeating=True)) and aggregate per epoch, or build one pipeline per epoch",
+    "hooks": "tensorcom has no task hooks; wrap the op instead",
+    "kwargs": "bind extra arguments with functools.partial",
+    "queue_class": "the queues between stages are tensorcom's own",
+    "task_hook_factory": "tensorcom has no task hooks; wrap the op instead",
+}
+# SPDL arguments accepted for compatibility that change nothing here
+_IGNORED = ("report_stats_interval", "stage_id", "use_thread_output_queue")
+
+
+def _refuse_unknown(where: str, unknown: dict[str, Any], known: Sequence[str]) -> None:
+    """Raise a one-line ConfigError for the first argument of ``unknown`` (nothing when it is empty)."""
+    if not unknown:
+        return
+    name = next(iter(unknown))
+    if name in _UNSUPPORTED:
+        raise ConfigError(f"{where}: {name}= (an SPDL argument) is not supported: {_UNSUPPORTED[name]}")
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{where} got an unknown argument {name!r}.{hint} Known: {', '.join(known)}")
+
+
+def _check_max_failures(value: Any) -> int | Fraction | None:
+    if value is None or isinstance(value, Fraction) and 0 < value <= 1:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(
+        f"max_failures must be an int (< 0: no limit) or a Fraction in (0, 1]. Found: {value!r}"
+    )
+
+
+def _check_timeout(value: Any, what: str = "timeout") -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(f"{what} must be seconds >= 0 or None. Found: {value!r}")
+    return float(value)
+
+
+def _as_op(op: Any) -> Callable[..., Any]:
+    """A callable as it is; a container (dict, list, tuple) stands for its ``__getitem__``, as in SPDL."""
+    if not callable(op) and hasattr(op, "__getitem__"):
+        return op.__getitem__
+    return op
 
 
 @dataclass(frozen=True)
@@ -66,10 +130,12 @@ class _PipeConfig:
     concurrency: int
     output_order: str
     name: str
+    executor: concurrent.futures.Executor | None = None
+    max_failures: int | Fraction | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.op):
-            raise ConfigError(f"op must be callable. Found: {self.op!r}")
+            raise ConfigError(f"op must be callable (or a container). Found: {self.op!r}")
         if (
             isinstance(self.concurrency, bool)
             or not isinstance(self.concurrency, int)
@@ -78,6 +144,12 @@ class _PipeConfig:
             raise ConfigError(f"concurrency must be an int > 0. Found: {self.concurrency!r}")
         if self.output_order not in ("input", "completion"):
             raise ConfigError(f"output_order must be 'input' or 'completion'. Found: {self.output_order!r}")
+        if self.executor is not None:
+            if not isinstance(self.executor, concurrent.futures.Executor):
+                raise ConfigError(f"executor must be a concurrent.futures.Executor. Found: {self.executor!r}")
+            if self.is_async:
+                raise ConfigError(f"executor= is for synchronous ops; {self.name} is async")
+        _check_max_failures(self.max_failures)
 
     @property
     def is_async(self) -> bool:
@@ -85,6 +157,11 @@ class _PipeConfig:
         if inspect.iscoroutinefunction(op):
             return True
         return not inspect.isroutine(op) and inspect.iscoroutinefunction(type(op).__call__)
+
+    @property
+    def on_op_threads(self) -> bool:
+        """Whether the op runs on the pipeline's own op threads (synchronous, no executor of its own)."""
+        return not self.is_async and self.executor is None
 
 
 @dataclass(frozen=True)
@@ -106,13 +183,18 @@ class _SinkConfig:
         if (
             isinstance(self.buffer_size, bool)
             or not isinstance(self.buffer_size, int)
-            or self.buffer_size <= 0
+            or self.buffer_size < 0
         ):
-            raise ConfigError(f"buffer_size must be an int > 0. Found: {self.buffer_size!r}")
+            raise ConfigError(f"buffer_size must be an int >= 0 (0: unbounded). Found: {self.buffer_size!r}")
 
 
 class PipelineBuilder:
-    """Configure a pipeline step by step; ``build()`` returns a :class:`BuiltPipeline`."""
+    """Configure a pipeline step by step; ``build()`` returns a :class:`BuiltPipeline`.
+
+    The methods take SPDL's arguments (``add_source(source)``, ``pipe(op, concurrency=, name=, output_order=,
+    executor=, max_failures=)``, ``aggregate(n, drop_last=)``, ``add_sink(buffer_size)``, ``build(num_threads=,
+    max_failures=)``); the differences are listed in ``tensorcom/pipeline/README.md``.
+    """
 
     def __init__(self) -> None:
         self._source: Any = None
@@ -120,8 +202,9 @@ class PipelineBuilder:
         self._stages: list[_PipeConfig | _AggregateConfig] = []
         self._sink: _SinkConfig | None = None
 
-    def add_source(self, source: Any) -> PipelineBuilder:
+    def add_source(self, source: Any, **options: Any) -> PipelineBuilder:
         """Items come from ``source``: a sequence, an iterable, an async iterable or a tensorcom pipeline."""
+        _refuse_unknown("add_source", options, ["source"])
         if self._has_source:
             raise ConfigError("add_source was already called; a pipeline has one source")
         self._source, self._has_source = source, True
@@ -133,23 +216,45 @@ class PipelineBuilder:
         concurrency: int = 1,
         output_order: Literal["input", "completion"] = "input",
         name: str | None = None,
+        *,
+        executor: concurrent.futures.Executor | None = None,
+        max_failures: int | Fraction | None = None,
+        **options: Any,
     ) -> PipelineBuilder:
-        """Apply ``op`` (sync or ``async``) to every item, ``concurrency`` items at a time."""
+        """Apply ``op`` (sync or ``async``; a container means its ``__getitem__``) to every item, ``concurrency``
+        items at a time. ``executor`` runs a synchronous op there instead of on the pipeline's op threads;
+        ``max_failures`` (an int, negative for no limit, or a Fraction of the calls, enforced from the 100th call)
+        lets failed items be logged and dropped instead of raised, up to that many (SPDL's meaning)."""
+        _refuse_unknown(
+            "pipe", options, ["op", "concurrency", "output_order", "name", "executor", "max_failures"]
+        )
         self._check_open("pipe")
+        op = _as_op(op)
         label = name or f"pipe({_function_name(op) if callable(op) else repr(op)})"
-        self._stages.append(_PipeConfig(op, concurrency, output_order, f"{len(self._stages) + 1}:{label}"))
+        self._stages.append(
+            _PipeConfig(
+                op,
+                concurrency,
+                output_order,
+                f"{len(self._stages) + 1}:{label}",
+                executor,
+                _check_max_failures(max_failures),
+            )
+        )
         return self
 
-    def aggregate(self, num_items: int, drop_last: bool = False) -> PipelineBuilder:
+    def aggregate(self, num_items: int, drop_last: bool = False, **options: Any) -> PipelineBuilder:
         """Group items into lists of ``num_items`` (the last one shorter unless ``drop_last``)."""
+        _refuse_unknown("aggregate", options, ["num_items", "drop_last"])
         self._check_open("aggregate")
         self._stages.append(
             _AggregateConfig(num_items, drop_last, f"{len(self._stages) + 1}:aggregate({num_items})")
         )
         return self
 
-    def add_sink(self, buffer_size: int = 3) -> PipelineBuilder:
-        """Hold at most ``buffer_size`` finished items for the consumer."""
+    def add_sink(self, buffer_size: int = 3, **options: Any) -> PipelineBuilder:
+        """Hold at most ``buffer_size`` finished items for the consumer (0: no limit, as in SPDL)."""
+        _refuse_unknown("add_sink", options, ["buffer_size"])
         self._check_open("add_sink")
         self._sink = _SinkConfig(buffer_size)
         return self
@@ -160,14 +265,37 @@ class PipelineBuilder:
         if self._sink is not None:
             raise ConfigError(f"{what} after add_sink; the sink is the last step")
 
-    def build(self, num_threads: int | None = None) -> BuiltPipeline:
-        """Return the runnable pipeline (nothing starts until the first item is requested)."""
+    def build(
+        self, num_threads: int | None = None, *, max_failures: int | Fraction | None = None, **options: Any
+    ) -> BuiltPipeline:
+        """Return the runnable pipeline (nothing starts until ``start()`` or the first item is requested).
+
+        ``max_failures`` applies to every ``pipe`` that does not set its own. SPDL's ``report_stats_interval``,
+        ``stage_id`` and ``use_thread_output_queue`` are accepted and change nothing.
+        """
+        ignored = {name: options.pop(name) for name in _IGNORED if name in options}
+        _refuse_unknown("build", options, ["num_threads", "max_failures", *_IGNORED])
+        if ignored:
+            logger.debug("build: ignoring SPDL options %s", ", ".join(sorted(ignored)))
         if not self._has_source:
             raise ConfigError("build needs a source; call add_source")
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads <= 0):
+        if num_threads is not None and (
+            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads <= 0
+        ):
             raise ConfigError(f"num_threads must be an int > 0. Found: {num_threads!r}")
+        default_failures = _check_max_failures(max_failures)
+        stages = [
+            _with_failures(stage, default_failures) if isinstance(stage, _PipeConfig) else stage
+            for stage in self._stages
+        ]
         sink = self._sink or _SinkConfig(3)
-        return BuiltPipeline(self._source, list(self._stages), sink, num_threads)
+        return BuiltPipeline(self._source, stages, sink, num_threads)
+
+
+def _with_failures(stage: _PipeConfig, default: int | Fraction | None) -> _PipeConfig:
+    if stage.max_failures is not None or default is None:
+        return stage
+    return _PipeConfig(stage.op, stage.concurrency, stage.output_order, stage.name, stage.executor, default)
 
 
 class _End:
@@ -187,6 +315,12 @@ class _Item:
 class _Failure:
     error: BaseException
 
+
+class _Dropped:
+    """What a pipe stage makes of an input whose op failed within ``max_failures``: nothing goes downstream."""
+
+
+_DROPPED = _Dropped()
 
 _Message = _Item | _End | _Failure
 
@@ -396,10 +530,13 @@ class _Runner:
         )
         self._ops = (
             _OpThreads(self._loop, num_threads)
-            if any(isinstance(s, _PipeConfig) and not s.is_async for s in stages)
+            if any(isinstance(s, _PipeConfig) and s.on_op_threads for s in stages)
             else None
         )
         self._sink = _ToConsumer(self._loop, sink.buffer_size)
+        self._peeked: _Message | None = None
+        self._calls: dict[str, int] = {}
+        self._failures: dict[str, int] = {}
         self._main: asyncio.Task[None] | None = None
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._thread_main, name="tc-builder-loop", daemon=True)
@@ -472,25 +609,46 @@ class _Runner:
         """Start ``stage.op`` on an item: a task on the loop for async ops, a job for the op threads otherwise."""
         if stage.is_async:
             return asyncio.ensure_future(stage.op(item.record.value))
+        if stage.executor is not None:
+            return asyncio.wrap_future(stage.executor.submit(stage.op, item.record.value), loop=self._loop)
         if self._ops is None:  # _Runner starts them whenever a stage has a synchronous op
             raise RuntimeError("no op threads for a synchronous op")
         return self._ops.submit(stage.op, item.record.value)
 
-    async def _finish(self, stage: _PipeConfig, item: _Item, running: asyncio.Future[Any]) -> _Message:
-        """The output message of a started op: the new item, or a failure naming the stage and input."""
+    async def _finish(
+        self, stage: _PipeConfig, item: _Item, running: asyncio.Future[Any]
+    ) -> _Message | _Dropped:
+        """The output message of a started op: the new item, a failure naming the stage and input, or (within
+        the stage's ``max_failures``) nothing."""
+        self._calls[stage.name] = self._calls.get(stage.name, 0) + 1
         try:
             value = await running
         except Exception as exc:
             index = list(item.record.indices)
             where = index[0] if len(index) == 1 else index
-            error = PipelineError(
-                f"stage {stage.name!r} failed on input {where}: {type(exc).__name__}: {exc}"
-            )
+            message = f"stage {stage.name!r} failed on input {where}: {type(exc).__name__}: {exc}"
+            if self._tolerated(stage):
+                logger.warning("%s (dropped; max_failures=%s)", message, stage.max_failures)
+                return _DROPPED
+            error = PipelineError(message)
+            if stage.max_failures is not None:
+                error.add_note(f"the stage's max_failures={stage.max_failures} was exceeded")
             error.__cause__ = exc
             return _Failure(error)
         return _Item(item.record.with_value(value), item.state_after)
 
-    async def _apply(self, stage: _PipeConfig, item: _Item) -> _Message:
+    def _tolerated(self, stage: _PipeConfig) -> bool:
+        """Count a failure of ``stage``; whether it stays within the stage's ``max_failures``."""
+        failures = self._failures[stage.name] = self._failures.get(stage.name, 0) + 1
+        limit = stage.max_failures
+        if limit is None:
+            return False
+        if isinstance(limit, Fraction):  # a rate, judged once there are enough calls (SPDL: 100)
+            calls = self._calls[stage.name]
+            return calls < _RATE_PROBATION or Fraction(failures, calls) <= limit
+        return limit < 0 or failures <= limit
+
+    async def _apply(self, stage: _PipeConfig, item: _Item) -> _Message | _Dropped:
         return await self._finish(stage, item, self._start(stage, item))
 
     async def _pipe_ordered(self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
@@ -514,6 +672,8 @@ class _Runner:
             while True:
                 entry = await pending.get()
                 result = await self._finish(stage, *entry) if isinstance(entry, tuple) else entry
+                if isinstance(result, _Dropped):
+                    continue
                 await out.put(result)
                 if not isinstance(result, _Item):
                     return
@@ -522,7 +682,7 @@ class _Runner:
             while not pending.empty():
                 entry = pending.get_nowait()
                 if isinstance(entry, tuple):
-                    entry[1].cancel()
+                    _discard(entry[1])
 
     async def _pipe_unordered(self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
         slots = asyncio.Semaphore(stage.concurrency)
@@ -532,6 +692,8 @@ class _Runner:
         async def one(item: _Item) -> None:
             try:
                 result = await self._apply(stage, item)
+                if isinstance(result, _Dropped):
+                    return
                 if isinstance(result, _Failure):
                     failed.set()
                 await out.put(result)
@@ -571,12 +733,28 @@ class _Runner:
 
     def get(self) -> _Message:
         """Wait for the next message from the sink (the consumer side)."""
+        self.wait(None)
+        message, self._peeked = self._peeked, None
+        if message is None:
+            raise PipelineError("no message after waiting for one")
+        return message
+
+    def wait(self, timeout: float | None) -> None:
+        """Wait until the next message is here (it is kept for :meth:`get`); :class:`Timeout` after ``timeout``
+        seconds without one (the pipeline goes on)."""
+        if self._peeked is not None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            left = _POLL_S if deadline is None else min(_POLL_S, max(0.0, deadline - time.monotonic()))
             try:
-                return self._sink.get(timeout=_POLL_S)
+                self._peeked = self._sink.get(timeout=left)
+                return
             except queue.Empty:
                 if not self._thread.is_alive():
                     raise PipelineError("the pipeline's event loop stopped unexpectedly") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(f"the pipeline gave no item within {timeout} s") from None
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -591,6 +769,15 @@ class _Runner:
             self._pulling.stop()
         if self._ops is not None:
             self._ops.stop()
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    """Cancel a started op nobody will await; one that already failed has its exception marked as seen."""
+    if future.done():
+        if not future.cancelled():
+            future.exception()
+    else:
+        future.cancel()
 
 
 async def _rest(iterator: Any) -> Any:
@@ -633,7 +820,12 @@ def _group(items: list[_Item]) -> _Item:
 
 class BuiltPipeline(Pipeline):
     """A built :class:`PipelineBuilder` pipeline: iterate it; ``state_dict``/``load_state_dict`` (aliases ``state``,
-    ``load_state``), ``skip`` and ``fingerprint`` too."""
+    ``load_state``), ``skip`` and ``fingerprint`` too.
+
+    SPDL's ``Pipeline`` methods work as there: ``start(timeout=)``, ``stop(timeout=)``, ``auto_stop(timeout=)``,
+    ``get_item(timeout=)``, ``get_iterator(timeout=)``. Iterating starts the pipeline if ``start()`` was not
+    called; ``stop()`` is final (nothing more comes out; the state stays readable), while ``close()`` pauses.
+    """
 
     def __init__(
         self,
@@ -649,10 +841,11 @@ class BuiltPipeline(Pipeline):
         self._stages = stages
         self._sink_config = sink
         pipes = [s for s in stages if isinstance(s, _PipeConfig)]
-        self._num_threads = num_threads or max(1, sum(s.concurrency for s in pipes if not s.is_async))
+        self._num_threads = num_threads or max(1, sum(s.concurrency for s in pipes if s.on_op_threads))
         self._runner: _Runner | None = None
         self._finalizer: weakref.finalize | None = None
         self._ended = False
+        self._stopped = False
         self._delivered = self._source_state()
         self._items_per_output = math.prod(s.size for s in stages if isinstance(s, _AggregateConfig))
 
@@ -661,13 +854,16 @@ class BuiltPipeline(Pipeline):
             return {"position": self._source.position}
         return self._source._get_state()
 
-    def _pull(self) -> Record:
-        if self._ended:
-            raise StopIteration
+    def _running(self) -> _Runner:
         if self._runner is None:
             self._runner = _Runner(self._source, self._stages, self._sink_config, self._num_threads)
             self._finalizer = weakref.finalize(self, self._runner.stop)
-        message = self._runner.get()
+        return self._runner
+
+    def _pull(self) -> Record:
+        if self._ended or self._stopped:
+            raise StopIteration
+        message = self._running().get()
         if isinstance(message, _Item):
             self._delivered = message.state_after
             return message.record
@@ -680,15 +876,80 @@ class BuiltPipeline(Pipeline):
         raise StopIteration
 
     def __iter__(self) -> Iterator[Any]:
+        """The rest of the items (SPDL: ``get_iterator()``); leaving the loop pauses the pipeline (``close()``)."""
+        return self._iterate(None)
+
+    def _iterate(self, timeout: float | None) -> Iterator[Any]:
         try:
             while True:
                 try:
-                    value = next(self)
-                except StopIteration:
+                    value = self.get_item(timeout=timeout)
+                except EOFError:
                     return
                 yield value
         finally:
             self.close()
+
+    # -- SPDL's Pipeline methods ---------------------------------------------------------------------------------
+
+    def start(self, *, timeout: float | None = None, **options: Any) -> None:
+        """Start the background thread (SPDL). Optional: the first item requested starts it too.
+
+        Raises :class:`PipelineError` (a ``RuntimeError``, as in SPDL) if it is running already or was stopped.
+        """
+        _refuse_unknown("start", options, ["timeout"])
+        _check_timeout(timeout)
+        if self._stopped:
+            raise PipelineError(
+                "the pipeline was stopped; a stopped pipeline does not start again (build a new one)"
+            )
+        if self._runner is not None:
+            raise PipelineError("the pipeline was already started")
+        if not self._ended:
+            self._running()
+
+    def stop(self, *, timeout: float | None = None, **options: Any) -> None:
+        """Stop the background thread (SPDL); safe to call more than once. Final: no item comes out afterwards
+        (``get_item`` raises ``EOFError``), while ``state_dict()`` still says where the consumer stopped."""
+        _refuse_unknown("stop", options, ["timeout"])
+        _check_timeout(timeout)
+        self._stopped = True
+        self.close()
+
+    @contextlib.contextmanager
+    def auto_stop(self, *, timeout: float | None = None, **options: Any) -> Iterator[None]:
+        """``with pipeline.auto_stop(): for item in pipeline: ...``: ``start()`` on entry, ``stop()`` on exit."""
+        _refuse_unknown("auto_stop", options, ["timeout"])
+        self.start(timeout=timeout)
+        try:
+            yield
+        finally:
+            self.stop(timeout=timeout)
+
+    def get_item(self, *, timeout: float | None = None, **options: Any) -> Any:
+        """The next item (SPDL), starting the pipeline if needed.
+
+        Raises:
+            Timeout: (a ``TimeoutError``) no item within ``timeout`` seconds; the pipeline goes on, and the next
+                call returns that item.
+            EOFError: the pipeline reached its end, or was stopped.
+            PipelineError: an op or the source failed on this item; the next call continues after it.
+        """
+        _refuse_unknown("get_item", options, ["timeout"])
+        limit = _check_timeout(timeout)
+        if self._ended or self._stopped:
+            raise EOFError("the pipeline reached its end" if self._ended else "the pipeline was stopped")
+        if limit is not None:
+            self._running().wait(limit)
+        try:
+            return next(self)
+        except StopIteration:
+            raise EOFError("the pipeline reached its end") from None
+
+    def get_iterator(self, *, timeout: float | None = None, **options: Any) -> Iterator[Any]:
+        """An iterator over the rest of the items (SPDL); ``timeout`` applies to each item, as in ``get_item``."""
+        _refuse_unknown("get_iterator", options, ["timeout"])
+        return self._iterate(_check_timeout(timeout))
 
     def _stop(self) -> None:
         if self._finalizer is not None:
