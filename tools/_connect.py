@@ -115,7 +115,7 @@ def connection_options(
         wrapped: Any = with_defaults
         for decorator in reversed(decorators):
             wrapped = decorator(wrapped)
-        return wrapped  # type: ignore[no-any-return]
+        return wrapped
 
     return decorate
 
