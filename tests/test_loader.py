@@ -100,9 +100,9 @@ def reference(
 def test_unknown_option_is_an_error_naming_it_and_the_known_ones() -> None:
     """A misspelt option raises ConfigError with the name, a suggestion and the list of known options."""
     with pytest.raises(
-        ConfigError, match=r"unknown SwiftLoader option 'seed'\. Did you mean 'seed_number'\?"
+        ConfigError, match=r"unknown SwiftLoader option 'seeds'\. Did you mean 'seed'\?"
     ) as info:
-        SwiftLoader(datasets.Labelled, {"n": 8}, batch_size=4, seed=1)
+        SwiftLoader(datasets.Labelled, {"n": 8}, batch_size=4, seeds=1)
     assert "data_queue_size" in str(info.value) and "max_buffer_size" in str(info.value)
     with pytest.raises(ConfigError, match="'prefetch_factor'"):
         SwiftLoader(datasets.Labelled, {"n": 8}, prefetch_factor=2)
@@ -123,13 +123,61 @@ def _local_collate(samples: list[Any]) -> Any:
         ({"logger": {"path": "x", "colour": True}}, "logger dict keys must be among path, stdout, level"),
         ({"logger": {"level": "LOUD"}}, "logger level must be"),
         ({"seed_number": -3}, r"seed_number must be an int in \[0, 2\*\*64\)"),
+        ({"seed_numer": "7"}, r"seed_numer must be an int in \[0, 2\*\*64\) or None\. Found: '7'"),
+        ({"seed": 1, "seed_numer": 1}, r"seed and seed_numer are one option \(the seed\): give one"),
     ],
-    ids=["batch-size", "consumers", "queue", "lambda", "encoder-alone", "logger-key", "logger-level", "seed"],
+    ids=[
+        "batch-size",
+        "consumers",
+        "queue",
+        "lambda",
+        "encoder-alone",
+        "logger-key",
+        "logger-level",
+        "seed",
+        "seed-numer",
+        "two-seeds",
+    ],
 )
 def test_bad_options_are_config_errors(arguments: dict[str, Any], message: str) -> None:
     """Each bad value is refused at construction with a message naming it."""
     with pytest.raises(ConfigError, match=message):
         SwiftLoader(datasets.Labelled, {"n": 8}, **{"validate": False, **arguments})
+
+
+@pytest.mark.parametrize(
+    "name", ["seed", "seed_numer", "seed_number"], ids=["code", "readme", "tensorcom-0.2"]
+)
+def test_the_seed_has_three_spellings(name: str) -> None:
+    """seed= (what the original reads), seed_numer= (its README) and seed_number= (tensorcom 0.2) are one option."""
+    loader = SwiftLoader(datasets.Labelled, {"n": 8}, batch_size=4, validate=False, **{name: 1234})
+    assert loader.seed == loader.seed_number == loader.options.seed == 1234
+
+
+_DEFAULT_SEED_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import loader_datasets
+from tensorcom.loader import SwiftLoader
+loader = SwiftLoader(loader_datasets.Labelled, {{"n": 8}}, batch_size=4, nb_consumer=2, validate=False)
+print(loader.seed, loader.options.multithread)
+"""
+
+
+def test_the_default_seed_is_the_same_in_every_consumer_process() -> None:
+    """Without a seed, loaders built in different processes (one per consumer) agree on it, so their shares of an
+    epoch do not overlap; multithread defaults to True as the original README says."""
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", _DEFAULT_SEED_SCRIPT.format(tests=str(TESTS))],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert outputs == [["0", "True"], ["0", "True"]]
 
 
 def test_start_refuses_a_consumer_index_out_of_range() -> None:
@@ -302,19 +350,24 @@ def test_batches_are_identical_whatever_worker_per_consumer(workers: int) -> Non
     assert_same_batches(received, expected)
 
 
-def as_int64(tensor: Any) -> Any:
+def batch_as_int64(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A to_device in the original SwiftLoader's shape: the whole batch and the device."""
     import torch
 
-    return tensor.to(torch.int64)
+    return {
+        **batch,
+        "x": torch.from_numpy(batch["x"]).to(device=device, dtype=torch.int64),
+        "device": str(device),
+    }
 
 
 def test_resume_mid_epoch_is_exact_in_both_receiving_modes() -> None:
-    """A state saved after 3 batches continues with exactly the rest, in this loader and in a new threaded one
-    (which also applies a to_device function)."""
+    """A state saved after 3 batches continues with exactly the rest, in an unthreaded loader and in a new
+    threaded one (which also applies a to_device(batch, device) function)."""
     import torch
 
     options: dict[str, Any] = {"batch_size": 4, "nb_consumer": 1, "worker_per_consumer": 1, "seed_number": 4}
-    with SwiftLoader(datasets.Labelled, {"n": 36}, **options) as loader:
+    with SwiftLoader(datasets.Labelled, {"n": 36}, multithread=False, **options) as loader:
         loader.start(0)
         batches = iter(loader)
         before = [next(batches)["label"].tolist() for _ in range(3)]
@@ -328,13 +381,13 @@ def test_resume_mid_epoch_is_exact_in_both_receiving_modes() -> None:
         datasets.Labelled, {"n": 36}, multithread=True, max_buffer_size=2, **options
     ) as threaded:
         threaded.load_state(state)
-        threaded.start(0, to_device=as_int64)  # runs in the receiver thread, on every tensor
+        threaded.start(0, device=torch.device("cpu"), to_device=batch_as_int64)  # in the receiver thread
         resumed = list(threaded)
-        assert all(batch["x"].dtype == torch.int64 for batch in resumed)
+        assert all(batch["x"].dtype == torch.int64 and batch["device"] == "cpu" for batch in resumed)
         assert [batch["label"].tolist() for batch in resumed] == rest
         assert threaded.last.epoch == 0
         assert [batch["label"].tolist() for batch in threaded] == next_epoch
-        with pytest.raises(StateError, match="seed_number"):
+        with pytest.raises(StateError, match="saved with seed 5; this loader has seed 4"):
             threaded.load_state({**state, "seed_number": 5})
 
 
@@ -364,12 +417,31 @@ def test_logger_benchmark_file_custom_collate_and_device(tmp_path: Path) -> None
     assert sorted(label for batch in batches for label in batch["labels"]) == list(range(12))
     text = (tmp_path / "logs" / "run_consumer0.log").read_text()
     # the server process logs there too
-    assert "seed_number=77" in text and "tensorcom.server.request" in text
+    assert "seed=77" in text and "tensorcom.server.request" in text
     records = [json.loads(line) for line in benchmark_file.read_text().splitlines()]
     assert records[0]["epoch"] == 0 and records[0]["complete"] and records[0]["samples"] == 12
     assert {"loading_s", "batching_s", "encoding_s", "waiting_s", "decoding_s", "transfer_s"} <= records[
         0
     ].keys()
+
+
+def test_next_reads_epoch_by_epoch_and_to_device_needs_a_device(caplog: pytest.LogCaptureFixture) -> None:
+    """next(loader) reads batches as the original allows (StopIteration at the epoch's end, then the next epoch);
+    a to_device given without a device is not called (as in the original), and a warning says so."""
+    calls: list[Any] = []
+    with SwiftLoader(
+        datasets.Labelled, {"n": 8}, batch_size=4, worker_per_consumer=1, shuffle=False, seed=1
+    ) as loader:
+        with caplog.at_level(logging.WARNING, logger="tensorcom.loader.swift"):
+            loader.start(0, to_device=lambda batch, device: calls.append(device))
+        assert "to_device is only called with a device" in caplog.text
+        first = [next(loader), next(loader)]
+        with pytest.raises(StopIteration):
+            next(loader)
+        second = next(loader)
+    assert [batch["label"].tolist() for batch in first] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert second["label"].tolist() == [0, 1, 2, 3] and loader.last.epoch == 1
+    assert isinstance(second["x"], np.ndarray) and calls == []
 
 
 @pytest.mark.parametrize("multithread", [False, True], ids=["inline", "receiver-thread"])

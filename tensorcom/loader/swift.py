@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import itertools
 import json
 import logging
@@ -35,11 +36,20 @@ from tensorcom.loader._server import LOADER_ID_VARIABLE, LogSpec, make_log_handl
 from tensorcom.loader._tree import unpack_tree
 from tensorcom.pipeline.rng import wants_rng
 
-__all__ = ["LOADER_ID_VARIABLE", "STATE_KIND", "SwiftLoader", "SwiftLoaderOptions"]
+__all__ = [
+    "DEFAULT_SEED",
+    "LOADER_ID_VARIABLE",
+    "SEED_ALIASES",
+    "STATE_KIND",
+    "SwiftLoader",
+    "SwiftLoaderOptions",
+]
 
 log = logging.getLogger(__name__)
 
 STATE_KIND = "tensorcom.swiftloader"
+DEFAULT_SEED = 0
+SEED_ALIASES = ("seed_numer", "seed_number")  # the original README's spelling, and tensorcom 0.2's
 STATE_FORMAT = 1
 _POLL_SECONDS = 0.25
 _STOP_SECONDS = 10.0
@@ -71,8 +81,10 @@ class SwiftLoaderOptions:
     """The keyword options of :class:`SwiftLoader`, checked on construction.
 
     Attributes:
-        seed_number: the seed of every shuffle; default: time-based, logged so a run can be repeated. Every
-            consumer of one job must use the same seed, or their shares of an epoch overlap.
+        seed: the seed of every shuffle and per-sample generator (also spelt ``seed_numer``, as the original's
+            README does, or ``seed_number``; give one of the three). Default :data:`DEFAULT_SEED` (0), the same in
+            every consumer's process, as the consumers' shares of an epoch must be (the original's default, the
+            time in ms, differs between processes); pass another to draw other orders.
         data_queue_size: batches requested ahead of the consumer (computed by the workers, then waiting in the
             consumer's connection).
         message_queue_size: room for control messages (hello, heartbeats) beside the batches in the server's queues.
@@ -89,14 +101,15 @@ class SwiftLoaderOptions:
             consumer); the figures are logged at the end of every epoch and at ``close()``.
         benchmark_file: also append them to this file, one JSON object per line.
         validate: construct the dataset and compute one batch in this process before any worker starts.
-        multithread: receive, decode and move batches to the device in a background thread.
+        multithread: receive, decode and move batches to the device in a background thread, ahead of the
+            consumer (default True, as the original's README says; False does it in the consumer's thread).
         max_nb_batch_on_device: host-to-device copies in flight at most (CUDA).
         max_buffer_size: with ``multithread``, batches decoded ahead and waiting for the consumer; default
             ``max(2, data_queue_size // worker_per_consumer)``.
         timeout: seconds to wait for a batch (or for the server to start) before :class:`tensorcom.Timeout`.
     """
 
-    seed_number: int | None = None
+    seed: int | None = None
     data_queue_size: int = 10
     message_queue_size: int = 10
     collate_fn: Callable[[list[Any]], Any] | None = None
@@ -107,20 +120,13 @@ class SwiftLoaderOptions:
     benchmark: bool = True
     benchmark_file: str | None = None
     validate: bool = True
-    multithread: bool = False
+    multithread: bool = True
     max_nb_batch_on_device: int = 1
     max_buffer_size: int | None = None
     timeout: float | None = 300.0
 
     def __post_init__(self) -> None:
-        if self.seed_number is not None and (
-            isinstance(self.seed_number, bool)
-            or not isinstance(self.seed_number, int)
-            or not 0 <= self.seed_number < 1 << 64
-        ):
-            raise ConfigError(
-                f"seed_number must be an int in [0, 2**64) or None. Found: {self.seed_number!r}"
-            )
+        _check_seed("seed", self.seed)
         for name in ("data_queue_size", "message_queue_size", "max_nb_batch_on_device"):
             _check_size(name, getattr(self, name))
         for name in ("nearby_shuffle", "max_buffer_size"):
@@ -144,7 +150,18 @@ class SwiftLoaderOptions:
     @classmethod
     def from_keywords(cls, options: dict[str, Any]) -> SwiftLoaderOptions:
         """Build from ``**options``; an unknown name is a ConfigError that lists the known ones."""
-        known = [field.name for field in dataclasses.fields(cls)]
+        known = [field.name for field in dataclasses.fields(cls)] + list(SEED_ALIASES)
+        seeds = [name for name in ("seed", *SEED_ALIASES) if name in options]
+        if len(seeds) > 1:
+            raise ConfigError(
+                f"{' and '.join(seeds)} are one option (the seed): give one. "
+                f"Found: {', '.join(f'{name}={options[name]!r}' for name in seeds)}"
+            )
+        options = dict(options)
+        for alias in SEED_ALIASES:
+            if alias in options:
+                _check_seed(alias, options[alias])
+                options["seed"] = options.pop(alias)
         for name in options:
             if name not in known:
                 close = [k for k in known if k.startswith(name)] or difflib.get_close_matches(
@@ -157,13 +174,16 @@ class SwiftLoaderOptions:
         return cls(**options)
 
 
+def _check_seed(name: str, value: Any) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64
+    ):
+        raise ConfigError(f"{name} must be an int in [0, 2**64) or None. Found: {value!r}")
+
+
 def _batches_per_epoch(n: int, consumer: int, nb_consumer: int, batch_size: int) -> int:
     share = max(0, -(-(n - consumer) // nb_consumer))
     return -(-share // batch_size)
-
-
-def _time_seed() -> int:
-    return int(time.time() * 1000) % (1 << 63)
 
 
 class _Benchmark:
@@ -347,6 +367,10 @@ class _Consumer:
                     break
 
 
+def _call_to_device(to_device: Callable[[Any, Any], Any], device: Any, batch: Any) -> Any:
+    return to_device(batch, device)
+
+
 def _release(consumer: _Consumer) -> None:
     """Stop a consumer's receiver, connection, server process (and so its workers), files and log handlers."""
     consumer.stop_receiver()
@@ -382,7 +406,7 @@ class SwiftLoader:
     ::
 
         loader = SwiftLoader(dataset_class=Dataset, dataset_kwargs=kwargs, batch_size=32,
-                             nb_consumer=4, worker_per_consumer=4, shuffle=True, seed_number=1234)
+                             nb_consumer=4, worker_per_consumer=4, shuffle=True, seed=1234)
         loader.start(consumer_index, device="cuda:0")
         for epoch in range(epochs):
             for batch in loader:        # len(loader) batches: this consumer's share of one epoch
@@ -429,19 +453,9 @@ class SwiftLoader:
         self.nb_consumer = nb_consumer
         self.worker_per_consumer = worker_per_consumer
         self.shuffle = bool(shuffle)
-        options_seed = self.options.seed_number
-        self.seed_number = _time_seed() if options_seed is None else options_seed
-        if options_seed is None:
-            log.info(
-                "SwiftLoader seed_number=%d (pass seed_number=%d to repeat this run)", *[self.seed_number] * 2
-            )
-            if nb_consumer > 1:
-                log.warning(
-                    "SwiftLoader: no seed_number given with nb_consumer=%d; consumers in other processes must "
-                    "use the same seed_number (this one is %d) or their shares of an epoch overlap",
-                    nb_consumer,
-                    self.seed_number,
-                )
+        self.seed: int = DEFAULT_SEED if self.options.seed is None else self.options.seed
+        if self.options.seed is None:
+            log.info("SwiftLoader: seed=%d, the default (pass seed= for other orders)", self.seed)
         self.id = f"{os.getpid()}-{next(_ids)}-{uuid.uuid4().hex[:8]}"
         self._spec = PipelineSpec(
             dataset_class=dataset_class,
@@ -460,6 +474,7 @@ class SwiftLoader:
         self._pending_state: dict[str, Any] | None = None
         self._delivered_state: dict[str, Any] | None = None
         self._closed = False
+        self._epoch_batches: Iterator[Any] | None = None
         self.last = BatchInfo()
         if self.options.validate:
             self._spec = dataclasses.replace(self._spec, n=self._validate())
@@ -479,7 +494,7 @@ class SwiftLoader:
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                 raise PipelineError(f"the dataset must have a length > 0. Found: len() = {n!r}")
             pipeline = swift_pipeline(
-                seed=self.seed_number,
+                seed=self.seed,
                 rank=0,
                 world_size=self.nb_consumer,
                 spec=dataclasses.replace(spec, n=n),
@@ -501,6 +516,11 @@ class SwiftLoader:
         finally:
             forget_dataset(spec.dataset_class, spec.dataset_kwargs)
         return n
+
+    @property
+    def seed_number(self) -> int:
+        """The seed (tensorcom 0.2's name for :attr:`seed`)."""
+        return self.seed
 
     @property
     def dataset_length(self) -> int | None:
@@ -531,20 +551,23 @@ class SwiftLoader:
         return (
             f"SwiftLoader({self.dataset_class.__qualname__}, batch_size={self.batch_size}, "
             f"nb_consumer={self.nb_consumer}, worker_per_consumer={self.worker_per_consumer}, "
-            f"seed_number={self.seed_number}, {where})"
+            f"seed={self.seed}, {where})"
         )
 
     # -- life cycle ----------------------------------------------------------------------------------------------
 
     def start(
-        self, consumer_index: int, device: Any = None, to_device: Callable[[Any], Any] | None = None
+        self, consumer_index: int, device: Any = None, to_device: Callable[[Any, Any], Any] | None = None
     ) -> None:
         """Start this process's consumer: its server process and workers, and the connection to them.
 
         Args:
             consumer_index: which share of every epoch this process reads, in ``[0, nb_consumer)``.
             device: move every array and tensor of a batch to this torch device (numpy arrays become tensors).
-            to_device: called with each tensor instead of the built-in move (arrays become tensors first).
+            to_device: with ``device``, ``to_device(batch, device)`` is called with each whole batch (as decoded:
+                numpy arrays, or tensors where the samples held tensors) instead of the built-in move, and returns
+                the batch to deliver: the original SwiftLoader's call. Without ``device`` it is not called (as in
+                the original); a warning says so.
         """
         if self._closed:
             raise ConfigError("this SwiftLoader is closed")
@@ -552,6 +575,8 @@ class SwiftLoader:
             raise ConfigError(f"this SwiftLoader already started consumer {self._consumer.index}")
         if isinstance(consumer_index, bool) or not isinstance(consumer_index, int):
             raise ConfigError(f"consumer_index must be an int. Found: {consumer_index!r}")
+        if to_device is not None and not callable(to_device):
+            raise ConfigError(f"to_device must be callable as to_device(batch, device). Found: {to_device!r}")
         if not 0 <= consumer_index < self.nb_consumer:
             raise ConfigError(f"consumer_index must be in [0, {self.nb_consumer}). Found: {consumer_index}")
         options = self.options
@@ -574,7 +599,7 @@ class SwiftLoader:
             self.close()
             raise
 
-    def _start(self, consumer: _Consumer, device: Any, to_device: Callable[[Any], Any] | None) -> None:
+    def _start(self, consumer: _Consumer, device: Any, to_device: Callable[[Any, Any], Any] | None) -> None:
         from tensorcom.client import RequestConnection
 
         options = self.options
@@ -611,12 +636,12 @@ class SwiftLoader:
         if not self._spec.n:
             self._spec = dataclasses.replace(self._spec, n=int(reply["n"]))
         consumer.logger.info(
-            "SwiftLoader %s: consumer %d of %d, seed_number=%d, %d samples, batch_size=%d, %d batches per epoch, "
+            "SwiftLoader %s: consumer %d of %d, seed=%d, %d samples, batch_size=%d, %d batches per epoch, "
             "%d workers, server pid %d",
             self.dataset_class.__qualname__,
             consumer.index,
             self.nb_consumer,
-            self.seed_number,
+            self.seed,
             self._spec.n,
             self.batch_size,
             len(self),
@@ -626,7 +651,7 @@ class SwiftLoader:
         consumer.timeout = options.timeout
         consumer.connection = RequestConnection(
             f"zreq+{address}",
-            seed=self.seed_number,
+            seed=self.seed,
             rank=consumer.index,
             world_size=self.nb_consumer,
             prefetch=options.data_queue_size,
@@ -636,11 +661,19 @@ class SwiftLoader:
         )
         self._pending_state = None
         consumer.decoder = options.batch_decoder
-        if device is not None or to_device is not None:
+        if device is not None and to_device is not None:
+            consumer.transfer = functools.partial(_call_to_device, to_device, device)
+        elif device is not None:
             from tensorcom.adapters.device import DeviceTransfer
 
             consumer.transfer = DeviceTransfer(
-                device=device, to_device=to_device, max_batches_on_device=options.max_nb_batch_on_device
+                device=device, max_batches_on_device=options.max_nb_batch_on_device
+            )
+        elif to_device is not None:
+            consumer.logger.warning(
+                "SwiftLoader consumer %d: to_device is only called with a device (to_device(batch, device)), "
+                "as in the original SwiftLoader; no device was given, so batches stay where they are",
+                consumer.index,
             )
         if options.benchmark:
             file = None if options.benchmark_file is None else os.fspath(options.benchmark_file)
@@ -719,8 +752,22 @@ class SwiftLoader:
                 consumer.benchmark.seconds["waiting"] += time.perf_counter() - started
         return item
 
+    def __next__(self) -> Any:
+        """The next batch of the current epoch, as the original allowed; ``StopIteration`` at the epoch's end,
+        after which the next call starts the next epoch."""
+        if self._epoch_batches is None:
+            self._epoch_batches = iter(self)
+        try:
+            return next(self._epoch_batches)
+        except StopIteration:
+            self._epoch_batches = None
+            raise
+
     def __iter__(self) -> Iterator[Any]:
         """Yield the rest of the current epoch's batches for this consumer."""
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[Any]:
         consumer = self._started()
         while True:
             item = self._next(consumer)
@@ -752,7 +799,7 @@ class SwiftLoader:
         return {
             "kind": STATE_KIND,
             "format": STATE_FORMAT,
-            "seed_number": self.seed_number,
+            "seed_number": self.seed,
             "connection": connection_state,
         }
 
@@ -764,10 +811,9 @@ class SwiftLoader:
             raise StateError(
                 f"SwiftLoader state format must be {STATE_FORMAT}. Found: {state.get('format')!r}"
             )
-        if state.get("seed_number") != self.seed_number:
+        if state.get("seed_number") != self.seed:
             raise StateError(
-                f"the state was saved with seed_number {state.get('seed_number')!r}; this loader has "
-                f"seed_number {self.seed_number}"
+                f"the state was saved with seed {state.get('seed_number')!r}; this loader has seed {self.seed}"
             )
         connection_state = state.get("connection")
         if not isinstance(connection_state, dict):
