@@ -21,9 +21,13 @@ Stream servers that run a pipeline listen for control messages on a ROUTER of th
 
     Seek     {state | epoch}                    ->    Sought  {gen, fingerprint}   (or Error {error, message})
 
-and then send from that state on, tagging every batch with the new ``gen`` in a trailing metadata array (a uint8
-array of msgpack bytes whose .ten info is ``META_INFO``: a :class:`Batch`'s fields without the header, plus
-``seed``), so the client can drop batches sent before the seek.
+and then send from that state on, tagging every batch with the new ``gen`` in a trailing metadata frame, so the
+client can drop batches sent before the seek. The frame is ``STREAM_META_MAGIC`` followed by msgpack (a
+:class:`Batch`'s fields without the header, plus ``seed``), sent as one frame after the tensor frames, so a stream
+message has an odd number of frames: ``[hdr0, data0, ..., meta]``. tensorcom 0.1 decodes a message pairwise
+(``zip(frames[::2], frames[1::2])``) and so ignores the lone trailing frame: its clients receive exactly their
+arrays from a default server. (Servers before this change sent the metadata as a last uint8 array labelled
+``META_INFO``; clients still read that.)
 
 ``base`` (:class:`Base`) says where step 0 starts: ``{"state": <pipeline state> | None, "epoch": <int> | None}``; a
 server builds the pipeline with the client's seed, rank and world size, loads that state (or sets that epoch),
@@ -53,6 +57,7 @@ __all__ = [
     "MAX_INTEGER",
     "MAX_SEED",
     "META_INFO",
+    "STREAM_META_MAGIC",
     "VERSION",
     "AnyMessage",
     "Base",
@@ -73,11 +78,15 @@ __all__ = [
     "decode",
     "flatten_batch",
     "rebuild_batch",
+    "split_stream_meta",
+    "stream_meta_bytes",
+    "stream_meta_frame",
 ]
 
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 META_INFO = "tcmeta"
+STREAM_META_MAGIC = b"~TcMeta~"
 MAX_INTEGER = 1 << 62
 """Largest magnitude of a step, epoch, position or other count a peer may send: far beyond any real stream, and
 far enough below msgpack's 64-bit limit that counting on from it cannot overflow."""
@@ -685,3 +694,28 @@ def rebuild_batch(values: list[Any], kind: str, keys: list[str] | None = None) -
     if kind == "single" and len(values) == 1:
         return values[0]
     raise ProtocolError(f"BATCH kind {kind!r} with {len(values)} arrays cannot be rebuilt")
+
+
+def stream_meta_frame(fields: dict[str, Any]) -> bytes:
+    """The trailing frame a stream server appends to a pipeline batch (see the module docstring)."""
+    return STREAM_META_MAGIC + msgpack.packb(fields, use_bin_type=True)
+
+
+def stream_meta_bytes(frame: Any) -> memoryview | None:
+    """The msgpack bytes of a stream metadata frame, or None if ``frame`` is not one."""
+    view = memoryview(getattr(frame, "buffer", frame))
+    if view.nbytes < len(STREAM_META_MAGIC) or bytes(view[: len(STREAM_META_MAGIC)]) != STREAM_META_MAGIC:
+        return None
+    return view[len(STREAM_META_MAGIC) :]
+
+
+def split_stream_meta(frames: list[Any]) -> tuple[list[Any], memoryview | None]:
+    """``(tensor frames, metadata bytes)`` of a stream message; ``(frames, None)`` when it carries no metadata frame.
+
+    Only a lone last frame of an odd-length message can be metadata: a .ten header frame never starts with
+    ``STREAM_META_MAGIC``, and a one-frame message is a single .ten buffer.
+    """
+    if len(frames) < 3 or len(frames) % 2 == 0:
+        return frames, None
+    packed = stream_meta_bytes(frames[-1])
+    return (frames, None) if packed is None else (frames[:-1], packed)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
+import factories
 import pytest
+from helpers import StartProcess
+from imagenet_fixtures import make_image_folder, start_image_server
 
 from tensorcom import Connection, Server, codec
 
@@ -61,3 +66,67 @@ def test_files_cross_both_ways(tmp_path: Path) -> None:
     codec.save(ours, batch(7))
     refused = run_original("load", str(ours))
     assert refused.returncode != 0 and "ok" not in refused.stdout
+
+
+# -- an unchanged tensorcom 0.1 client against our default servers ----------------------------------------------------
+
+
+def original_loop(url: str, count: int) -> subprocess.Popen[str]:
+    """tensorcom 0.1's README loop, ``for xs, ys in Connection(url, epoch=...)``, over ``count`` batches."""
+    return subprocess.Popen(
+        [str(ORIGINAL), PEER, "loop", url, str(count)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def loop_output(process: subprocess.Popen[str]) -> list[list[Any]]:
+    """The 0.1 loop's lines (shape, dtype, labels), once it has ended well."""
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines() if line.startswith("[")]
+
+
+@pytest.mark.parametrize("server_binds", [False, True], ids=["zpush", "zrpush"])
+def test_the_original_reads_a_default_pipeline_server_over_ipc(tmp_path: Path, server_binds: bool) -> None:
+    """A pipeline server with default options (metadata on, shared memory on) sends 2 MB batches over ipc; 0.1's
+    loop unpacks exactly (xs, ys) from each, the same batches the pipeline made."""
+    url = f"ipc://{tmp_path}/s"
+    server_url, client_url = (
+        (f"zrpush+{url}", f"zrpull+{url}") if server_binds else (f"zpush+{url}", f"zpull+{url}")
+    )
+    process = original_loop(client_url, 4)
+    server = Server(factories.big, server_url, seed=3, linger=30, send_timeout=60)
+    thread = threading.Thread(target=server.run, kwargs={"count": 4})
+    thread.start()
+    lines = loop_output(process)
+    thread.join(timeout=60)
+    expected = factories.big(seed=3, rank=0, world_size=1)
+    labels = [next(expected)[1].tolist() for _ in range(4)]
+    assert lines == [[[2, 1 << 20], "uint8", batch_labels] for batch_labels in labels]
+
+
+def test_the_original_readme_loop_runs_against_a_default_image_server(
+    tmp_path: Path, start_process: StartProcess
+) -> None:
+    """The 0.1 README: `serve-imagenet-dir -d DIR -b 64 zpub://...` (here a small batch and image size, every other
+    flag at its default) and `for xs, ys in tensorcom.Connection("zsub://...", epoch=1000000)` in 0.1."""
+    folder = make_image_folder(tmp_path / "images", corrupt=False)
+    _, url = start_image_server(
+        start_process,
+        "imagenet_dir",
+        tmp_path / "server.log",
+        "-d",
+        str(folder),
+        "-b",
+        "4",
+        "--size",
+        "16",
+        url="zpub://127.0.0.1:0",
+    )
+    lines = loop_output(original_loop(url, 5))
+    assert len(lines) == 5
+    for shape, dtype, labels in lines:
+        assert (shape, dtype) == ([4, 16, 16, 3], "uint8")
+        assert len(labels) == 4 and set(labels) <= {0, 1, 2}

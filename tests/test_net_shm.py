@@ -24,7 +24,7 @@ import torch
 from helpers import assert_same_batch, assert_same_batches, children_of, environment, wait_ready
 from reliability import reference
 
-from tensorcom import Connection, DecodeError, Server, codec
+from tensorcom import Connection, DecodeError, Server, Timeout, codec
 from tensorcom._net import shm
 from tensorcom.server.request import RequestServer
 
@@ -297,27 +297,69 @@ def _stream(url: str, count: int, shm_option: bool | None) -> None:
     server.close()
 
 
-def test_stream_push_over_ipc_sends_descriptors(tmp_path: Path) -> None:
-    """A zpush+ipc server puts batches into shared memory; the client gets them in order, intact."""
+@pytest.mark.parametrize("server_binds", [False, True], ids=["zpush", "zrpush"])
+@pytest.mark.parametrize("server_first", [False, True], ids=["client-first", "server-first"])
+def test_stream_push_over_ipc_sends_descriptors(
+    tmp_path: Path, server_binds: bool, server_first: bool
+) -> None:
+    """An ipc push server puts batches into shared memory on the channel beside the URL; the client finds it,
+    whichever side binds and whichever starts first, and gets every batch in order, intact."""
     url = f"ipc://{tmp_path}/s"
-    thread = threading.Thread(target=_stream, args=(f"zpush+{url}", 40, None))
-    thread.start()
-    with Connection(f"zpull+{url}", timeout=30) as connection:
+    server_url, client_url = (
+        (f"zrpush+{url}", f"zrpull+{url}") if server_binds else (f"zpush+{url}", f"zpull+{url}")
+    )
+    thread = threading.Thread(target=_stream, args=(server_url, 40, None))
+    if server_first:
+        thread.start()
+    with Connection(client_url, timeout=30) as connection:
+        if not server_first:
+            thread.start()
         received = digests(connection.recv() for _ in range(40))
         assert connection._reader.received == 40
     thread.join(timeout=30)
     assert received == digests(batch(i, side=128) for i in range(40))
 
 
-def test_a_client_that_refuses_shared_memory_says_what_to_do(tmp_path: Path) -> None:
-    """Connection(shm=False) against a shared-memory server: a DecodeError that names the remedy."""
+@pytest.mark.parametrize("server_binds", [False, True], ids=["zpush", "zrpush"])
+def test_a_client_that_refuses_shared_memory_gets_plain_batches(tmp_path: Path, server_binds: bool) -> None:
+    """Connection(shm=False), like a tensorcom 0.1 client, reads the URL's own socket: plain batches, in order."""
     url = f"ipc://{tmp_path}/s"
-    thread = threading.Thread(target=_stream, args=(f"zpush+{url}", 1, None))
+    server_url, client_url = (
+        (f"zrpush+{url}", f"zrpull+{url}") if server_binds else (f"zpush+{url}", f"zpull+{url}")
+    )
+    thread = threading.Thread(target=_stream, args=(server_url, 10, None))
     thread.start()
-    with Connection(f"zpull+{url}", timeout=30, shm=False) as connection:
-        with pytest.raises(DecodeError, match="shm=False"):
-            connection.recv()
+    with Connection(client_url, timeout=30, shm=False) as connection:
+        received = digests(connection.recv() for _ in range(10))
+        assert connection._reader.received == 0
     thread.join(timeout=30)
+    assert received == digests(batch(i, side=128) for i in range(10))
+
+
+def test_a_bound_server_feeds_shm_and_plain_clients_at_once(tmp_path: Path) -> None:
+    """A zrpush+ipc server with one client on its shm channel and one on its plain socket: each batch reaches one of
+    them, both get batches, and the shm client's come through shared memory."""
+    url = f"ipc://{tmp_path}/s"
+    thread = threading.Thread(target=_stream, args=(f"zrpush+{url}", 40, None))
+    thread.start()
+    fast = Connection(f"zrpull+{url}", timeout=5, queue=1)
+    plain = Connection(f"zrpull+{url}", timeout=5, queue=1, shm=False)
+    try:
+        got: dict[str, list[str]] = {"fast": [], "plain": []}
+        while len(got["fast"]) + len(got["plain"]) < 40:  # in turn, so that each keeps taking batches
+            for name, connection in (("fast", fast), ("plain", plain)):
+                if len(got["fast"]) + len(got["plain"]) < 40:
+                    try:
+                        got[name] += digests([connection.recv()])
+                    except Timeout:
+                        pass
+        assert got["fast"] and got["plain"]
+        assert fast._reader.received == len(got["fast"]) and plain._reader.received == 0
+    finally:
+        fast.close()
+        plain.close()
+    thread.join(timeout=30)
+    assert sorted(got["fast"] + got["plain"]) == sorted(digests(batch(i, side=128) for i in range(40)))
 
 
 def test_nothing_is_left_in_dev_shm_after_a_served_zreq_run(tmp_path: Path) -> None:

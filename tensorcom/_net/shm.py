@@ -34,11 +34,19 @@ still in the slot. Slot files are private to the user (mode 0600); the fast path
 the socket file already says the peer shares this host.
 
 ``TENSORCOM_SHM=0`` in the environment turns the fast path off in that process.
+
+Stream sockets (``zpush+ipc``, ``zrpush+ipc``) carry descriptors on a *channel* of their own, a second socket at
+``PATH.shm`` beside the URL's ``PATH`` (:func:`channel_url`), so that a client that cannot read descriptors
+(tensorcom 0.1, ours with ``shm=False``) never receives one: it reads plain batches at ``PATH``, ours read the
+channel. The side that binds listens on both; the side that connects waits until its peer listens on one of them
+(:func:`listening`) and connects to the channel if it can, else to ``PATH``, so each pair of peers talks over one
+socket and their batches keep their order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import mmap
@@ -57,15 +65,19 @@ import numpy as np
 
 from tensorcom import codec
 from tensorcom.errors import DecodeError
+from tensorcom.urls import ParsedURL
 
 __all__ = [
+    "CHANNEL_SUFFIX",
     "DESCRIPTOR_MAGIC",
     "MIN_BYTES",
     "Arena",
     "Reader",
     "StaleBatch",
+    "channel_url",
     "enabled",
     "is_descriptor",
+    "listening",
     "payload_size",
     "process_alive",
     "sweep",
@@ -117,6 +129,39 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+CHANNEL_SUFFIX = ".shm"
+_SUN_PATH = 107  # longest unix socket path (sun_path holds 108 bytes with the NUL)
+
+
+def channel_url(url: ParsedURL) -> ParsedURL | None:
+    """The shared-memory channel of an ipc PUSH or PULL URL (same socket type and role, at ``PATH.shm``), or None
+    where there is none (other transports and socket types, or a path too long for a unix socket)."""
+    if url.transport != "ipc" or url.socket_type not in ("PUSH", "PULL"):
+        return None
+    if len(os.fsencode(url.address[len("ipc://") :])) + len(CHANNEL_SUFFIX) > _SUN_PATH:
+        return None
+    return dataclasses.replace(url, url=url.url + CHANNEL_SUFFIX, address=url.address + CHANNEL_SUFFIX)
+
+
+_LISTENING = "00010000"  # __SO_ACCEPTCON in /proc/net/unix's Flags column
+
+
+def listening(address: str) -> bool:
+    """Whether some process listens on the unix socket of the ``ipc://`` ``address`` (a stale socket file left by a
+    killed server does not count). Reads /proc/net/unix, so asking opens no connection to the server."""
+    path = address[len("ipc://") :]
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            next(table, None)
+            for line in table:
+                fields = line.split(None, 7)
+                if len(fields) == 8 and fields[3] == _LISTENING and fields[7].rstrip("\n") == path:
+                    return True
+        return False
+    except OSError:  # no procfs: a socket file that exists is the best guess
+        return not path.startswith("@") and os.path.exists(path)
 
 
 def is_descriptor(frames: Sequence[Any]) -> bool:

@@ -158,8 +158,10 @@ def open_endpoint(
     keys: ServerKeys | ClientKeys | None = None,
     max_message_size: int = MAX_CONTROL_MESSAGE,
     immediate: bool = False,
+    connect: bool = True,
 ) -> Endpoint:
-    """Create, configure and bind or connect a socket for ``url``.
+    """Create, configure and bind or connect a socket for ``url`` (with ``connect=False`` a connecting socket is
+    left unconnected: its owner connects it later).
 
     ``queue`` bounds both directions' high-water marks in whole messages. With ``xpub`` a PUB URL opens an XPUB
     socket with XPUB_NODROP, so a slow subscriber slows the publisher instead of losing batches. With ``monitor``
@@ -195,7 +197,8 @@ def open_endpoint(
             socket.bind(url.address)
             address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
-            socket.connect(url.address)
+            if connect:
+                socket.connect(url.address)
             address = url.address
     except zmq.ZMQError as error:
         Endpoint(url, socket, url.address, monitor_socket).close()

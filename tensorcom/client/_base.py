@@ -25,7 +25,7 @@ from tensorcom._net.security import ClientKeys, KeyPath, client_keys_from
 from tensorcom._net.transport import Endpoint, open_endpoint, parse_endpoints
 from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, URLError
-from tensorcom.urls import SCHEMES, expand_urls, parse_url
+from tensorcom.urls import SCHEMES, ParsedURL, expand_urls, parse_url
 
 __all__ = ["BatchInfo", "Connection", "adapter_source", "check_limits"]
 
@@ -102,6 +102,7 @@ class _Receiver:
                         keys=self._keys,
                         max_message_size=max_message_size,
                         immediate=immediate,
+                        connect=self._connects_at_once(url),
                     )
                 )
         except BaseException:
@@ -110,6 +111,10 @@ class _Receiver:
         self._poller = zmq.Poller()
         for endpoint in self._endpoints:
             self._poller.register(endpoint.socket, zmq.POLLIN)
+
+    def _connects_at_once(self, url: ParsedURL) -> bool:
+        """Whether the socket for a connecting ``url`` connects as it opens (a subclass may connect it later)."""
+        return True
 
     @property
     def endpoints(self) -> list[str]:

@@ -24,7 +24,18 @@ from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, p
 from tensorcom.client._base import BatchInfo, Connection
 from tensorcom.convert import ConverterSpec
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
-from tensorcom.protocol import META_INFO, Batch, Error, ErrorKind, Seek, Sought, rebuild_batch
+from tensorcom.protocol import (
+    META_INFO,
+    Batch,
+    Error,
+    ErrorKind,
+    Seek,
+    Sought,
+    rebuild_batch,
+    split_stream_meta,
+    stream_meta_bytes,
+)
+from tensorcom.urls import ParsedURL
 
 __all__ = ["BatchInfo", "Connection", "StreamConnection"]
 
@@ -87,6 +98,56 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         self._generation = 0
         self._pipeline_state: Any = None
         self._stream_meta: Batch | None = None
+        self._sources = list(self._endpoints)  # every socket read: the URLs' and their shm channels
+        self._unconnected = [  # zrpull+ipc sockets waiting for a server, and the shm channel they would read
+            (e, channel.address)
+            for e in self._endpoints
+            if not self._connects_at_once(e.url) and (channel := _shm.channel_url(e.url)) is not None
+        ]
+        try:
+            for endpoint in self._endpoints:
+                channel = _shm.channel_url(endpoint.url) if self._shm and endpoint.url.bind else None
+                if (
+                    channel is not None
+                ):  # a bound PULL listens on PATH.shm too: a connecting server prefers it
+                    companion = open_endpoint(
+                        self._context,
+                        channel,
+                        queue=queue,
+                        monitor=True,
+                        keys=self._keys,
+                        max_message_size=max_message_size,
+                    )
+                    self._sources.append(companion)
+                    self._poller.register(companion.socket, zmq.POLLIN)
+            self._connect_when_listening()
+        except BaseException:
+            self.close()
+            raise
+
+    def _connects_at_once(self, url: ParsedURL) -> bool:
+        """A zrpull+ipc socket waits to connect until a server listens on PATH.shm (then it reads the shm channel)
+        or on PATH (a server without one); see :meth:`_connect_when_listening`."""
+        return url.bind or not (self._shm and url.socket_type == "PULL" and _shm.channel_url(url) is not None)
+
+    def _connect_when_listening(self) -> None:
+        """Connect each waiting ipc socket to its server's shm channel if one listens, else to the plain socket if a
+        server listens there; one that finds neither keeps waiting (checked again while receiving)."""
+        for endpoint, channel in list(self._unconnected):
+            for address in (channel, endpoint.url.address):
+                if _shm.listening(address):
+                    endpoint.socket.connect(address)
+                    log.debug("%s: reading %s", endpoint, address)
+                    self._unconnected.remove((endpoint, channel))
+                    break
+
+    def close(self) -> None:
+        """Close every socket at once, the shm channels' included."""
+        for source in getattr(self, "_sources", []):
+            if source not in self._endpoints:
+                source.close()
+        self._sources = []
+        super().close()
 
     def _next_ready(self) -> Endpoint:
         self._ensure_open()
@@ -97,22 +158,26 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             )
             events = dict(self._poller.poll(int(remaining * 1000)))
             if not events:
-                for endpoint in self._endpoints:
+                for endpoint in self._sources:
                     endpoint.check_handshakes()
-            count = len(self._endpoints)
+                if self._unconnected:
+                    self._connect_when_listening()
+            count = len(self._sources)
             for offset in range(count):  # round robin over the ready sockets, so no server starves another
-                endpoint = self._endpoints[(self._turn + offset) % count]
+                endpoint = self._sources[(self._turn + offset) % count]
                 if endpoint.socket in events:
                     self._turn = (self._turn + offset + 1) % count
                     return endpoint
             if deadline is not None and time.monotonic() >= deadline:
-                raise Timeout(f"no batch within {self.timeout} s from {', '.join(self.endpoints)}")
+                waiting = ", ".join(str(endpoint) for endpoint, _ in self._unconnected)
+                waiting = f" (no server listens on {waiting} yet)" if waiting else ""
+                raise Timeout(f"no batch within {self.timeout} s from {', '.join(self.endpoints)}{waiting}")
 
     def _receive(self) -> tuple[Endpoint, list[Any]]:
         if self._stash:
             return self._stash.popleft()
-        if len(self._endpoints) == 1:  # one server: take what is already queued without polling first
-            endpoint = self._endpoints[0]
+        if len(self._sources) == 1:  # one server: take what is already queued without polling first
+            endpoint = self._sources[0]
             try:
                 return endpoint, self._read(endpoint, _NOBLOCK)
             except zmq.Again:
@@ -161,15 +226,17 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         self._reader.collect()  # slots of the batches dropped since the last call
         while True:
             endpoint, frames = self._receive()
+            frames, packed = _split_meta(frames)
             decoded = self._decode(endpoint, frames)
             if decoded is None:
                 continue
             arrays, infos = decoded
-            meta = _metadata(arrays, infos, endpoint)
+            if packed is None and infos and infos[-1] == META_INFO:  # servers before the metadata frame
+                packed, arrays, infos = memoryview(arrays[-1].tobytes()), arrays[:-1], infos[:-1]
+            meta = None if packed is None else _metadata(packed, endpoint)
             if meta is not None:
                 if meta.gen < self._generation:
                     continue  # sent before our seek
-                arrays, infos = arrays[:-1], infos[:-1]
                 self._pipeline_state = meta.state
                 self._stream_meta = meta
             self.count += 1
@@ -267,12 +334,18 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         raise Timeout(f"no answer to SEEK within {self.timeout} s from {dealer}")
 
 
-def _metadata(arrays: list[Any], infos: list[str], endpoint: Endpoint) -> Batch | None:
-    """The metadata a pipeline-mode server appends to a batch, if this batch has it."""
-    if not infos or infos[-1] != META_INFO:
-        return None
+def _split_meta(frames: list[Any]) -> tuple[list[Any], memoryview | None]:
+    """A stream message's frames without its metadata frame, and that frame's msgpack bytes (or None)."""
+    if len(frames) == 2 and _shm.is_descriptor(frames[:1]):  # a batch in shared memory, then its metadata
+        packed = stream_meta_bytes(frames[1])
+        return (frames[:1], packed) if packed is not None else (frames, None)
+    return split_stream_meta(frames)
+
+
+def _metadata(packed: memoryview, endpoint: Endpoint) -> Batch:
+    """The metadata a pipeline-mode server sends with a batch."""
     try:
-        fields = msgpack.unpackb(arrays[-1].tobytes(), raw=False, strict_map_key=True)
+        fields = msgpack.unpackb(packed, raw=False, strict_map_key=True)
     except Exception:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"malformed batch metadata from {endpoint}") from None
     if not isinstance(fields, dict):

@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import msgpack
-import numpy as np
 import zmq
 
 from tensorcom import codec
@@ -27,7 +25,7 @@ from tensorcom._net import shm as _shm
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
 from tensorcom._net.transport import Endpoint, SendCancelled, open_endpoint, parse_endpoints, send_frames
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
-from tensorcom.protocol import META_INFO, Error, ErrorKind, Seek, Sought, decode, flatten_batch
+from tensorcom.protocol import Error, ErrorKind, Seek, Sought, decode, flatten_batch, stream_meta_frame
 from tensorcom.server._base import Server
 from tensorcom.urls import ParsedURL
 
@@ -37,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _SENDING = {"PUSH", "PUB"}
 _PEER_CHECK = 0.05  # seconds between looks at the sockets' connection events while sending
+_PICK_STEP = 0.1  # seconds between looks at handshakes, the timeout and stop() while no socket has room
 
 
 def _as_arrays(batch: Any) -> Sequence[Any]:
@@ -55,7 +54,9 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
     Args:
         source: an iterable of batches (lists or tuples of arrays) for :meth:`run`, or None to call :meth:`send`.
         urls: one URL, a whitespace-separated string, or a list; braces expand. Each URL gets its own socket and
-            every batch goes to each socket: a PUSH socket hands it to one of its clients, a PUB socket to all.
+            the batches are dealt to them in turn (batch i to URL i mod n): several URLs are several publishers, each
+            a distinct share of the stream, and a client of all of them (the same brace URL) receives every batch
+            once. A PUSH socket hands a batch to one of its clients, a PUB socket to all of them.
         queue: batches each socket may queue per peer before :meth:`send` blocks (the send high-water mark).
         linger: seconds :meth:`close` waits for queued batches to leave before dropping them.
         send_timeout: seconds to wait for a client to take a batch before raising :class:`tensorcom.Timeout`
@@ -65,15 +66,16 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         report_interval: seconds between rate reports through ``logging``.
         control: a ``zrep://`` URL where clients send SEEK messages (pipeline sources only): the server then
             continues from the client's state. See :meth:`tensorcom.Connection.seek`.
-        metadata: send each batch's step, epoch, indices and pipeline state in a trailing metadata array (default:
-            on for pipeline sources). Clients of tensorcom 0.1 see it as one more uint8 array; turn it off for them.
+        metadata: send each batch's step, epoch, indices and pipeline state in a trailing metadata frame (default:
+            on for pipeline sources). Clients of tensorcom 0.1 ignore that frame and receive just their arrays.
         seed, rank, world_size: passed to ``source`` when it is a pipeline factory rather than an iterable.
         server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
             ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain). Every
             socket, the control socket included, then encrypts and accepts only those clients.
         shm: send large batches through shared memory on ``zpush+ipc``/``zrpush+ipc`` URLs, with only a small
-            descriptor on the socket (:mod:`tensorcom._net.shm`). None (the default): on for those URLs unless
-            $TENSORCOM_SHM is 0; False: off (needed for clients of tensorcom 0.1 over ipc).
+            descriptor on a channel socket beside the URL's (``PATH.shm``) that only our clients read, so clients
+            of tensorcom 0.1 on ``PATH`` still get plain batches (:mod:`tensorcom._net.shm`). None (the default): on
+            for those URLs unless $TENSORCOM_SHM is 0; False: off.
     """
 
     def __init__(
@@ -123,22 +125,40 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         self._authenticator: Authenticator | None = None
         self._control: Endpoint | None = None
         self._linger_ends: float | None = None
+        self._companions: list[Endpoint] = []
+        # by id(endpoint) of an ipc PUSH URL: its shm channel's socket (None when this server connects), address, arena
+        self._channels: dict[int, tuple[Endpoint | None, str, _shm.Arena]] = {}
+        self._connected: dict[
+            int, bool
+        ] = {}  # by id(endpoint) of a connecting one: True once on the shm channel
         try:
             if keys is not None:  # before binding: no client may connect before the allow-list is in force
                 where = ", ".join([url.url for url in parsed] + ([control] if control else []))
                 self._authenticator = Authenticator(self._context, keys, where)
+            use_shm = shm is not False and _shm.enabled()
             for url in parsed:
-                self._endpoints.append(
-                    open_endpoint(
-                        self._context,
-                        url,
-                        queue=queue,
-                        xpub=not drop,
-                        monitor=True,
-                        keys=keys,
-                        immediate=True,
+                channel = _shm.channel_url(url) if use_shm and url.socket_type == "PUSH" else None
+                companion = None
+                if (
+                    channel is not None and url.bind
+                ):  # first: a client that finds PATH listening finds PATH.shm
+                    companion = open_endpoint(
+                        self._context, channel, queue=queue, monitor=True, keys=keys, immediate=True
                     )
+                    self._companions.append(companion)
+                endpoint = open_endpoint(
+                    self._context,
+                    url,
+                    queue=queue,
+                    xpub=not drop,
+                    monitor=True,
+                    keys=keys,
+                    immediate=True,
+                    connect=channel is None,
                 )
+                self._endpoints.append(endpoint)
+                if channel is not None:
+                    self._channels[id(endpoint)] = (companion, channel.address, _shm.Arena(expire=None))
             if control is not None:
                 self._control = open_endpoint(
                     self._context,
@@ -155,12 +175,9 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
                 [e.address for e in self._endpoints] + ([self._control.address] if self._control else [])
             )
         self._subscribed = {id(e): e.socket.type != zmq.XPUB for e in self._endpoints}
-        self._arenas: dict[int, _shm.Arena] = {}
-        if shm is not False and _shm.enabled():
-            for endpoint in self._endpoints:  # one arena per socket: each gets its own copy of a batch
-                if endpoint.url.socket_type == "PUSH" and endpoint.url.transport == "ipc":
-                    self._arenas[id(endpoint)] = _shm.Arena(expire=None)
         self._peers_checked = 0.0
+        self._turn = 0  # the socket that gets the next batch
+        self._plain_next = False  # alternation between an ipc URL's plain socket and its shm channel
 
     def _addresses(self) -> list[tuple[ParsedURL, str]]:
         return [(endpoint.url, endpoint.address) for endpoint in self._endpoints]
@@ -202,32 +219,80 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         """
         if meta is None:
             arrays = _as_arrays(batch)
-            frames = codec.encode(arrays, self.infos)
+            trailer: list[bytes] = []
         else:
-            values, shape = flatten_batch(batch)
-            arrays = [*values, np.frombuffer(msgpack.packb({**meta, **shape}, use_bin_type=True), np.uint8)]
-            frames = codec.encode(arrays, [*(self.infos or [""] * len(values)), META_INFO])
+            arrays, shape = flatten_batch(batch)
+            trailer = [stream_meta_frame({**meta, **shape})]
+        frames = codec.encode(arrays, self.infos)
         now = time.monotonic()
         check_peers = now - self._peers_checked >= _PEER_CHECK
         if check_peers:
             self._peers_checked = now
-        for endpoint in self._endpoints:
-            if check_peers:
+        if check_peers:
+            for endpoint in [*self._endpoints, *self._companions]:
                 endpoint.count_peers()  # logs the clients refused lately
-            if not self._subscribed[id(endpoint)]:
-                self._await_subscriber(endpoint)
-            elif endpoint.socket.type == zmq.XPUB:
-                self._drain_subscriptions(endpoint)
-            message = [endpoint.url.topic, *frames] if endpoint.url.topic else frames
-            arena = self._arenas.get(id(endpoint))
-            if arena is not None:
-                descriptor = arena.put(frames)
-                if descriptor is not None:
-                    message = [descriptor]
-            send_frames(endpoint, message, timeout=self.send_timeout, waiting=self._waiting)
+        endpoint = self._endpoints[self._turn]  # each batch goes to one URL, in turn: distinct shards
+        if not self._subscribed[id(endpoint)]:
+            self._await_subscriber(endpoint)
+        elif endpoint.socket.type == zmq.XPUB:
+            self._drain_subscriptions(endpoint)
+        message = [endpoint.url.topic, *frames, *trailer] if endpoint.url.topic else [*frames, *trailer]
+        channel = self._channels.get(id(endpoint))
+        if channel is not None:
+            companion, address, arena = channel
+            if companion is not None:
+                endpoint = self._pick(endpoint, companion)
+                shared = endpoint is companion
+            else:
+                if id(endpoint) not in self._connected:
+                    self._connected[id(endpoint)] = self._connect(endpoint, address)
+                shared = self._connected[id(endpoint)]
+            descriptor = arena.put(frames) if shared else None
+            if descriptor is not None:
+                message = [descriptor, *trailer]
+        send_frames(endpoint, message, timeout=self.send_timeout, waiting=self._waiting)
+        self._turn = (self._turn + 1) % len(self._endpoints)
         self.served += 1
         self.nbytes += sum(getattr(a, "nbytes", 0) for a in arrays)
         self._maybe_report()
+
+    def _connect(self, endpoint: Endpoint, channel: str) -> bool:
+        """Connect the socket of a ``zpush+ipc`` URL once its client listens: to the client's shm channel if it has
+        one (True: send descriptors), else to the URL's path (False: plain batches, e.g. for tensorcom 0.1)."""
+        deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
+        while True:
+            for address in (channel, endpoint.url.address):
+                if _shm.listening(address):
+                    endpoint.socket.connect(address)
+                    log.debug("%s: sending to %s", endpoint, address)
+                    return address == channel
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"no client listens on {endpoint} within {self.send_timeout} s")
+            if self._waiting():
+                raise SendCancelled(f"gave up sending a batch on {endpoint}: the server is stopping")
+            time.sleep(_PICK_STEP)
+
+    def _pick(self, plain: Endpoint, channel: Endpoint) -> Endpoint:
+        """The socket of a bound ipc URL that takes the next batch: its shm channel (clients that read descriptors)
+        or its plain socket (tensorcom 0.1, or clients with shm off), whichever has room, in turn when both have."""
+        poller = zmq.Poller()
+        poller.register(plain.socket, zmq.POLLOUT)
+        poller.register(channel.socket, zmq.POLLOUT)
+        deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
+        while True:
+            ready = dict(poller.poll(int(_PICK_STEP * 1000)))
+            if plain.socket in ready and channel.socket in ready:
+                self._plain_next = not self._plain_next
+                return plain if self._plain_next else channel
+            if ready:
+                return plain if plain.socket in ready else channel
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(
+                    f"could not send a batch on {plain} within {self.send_timeout} s (no peer took it)"
+                )
+            if self._waiting():
+                raise SendCancelled(f"gave up sending a batch on {plain}: the server is stopping")
+            plain.check_handshakes()
 
     def _waiting(self) -> bool:
         """While a send waits for a client: keep reporting, and give up once :meth:`stop` was called."""
@@ -276,7 +341,8 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         lingers while clients remain connected, and closes once they have gone.
         """
         deadline = time.monotonic() + seconds
-        while any(endpoint.count_peers() for endpoint in self._endpoints) and time.monotonic() < deadline:
+        endpoints = [*self._endpoints, *self._companions]
+        while any(endpoint.count_peers() for endpoint in endpoints) and time.monotonic() < deadline:
             self._refuse_control()
             time.sleep(0.02)
 
@@ -380,12 +446,13 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
     def _close(self, seconds: float, await_clients: bool) -> None:
         if await_clients:
             self._await_disconnect(seconds)
-        for endpoint in self._endpoints:
+        for endpoint in [*self._endpoints, *getattr(self, "_companions", [])]:
             endpoint.close(linger=seconds)
         self._endpoints = []
-        for arena in getattr(self, "_arenas", {}).values():
+        self._companions = []
+        for _, _, arena in getattr(self, "_channels", {}).values():
             arena.close()
-        self._arenas = {}
+        self._channels = {}
         control: Endpoint | None = getattr(self, "_control", None)
         if control is not None:
             control.close()

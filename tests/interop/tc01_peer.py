@@ -4,6 +4,8 @@ python tc01_peer.py serve URL N      send N known batches with tensorcom 0.1's C
 python tc01_peer.py receive URL N    receive N batches with tensorcom 0.1 and check their content
 python tc01_peer.py save PATH        write a .ten file with tensorcom 0.1
 python tc01_peer.py load PATH        read a .ten file with tensorcom 0.1 and check its content
+python tc01_peer.py loop URL N       the 0.1 README's loop, `for xs, ys in Connection(URL, epoch=...)`, for N
+                                     batches: one line per batch, "SHAPE DTYPE LABELS" (JSON)
 """
 
 import sys
@@ -44,6 +46,14 @@ def main(command, target, count=3):
         connection = Connection(target)
         for i in range(count):
             check(connection.recv(), i)
+    elif command == "loop":
+        import json
+
+        training = Connection(target, epoch=1000000)
+        for i, (xs, ys) in enumerate(training):
+            print(json.dumps([list(xs.shape), str(xs.dtype), ys.tolist()]), flush=True)
+            if i + 1 == count:
+                break
     elif command == "save":
         tenbin.save(target, *batch(7))
     elif command == "load":
