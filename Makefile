@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TC01 := .venv-tc01/.installed
 TORCH := torch==2.13.0
 
 .PHONY: demo test lint bench bench-quick interop clean
@@ -24,14 +25,15 @@ demo: $(STAMP)
 demo-imagenet: $(STAMP)
 	$(BIN)/python -m tensorcom.examples.imagenet_demo
 
-## test: lint, type-check and run the whole test suite
-test: $(STAMP)
+## test: lint, type-check and run the whole test suite (the interop tests against tensorcom 0.1 included: they run
+## in the original's own environment, .venv-tc01, which this target builds)
+test: $(STAMP) $(TC01)
 	@# tests/test_multihost.py builds test hosts with iproute2 (it skips without root or `ip`): install it if we can
 	@command -v ip >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq iproute2) || echo "iproute2 not installed: multi-host tests skip"
-	$(BIN)/ruff check tensorcom servers tools tests benchmarks
+	$(BIN)/ruff check tensorcom servers tools tests benchmarks examples
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/pytest -q
 
 ## test-slow: the long fuzz, fault and load runs (the `slow` marker), which `make test` leaves out
 .PHONY: test-slow
@@ -39,26 +41,27 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow --timeout 900
 
 lint: $(STAMP)
-	$(BIN)/ruff check tensorcom servers tools tests benchmarks
-	$(BIN)/ruff format --check tensorcom servers tools tests benchmarks
+	$(BIN)/ruff check tensorcom servers tools tests benchmarks examples
+	$(BIN)/ruff format --check tensorcom servers tools tests benchmarks examples
 	$(BIN)/mypy
 
 ## bench: the benchmark suite (several minutes): benchmarks/results/latest.{json,md,png}; bench-quick: about 1½ minutes
-bench: $(STAMP) .venv-tc01/bin/python
+bench: $(STAMP) $(TC01)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/python benchmarks/suite.py
 
-bench-quick: $(STAMP) .venv-tc01/bin/python
+bench-quick: $(STAMP) $(TC01)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/python benchmarks/suite.py --quick
 
 # tensorcom 0.1.0 has our package name, so it lives in its own environment (the incumbent in benchmarks and interop)
-.venv-tc01/bin/python:
-	$(PYTHON) -m venv .venv-tc01
+$(TC01):
+	test -x .venv-tc01/bin/python || $(PYTHON) -m venv .venv-tc01
 	.venv-tc01/bin/pip install --quiet $(TORCH) 'tensorcom==0.1.0'
+	touch $(TC01)
 
 ## interop: check the wire format against tensorcom 0.1 installed in its own virtual environment
-interop: $(STAMP) .venv-tc01/bin/python
+interop: $(STAMP) $(TC01)
 	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/pytest -q tests/test_interop.py
 
 clean:
