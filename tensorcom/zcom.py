@@ -25,8 +25,9 @@ Deliberate differences from 0.1:
   for it); ``zpub`` URLs each get every batch. Sending and receiving URLs cannot be mixed, and ``zreq``/``zrep`` are
   :class:`tensorcom.Connection`'s. ``connect()`` also expands braces (0.1 expanded them in the constructor only);
   ``noexpand=True`` refuses a URL with braces rather than pass them to ZMQ.
-- Sockets open on first use (``recv``, ``send``, iteration, ``endpoints``), so a bind error surfaces there; a
-  ``connect()`` after that reopens the sockets with every URL (batches queued on the old ones are dropped).
+- Sockets open in ``connect()`` (the constructor's URLs included), as in 0.1; a second ``connect()`` reopens them
+  with every URL given so far (batches already queued on the old ones are dropped). Options are read then: set
+  attributes such as ``infos`` or ``multipart`` through the constructor.
 - A publisher (``zpub``, ``zrpub``) waits for its first subscriber and is slowed by a slow one instead of dropping
   batches (XPUB_NODROP); one-frame messages (``multipart=False``) go on a plain PUB socket, as in 0.1.
 - ``recv()`` logs a warning every :data:`WAIT_LOG_SECONDS` seconds while it waits, naming the endpoints;
@@ -53,7 +54,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import zmq
@@ -426,12 +427,34 @@ class Connection:
         if len(direction) > 1:
             shown = " ".join(u.url for u in [*self._urls, *parsed])
             raise ConfigError(f"one Connection either sends or receives; these URLs do both: {shown}")
-        self._urls += parsed
+        previous = self._urls
         if self._receiver is not None or self._sender is not None:
             log.info(
-                "connect() after first use: reopening the sockets for %s", " ".join(u.url for u in self._urls)
+                "connect(): reopening the sockets with %s", " ".join(u.url for u in [*previous, *parsed])
             )
             self._close_sockets(0.0)
+        try:
+            self._open([*previous, *parsed])
+        except BaseException:
+            if previous:
+                self._open(previous)
+            raise
+        self._urls = [*previous, *parsed]
+
+    def _open(self, urls: list[ParsedURL]) -> None:
+        if urls[0].scheme in _SENDING:
+            self._sender = _Sender(
+                urls,
+                multipart=self.multipart,
+                infos=self.infos,
+                queue=self.queue,
+                timeout=self.timeout,
+                linger=self.linger,
+            )
+        else:
+            self._receiver = StreamConnection(
+                [u.url for u in urls], timeout=WAIT_LOG_SECONDS, queue=self.queue
+            )
 
     @staticmethod
     def _parse(url: str, topic: str) -> ParsedURL:
@@ -447,40 +470,28 @@ class Connection:
 
     def _receiving(self) -> StreamConnection:
         if self._receiver is None:
-            self._check_usable("receive from", _RECEIVING)
-            self._receiver = StreamConnection(
-                [u.url for u in self._urls], timeout=WAIT_LOG_SECONDS, queue=self.queue
-            )
+            self._refuse("receive from", _RECEIVING)
         return self._receiver
 
     def _sending(self) -> _Sender:
         if self._sender is None:
-            self._check_usable("send on", _SENDING)
-            self._sender = _Sender(
-                self._urls,
-                multipart=self.multipart,
-                infos=self.infos,
-                queue=self.queue,
-                timeout=self.timeout,
-                linger=self.linger,
-            )
+            self._refuse("send on", _SENDING)
         return self._sender
 
-    def _check_usable(self, verb: str, wanted: tuple[str, ...]) -> None:
+    def _refuse(self, verb: str, wanted: tuple[str, ...]) -> NoReturn:
         if self._closed:
             raise ConfigError("this Connection is closed")
         if not self._urls:
             raise ConfigError(f"no URL to {verb}: pass url= or call connect(url) first")
-        if self._urls[0].scheme not in wanted:
-            raise ConfigError(
-                f"cannot {verb} {' '.join(u.url for u in self._urls)}; that takes {', '.join(wanted)} URLs"
-            )
+        raise ConfigError(
+            f"cannot {verb} {' '.join(u.url for u in self._urls)}; that takes {', '.join(wanted)} URLs"
+        )
 
     @property
     def endpoints(self) -> list[str]:
-        """The addresses of the sockets (bound ones read back, so port 0 shows its port); opens them if needed."""
-        if self._urls and self._urls[0].scheme in _SENDING:
-            return self._sending().endpoints
+        """The addresses of the sockets (bound ones read back, so port 0 shows its port)."""
+        if self._sender is not None:
+            return self._sender.endpoints
         return self._receiving().endpoints
 
     def _close_sockets(self, linger: float) -> None:
