@@ -360,7 +360,8 @@ def encode_into(target: Frame, frames: Sequence[Frame]) -> int:
 def encode_buffer(
     arrays: Sequence[Any], infos: Sequence[str] | None = None, *, aligned: bool = True
 ) -> bytearray:
-    """Encode arrays as one buffer (the content of a ``.ten`` file); see the module docstring for the framing."""
+    """Encode arrays as one buffer (the content of a ``.ten`` file); see the module docstring for the framing.
+    Aligned by default, which tensorcom 0.1 cannot read; ``aligned=False`` gives the original framing."""
     chunks = [_buffer(f) for f in encode(arrays, infos)]
     result = bytearray(_framed_size(chunks, aligned))  # zero-filled, so padding is zeros
     _write_chunks(memoryview(result), chunks, aligned)
@@ -412,7 +413,13 @@ def save(
     *,
     aligned: bool = True,
 ) -> None:
-    """Write arrays to a ``.ten`` file (aligned framing by default; ``aligned=False`` for tensorcom 0.1 readers)."""
+    """Write arrays to a ``.ten`` file.
+
+    By default every payload is 64-byte aligned (:func:`load` memory-maps it, aligned for SIMD and DMA), which
+    tensorcom 0.1 cannot read: it stops at the aligned magic with an error. For a file that tensorcom 0.1 (or a
+    program using its ``tenbin``) must read, pass ``aligned=False``: the original framing, which this module reads
+    as well. (:func:`tensorcom.tenbin.save`, the 0.1 face, writes the original framing.)
+    """
     chunks = [_buffer(f) for f in encode(arrays, infos)]
     with open(path, "wb") as stream:
         for chunk in chunks:

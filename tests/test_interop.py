@@ -12,7 +12,7 @@ from typing import Any
 
 import factories
 import pytest
-from helpers import StartProcess
+from helpers import StartProcess, wait_ready
 from imagenet_fixtures import make_image_folder, start_image_server
 
 from tensorcom import Connection, Server, codec
@@ -130,3 +130,22 @@ def test_the_original_readme_loop_runs_against_a_default_image_server(
     for shape, dtype, labels in lines:
         assert (shape, dtype) == ([4, 16, 16, 3], "uint8")
         assert len(labels) == 4 and set(labels) <= {0, 1, 2}
+
+
+def test_the_original_receives_every_batch_of_brace_publishers_once(
+    tmp_path: Path, start_process: StartProcess
+) -> None:
+    """The 0.1 README's "more publishers": `serve-imagenet-dir ... zpub://127.0.0.1:788{0..3}`-style braces start
+    one publisher each, and 0.1's client of the same brace URL reads their batches."""
+    folder = make_image_folder(tmp_path / "images", corrupt=False)
+    process = start_process(
+        "-m",
+        "tensorcom_servers.imagenet_dir",
+        *("-d", str(folder), "-b", "2", "--size", "8", "-w", "0", "--seed", "4", "--no-augment"),
+        f"zpub+ipc://{tmp_path}/p{{0..2}}",
+        stdout=subprocess.PIPE,
+        stderr_log=tmp_path / "server.log",
+    )
+    assert wait_ready(process).endswith("/p0")
+    lines = loop_output(original_loop(f"zsub+ipc://{tmp_path}/p{{0..2}}", 6))
+    assert len(lines) == 6 and all(shape == [2, 8, 8, 3] for shape, _, _ in lines)

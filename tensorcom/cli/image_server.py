@@ -7,7 +7,10 @@ serve, drain on SIGTERM.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import secrets
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,11 +56,33 @@ REQUEST_REPLY_QUEUE = 16
 that stops reading with its requests answered must not fill its queue, which would block the server's sends."""
 
 
+DEFAULT_URL = "zpub://127.0.0.1:7880"
+"""Where the image servers publish when no URL is given (tensorcom 0.1's default)."""
+
+
+def _refuse_report_batches(context: click.Context, parameter: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        click.echo("Error: -r N (a report every N batches, tensorcom 0.1) is --report SECONDS here", err=True)
+        context.exit(2)
+
+
+def parallel_option(short: str) -> Callable[[Function], Function]:
+    """tensorcom 0.1's ``-P``/``-p N``: N publisher processes on one connecting URL."""
+    return click.option(
+        short,
+        "--parallel",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Stream mode (tensorcom 0.1): N publisher processes on one zpush:// or zrpub:// URL, each a distinct "
+        "share (for URLs that bind, write N URLs with braces instead: zpub://HOST:788{0..3}).",
+    )
+
+
 def image_server_options(function: Function) -> Function:
     """Add the URLS argument and the options of the image servers (batch shape, workers, stream-mode settings,
     --drain, CURVE keys, logging); :func:`run_image_server` takes them all as keyword arguments."""
     options = [
-        click.argument("urls", nargs=-1, required=True),
+        click.argument("urls", nargs=-1),
         click.option("-b", "--batch-size", default=64, show_default=True, help="Images per batch."),
         click.option(
             "-w",
@@ -68,12 +93,14 @@ def image_server_options(function: Function) -> Function:
         ),
         click.option(
             "--seed",
-            default=0,
-            show_default=True,
-            help="Stream mode: the pipeline seed (zreq clients choose).",
+            type=int,
+            default=None,
+            help="Stream mode: the pipeline seed (default: drawn at random and logged, so that servers started "
+            "separately send different streams; zreq clients choose their own).",
         ),
         click.option("--size", default=224, show_default=True, help="Output height and width in pixels."),
         click.option(
+            "-n",
             "--normalize",
             is_flag=True,
             help="Send float32 normalised with the ImageNet mean/std (default uint8).",
@@ -97,7 +124,22 @@ def image_server_options(function: Function) -> Function:
             "--metadata/--no-metadata",
             default=True,
             show_default=True,
-            help="Stream mode: append step metadata to each batch (off for tensorcom 0.1 clients).",
+            help="Stream mode: append step metadata to each batch (in a frame that tensorcom 0.1 clients ignore).",
+        ),
+        click.option(
+            "-B",
+            "--benchmark",
+            is_flag=True,
+            help="Stream mode (tensorcom 0.1's -B): make one batch, then send it again and again (no decoding cost).",
+        ),
+        click.option(
+            "-r",
+            "report_batches",
+            type=int,
+            default=None,
+            expose_value=False,
+            callback=_refuse_report_batches,
+            help="tensorcom 0.1's report every N batches: refused; reports come every --report SECONDS here.",
         ),
         click.option(
             "--queue",
@@ -131,6 +173,8 @@ def build_image_server(
     size: int = 224,
     normalize: bool = False,
     augment: bool = True,
+    shuffle: bool = True,
+    benchmark: bool = False,
     workers: int = 2,
     seed: int = 0,
     rank: int = 0,
@@ -159,6 +203,7 @@ def build_image_server(
         "size": size,
         "normalize": normalize,
         "augment": augment,
+        "shuffle": shuffle,
     }
     ImageTransform(dataset, size, normalize=normalize, augment=augment)  # validate before opening sockets
     keys = {"server_key": server_key, "client_keys": client_keys, "report_interval": report_interval}
@@ -173,9 +218,18 @@ def build_image_server(
             dataset=dataset, seed=seed, rank=rank, world_size=world_size, workers=workers, **options
         )
         try:
-            server = Server(
-                pipeline, expanded, queue=queue, control=control, metadata=metadata, seed=seed, **keys
-            )
+            if benchmark:  # one batch, sent again and again: what the transport and the clients can take
+                if control is not None:
+                    raise ConfigError(
+                        "benchmark mode sends one batch again and again: it has no control socket"
+                    )
+                first = next(pipeline)
+                pipeline.close()
+                server = Server(itertools.repeat(first), expanded, queue=queue, **keys)
+            else:
+                server = Server(
+                    pipeline, expanded, queue=queue, control=control, metadata=metadata, seed=seed, **keys
+                )
         except BaseException:
             pipeline.close()
             raise
@@ -186,18 +240,68 @@ def build_image_server(
 
 def run_image_server(dataset_of: Callable[[], ImageDataset], urls: tuple[str, ...], **options: Any) -> None:
     """Index the data (errors before any socket opens), print "ready URL...", serve until SIGINT or SIGTERM (which
-    lets the server finish what it holds for at most --drain seconds; a second one stops at once)."""
-    from tensorcom.server.run import run_server
+    lets the server finish what it holds for at most --drain seconds; a second one stops at once).
+
+    Several stream URLs (braces, or --parallel N) are several publishers, each in a process of its own serving a
+    distinct share (rank ``rank * N + k`` of ``world_size * N``) of the stream of one seed.
+    """
+    from tensorcom.server.run import run_publishers, run_server
 
     setup_logging(options.pop("verbose"), options.pop("quiet"))
     stop_on_sigterm()
-    dataset = dataset_of()
     report = options.pop("report")
     drain = options.pop("drain")
-    if any(url.startswith("zrep") for url in urls) and options["seed"] != 0:
-        log.info("--seed is ignored for zrep:// URLs: each zreq client sends its own seed")
-    server = build_image_server(dataset, urls, report_interval=report, **options)
-    run_server(server, drain=drain, announce=echo_ready)
+    parallel = options.pop("parallel", 0)
+    expanded = expand_urls(list(urls or (DEFAULT_URL,)))
+    stream = not all(parse_url(url).is_request for url in expanded)
+    publishers = _publisher_urls(expanded, parallel) if stream else [expanded]
+    if not stream:
+        if options["seed"] is not None:
+            log.info("--seed is ignored for zrep:// URLs: each zreq client sends its own seed")
+        options["seed"] = 0
+    elif options["seed"] is None:
+        options["seed"] = secrets.randbelow(1 << 31)
+        log.info(
+            "stream seed %d, drawn at random (pass --seed %d to send this stream again)",
+            options["seed"],
+            options["seed"],
+        )
+    dataset = dataset_of()
+    if len(publishers) == 1:
+        server = build_image_server(dataset, publishers[0], report_interval=report, **options)
+        run_server(server, drain=drain, announce=echo_ready)
+        return
+    count, rank, world_size = len(publishers), options.pop("rank"), options.pop("world_size")
+
+    def build(k: int) -> Server:
+        return build_image_server(
+            dataset,
+            publishers[k],
+            report_interval=report,
+            rank=rank * count + k,
+            world_size=world_size * count,
+            **options,
+        )
+
+    def announce(client_urls: list[str]) -> None:
+        click.echo("ready " + " ".join(client_urls))
+        sys.stdout.flush()
+
+    if run_publishers(build, count, drain=drain, announce=announce):
+        sys.exit(1)
+
+
+def _publisher_urls(urls: list[str], parallel: int) -> list[list[str]]:
+    """The URLs of each publisher: one URL each, or ``parallel`` publishers on one connecting URL."""
+    if parallel <= 1:
+        return [[url] for url in urls]
+    url = parse_url(urls[0])
+    if len(urls) != 1 or url.bind:
+        raise ConfigError(
+            f"--parallel {parallel} needs one URL that connects (zpush://, zrpub://); several processes cannot bind "
+            f"one address, so write one URL per publisher with braces instead, e.g. zpub://127.0.0.1:788{{0..{parallel - 1}}}"
+        )
+    return [[urls[0]] for _ in range(parallel)]
 
 
 @click.command(cls=TensorcomCommand)
@@ -205,13 +309,27 @@ def run_image_server(dataset_of: Callable[[], ImageDataset], urls: tuple[str, ..
 @click.option(
     "-d",
     "--directory",
-    required=True,
+    "--dir",
+    "directory",
+    default="./imagenet",
+    show_default=True,
     help="Folder holding train/CLASS/*.JPEG (or CLASS/* directly); classes sorted, labels from 0.",
 )
+@click.option(
+    "--shuffle/--no-shuffle",
+    " /-S",
+    default=True,
+    show_default=True,
+    help="Visit the images in a seeded random order each epoch, or (-S, as in tensorcom 0.1) in folder order.",
+)
+@parallel_option("-P")
 @image_server_options
 def serve_imagenet_dir(directory: str, urls: tuple[str, ...], **options: Any) -> None:
     """Serve the images of DIRECTORY on URLS: zrep://HOST:PORT for deterministic zreq clients (the default for
-    training), or stream URLs (zpub://, zpush://, zrpush://, zrpub://).
+    training), or stream URLs (zpub://, zpush://, zrpush://, zrpub://; none given: zpub://127.0.0.1:7880, as
+    tensorcom 0.1). Several stream URLs, e.g. zpub://127.0.0.1:788{0..3}, are several publishers: one process each,
+    each sending a distinct share of the stream, so a client of zsub://127.0.0.1:788{0..3} gets every batch once.
+    Without --seed a stream server draws its seed at random and logs it.
 
     Batches are (images, labels): uint8 (B, SIZE, SIZE, 3) or float32 with --normalize, and int64 labels. An
     unreadable image is logged and replaced by the next readable one in index order. Prints "ready URL..." (the
@@ -228,8 +346,28 @@ def serve_imagenet_dir(directory: str, urls: tuple[str, ...], **options: Any) ->
 @click.option(
     "-s",
     "--shards",
+    "-u",
+    "--url",
+    "shards",
     required=True,
-    help="Local tar shards with braces, e.g. '/data/train-{000000..000146}.tar' (SAMPLE.jpg + SAMPLE.cls).",
+    help="Local tar shards with braces, e.g. '/data/train-{000000..000146}.tar' (SAMPLE.jpg + SAMPLE.cls); -u/--url "
+    "is tensorcom 0.1's name (local files only here).",
+)
+@click.option(
+    "-S",
+    "--shuffle/--no-shuffle",
+    default=True,
+    show_default=True,
+    help="Visit the samples in a seeded random order each epoch (tensorcom 0.1's -S; the default here), or in "
+    "shard order.",
+)
+@parallel_option("-p")
+@click.option(
+    "-N",
+    "--num-workers",
+    type=int,
+    default=None,
+    help="tensorcom 0.1's name for -w/--workers.",
 )
 @image_server_options
 def serve_imagenet_shards(shards: str, urls: tuple[str, ...], **options: Any) -> None:
@@ -239,6 +377,9 @@ def serve_imagenet_shards(shards: str, urls: tuple[str, ...], **options: Any) ->
     Samples are numbered in shard order (as the braces expand), then tar order, so the same shards give the same
     stream everywhere; .cls holds the 0-based label.
     """
+    num_workers = options.pop("num_workers")
+    if num_workers is not None:
+        options["workers"] = num_workers
     run_image_server(functools.partial(ImageShards, shards), urls, **options)
 
 

@@ -536,16 +536,26 @@ def image_pipeline(
     workers: int = 0,
     repeating: bool = True,
     draft: bool = True,
+    shuffle: bool = True,
 ) -> Any:
     """``Permutation(len(dataset), seed) → Partition(rank, world_size) → Map(ImageTransform) → Collate(batch_size)``.
 
     Batches are ``(images, labels)``: ``images`` uint8 ``(B, size, size, 3)`` (float32 with ``normalize``),
     ``labels`` int64 ``(B,)``. ``workers > 0`` decodes in that many worker processes (a ``DistributedBatchedMap``:
-    same batches, same fingerprint). ``repeating`` goes on with a new order each epoch. The pipeline's
+    same batches, same fingerprint). ``repeating`` goes on with a new order each epoch (``shuffle=False``: the
+    dataset's own order, ``Range`` instead of ``Permutation``, every epoch). The pipeline's
     ``class_names`` are the dataset's ``classes`` (an :class:`ImageDirectory`'s class folders; None for shards), which
     a request server sends its clients so that tools caption images by name.
     """
-    from tensorcom.pipeline import Collate, Conveyer, DistributedBatchedMap, Map, Partition, Permutation
+    from tensorcom.pipeline import (
+        Collate,
+        Conveyer,
+        DistributedBatchedMap,
+        Map,
+        Partition,
+        Permutation,
+        Range,
+    )
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1. Found: {batch_size!r}")
@@ -555,7 +565,11 @@ def image_pipeline(
     decode: Any = DistributedBatchedMap(transform, n_workers=workers) if workers else Map(transform)
     pipeline: Any = Conveyer(
         [
-            Permutation(len(dataset), seed=seed, repeating=repeating),
+            (
+                Permutation(len(dataset), seed=seed, repeating=repeating)
+                if shuffle
+                else Range(len(dataset), repeating=repeating)
+            ),
             Partition(rank, world_size),
             decode,
             Collate(batch_size),
