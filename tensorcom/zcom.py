@@ -16,6 +16,8 @@ Kept as in 0.1:
 - ``converters="torch"`` is 0.1's :func:`totorch`: images move to channels-first, floats become float32, 16- to
   64-bit integers int64; ``batch_transforms`` then ``converters`` apply per position, wrapping around.
 - Sending refuses 64-bit arrays (float64, int64, uint64) unless ``allow64``; uint32 works now (0.1's typo broke it).
+- ``infos`` given as a list label sent headers and are required of received ones (a mismatch raises
+  :class:`tensorcom.tenbin.TenbinDecodeError` where 0.1 asserted).
 
 Deliberate differences from 0.1:
 
@@ -40,7 +42,7 @@ Deliberate differences from 0.1:
   ``logging`` at INFO, not to stdout; the constructor's ``report`` is the default of :meth:`Connection.items` and
   :meth:`Connection.serve`.
 - ``topic=`` on a SUB URL means our ``?topic=NAME`` (a publisher's extra first frame), not a prefix of the first
-  frame. ``infos`` given as a list are checked on every received batch, as 0.1 meant to.
+  frame. The constructor's ``allow64`` counts for :meth:`Connection.send` too (0.1 read only ``send()``'s).
 - Received arrays are writable and may be views of shared memory; dtypes beyond 0.1's (bool, uint32, bfloat16) are
   received as they are. Bad input raises :mod:`tensorcom.tenbin`'s errors (``ConfigError``/``DecodeError`` that are
   also ``AssertionError``) instead of bare asserts. There is no ``.socket`` or ``.context``.
