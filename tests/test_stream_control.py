@@ -153,3 +153,26 @@ def test_control_needs_a_pipeline_source(ipc_url: Callable[..., str]) -> None:
     """A plain iterable cannot seek, so control= with one is a ConfigError."""
     with pytest.raises(ConfigError, match="control= needs a tensorcom pipeline"):
         Server([[np.zeros(1)]], ipc_url("zpush"), control=ipc_url("zrep", "control"))
+
+
+@pytest.mark.parametrize("same_seed", [True, False], ids=["same-seed", "distinct-seeds"])
+def test_a_client_of_two_servers_sending_one_stream_says_so(
+    ipc_url: Callable[..., str], caplog: pytest.LogCaptureFixture, same_seed: bool
+) -> None:
+    """Two servers started alike (same seed, rank and world size) feed one client the same batches: it logs one
+    warning naming both; servers with distinct seeds do not set it off."""
+    with Connection([ipc_url("zpull", "a"), ipc_url("zpull", "b")], timeout=20) as connection:
+        threads = [
+            serve_in_thread(Server(factories.small, ipc_url("zpush", name), seed=seed, linger=5), count=4)
+            for name, seed in (("a", 3), ("b", 3 if same_seed else 4))
+        ]
+        with caplog.at_level("WARNING", logger="tensorcom.client.stream"):
+            for _ in range(8):
+                connection.recv()
+    for thread in threads:
+        thread.join(timeout=20)
+    warnings = [r.getMessage() for r in caplog.records if "send the same stream" in r.getMessage()]
+    if same_seed:
+        assert len(warnings) == 1 and "/a" in warnings[0] and "/b" in warnings[0], warnings
+    else:
+        assert warnings == []

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _WATCH_STEP = 0.2  # seconds between looks at the sockets' handshakes while waiting
+_RECENT_BATCHES = 4096  # batches remembered to notice two servers sending the same stream
 
 
 class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"), mode="stream"):
@@ -98,6 +99,10 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         self._generation = 0
         self._pipeline_state: Any = None
         self._stream_meta: Batch | None = None
+        self._recent: dict[
+            tuple[Any, ...], str
+        ] = {}  # recent batches' identities -> the server that sent them
+        self._duplicates: set[tuple[str, str]] = set()
         self._sources = list(self._endpoints)  # every socket read: the URLs' and their shm channels
         self._unconnected = [  # zrpull+ipc sockets waiting for a server, and the shm channel they would read
             (e, channel.address)
@@ -239,6 +244,8 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
                     continue  # sent before our seek
                 self._pipeline_state = meta.state
                 self._stream_meta = meta
+                if len(self._endpoints) > 1:
+                    self._check_duplicate(meta, endpoint)
             self.count += 1
             self.last = BatchInfo(endpoint.address, sum(a.nbytes for a in arrays), infos, self.count)
             if meta is None:
@@ -247,6 +254,25 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             self.last.epoch = meta.epoch
             self.last.indices = list(meta.indices)
             return rebuild_batch(self.convert(arrays), meta.kind, meta.keys)
+
+    def _check_duplicate(self, meta: Batch, endpoint: Endpoint) -> None:
+        """Warn (once per pair of servers) when two servers send the same batch: servers started with the same seed,
+        rank and world size feed this client the same stream twice."""
+        key = (meta.seed, meta.fingerprint, meta.epoch, meta.step, tuple(meta.indices))
+        first = self._recent.setdefault(key, endpoint.address)
+        if len(self._recent) > _RECENT_BATCHES:
+            del self._recent[next(iter(self._recent))]
+        if first != endpoint.address and (first, endpoint.address) not in self._duplicates:
+            self._duplicates.add((first, endpoint.address))
+            log.warning(
+                "%s and %s send the same stream (seed %s, epoch %d, step %d): this client gets each of their "
+                "batches twice; give each server its own --seed, or its own --rank of --world-size",
+                first,
+                endpoint.address,
+                meta.seed,
+                meta.epoch,
+                meta.step,
+            )
 
     def state(self) -> dict[str, Any]:
         """Where a pipeline-mode stream stands (after the last batch received), for :meth:`seek` after a restart.
