@@ -247,3 +247,26 @@ def test_with_no_url_it_publishes_where_0_1_did(
     assert urls == ["zsub://127.0.0.1:7880"]
     got: Any = receive(urls, 2)
     assert len(got) == 2
+
+
+def test_serve_synthetic_with_braces_runs_one_publisher_per_url(
+    tmp_path: Path, start_process: StartProcess
+) -> None:
+    """`serve-synthetic -n 12 zpub+ipc://DIR/p{0..2}`: three processes, publisher k sending batches k, k+3, ...; a
+    client of the same braces gets batches 0..11 once each (their labels tell which)."""
+    process, urls = start(
+        start_process,
+        tmp_path / "log",
+        "synthetic",
+        "-b",
+        "4",
+        "--size",
+        "4",
+        "-n",
+        "12",
+        f"zpub+ipc://{tmp_path}/p{{0..2}}",
+    )
+    assert len(urls) == 3 and len(children_of(process.pid)) >= 3
+    with Connection(urls, timeout=60) as connection:
+        steps = sorted(int(connection.recv()[1][0]) // 4 for _ in range(12))
+    assert steps == list(range(12))

@@ -19,6 +19,7 @@ import click
 from tensorcom.cli.options import (
     TensorcomCommand,
     echo_ready,
+    echo_ready_urls,
     server_key_options,
     setup_logging,
     stop_on_sigterm,
@@ -283,11 +284,7 @@ def run_image_server(dataset_of: Callable[[], ImageDataset], urls: tuple[str, ..
             **options,
         )
 
-    def announce(client_urls: list[str]) -> None:
-        click.echo("ready " + " ".join(client_urls))
-        sys.stdout.flush()
-
-    if run_publishers(build, count, drain=drain, announce=announce):
+    if run_publishers(build, count, drain=drain, announce=echo_ready_urls):
         sys.exit(1)
 
 

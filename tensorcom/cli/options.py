@@ -28,6 +28,7 @@ __all__ = [
     "check_output_path",
     "client_key_options",
     "echo_ready",
+    "echo_ready_urls",
     "server_key_options",
     "setup_logging",
     "stop_on_sigterm",
@@ -140,7 +141,10 @@ def client_key_options(function: Function) -> Function:
 
 def echo_ready(server: Server) -> None:
     """Print the ready line (``ready URL...``, the URLs a client connects with) and flush it at once."""
-    from tensorcom.server.run import ready_line  # servers load only in the programs that run one
+    echo_ready_urls(server.client_urls)
 
-    click.echo(ready_line(server))
+
+def echo_ready_urls(urls: list[str]) -> None:
+    """Print the ready line of a program that serves from several processes (the client URLs of all of them)."""
+    click.echo("ready " + " ".join(urls))
     sys.stdout.flush()
