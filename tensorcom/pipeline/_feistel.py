@@ -12,13 +12,14 @@ from collections.abc import Sequence
 
 from tensorcom.errors import ConfigError
 
-__all__ = ["FeistelPermutation"]
+__all__ = ["FeistelPermutation", "mix64"]
 
 _M64 = (1 << 64) - 1
 _ROUNDS = 6
 
 
-def _mix(value: int, key: int) -> int:
+def mix64(value: int, key: int) -> int:
+    """A 64-bit word that looks random for each ``(value, key)``: a splitmix64-style finaliser (pure integer math)."""
     z = ((value * 0x9E3779B97F4A7C15) ^ key) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
@@ -45,7 +46,7 @@ class FeistelPermutation:
         half, mask = self._half, self._mask
         left, right = x >> half, x & mask
         for key in self._keys:
-            left, right = right, left ^ (_mix(right, key) & mask)
+            left, right = right, left ^ (mix64(right, key) & mask)
         return (left << half) | right
 
     def __call__(self, position: int) -> int:
