@@ -7,16 +7,18 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from fractions import Fraction
+from typing import Any
 
+import numpy as np
 import pytest
-from helpers import wait_until
-from pipeline_harness import square
+from helpers import assert_same_batch, wait_until
+from pipeline_harness import check_resume_everywhere, collect, noisy, round_trip, square
 
 from tensorcom.errors import ConfigError, PipelineError, StateError, Timeout
-from tensorcom.pipeline import Range, collate
-from tensorcom.pipeline.builder import PipelineBuilder
+from tensorcom.pipeline import Conveyer, Map, Permutation, Pipeline, Range, collate
+from tensorcom.pipeline.builder import BuiltPipeline, PipelineBuilder
 
 
 def _loop_threads() -> list[threading.Thread]:
@@ -81,19 +83,6 @@ def test_sync_and_async_ops_in_input_order(concurrency: int, no_loop_threads: No
     assert list(p) == [x * x + 1 for x in range(25)]
 
 
-def test_completion_order_delivers_everything(no_loop_threads: None) -> None:
-    """output_order='completion' delivers every item once (in any order) and refuses state()."""
-    p = (
-        PipelineBuilder()
-        .add_source(range(30))
-        .pipe(slow_square, concurrency=4, output_order="completion")
-        .build()
-    )
-    assert sorted(p) == [x * x for x in range(30)]
-    with pytest.raises(StateError, match="completion"):
-        p.state()
-
-
 def test_aggregate_and_collate(no_loop_threads: None) -> None:
     """aggregate(n) groups items (last group shorter unless drop_last) and collate stacks them."""
     p = PipelineBuilder().add_source(range(10)).aggregate(4).pipe(collate).build()
@@ -116,13 +105,12 @@ def test_async_source(no_loop_threads: None) -> None:
 
 
 def test_one_shot_async_source_cannot_replay(no_loop_threads: None) -> None:
-    """Restarting an async generator source after it ran raises a clear StateError."""
+    """Reading an async generator source after close() closed it raises a StateError saying why."""
     p = PipelineBuilder().add_source(numbers(5)).build()
     next(p)
     p.close()
-    with pytest.raises(PipelineError) as info:
+    with pytest.raises(StateError, match="one-shot async iterator, closed when the pipeline stopped"):
         next(p)
-    assert isinstance(info.value.__cause__, StateError)
 
 
 def test_op_exception_reaches_consumer_with_stage_name(no_loop_threads: None) -> None:
@@ -372,6 +360,7 @@ def test_max_failures_drops_and_logs_then_raises(
         for item in pipeline:
             got.append(item)
     assert got == [1, 3] and "max_failures=2 was exceeded" in "".join(info.value.__notes__)
+    pipeline.close()  # an exception out of a for loop leaves the pipeline running, for the next loop
     assert list(PipelineBuilder().add_source(range(8)).pipe(raise_on_even).build(max_failures=-1)) == [
         1,
         3,
@@ -494,3 +483,577 @@ def test_spdl_arguments_that_change_nothing_are_accepted(no_loop_threads: None) 
     )
     with pipeline.auto_stop(timeout=30):
         assert list(pipeline) == [[0, 1], [4, 9]]
+
+
+# -- sources that cannot rewind: generators and async generators (issue 22, item 1) -------------------------------
+
+
+class Reiterable:
+    """A re-iterable that is not a sequence: every __iter__ starts over."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.n))
+
+
+def generator(n: int, closed: threading.Event | None = None) -> Iterator[int]:
+    try:
+        yield from range(n)
+    finally:
+        if closed is not None:
+            closed.set()
+
+
+async def async_generator(n: int, closed: threading.Event | None = None) -> AsyncIterator[int]:
+    try:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+    finally:
+        if closed is not None:
+            closed.set()
+
+
+SOURCES: dict[str, Callable[[int], Any]] = {
+    "list": lambda n: list(range(n)),
+    "generator": generator,
+    "async-generator": async_generator,
+    "re-iterable": Reiterable,
+    "async-re-iterable": AsyncNumbers,
+}
+ONE_SHOT = {"generator": generator, "async-generator": async_generator}
+
+
+def every_outcome(pipeline: Pipeline) -> list[Any]:
+    """Drive a pipeline with next() to its end: items as they are, failures as ('failed', input number, cause)."""
+    out: list[Any] = []
+    while True:
+        try:
+            out.append(next(pipeline))
+        except StopIteration:
+            return out
+        except PipelineError as exc:
+            out.append(("failed", str(exc).split("input ")[1].split(":")[0], type(exc.__cause__).__name__))
+
+
+@pytest.mark.parametrize("concurrency", [1, 3], ids=["serial", "concurrent"])
+@pytest.mark.parametrize("kind", list(SOURCES), ids=list(SOURCES))
+def test_op_error_goes_on_with_the_next_items_from_any_source(
+    kind: str, concurrency: int, no_loop_threads: None
+) -> None:
+    """A failed op reaches the consumer with the op's exception as __cause__, in its item's place, and the items
+    after it follow, from a generator or async generator exactly as from a list, by next() or by for loops."""
+    p = PipelineBuilder().add_source(SOURCES[kind](12)).pipe(explode_on_four, concurrency=concurrency).build()
+    assert every_outcome(p) == [0, 1, 2, 3, ("failed", "4", "ValueError"), *range(5, 12)]
+    q = PipelineBuilder().add_source(SOURCES[kind](12)).pipe(explode_on_four, concurrency=concurrency).build()
+    got = []
+    with pytest.raises(PipelineError, match="failed on input 4: ValueError: bad sample") as info:
+        for x in q:
+            got.append(x)
+    assert got == [0, 1, 2, 3] and isinstance(info.value.__cause__, ValueError)
+    assert q.state()["stream"]["position"] == 5
+    assert list(q) == list(range(5, 12))
+
+
+@pytest.mark.parametrize("kind", list(SOURCES), ids=list(SOURCES))
+def test_a_failure_under_aggregate_skips_its_group_from_any_source(kind: str, no_loop_threads: None) -> None:
+    """Under aggregate, a failed item fails its whole group and the later groups are those of a run without it,
+    for every kind of source; a failure after the aggregate does the same."""
+
+    def explode_on_group_two(batch: list[int]) -> list[int]:
+        if batch[0] == 6:
+            raise KeyError("group two")
+        return batch
+
+    p = (
+        PipelineBuilder()
+        .add_source(SOURCES[kind](14))
+        .pipe(explode_on_four, concurrency=2)
+        .aggregate(3)
+        .build()
+    )
+    assert every_outcome(p) == [[0, 1, 2], ("failed", "4", "ValueError"), [6, 7, 8], [9, 10, 11], [12, 13]]
+    q = PipelineBuilder().add_source(SOURCES[kind](14)).aggregate(3).pipe(explode_on_group_two).build()
+    assert every_outcome(q) == [
+        [0, 1, 2],
+        [3, 4, 5],
+        ("failed", "[6, 7, 8]", "KeyError"),
+        [9, 10, 11],
+        [12, 13],
+    ]
+
+
+def test_a_source_that_raises_fails_one_item_and_ends_a_generator(no_loop_threads: None) -> None:
+    """A generator that raises gives one failure naming the source (its exception the cause), then the end, since
+    a generator that raised is finished; the state counts the failed read as an item."""
+
+    def breaks_at_three() -> Iterator[int]:
+        yield from range(3)
+        raise OSError("disk gone")
+
+    p = PipelineBuilder().add_source(breaks_at_three()).pipe(square).build()
+    assert [next(p) for _ in range(3)] == [0, 1, 4]
+    with pytest.raises(PipelineError, match="stage 'source' failed: OSError: disk gone") as info:
+        next(p)
+    assert isinstance(info.value.__cause__, OSError)
+    assert p.state()["stream"] == {"position": 4}
+    assert list(p) == []
+
+
+STOPS: dict[str, Callable[[BuiltPipeline], None]] = {}
+
+
+def _stop_by(name: str) -> Callable[[Callable[[BuiltPipeline], None]], Callable[[BuiltPipeline], None]]:
+    def register(how: Callable[[BuiltPipeline], None]) -> Callable[[BuiltPipeline], None]:
+        STOPS[name] = how
+        return how
+
+    return register
+
+
+@_stop_by("break")
+def _break(p: BuiltPipeline) -> None:
+    for x in p:
+        if x == 81:
+            break
+
+
+@_stop_by("close")
+def _close(p: BuiltPipeline) -> None:
+    assert [next(p) for _ in range(10)] == [x * x for x in range(10)]
+    p.close()
+
+
+@_stop_by("with")
+def _with(p: BuiltPipeline) -> None:
+    with p:
+        assert [next(p) for _ in range(10)] == [x * x for x in range(10)]
+
+
+@_stop_by("stop")
+def _stop(p: BuiltPipeline) -> None:
+    p.start()
+    assert [p.get_item(timeout=30) for _ in range(10)] == [x * x for x in range(10)]
+    p.stop()
+
+
+@_stop_by("auto-stop-break")
+def _auto_stop(p: BuiltPipeline) -> None:
+    with p.auto_stop():
+        for x in p.get_iterator(timeout=30):
+            if x == 81:
+                break
+
+
+@pytest.mark.parametrize("how", list(STOPS), ids=list(STOPS))
+@pytest.mark.parametrize("kind", list(ONE_SHOT), ids=list(ONE_SHOT))
+def test_early_stop_is_silent_stops_every_thread_and_closes_the_generator(
+    kind: str,
+    how: str,
+    no_loop_threads: None,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """break, close(), leaving a with block, stop() and auto_stop() raise and print nothing, stop every builder
+    thread (the fixture) and close the source: the generator's finally runs. The state still says where the
+    consumer stopped; reading on raises StateError saying why, or (after stop) nothing comes out."""
+    closed = threading.Event()
+    p = PipelineBuilder().add_source(ONE_SHOT[kind](10**6, closed)).pipe(square, concurrency=2).build()
+    with caplog.at_level(logging.DEBUG, logger="tensorcom"):
+        STOPS[how](p)
+        assert wait_until(closed.is_set, 30), "the generator's finally did not run"
+    assert p.state()["stream"] == {"position": 10}
+    if how in ("stop", "auto-stop-break"):  # stop() is final
+        assert list(p) == []
+    else:
+        with pytest.raises(StateError, match="cannot"):
+            next(p)
+    assert capsys.readouterr().err == ""
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    fresh = PipelineBuilder().add_source(ONE_SHOT[kind](13)).pipe(square, concurrency=2).build()
+    fresh.load_state(p.state())
+    assert list(fresh) == [100, 121, 144]
+
+
+@pytest.mark.parametrize("kind", list(ONE_SHOT), ids=list(ONE_SHOT))
+def test_one_shot_source_refuses_going_back_and_reads_forward(kind: str, no_loop_threads: None) -> None:
+    """A one-shot source cannot go back once read (StateError saying so), while a state ahead of what was read
+    loads: the items in between are read and dropped."""
+    p = PipelineBuilder().add_source(ONE_SHOT[kind](100)).pipe(square).build()
+    early = [next(p) for _ in range(3)]
+    state = p.state()
+    assert early == [0, 1, 4] and next(p) == 9
+    with pytest.raises(StateError, match="one-shot"):
+        p.load_state(state)
+    p.close()
+    if kind == "generator":
+        q = PipelineBuilder().add_source(generator(100)).pipe(square).build()
+        assert next(q) == 0
+        ahead = q.state()
+        ahead["stream"]["position"] = 50
+        q.load_state(ahead)
+        assert next(q) == 2500
+        q.close()
+
+
+def check_resume_into_fresh_sources(
+    make: Callable[[], Pipeline], n_items: int
+) -> list[tuple[Any, dict[str, Any]]]:
+    """The checkpoint-at-every-step check for one-shot sources: save the state before every item, load each into a
+    pipeline over a *fresh* source and compare the rest of the stream (items, metadata, final state); skip(k) on
+    a fresh pipeline lands on item k. (A one-shot source cannot go back, so nothing loads into a pipeline that read
+    past the state.)"""
+    reference = make()
+    try:
+        states = [round_trip(reference.state())]
+        items: list[tuple[Any, dict[str, Any]]] = []
+        for _ in range(n_items):
+            try:
+                items.append(reference.next_with_meta())
+            except StopIteration:
+                break
+            states.append(round_trip(reference.state()))
+    finally:
+        reference.close()
+    for k, state in enumerate(states):
+        with make() as target:
+            target.load_state(state)
+            assert target.state() == state, f"state changed by loading it at step {k}"
+            rest = collect(target, len(items) - k + 1)
+            assert len(rest) == len(items) - k, (
+                f"restored at step {k}: {len(rest)} items, not {len(items) - k}"
+            )
+            for j, ((a, meta_a), (b, meta_b)) in enumerate(zip(items[k:], rest, strict=True)):
+                assert meta_a == meta_b, f"restored at step {k}, item {k + j}: meta {meta_a} != {meta_b}"
+                assert_same_batch(a, b, f"restored at step {k}, item {k + j}")
+            assert target.state() == states[-1], f"restored at step {k}: final state differs"
+    for k in range(len(items)):
+        with make() as target:
+            target.skip(k)
+            assert target.state() == states[k], f"skip({k}) state {target.state()} != {states[k]}"
+            item, meta = target.next_with_meta()
+            assert meta == items[k][1]
+            assert_same_batch(item, items[k][0], f"skip({k})")
+    return items
+
+
+def augment(x: int, rng: np.random.Generator) -> np.ndarray:
+    """An augmenting op: the sample plus noise from its per-sample generator."""
+    return np.float64(x) + rng.normal(size=3)
+
+
+async def augment_async(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    await asyncio.sleep(0.0005 * (int(x[0]) % 3))
+    return x * rng.uniform(0.5, 1.5, size=x.shape)
+
+
+def builder_over(source: Any, concurrency: int = 3) -> BuiltPipeline:
+    return (
+        PipelineBuilder()
+        .add_source(source)
+        .pipe(slow_square, concurrency=concurrency)
+        .pipe(augment, concurrency=concurrency)
+        .pipe(augment_async, concurrency=concurrency)
+        .aggregate(4)
+        .pipe(collate)
+        .add_sink(2)
+        .build()
+    )
+
+
+@pytest.mark.parametrize("kind", list(SOURCES), ids=list(SOURCES))
+def test_resume_at_every_step_from_any_source(kind: str, no_loop_threads: None) -> None:
+    """Checkpoint before every batch, restore, and get the same rest of the stream bit for bit, from lists,
+    re-iterables, generators and async generators alike (one-shot ones restored over a fresh source); every kind
+    of source gives the same batches."""
+    if kind in ONE_SHOT:
+        items = check_resume_into_fresh_sources(lambda: builder_over(SOURCES[kind](22)), n_items=8)
+    else:
+        items = check_resume_everywhere(lambda: builder_over(SOURCES[kind](22)), n_items=8, skip_checks=3)
+    reference = list(builder_over(list(range(22))))
+    assert len(items) == len(reference) == 6
+    for (batch, _), expected in zip(items, reference, strict=True):
+        assert_same_batch(batch, expected)
+
+
+# -- concurrency=N is a hard bound (issue 22, item 2) -------------------------------------------------------------
+
+
+class InFlight:
+    """Counts the calls of an op running at once, and the most seen."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+HOLD_S = 0.02  # how long a call stays in flight once the limit was reached, for excess calls to show
+
+
+def counted_op(meter: InFlight, limit: int, is_async: bool) -> Callable[[int], Any]:
+    """An op whose calls wait until ``limit`` of them ran at once (so the limit is reached, not just respected),
+    then stay a moment so that any call beyond the limit would overlap them."""
+
+    def sync_op(x: int) -> int:
+        meter.enter()
+        try:
+            wait_until(lambda: meter.most >= limit, 30, interval=0.001)
+            time.sleep(HOLD_S)
+            return x
+        finally:
+            meter.leave()
+
+    async def async_op(x: int) -> int:
+        meter.enter()
+        try:
+            deadline = time.monotonic() + 30
+            while meter.most < limit and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(HOLD_S)
+            return x
+        finally:
+            meter.leave()
+
+    return async_op if is_async else sync_op
+
+
+@pytest.mark.parametrize("order", ["input", "completion"])
+@pytest.mark.parametrize("before", [0, 4], ids=["alone", "after-concurrency-4"])
+@pytest.mark.parametrize("limit", [1, 3], ids=["limit-1", "limit-3"])
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_concurrency_is_a_hard_bound(
+    is_async: bool, limit: int, before: int, order: str, no_loop_threads: None
+) -> None:
+    """An op never runs more than concurrency=N calls at once, sync or async, in either order, whatever stage
+    stands before it; and it does reach N."""
+    meter = InFlight()
+    builder = PipelineBuilder().add_source(range(16))
+    if before:
+        builder.pipe(async_increment if is_async else slow_square, concurrency=before)
+    builder.pipe(counted_op(meter, limit, is_async), concurrency=limit, output_order=order)  # type: ignore[arg-type]
+    assert len(list(builder.build())) == 16
+    assert meter.most == limit
+
+
+def test_concurrency_bound_holds_with_a_user_executor(no_loop_threads: None) -> None:
+    """A sync op on the user's executor (with more threads than its concurrency) runs concurrency calls at most."""
+    meter = InFlight()
+    with concurrent.futures.ThreadPoolExecutor(6) as executor:
+        p = (
+            PipelineBuilder()
+            .add_source(range(16))
+            .pipe(counted_op(meter, 2, False), concurrency=2, executor=executor)
+            .build()
+        )
+        assert list(p) == list(range(16))
+    assert meter.most == 2
+
+
+# -- per-sample generators for ops that ask for one (issue 22, item 4) ---------------------------------------------
+
+
+async def noisy_async(x: int, rng: np.random.Generator) -> tuple[int, float]:
+    await asyncio.sleep(0)
+    return x, float(rng.random())
+
+
+def noisy_pipeline(
+    source: Any, op: Callable[..., Any], concurrency: int, num_threads: int | None
+) -> list[Any]:
+    built = (
+        PipelineBuilder().add_source(source).pipe(op, concurrency=concurrency).build(num_threads=num_threads)
+    )
+    return list(built)
+
+
+@pytest.mark.parametrize("op", [noisy, noisy_async], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    "make_source",
+    [
+        lambda: Permutation(40, seed=3),
+        lambda: list(range(40)),
+        lambda: generator(40),
+        lambda: async_generator(40),
+    ],
+    ids=["permutation", "list", "generator", "async-generator"],
+)
+def test_rng_ops_are_bit_identical_across_threads_and_concurrency(
+    make_source: Callable[[], Any], op: Callable[..., Any], no_loop_threads: None
+) -> None:
+    """An op with an rng parameter gets a generator keyed by (seed, epoch, index): the same numbers with 1 or 4
+    threads and concurrency 1 or 8, and the same as Map gives (the source's seed; 0 for other sources)."""
+    runs = [noisy_pipeline(make_source(), op, c, t) for c, t in [(1, 1), (8, 4), (8, 1), (1, 4)]]
+    assert all(run == runs[0] for run in runs[1:])
+    assert len({value for _, value in runs[0]}) == 40
+    source = make_source()
+    if not isinstance(source, AsyncIterator):
+        assert runs[0] == list(Conveyer([source, Map(noisy)]))
+
+
+def test_rng_seed_of_a_pipe_and_its_checks(no_loop_threads: None) -> None:
+    """pipe(seed=) keys the generator as Map(seed=) does, changes the numbers and the fingerprint; seed= for an
+    op without an rng parameter is a one-line ConfigError."""
+    seeded = noisy_pipeline_seeded(7)
+    assert seeded == list(Conveyer([Range(10), Map(noisy, seed=7)]))
+    assert seeded != noisy_pipeline_seeded(None) and seeded == noisy_pipeline_seeded(7)
+    fingerprints = {
+        PipelineBuilder().add_source(range(10)).pipe(noisy, seed=seed).build().fingerprint
+        for seed in (None, 7, 8)
+    }
+    assert len(fingerprints) == 3
+    with pytest.raises(ConfigError, match="seed= is for ops that take a per-sample generator"):
+        PipelineBuilder().add_source(range(10)).pipe(square, seed=7)
+    with pytest.raises(ConfigError, match="seed must be an int"):
+        PipelineBuilder().add_source(range(10)).pipe(noisy, seed=-1)
+
+
+def noisy_pipeline_seeded(seed: int | None) -> list[Any]:
+    return list(PipelineBuilder().add_source(range(10)).pipe(noisy, seed=seed, concurrency=3).build())
+
+
+def test_rng_ops_resume_at_every_step_with_a_permutation_source(no_loop_threads: None) -> None:
+    """An augmenting builder pipeline over a repeating Permutation resumes bit for bit from every step, into
+    pipelines with other thread counts and concurrency."""
+
+    def make(concurrency: int, threads: int) -> BuiltPipeline:
+        return (
+            PipelineBuilder()
+            .add_source(Permutation(9, seed=11, repeating=True))
+            .pipe(augment, concurrency=concurrency)
+            .pipe(noisy_async, concurrency=concurrency)
+            .aggregate(2)
+            .pipe(collate)
+            .build(num_threads=threads)
+        )
+
+    check_resume_everywhere(lambda: make(1, 1), n_items=12, make_restored=lambda: make(8, 4), skip_checks=3)
+
+
+# -- output_order="completion" resumes exactly (issue 22, item 4) ------------------------------------------------
+
+
+def shuffled_delay(x: int) -> int:
+    """Items finish out of order: the delay depends on the item, not on timing."""
+    time.sleep(0.001 * ((x * 7) % 5))
+    return x
+
+
+def completion_pipeline(source: Any, concurrency: int = 4) -> BuiltPipeline:
+    return (
+        PipelineBuilder()
+        .add_source(source)
+        .pipe(shuffled_delay, concurrency=concurrency, output_order="completion")
+        .pipe(noisy, concurrency=2)
+        .build()
+    )
+
+
+@pytest.mark.parametrize("kind", ["list", "generator"])
+def test_completion_order_resumes_at_every_step_with_nothing_repeated_or_lost(
+    kind: str, no_loop_threads: None
+) -> None:
+    """Stop after any number of items in completion order, save the state, load it into a fresh pipeline: the
+    items delivered before and after are every item exactly once, each bit-identical to an uninterrupted run."""
+    n = 20
+    expected = dict(noisy_pipeline(list(range(n)), noisy, 1, 1))
+    for k in range(n + 1):
+        with completion_pipeline(SOURCES[kind](n)) as first:
+            before = [next(first) for _ in range(k)]
+            state = round_trip(first.state())
+        assert sum(count for _, count in state["stream"]["delivered"]) <= 4 * 4
+        with completion_pipeline(SOURCES[kind](n)) as second:
+            second.load_state(state)
+            assert second.state() == state
+            after = list(second)
+        together = before + after
+        assert sorted(x for x, _ in together) == list(range(n)), f"stopped after {k}: {together}"
+        assert all(expected[x] == value for x, value in together), f"stopped after {k}: values differ"
+
+
+def test_completion_order_records_items_delivered_past_a_slow_one(no_loop_threads: None) -> None:
+    """Items that overtake a slow one are recorded beyond the low-water mark (which stays at the slow item); at
+    most a bounded window of items overtakes it; a resumed run computes the slow item and none of the others."""
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow_zero(x: int) -> int:
+        calls.append(x)
+        if x == 0:
+            release.wait(60)
+        return x
+
+    p = (
+        PipelineBuilder()
+        .add_source(range(30))
+        .pipe(slow_zero, concurrency=2, output_order="completion")
+        .build()
+    )
+    try:
+        ahead = [p.get_item(timeout=30) for _ in range(7)]
+        with pytest.raises(TimeoutError):  # a window of 4 x concurrency inputs: item 8 waits for item 0
+            p.get_item(timeout=1)
+        state = round_trip(p.state())
+    finally:
+        release.set()
+        p.close()
+    assert sorted(ahead) == list(range(1, 8))
+    assert state["stream"] == {"source": {"epoch": 0, "position": 0}, "delivered": [[1, 7]]}
+    calls.clear()
+    q = (
+        PipelineBuilder()
+        .add_source(range(30))
+        .pipe(slow_zero, concurrency=2, output_order="completion")
+        .build()
+    )
+    q.load_state(state)
+    assert sorted(q) == [0, *range(8, 30)]
+    assert sorted(calls) == [0, *range(8, 30)]
+    q.load_state(state)
+    q.skip(3)  # in completion order skip takes (and drops) items
+    assert len(list(q)) == 20
+
+
+@pytest.mark.parametrize(
+    ("delivered", "message"),
+    [
+        ({"a": 1}, "delivered must be a list of [first, count] runs"),
+        ([[0, 2]], "each delivered run must be [first >= 1, count >= 1]. Found: [0, 2]"),
+        ([[1, True]], "each delivered run must be"),
+        ([[1, 2**40]], "more than a run can hold"),
+    ],
+    ids=["not-a-list", "offset-zero", "bool", "huge"],
+)
+def test_completion_order_refuses_a_bad_delivered_record(delivered: Any, message: str) -> None:
+    """A delivered record that is not runs of offsets >= 1 is a StateError saying what is wrong."""
+    p = completion_pipeline(range(5))
+    state = p.state()
+    state["stream"]["delivered"] = delivered
+    with pytest.raises(StateError) as info:
+        p.load_state(state)
+    assert message in str(info.value)
+
+
+def test_dropped_and_left_over_items_count_as_delivered(no_loop_threads: None) -> None:
+    """Items dropped within max_failures and the group drop_last leaves out move the state on, in either order."""
+    for order in ("input", "completion"):
+        p = (
+            PipelineBuilder()
+            .add_source(generator(11))
+            .pipe(explode_on_four, max_failures=1, output_order=order)  # type: ignore[arg-type]
+            .aggregate(3, drop_last=True)
+            .build()
+        )
+        assert sorted(x for group in p for x in group) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+        stream = p.state()["stream"]
+        assert (stream if order == "input" else stream["source"]) == {"position": 11}

@@ -19,10 +19,11 @@ read ahead by a thread of its own, while ranges, lists, tuples, ``Range`` and ``
 The consumer takes finished items from a thread-safe queue, touching the loop only when the loop waits for room.
 
 The loop starts on the first ``next`` and stops on ``close()``, on leaving a ``with`` block, when a ``for`` loop over
-the pipeline ends or breaks, and at garbage collection. An exception in an op stops the pipeline and reaches the
-consumer as :class:`~tensorcom.errors.PipelineError` naming the stage and input (the op's exception is its
-``__cause__``), after the items that came before it; the next ``next`` starts the pipeline again after the
-failed output item (load a saved state to retry it instead).
+the pipeline ends or breaks, and at garbage collection. ``concurrency=N`` bounds the calls of an op running at once,
+whatever stands before it. An exception in an op reaches the consumer as :class:`~tensorcom.errors.PipelineError`
+naming the stage and input (the op's exception is its ``__cause__``), in the failed item's place: the pipeline goes
+on, and the next ``next`` returns the item after it (under ``aggregate``, the failed item's whole group is
+skipped), whatever the source. An exception out of a ``for`` loop leaves the pipeline running for the next loop.
 
 SPDL's face on the same object: ``start()`` / ``stop()``, ``with pipeline.auto_stop():``, ``get_item(timeout=)``
 and ``get_iterator(timeout=)`` (``TimeoutError`` when no item comes in time, ``EOFError`` / the iterator's end at
@@ -32,10 +33,17 @@ the pipeline yields nothing more (``close()``, tensorcom's own, pauses instead: 
 is raised, as described above. An argument of SPDL's that has no meaning here is a :class:`ConfigError` saying
 why, and an unknown one a :class:`ConfigError` naming the known ones.
 
-State and resume: the state is the source's state as of the last item delivered to the consumer. Sequences and
-tensorcom pipelines resume and ``skip`` in O(1) (arithmetic); plain iterables and async iterables resume by replay
-from their start. With ``output_order="completion"`` items leave a stage out of order, so ``state()`` refuses (no
-exact resume point exists); use ``"input"`` (the default) where resume matters.
+An op with a parameter named ``rng`` gets a ``numpy.random.Generator`` keyed by (seed, epoch, sample indices), as
+``Map`` gives it: the same numbers for the same sample whatever the thread count, concurrency or resume.
+
+State and resume: every source item is numbered as it is read and every message carries the numbers (and the
+source state after each) of the items it stands for; the consumer records them, so the state is the source's state
+after the last item before which everything was delivered, plus, with ``output_order="completion"``, the few
+items delivered beyond it (a resumed run passes over those without computing them). Sequences and tensorcom
+pipelines resume and ``skip`` in O(1) (arithmetic); re-iterables and re-iterable async iterables by replay from
+their start. One-shot sources (iterators, generators, async generators) are read once: a state loads into a
+pipeline over a *fresh* one (the items before it are read and dropped); ``close()`` closes them (a generator's
+``finally`` runs) and reading on afterwards, or going back, raises :class:`StateError` saying why.
 """
 
 from __future__ import annotations
@@ -43,7 +51,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import difflib
+import functools
 import inspect
 import logging
 import math
@@ -52,8 +62,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal, Protocol
 
@@ -61,7 +71,8 @@ from tensorcom.errors import ConfigError, PipelineError, StateError, Timeout
 from tensorcom.pipeline._base import Pipeline, Record
 from tensorcom.pipeline.collate import merge_records
 from tensorcom.pipeline.map import _function_name
-from tensorcom.pipeline.sources import Permutation, Range, SequenceSource, as_stage
+from tensorcom.pipeline.rng import sample_key, sample_rng, validate_seed, wants_rng
+from tensorcom.pipeline.sources import IterableSource, Permutation, Range, SequenceSource, as_stage
 from tensorcom.pipeline.state import require_int, require_keys
 
 logger = logging.getLogger(__name__)
@@ -72,6 +83,8 @@ _QUEUE_SIZE = 2
 _RATE_PROBATION = 100  # calls before a max_failures rate is enforced, as in SPDL
 _JOIN_S = 5.0
 _POLL_S = 0.5  # how often a blocked thread looks whether the pipeline stopped
+_WINDOW_PER_CALL = 4  # completion order: how far (in inputs per concurrent call) an item may overtake another
+_MAX_DELIVERED = 1 << 20  # a loaded delivered record larger than this is refused (a real one is far smaller)
 
 
 # SPDL arguments with no meaning here, and why (an argument in neither list is refused as unknown)
@@ -132,10 +145,19 @@ class _PipeConfig:
     name: str
     executor: concurrent.futures.Executor | None = None
     max_failures: int | Fraction | None = None
+    seed: int | None = None
+    wants_rng: bool = field(init=False)
 
     def __post_init__(self) -> None:
         if not callable(self.op):
             raise ConfigError(f"op must be callable (or a container). Found: {self.op!r}")
+        object.__setattr__(self, "wants_rng", wants_rng(self.op))
+        if self.seed is not None:
+            validate_seed(self.seed)
+            if not self.wants_rng:
+                raise ConfigError(
+                    f"seed= is for ops that take a per-sample generator (a parameter named rng); {self.name} has none"
+                )
         if (
             isinstance(self.concurrency, bool)
             or not isinstance(self.concurrency, int)
@@ -219,14 +241,17 @@ class PipelineBuilder:
         *,
         executor: concurrent.futures.Executor | None = None,
         max_failures: int | Fraction | None = None,
+        seed: int | None = None,
         **options: Any,
     ) -> PipelineBuilder:
-        """Apply ``op`` (sync or ``async``; a container means its ``__getitem__``) to every item, ``concurrency``
-        items at a time. ``executor`` runs a synchronous op there instead of on the pipeline's op threads;
-        ``max_failures`` (an int, negative for no limit, or a Fraction of the calls, enforced from the 100th call)
-        lets failed items be logged and dropped instead of raised, up to that many (SPDL's meaning)."""
+        """Apply ``op`` (sync or ``async``; a container means its ``__getitem__``) to every item, at most
+        ``concurrency`` calls at a time. ``executor`` runs a synchronous op there instead of on the pipeline's op
+        threads; ``max_failures`` (an int, negative for no limit, or a Fraction of the calls, enforced from the
+        100th call) lets failed items be logged and dropped instead of raised, up to that many (SPDL's meaning).
+        An op with a parameter named ``rng`` gets a generator keyed by (seed, epoch, sample indices): ``seed`` if
+        given, else the source's (the ``Permutation`` seed; 0 otherwise), as ``Map`` does."""
         _refuse_unknown(
-            "pipe", options, ["op", "concurrency", "output_order", "name", "executor", "max_failures"]
+            "pipe", options, ["op", "concurrency", "output_order", "name", "executor", "max_failures", "seed"]
         )
         self._check_open("pipe")
         op = _as_op(op)
@@ -239,6 +264,7 @@ class PipelineBuilder:
                 f"{len(self._stages) + 1}:{label}",
                 executor,
                 _check_max_failures(max_failures),
+                seed,
             )
         )
         return self
@@ -295,7 +321,17 @@ class PipelineBuilder:
 def _with_failures(stage: _PipeConfig, default: int | Fraction | None) -> _PipeConfig:
     if stage.max_failures is not None or default is None:
         return stage
-    return _PipeConfig(stage.op, stage.concurrency, stage.output_order, stage.name, stage.executor, default)
+    return dataclasses.replace(stage, max_failures=default)
+
+
+# -- messages between the stages ---------------------------------------------------------------------------------
+#
+# Every source item gets a sequence number, counted from where the run started; a message carries the marks
+# ``(number, source state after that item)`` of the source items it stands for. The consumer records the marks of
+# every message it takes, so the state it reports is the source state after the last item before which everything
+# was delivered, plus (for completion order) the items delivered beyond it.
+
+_Mark = tuple[int, dict[str, Any]]
 
 
 class _End:
@@ -305,24 +341,35 @@ class _End:
 _END = _End()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Item:
     record: Record
-    state_after: dict[str, Any]
+    marks: tuple[_Mark, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Failure:
+    """An output item that failed: it takes the item's place, so the items after it keep their places."""
+
     error: BaseException
+    marks: tuple[_Mark, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Skipped:
+    """Source items that make no output (dropped within ``max_failures``, left over by ``drop_last``, or delivered
+    before the state this run resumed from): the consumer records them as done and yields nothing."""
+
+    marks: tuple[_Mark, ...]
 
 
 class _Dropped:
-    """What a pipe stage makes of an input whose op failed within ``max_failures``: nothing goes downstream."""
+    """What a pipe stage makes of an input whose op failed within ``max_failures``."""
 
 
 _DROPPED = _Dropped()
 
-_Message = _Item | _End | _Failure
+_Message = _Item | _End | _Failure | _Skipped
 
 
 class _Outlet(Protocol):
@@ -331,13 +378,101 @@ class _Outlet(Protocol):
     async def put(self, message: _Message, /) -> None: ...
 
 
+def _source_failure(exc: Exception, marks: tuple[_Mark, ...]) -> _Failure:
+    error = PipelineError(f"stage 'source' failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return _Failure(error, marks)
+
+
+def _read(source: Pipeline, seq: int, delivered: bool) -> _Message:
+    """Source item ``seq``: the item with its mark; its failure (the source has moved past it); the end; or, for an
+    item ``delivered`` before the run started, the mark alone (the item is passed over, not computed)."""
+    if delivered:
+        source._skip(1)
+        return _Skipped(((seq, source._get_state()),))
+    try:
+        record = source._pull()
+    except StopIteration:
+        return _END
+    except Exception as exc:
+        return _source_failure(exc, ((seq, source._get_state()),))
+    return _Item(record, ((seq, source._get_state()),))
+
+
+def _last(message: _Message) -> bool:
+    """Whether a source message is its last: the end, or a failure saying the source cannot be read at all."""
+    return isinstance(message, _End) or (
+        isinstance(message, _Failure) and isinstance(message.error.__cause__, StateError)
+    )
+
+
+def _arithmetic(source: Pipeline) -> bool:
+    """Whether pulling ``source`` only computes indices (never blocks), so the event loop may pull it itself."""
+    if isinstance(source, SequenceSource):
+        return type(source._items) in (range, list, tuple)
+    return type(source) in (Range, Permutation)
+
+
+def _call_with_rng(op: Callable[..., Any], key: int, value: Any) -> Any:
+    return op(value, rng=sample_rng(key))
+
+
+def _runs(offsets: Sequence[int]) -> list[list[int]]:
+    """Sorted distinct offsets as ``[first, count]`` runs: the delivered record stays small."""
+    runs: list[list[int]] = []
+    for offset in offsets:
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1][1] += 1
+        else:
+            runs.append([offset, 1])
+    return runs
+
+
+def _offsets(runs: Any, where: str) -> set[int]:
+    if not isinstance(runs, list):
+        raise StateError(f"{where}: delivered must be a list of [first, count] runs. Found: {runs!r}")
+    offsets: set[int] = set()
+    for run in runs:
+        if (
+            not isinstance(run, list | tuple)
+            or len(run) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in run)
+            or run[0] < 1
+            or run[1] < 1
+        ):
+            raise StateError(f"{where}: each delivered run must be [first >= 1, count >= 1]. Found: {run!r}")
+        if run[1] > _MAX_DELIVERED:
+            raise StateError(f"{where}: a delivered run of {run[1]} items is more than a run can hold")
+        offsets.update(range(run[0], run[0] + run[1]))
+    if len(offsets) > _MAX_DELIVERED:
+        raise StateError(f"{where}: {len(offsets)} delivered items is more than a run can hold")
+    return offsets
+
+
 class _AsyncReplaySource:
-    """An async iterable read from its start; ``position`` items are skipped by reading them."""
+    """An async iterable read from its start; ``position`` items are passed over by reading them.
+
+    A one-shot async iterator (an async generator) is read once: it is closed when the run that read it stops, so
+    it can start at any position (passing over the items before it) but not continue after a stop."""
 
     def __init__(self, source: AsyncIterable[Any]) -> None:
         self.source = source
         self.position = 0
+        self.one_shot = isinstance(source, AsyncIterator)
         self.started = False
+
+    def check_readable(self) -> None:
+        if self.one_shot and self.started:
+            raise StateError(
+                f"BuiltPipeline: the async source ({type(self.source).__name__}) is a one-shot async iterator, "
+                "closed when the pipeline stopped (close(), a break, leaving a with block, load_state or skip after "
+                "reading); it cannot be read again. To resume, build the pipeline over a fresh one and load the "
+                "saved state, or pass an object whose __aiter__ starts over"
+            )
+
+    def set_position(self, position: int) -> None:
+        self.check_readable()
+        self.position = position
 
     def config(self) -> dict[str, Any]:
         return {"kind": "AsyncIterable", "type": type(self.source).__qualname__}
@@ -400,8 +535,11 @@ class _FromSource:
     The thread wakes the loop only when the loop waits for an item; a source that blocks (a remote or multi-process
     stage) blocks this thread, not the loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, source: Pipeline, size: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, source: Pipeline, size: int, delivered: frozenset[int]
+    ) -> None:
         self._source = source
+        self._delivered = delivered
         self._queue: queue.Queue[_Message] = queue.Queue(size)
         self._ready = _Doorbell(loop)
         self._stopped = threading.Event()
@@ -409,17 +547,26 @@ class _FromSource:
         self._thread.start()
 
     def _pull_all(self) -> None:
+        seq = 0
         while not self._stopped.is_set():
-            message = _pulled(self._source)
-            while not self._stopped.is_set():
-                try:
-                    self._queue.put(message, timeout=_POLL_S)
-                    break
-                except queue.Full:
-                    continue
-            self._ready.ring()
-            if not isinstance(message, _Item):
+            message = _read(self._source, seq, seq in self._delivered)
+            seq += 1
+            if not self._offer(message) or isinstance(message, _End):
                 return
+            if _last(message):
+                self._offer(_END)
+                return
+
+    def _offer(self, message: _Message) -> bool:
+        """Queue a message for the loop, waiting for room; False if the pipeline stopped first."""
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(message, timeout=_POLL_S)
+            except queue.Full:
+                continue
+            self._ready.ring()
+            return True
+        return False
 
     async def get(self) -> _Message:
         while True:
@@ -431,7 +578,12 @@ class _FromSource:
     def stop(self) -> None:
         """Stop pulling; return once the thread no longer touches the source (after the pull in progress)."""
         self._stopped.set()
-        self._thread.join()
+        self._thread.join(_JOIN_S)
+        if self._thread.is_alive():
+            logger.warning(
+                "the builder's source is still in a read after %.1f s; waiting for it to return", _JOIN_S
+            )
+            self._thread.join()
 
 
 class _OpThreads:
@@ -509,7 +661,10 @@ class _OpThreads:
 
 
 class _Runner:
-    """One run of the pipeline: a thread with an event loop, and the consumer-side handle on its sink."""
+    """One run of the pipeline: a thread with an event loop, and the consumer-side handle on its sink.
+
+    ``delivered`` holds the numbers of source items (counted from the source's position when the run starts) that
+    were delivered before: they are passed over, not computed (completion order resumes this way)."""
 
     def __init__(
         self,
@@ -517,14 +672,16 @@ class _Runner:
         stages: list[_PipeConfig | _AggregateConfig],
         sink: _SinkConfig,
         num_threads: int,
+        delivered: frozenset[int],
     ) -> None:
         self._source = source
         self._stages = stages
+        self._delivered = delivered
         self._loop = asyncio.new_event_loop()
         # a source that may block (I/O, workers, a dataset's __getitem__) is pulled by its own thread; indices are
         # computed on the loop
         self._pulling = (
-            _FromSource(self._loop, source, _QUEUE_SIZE)
+            _FromSource(self._loop, source, _QUEUE_SIZE, delivered)
             if isinstance(source, Pipeline) and not _arithmetic(source)
             else None
         )
@@ -577,49 +734,78 @@ class _Runner:
 
     async def _produce(self, out: _Outlet) -> None:
         source = self._source
-        try:
-            if isinstance(source, _AsyncReplaySource):
-                iterator = source.source.__aiter__()
-                if iterator is source.source and source.started:
-                    raise StateError(
-                        "an async generator (or other one-shot async iterator) cannot be replayed to resume or skip; "
-                        "pass an object whose __aiter__ returns a fresh iterator"
-                    )
-                source.started = True
-                for _ in range(source.position):
-                    await iterator.__anext__()
-                position = source.position
-                async for value in _rest(iterator):
-                    position += 1
-                    await out.put(_Item(Record(value, 0, (position - 1,)), {"position": position}))
-            else:
-                while True:
-                    message = await self._pulling.get() if self._pulling is not None else _pulled(source)
-                    await out.put(message)
-                    if not isinstance(message, _Item):
-                        return  # the source's end, or its failure
-        except StopAsyncIteration:
-            pass
-        except Exception as exc:
-            await out.put(_source_failure(exc))
+        if isinstance(source, _AsyncReplaySource):
+            await self._produce_async(source, out)
             return
+        seq = 0
+        while True:
+            if self._pulling is not None:
+                message = await self._pulling.get()
+            else:
+                message = _read(source, seq, seq in self._delivered)
+                seq += 1
+            await out.put(message)
+            if isinstance(message, _End):
+                return
+            if _last(message) and self._pulling is None:
+                await out.put(_END)
+                return
+
+    async def _produce_async(self, source: _AsyncReplaySource, out: _Outlet) -> None:
+        start = source.position
+        try:
+            iterator = source.source.__aiter__()
+        except Exception as exc:
+            await out.put(_source_failure(exc, ()))
+            await out.put(_END)
+            return
+        source.started = True
+        for read in range(start):  # replay: read from the start up to the position; a failed item counts
+            try:
+                await iterator.__anext__()
+            except StopAsyncIteration:
+                await out.put(_END)
+                return
+            except Exception as exc:
+                logger.debug("async source: item %d failed again while replaying: %r", read, exc)
+        seq = 0
+        while True:
+            mark = (seq, {"position": start + seq + 1})
+            try:
+                value = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # an async generator that raised is finished: the next read ends it
+                message: _Message = _source_failure(exc, (mark,))
+            else:
+                if seq in self._delivered:
+                    message = _Skipped((mark,))
+                else:
+                    message = _Item(Record(value, 0, (start + seq,)), (mark,))
+            seq += 1
+            await out.put(message)
         await out.put(_END)
 
     def _start(self, stage: _PipeConfig, item: _Item) -> asyncio.Future[Any]:
         """Start ``stage.op`` on an item: a task on the loop for async ops, a job for the op threads otherwise."""
+        record = item.record
+        op: Callable[[Any], Any] = stage.op
+        if stage.wants_rng:
+            salt = record.salt if stage.seed is None else stage.seed
+            op = functools.partial(_call_with_rng, stage.op, sample_key(salt, record.epoch, record.indices))
         if stage.is_async:
-            return asyncio.ensure_future(stage.op(item.record.value))
+            return asyncio.ensure_future(op(record.value))
         if stage.executor is not None:
-            return asyncio.wrap_future(stage.executor.submit(stage.op, item.record.value), loop=self._loop)
+            return asyncio.wrap_future(stage.executor.submit(op, record.value), loop=self._loop)
         if self._ops is None:  # _Runner starts them whenever a stage has a synchronous op
             raise RuntimeError("no op threads for a synchronous op")
-        return self._ops.submit(stage.op, item.record.value)
+        return self._ops.submit(op, record.value)
 
     async def _finish(
         self, stage: _PipeConfig, item: _Item, running: asyncio.Future[Any]
-    ) -> _Message | _Dropped:
+    ) -> _Item | _Failure | _Skipped:
         """The output message of a started op: the new item, a failure naming the stage and input, or (within
-        the stage's ``max_failures``) nothing."""
+        the stage's ``max_failures``) the input's marks alone."""
         self._calls[stage.name] = self._calls.get(stage.name, 0) + 1
         try:
             value = await running
@@ -629,13 +815,13 @@ class _Runner:
             message = f"stage {stage.name!r} failed on input {where}: {type(exc).__name__}: {exc}"
             if self._tolerated(stage):
                 logger.warning("%s (dropped; max_failures=%s)", message, stage.max_failures)
-                return _DROPPED
+                return _Skipped(item.marks)
             error = PipelineError(message)
             if stage.max_failures is not None:
                 error.add_note(f"the stage's max_failures={stage.max_failures} was exceeded")
             error.__cause__ = exc
-            return _Failure(error)
-        return _Item(item.record.with_value(value), item.state_after)
+            return _Failure(error, item.marks)
+        return _Item(item.record.with_value(value), item.marks)
 
     def _tolerated(self, stage: _PipeConfig) -> bool:
         """Count a failure of ``stage``; whether it stays within the stage's ``max_failures``."""
@@ -648,34 +834,37 @@ class _Runner:
             return calls < _RATE_PROBATION or Fraction(failures, calls) <= limit
         return limit < 0 or failures <= limit
 
-    async def _apply(self, stage: _PipeConfig, item: _Item) -> _Message | _Dropped:
-        return await self._finish(stage, item, self._start(stage, item))
-
     async def _pipe_ordered(self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
-        # started ops in input order, at most ``concurrency`` waiting here (no task per item: the futures are awaited
-        # in turn)
-        pending: asyncio.Queue[tuple[_Item, asyncio.Future[Any]] | _End | _Failure] = asyncio.Queue(
+        # A call starts only with one of ``concurrency`` slots, given back when it finishes: the bound holds however
+        # many results wait here for the ones before them (at most ``concurrency`` entries, no task per item).
+        slots = asyncio.Semaphore(stage.concurrency)
+        pending: asyncio.Queue[tuple[_Item, asyncio.Future[Any]] | _Message] = asyncio.Queue(
             stage.concurrency
         )
+
+        def give_back(_: asyncio.Future[Any]) -> None:
+            slots.release()
 
         async def feed() -> None:
             while True:
                 message = await inq.get()
                 if isinstance(message, _Item):
-                    await pending.put((message, self._start(stage, message)))
+                    await slots.acquire()
+                    running = self._start(stage, message)
+                    running.add_done_callback(give_back)
+                    await pending.put((message, running))
                 else:
                     await pending.put(message)
-                    return
+                    if isinstance(message, _End):
+                        return
 
         feeder = asyncio.ensure_future(feed())
         try:
             while True:
                 entry = await pending.get()
                 result = await self._finish(stage, *entry) if isinstance(entry, tuple) else entry
-                if isinstance(result, _Dropped):
-                    continue
                 await out.put(result)
-                if not isinstance(result, _Item):
+                if isinstance(result, _End):
                     return
         finally:
             feeder.cancel()
@@ -685,31 +874,47 @@ class _Runner:
                     _discard(entry[1])
 
     async def _pipe_unordered(self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
+        # At most ``concurrency`` calls at once, and no input starts while one ``window`` inputs before it is still
+        # unfinished: an item overtakes a bounded number of others, so the record of what was delivered ahead of
+        # the first undelivered item stays bounded.
         slots = asyncio.Semaphore(stage.concurrency)
+        window = _WINDOW_PER_CALL * stage.concurrency
         running: set[asyncio.Future[None]] = set()
-        failed = asyncio.Event()
+        started: deque[int] = deque()  # numbers of the inputs started and maybe unfinished, in order
+        finished: set[int] = set()
+        progress = asyncio.Event()
+        count = 0
 
-        async def one(item: _Item) -> None:
+        def first_unfinished() -> int:
+            while started and started[0] in finished:
+                finished.discard(started.popleft())
+            return started[0] if started else count
+
+        async def one(number: int, item: _Item) -> None:
             try:
-                result = await self._apply(stage, item)
-                if isinstance(result, _Dropped):
-                    return
-                if isinstance(result, _Failure):
-                    failed.set()
-                await out.put(result)
+                await out.put(await self._finish(stage, item, self._start(stage, item)))
             finally:
                 slots.release()
+                finished.add(number)
+                progress.set()
 
         try:
-            while not failed.is_set():
+            while True:
                 message = await inq.get()
                 if not isinstance(message, _Item):
-                    await asyncio.gather(*running)
-                    if not failed.is_set():
+                    if isinstance(message, _End):
+                        await asyncio.gather(*list(running))
                         await out.put(message)
-                    return
+                        return
+                    await out.put(message)
+                    continue
+                while count >= first_unfinished() + window:
+                    progress.clear()
+                    await progress.wait()
                 await slots.acquire()
-                task = asyncio.ensure_future(one(message))
+                started.append(count)
+                task = asyncio.ensure_future(one(count, message))
+                count += 1
                 running.add(task)
                 task.add_done_callback(running.discard)
         finally:
@@ -717,46 +922,74 @@ class _Runner:
                 leftover.cancel()
 
     async def _aggregate(self, stage: _AggregateConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
-        group: list[_Item] = []
+        # A group holds ``size`` places; a failed input holds its place, and the group it falls in fails as a whole
+        # once its places are filled, so the groups after it are those of a run without the failure.
+        records: list[Record] = []
+        marks: list[_Mark] = []
+        filled = 0
+        error: BaseException | None = None
         while True:
             message = await inq.get()
-            if isinstance(message, _Item):
-                group.append(message)
-                if len(group) == stage.size:
-                    await out.put(_group(group))
-                    group = []
+            if isinstance(message, _Skipped):
+                if filled:
+                    marks.extend(message.marks)  # kept in the group so that marks reach the consumer in order
+                else:
+                    await out.put(message)
                 continue
-            if isinstance(message, _End) and group and not stage.drop_last:
-                await out.put(_group(group))
-            await out.put(message)
-            return
+            if isinstance(message, _Item | _Failure):
+                filled += 1
+                marks.extend(message.marks)
+                if isinstance(message, _Item):
+                    records.append(message.record)
+                elif error is None:
+                    error = message.error
+                if filled < stage.size:
+                    continue
+                await out.put(_group(records, marks, error))
+            else:
+                if filled:
+                    last: _Message = _group(records, marks, error)
+                    await out.put(
+                        _Skipped(last.marks) if stage.drop_last and isinstance(last, _Item) else last
+                    )
+                await out.put(message)
+                return
+            records, marks, filled, error = [], [], 0, None
 
-    def get(self) -> _Message:
-        """Wait for the next message from the sink (the consumer side)."""
-        self.wait(None)
+    def get(self, on_skipped: Callable[[_Skipped], None]) -> _Item | _Failure | _End:
+        """Wait for the next item, failure or end from the sink (the consumer side)."""
+        self.wait(None, on_skipped)
         message, self._peeked = self._peeked, None
-        if message is None:
+        if message is None or isinstance(message, _Skipped):
             raise PipelineError("no message after waiting for one")
         return message
 
-    def wait(self, timeout: float | None) -> None:
-        """Wait until the next message is here (it is kept for :meth:`get`); :class:`Timeout` after ``timeout``
-        seconds without one (the pipeline goes on)."""
+    def wait(self, timeout: float | None, on_skipped: Callable[[_Skipped], None]) -> None:
+        """Wait until the next item, failure or end is here (it is kept for :meth:`get`), handing the passed-over
+        source items to ``on_skipped`` on the way; :class:`Timeout` after ``timeout`` seconds without one (the
+        pipeline goes on)."""
         if self._peeked is not None:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = _POLL_S if deadline is None else min(_POLL_S, max(0.0, deadline - time.monotonic()))
             try:
-                self._peeked = self._sink.get(timeout=left)
-                return
+                message = self._sink.get(timeout=left)
             except queue.Empty:
                 if not self._thread.is_alive():
                     raise PipelineError("the pipeline's event loop stopped unexpectedly") from None
                 if deadline is not None and time.monotonic() >= deadline:
                     raise Timeout(f"the pipeline gave no item within {timeout} s") from None
+                continue
+            if isinstance(message, _Skipped):
+                on_skipped(message)
+                continue
+            self._peeked = message
+            return
 
     def stop(self) -> None:
+        """Stop the event loop (cancelling its tasks and closing async generators), then the source thread (after
+        the read in progress), then the op threads (after the op each runs)."""
         if self._thread.is_alive():
             try:
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -780,42 +1013,11 @@ def _discard(future: asyncio.Future[Any]) -> None:
         future.cancel()
 
 
-async def _rest(iterator: Any) -> Any:
-    while True:
-        try:
-            value = await iterator.__anext__()
-        except StopAsyncIteration:
-            return
-        yield value
-
-
-def _pulled(source: Pipeline) -> _Message:
-    """The source's next item with its state after it; its end; or its failure as a :class:`PipelineError`."""
-    try:
-        record = source._pull()
-    except StopIteration:
-        return _END
-    except Exception as exc:
-        return _source_failure(exc)
-    return _Item(record, source._get_state())
-
-
-def _source_failure(exc: Exception) -> _Failure:
-    error = PipelineError(f"stage 'source' failed: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return _Failure(error)
-
-
-def _arithmetic(source: Pipeline) -> bool:
-    """Whether pulling ``source`` only computes indices (never blocks), so the event loop may pull it itself."""
-    if isinstance(source, SequenceSource):
-        return type(source._items) in (range, list, tuple)
-    return type(source) in (Range, Permutation)
-
-
-def _group(items: list[_Item]) -> _Item:
-    record = merge_records([i.record for i in items], [i.record.value for i in items])
-    return _Item(record, items[-1].state_after)
+def _group(records: list[Record], marks: list[_Mark], error: BaseException | None) -> _Item | _Failure:
+    if error is not None:
+        return _Failure(error, tuple(marks))
+    record = merge_records(records, [r.value for r in records])
+    return _Item(record, tuple(marks))
 
 
 class BuiltPipeline(Pipeline):
@@ -842,11 +1044,18 @@ class BuiltPipeline(Pipeline):
         self._sink_config = sink
         pipes = [s for s in stages if isinstance(s, _PipeConfig)]
         self._num_threads = num_threads or max(1, sum(s.concurrency for s in pipes if s.on_op_threads))
+        self._completion = any(s.output_order == "completion" for s in pipes)
         self._runner: _Runner | None = None
         self._finalizer: weakref.finalize | None = None
         self._ended = False
         self._stopped = False
-        self._delivered = self._source_state()
+        self._spent: str | None = None  # why the source cannot go on, once it cannot
+        # What the consumer took: the source state after the last item before which everything was delivered
+        # (``_low``, the number of the item after it ``_next``), and the items delivered beyond it (number ->
+        # state after it; None until the run that passes over it reports it).
+        self._low = self._source_state()
+        self._next = 0
+        self._ahead: dict[int, dict[str, Any] | None] = {}
         self._items_per_output = math.prod(s.size for s in stages if isinstance(s, _AggregateConfig))
 
     def _source_state(self) -> dict[str, Any]:
@@ -856,27 +1065,48 @@ class BuiltPipeline(Pipeline):
 
     def _running(self) -> _Runner:
         if self._runner is None:
-            self._runner = _Runner(self._source, self._stages, self._sink_config, self._num_threads)
+            if self._spent is not None:
+                raise StateError(self._spent)
+            if isinstance(self._source, _AsyncReplaySource):
+                self._source.check_readable()
+            elif isinstance(self._source, IterableSource):
+                self._source._check_readable()
+            delivered = frozenset(seq - self._next for seq in self._ahead)
+            self._ahead, self._next = dict.fromkeys(delivered), 0
+            self._runner = _Runner(
+                self._source, self._stages, self._sink_config, self._num_threads, delivered
+            )
             self._finalizer = weakref.finalize(self, self._runner.stop)
         return self._runner
+
+    def _record(self, marks: tuple[_Mark, ...]) -> None:
+        """Note source items as delivered, and move the low-water mark over those delivered without a gap."""
+        for seq, state in marks:
+            self._ahead[seq] = state
+        while (after := self._ahead.get(self._next)) is not None:
+            del self._ahead[self._next]
+            self._low, self._next = after, self._next + 1
+
+    def _on_skipped(self, message: _Skipped) -> None:
+        self._record(message.marks)
 
     def _pull(self) -> Record:
         if self._ended or self._stopped:
             raise StopIteration
-        message = self._running().get()
-        if isinstance(message, _Item):
-            self._delivered = message.state_after
-            return message.record
-        self._stop()
+        message = self._running().get(self._on_skipped)
+        if isinstance(message, _End):
+            self._stop()
+            self._ended = True
+            raise StopIteration
+        self._record(message.marks)
         if isinstance(message, _Failure):
-            self._rewind()
-            self._advance_source(1)
             raise message.error
-        self._ended = True
-        raise StopIteration
+        return message.record
 
     def __iter__(self) -> Iterator[Any]:
-        """The rest of the items (SPDL: ``get_iterator()``); leaving the loop pauses the pipeline (``close()``)."""
+        """The rest of the items (SPDL: ``get_iterator()``). Breaking out of the loop (or closing the iterator)
+        pauses the pipeline (``close()``); an exception from it (a failed item, a timeout) leaves the pipeline
+        running, so the next loop goes on with the next item, whatever the source."""
         return self._iterate(None)
 
     def _iterate(self, timeout: float | None) -> Iterator[Any]:
@@ -885,10 +1115,12 @@ class BuiltPipeline(Pipeline):
                 try:
                     value = self.get_item(timeout=timeout)
                 except EOFError:
-                    return
+                    break
                 yield value
-        finally:
+        except GeneratorExit:
             self.close()
+            raise
+        self.close()
 
     # -- SPDL's Pipeline methods ---------------------------------------------------------------------------------
 
@@ -934,13 +1166,14 @@ class BuiltPipeline(Pipeline):
                 call returns that item.
             EOFError: the pipeline reached its end, or was stopped.
             PipelineError: an op or the source failed on this item; the next call continues after it.
+            StateError: the source cannot go on (a one-shot iterator closed by ``close()``).
         """
         _refuse_unknown("get_item", options, ["timeout"])
         limit = _check_timeout(timeout)
         if self._ended or self._stopped:
             raise EOFError("the pipeline reached its end" if self._ended else "the pipeline was stopped")
         if limit is not None:
-            self._running().wait(limit)
+            self._running().wait(limit, self._on_skipped)
         try:
             return next(self)
         except StopIteration:
@@ -951,54 +1184,76 @@ class BuiltPipeline(Pipeline):
         _refuse_unknown("get_iterator", options, ["timeout"])
         return self._iterate(_check_timeout(timeout))
 
+    # -- state ---------------------------------------------------------------------------------------------------
+
     def _stop(self) -> None:
+        """Stop the run, if one runs, and put the source back at the low-water mark; a source that cannot go back
+        (items were read ahead from a one-shot iterator) is marked spent, with the reason."""
+        if self._runner is None:
+            return
         if self._finalizer is not None:
             self._finalizer()
         self._runner, self._finalizer = None, None
-
-    def _rewind(self) -> None:
-        """Put the source back at the last delivered item (the runner must be stopped)."""
-        self._set_source_state(self._delivered)
+        try:
+            self._set_source_state(self._low)
+        except StateError as exc:
+            self._spent = f"BuiltPipeline cannot continue after it stopped: {exc}"
 
     def _set_source_state(self, state: Any) -> None:
         if isinstance(self._source, _AsyncReplaySource):
             state = require_keys(state, ("position",), "BuiltPipeline")
-            self._source.position = require_int(state, "position", "BuiltPipeline")
+            self._source.set_position(require_int(state, "position", "BuiltPipeline"))
         else:
             self._source._set_state(state)
-        self._delivered = self._source_state()
+        self._low = self._source_state()
+        self._spent = None
 
     def _get_state(self) -> dict[str, Any]:
-        unordered = [
-            s.name for s in self._stages if isinstance(s, _PipeConfig) and s.output_order == "completion"
-        ]
-        if unordered:
-            raise StateError(
-                f"BuiltPipeline: no exact resume point with output_order='completion' in {unordered}; use 'input'"
-            )
-        return dict(self._delivered)
+        if not self._completion:
+            return dict(self._low)
+        delivered = sorted(seq - self._next for seq in self._ahead)
+        return {"source": dict(self._low), "delivered": _runs(delivered)}
 
     def _set_state(self, state: Any) -> None:
+        delivered: set[int] = set()
+        if self._completion:
+            state = require_keys(state, ("source", "delivered"), "BuiltPipeline")
+            delivered = _offsets(state["delivered"], "BuiltPipeline")
+            state = state["source"]
         self._stop()
         self._ended = False
         self._set_source_state(state)
+        self._next, self._ahead = 0, dict.fromkeys(delivered)
 
     def _skip(self, n: int) -> None:
         if n <= 0:
             return
+        if self._completion or (self._runner is not None and self._one_shot()):
+            self._drain(n)
+            return
         self._stop()
-        self._rewind()
         self._ended = False
-        self._advance_source(n)
-
-    def _advance_source(self, outputs: int) -> None:
-        """Move the (stopped) source past ``outputs`` output items; each takes the product of the aggregate sizes."""
-        count = outputs * self._items_per_output
+        count = n * self._items_per_output
         if isinstance(self._source, _AsyncReplaySource):
-            self._source.position += count
+            self._source.set_position(self._source.position + count)
         else:
             self._source._skip(count)
-        self._delivered = self._source_state()
+        self._low = self._source_state()
+
+    def _one_shot(self) -> bool:
+        source = self._source
+        return source.one_shot if isinstance(source, _AsyncReplaySource | IterableSource) else False
+
+    def _drain(self, n: int) -> None:
+        """Take ``n`` output items (or failures) and drop them: items already in flight cannot be passed over
+        arithmetically in completion order or from a one-shot source."""
+        for _ in range(n):
+            try:
+                self._pull()
+            except StopIteration:
+                return
+            except PipelineError:
+                continue
 
     def _config(self) -> dict[str, Any]:
         source = (
@@ -1008,13 +1263,16 @@ class BuiltPipeline(Pipeline):
         for stage in self._stages:
             if isinstance(stage, _AggregateConfig):
                 stages.append({"kind": "aggregate", "size": stage.size, "drop_last": stage.drop_last})
-            else:
-                stages.append({"kind": "pipe", "op": _function_name(stage.op)})
+                continue
+            config: dict[str, Any] = {"kind": "pipe", "op": _function_name(stage.op)}
+            if stage.output_order == "completion":
+                config["output_order"] = "completion"
+            if stage.wants_rng:
+                config["rng"], config["seed"] = True, stage.seed
+            stages.append(config)
         return {"kind": "Builder", "source": source, "stages": stages}
 
     def _close(self) -> None:
-        if self._runner is not None:
-            self._stop()
-            self._rewind()
+        self._stop()
         if isinstance(self._source, Pipeline):
             self._source._close()

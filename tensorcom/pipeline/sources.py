@@ -8,6 +8,7 @@ fresh order for every epoch from ``(seed, epoch)``. ``skip(k)`` is arithmetic.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -17,6 +18,8 @@ from tensorcom.pipeline._base import Pipeline, Record, check_count
 from tensorcom.pipeline._feistel import FeistelPermutation
 from tensorcom.pipeline.rng import derive_words, validate_seed
 from tensorcom.pipeline.state import require_int, require_keys
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["IterableSource", "Permutation", "Range", "SequenceSource", "as_stage"]
 
@@ -174,20 +177,79 @@ class SequenceSource(_EpochSource):
 
 
 class IterableSource(Pipeline):
-    """The items of a plain iterable. Skip and resume replay it from the start (O(position))."""
+    """The items of a plain iterable, in order; an item's dataset index is its position in the iterable.
+
+    Resume and skip replay the iterable. A re-iterable (an object whose ``__iter__`` starts over) goes back by
+    starting a new iterator and reading up to the position (O(position)). A one-shot iterator (a generator, a file,
+    ``iter(x)``) only goes forward: loading a state reads and discards the items before it, so a *fresh* iterator
+    over the same items resumes any saved state, while going back on one already read, or reading one after
+    ``close()`` closed it, raises :class:`~tensorcom.errors.StateError` naming the reason. ``close()`` closes the
+    iterator (a generator's ``finally`` runs). An exception from the iterator counts as an item: the position moves
+    past it, as every stage moves past a failed item.
+    """
 
     def __init__(self, items: Iterable[Any]) -> None:
         self._items = items
+        self._one_shot = isinstance(items, Iterator)
         self._iterator: Iterator[Any] | None = None
-        self._position = 0
+        self._read = 0  # items taken from the current iterator (for a one-shot iterator: ever)
+        self._position = 0  # position of the next item; above ``_read`` until the iterator has caught up
+        self._closed = False
+
+    @property
+    def one_shot(self) -> bool:
+        """Whether the iterable is a one-shot iterator (it cannot be read again from its start)."""
+        return self._one_shot
+
+    def _check_readable(self) -> None:
+        """Raise :class:`StateError` if the iterator was closed and cannot be read again."""
+        if self._closed:
+            raise StateError(
+                f"IterableSource: the one-shot iterator ({type(self._items).__name__}) was closed by close() after "
+                f"{self._read} items and cannot be read again; to resume, build the pipeline over a fresh iterator "
+                "and load the saved state, or pass a re-iterable (a list, or an object with __iter__)"
+            )
+
+    def _open(self) -> Iterator[Any]:
+        self._check_readable()
+        if self._iterator is None:
+            self._iterator = self._items if self._one_shot else iter(self._items)  # type: ignore[assignment]
+            if not self._one_shot:
+                self._read = 0
+        return self._iterator  # type: ignore[return-value]
+
+    def _catch_up(self, iterator: Iterator[Any]) -> bool:
+        """Read and discard items up to the position; False when the iterable ended first."""
+        while self._read < self._position:
+            try:
+                next(iterator)
+            except StopIteration:
+                self._position = self._read
+                return False
+            except Exception as exc:  # a failed item counts, as it did when it was first read
+                logger.debug("IterableSource: item %d failed again while replaying: %r", self._read, exc)
+            self._read += 1
+        return True
 
     def _pull(self) -> Record:
-        if self._iterator is None:
-            self._iterator = iter(self._items)
-        value = next(self._iterator)
-        record = Record(value, 0, (self._position,))
-        self._position += 1
-        return record
+        iterator = self._open()
+        if not self._catch_up(iterator):
+            raise StopIteration
+        position = self._position
+        try:
+            value = next(iterator)
+        except StopIteration:
+            raise
+        except Exception:
+            self._read, self._position = self._read + 1, position + 1
+            raise
+        self._read, self._position = self._read + 1, position + 1
+        return Record(value, 0, (position,))
+
+    def _skip(self, n: int) -> None:
+        if n > 0:
+            self._position += n
+            self._catch_up(self._open())
 
     def _get_state(self) -> dict[str, Any]:
         return {"position": self._position}
@@ -195,17 +257,38 @@ class IterableSource(Pipeline):
     def _set_state(self, state: Any) -> None:
         state = require_keys(state, ("position",), "IterableSource")
         target = require_int(state, "position", "IterableSource")
-        if target < self._position or self._iterator is None:
-            if iter(self._items) is self._items and self._position > 0:
+        if target < self._read:
+            if self._one_shot:
                 raise StateError(
-                    f"IterableSource: cannot go back to position {target} from {self._position}: "
-                    "the source is a one-shot iterator; pass a re-iterable (a list, or an object with __iter__)"
+                    f"IterableSource: cannot go back to position {target}: {self._read} items were already read "
+                    f"from the one-shot iterator ({type(self._items).__name__}); to resume, build the pipeline over "
+                    "a fresh iterator and load the state there, or pass a re-iterable (a list, or an object with "
+                    "__iter__)"
                 )
-            self._iterator, self._position = None, 0
-        self._skip(target - self._position)
+            self._drop_iterator()
+        self._position = target  # the items before it are read (replayed) on the next pull
+
+    def _drop_iterator(self) -> None:
+        iterator, self._iterator = self._iterator, None
+        if not self._one_shot:
+            self._read = 0
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                logger.warning("IterableSource: closing the iterator failed", exc_info=True)
 
     def _config(self) -> dict[str, Any]:
         return {"kind": "Iterable", "type": type(self._items).__qualname__}
+
+    def _close(self) -> None:
+        if self._one_shot:
+            if self._closed:
+                return
+            self._iterator = self._items  # type: ignore[assignment]
+            self._closed = True
+        self._drop_iterator()
 
 
 def as_stage(source: Any) -> Pipeline:
