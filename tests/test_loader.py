@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from tensorcom.loader import LOADER_ID_VARIABLE, NearbyPermutation, SwiftLoader
 from tensorcom.loader._pipeline import PipelineSpec, swift_pipeline
 from tensorcom.loader._server import LogSpec
 from tensorcom.loader._tree import unpack_tree
+from tensorcom.loader._warm import WARM_ENDPOINT
+from tensorcom.loader.swift import _Consumer
 from tensorcom.protocol import flatten_batch, rebuild_batch
 
 TESTS = Path(__file__).parent
@@ -342,7 +345,13 @@ def test_batches_are_identical_whatever_worker_per_consumer(workers: int) -> Non
         ),
     ]
     with SwiftLoader(
-        datasets.Noisy, {"n": 26}, batch_size=4, nb_consumer=2, worker_per_consumer=workers, seed_number=21
+        datasets.Noisy,
+        {"n": 26},
+        batch_size=4,
+        nb_consumer=2,
+        worker_per_consumer=workers,
+        seed_number=21,
+        warm_start=False,  # every batch from the workers
     ) as loader:
         loader.start(1)
         received = list(loader) + list(loader)
@@ -407,6 +416,7 @@ def test_logger_benchmark_file_custom_collate_and_device(tmp_path: Path) -> None
         logger={"path": str(tmp_path / "logs" / "run"), "stdout": False, "level": "DEBUG"},
         benchmark=True,
         benchmark_file=str(benchmark_file),
+        warm_start=False,  # the server process logs before the first batch
     ) as loader:
         loader.start(0, device="cpu")
         batches = list(loader)
@@ -478,6 +488,7 @@ def test_worker_errors_reach_the_consumer_and_a_crash_leaves_no_orphans() -> Non
         worker_per_consumer=2,
         shuffle=False,
         validate=False,
+        warm_start=False,  # os._exit must run in a worker, never here
         seed_number=1,
         data_queue_size=1,
     )
@@ -565,3 +576,206 @@ def test_no_process_or_socket_outlives_the_loader_process(tmp_path: Path, ending
         for stream in (process.stdin, process.stdout):
             if stream is not None:
                 stream.close()
+
+
+# -- warm start: batches computed here until the workers are ready ---------------------------------------------
+
+
+@pytest.fixture
+def held_back(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """While the returned event is clear, the workers may not take over from the warm start; once it is set, the
+    next batch is the workers' as soon as the server process is ready."""
+    gate = threading.Event()
+    take_over = _Consumer.take_over
+
+    def gated(consumer: _Consumer) -> None:
+        if gate.is_set():
+            take_over(consumer)
+
+    monkeypatch.setattr(_Consumer, "take_over", gated)
+    return gate
+
+
+def server_ready(loader: SwiftLoader) -> bool:
+    consumer = loader._consumer
+    return consumer is not None and consumer.readiness is not None and consumer.readiness.poll(0)
+
+
+def with_meta(loader: SwiftLoader, count: int | None = None) -> list[tuple[Any, Any, Any, dict[str, Any]]]:
+    """(batch, (step, epoch, indices), endpoint, state after it) for ``count`` batches (default: the epoch)."""
+    out = []
+    batches = iter(loader)
+    for batch in batches if count is None else (next(batches) for _ in range(count)):
+        out.append(
+            (
+                batch,
+                (loader.last.step, loader.last.epoch, loader.last.indices),
+                loader.last.endpoint,
+                json.loads(json.dumps(loader.state())),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("multithread", [False, True], ids=["inline", "receiver-thread"])
+def test_warm_start_hands_over_to_the_workers_exactly(held_back: threading.Event, multithread: bool) -> None:
+    """Batches computed here until the server is ready, then the workers' from exactly the next step: batches,
+    steps, epochs, indices and the state after every batch equal a loader that waits for its workers."""
+    options: dict[str, Any] = {
+        "batch_size": 3,
+        "nb_consumer": 2,
+        "worker_per_consumer": 2,
+        "seed_number": 8,
+        "multithread": multithread,
+    }
+    with SwiftLoader(datasets.Noisy, {"n": 61}, warm_start=False, **options) as cold:
+        cold.start(1)
+        expected = with_meta(cold) + with_meta(cold)
+    with SwiftLoader(datasets.Noisy, {"n": 61}, max_buffer_size=2, **options) as warm:
+        warm.start(1)
+        got = with_meta(warm, 3)
+        assert wait_until(lambda: server_ready(warm)), "the server process never said it was ready"
+        held_back.set()
+        got += with_meta(warm)
+        got += with_meta(warm)
+    assert len(got) == len(expected) == 20
+    assert_same_batches([g[0] for g in got], [e[0] for e in expected])
+    assert [g[1] for g in got] == [e[1] for e in expected]
+    assert [g[3] for g in got] == [e[3] for e in expected]
+    sources = [g[2] == WARM_ENDPOINT for g in got]
+    assert (
+        sources[:3] == [True] * 3 and sources[-12:] == [False] * 12
+    )  # at most the receiver's lead in between
+    assert all(e[2] != WARM_ENDPOINT for e in expected)
+
+
+def test_warm_state_resumes_anywhere_and_a_failed_step_is_reported_the_same(
+    held_back: threading.Event,
+) -> None:
+    """A state saved during the warm start resumes exactly in a loader that waits for its workers (and the other
+    way round, into a warm start); a failing __getitem__ is a RemoteError naming the index in both, the epoch
+    goes on, and the states around it agree."""
+    options: dict[str, Any] = {
+        "batch_size": 4,
+        "worker_per_consumer": 1,
+        "shuffle": False,
+        "seed_number": 2,
+        "multithread": False,
+    }
+    kwargs = {"n": 28, "raise_at": (9,)}
+
+    def run(loader: SwiftLoader) -> list[Any]:
+        outcomes: list[Any] = []
+        while len(outcomes) < 7:
+            try:
+                for batch in loader:
+                    outcomes.append((batch["label"].tolist(), loader.state()))
+                break
+            except RemoteError as error:
+                outcomes.append((f"failed: {'dataset[9]' in str(error)}", loader.state()))
+        return outcomes
+
+    with SwiftLoader(datasets.Faulty, kwargs, warm_start=False, validate=False, **options) as cold:
+        cold.start(0)
+        expected = run(cold)
+    assert [o[0] for o in expected] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        "failed: True",
+        *[[i, i + 1, i + 2, i + 3] for i in range(12, 28, 4)],
+    ]
+    with (
+        SwiftLoader(datasets.Faulty, kwargs, validate=False, **options) as warm,
+        SwiftLoader(datasets.Faulty, kwargs, warm_start=False, validate=False, **options) as cold,
+    ):
+        warm.start(0)
+        assert run(warm) == expected  # all of it here: the workers are held back
+        cold.start(0)
+        for k, (_, state) in enumerate(expected[:-1]):
+            warm.load_state(state)
+            cold.load_state(state)
+            assert run(warm) == run(cold), f"resumed after outcome {k}"
+            if not isinstance(expected[k][0], str):
+                warm.load_state(state)
+                assert [o[0] for o in run(warm)] == [o[0] for o in expected[k + 1 :]]
+        assert cold.last.endpoint != WARM_ENDPOINT and warm.last.endpoint == WARM_ENDPOINT
+
+
+def test_validation_batch_is_consumer_zeros_first_and_not_computed_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With validate and warm_start, the batch validation computed is consumer 0's first batch: __getitem__ runs
+    once per sample of it in this process."""
+    calls: list[int] = []
+    getitem = datasets.Labelled.__getitem__
+
+    def counted(self: datasets.Labelled, index: int) -> dict[str, Any]:
+        calls.append(index)
+        return getitem(self, index)
+
+    monkeypatch.setattr(datasets.Labelled, "__getitem__", counted)
+    with SwiftLoader(
+        datasets.Labelled, {"n": 16}, batch_size=4, shuffle=False, seed=1, multithread=False
+    ) as loader:
+        assert calls == [0, 1, 2, 3]
+        loader.start(0)
+        first = next(iter(loader))
+        assert first["label"].tolist() == [0, 1, 2, 3] and calls == [0, 1, 2, 3]
+
+
+# -- drop_last ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm_start", [False, True], ids=["workers", "warm"])
+def test_drop_last_gives_every_consumer_the_same_full_batches(warm_start: bool) -> None:
+    """drop_last: no short batch, and every consumer gets len(dataset) // nb_consumer // batch_size batches
+    (here shares of 6 and 5 samples would hold 2 and 1 full batches)."""
+    n, consumers, batch_size = 11, 2, 3
+    assert [SwiftLoader.batches_per_epoch(n, i, consumers, batch_size) for i in range(2)] == [2, 2]
+    assert [SwiftLoader.batches_per_epoch(n, i, consumers, batch_size, drop_last=True) for i in range(2)] == [
+        1,
+        1,
+    ]
+    loaders = [
+        SwiftLoader(
+            datasets.Noisy,
+            {"n": n},
+            batch_size=batch_size,
+            nb_consumer=consumers,
+            worker_per_consumer=1,
+            seed=6,
+            drop_last=True,
+            warm_start=warm_start,
+        )
+        for _ in range(consumers)
+    ]
+    with loaders[0], loaders[1]:
+        for index, loader in enumerate(loaders):
+            loader.start(index)
+        epochs = [[list(loader) for loader in loaders] for _ in range(2)]
+        assert [len(loader) for loader in loaders] == [1, 1]
+    for epoch, shares in enumerate(epochs):
+        assert [len(share) for share in shares] == [1, 1]
+        for consumer, share in enumerate(shares):
+            expected = list(
+                reference(
+                    datasets.Noisy,
+                    {"n": n},
+                    n,
+                    seed=6,
+                    consumer=consumer,
+                    nb_consumer=consumers,
+                    batch_size=batch_size,
+                    epoch=epoch,
+                    getitem_wants_rng=True,
+                    drop_last=True,
+                )
+            )
+            assert_same_batches(share, expected)
+            assert all(len(batch[1]) == batch_size for batch in share)
+
+
+def test_drop_last_with_too_few_samples_for_one_batch_is_a_clear_error() -> None:
+    """Validation says so when drop_last leaves consumer 0 no batch at all."""
+    with pytest.raises(PipelineError, match="consumer 0 gets no batch from a dataset of 5 samples"):
+        SwiftLoader(datasets.Labelled, {"n": 5}, batch_size=3, nb_consumer=2, drop_last=True)

@@ -3,9 +3,9 @@
 ::
 
     Range(n) | Permutation(n, seed) | NearbyPermutation(n, window, seed)     the order of one epoch
-      → Partition(consumer, nb_consumer)                                    this consumer's share
+      → Partition(consumer, nb_consumer, drop_last)                         this consumer's share
       → Map(DatasetGetItem(dataset_class, dataset_kwargs), seed=seed)       dataset[index] (+ per-sample rng)
-      → Collate(batch_size)                                                 stacked, or boxed for a collate_fn
+      → Collate(batch_size, return_partial_batch=not drop_last)             stacked, or boxed for a collate_fn
       → Map(BatchPacker(collate_fn, batch_encoder))                         flat arrays for the .ten codec
 
 :func:`swift_pipeline` is the factory a :class:`~tensorcom.server.request.RequestServer` calls in each worker
@@ -55,6 +55,7 @@ class PipelineSpec:
     batch_encoder: Any = None
     benchmark: bool = False
     getitem_wants_rng: bool = False
+    drop_last: bool = False
 
 
 # -- the order of an epoch --------------------------------------------------------------------------------------
@@ -252,9 +253,9 @@ def swift_pipeline(*, seed: int, rank: int, world_size: int, spec: PipelineSpec)
     return Conveyer(
         [
             source,
-            Partition(rank, world_size),
+            Partition(rank, world_size, drop_last=spec.drop_last),
             Map(getitem, seed=seed),
-            Collate(spec.batch_size),
+            Collate(spec.batch_size, return_partial_batch=not spec.drop_last),
             Map(BatchPacker(spec, timings)),
         ]
     )

@@ -34,6 +34,7 @@ from tensorcom.errors import ConfigError, PipelineError, RemoteError, StateError
 from tensorcom.loader._pipeline import PipelineSpec, dataset_of, forget_dataset, swift_pipeline
 from tensorcom.loader._server import LOADER_ID_VARIABLE, LogSpec, make_log_handlers, serve_consumer
 from tensorcom.loader._tree import unpack_tree
+from tensorcom.loader._warm import WarmStart
 from tensorcom.pipeline.rng import wants_rng
 
 __all__ = [
@@ -100,7 +101,14 @@ class SwiftLoaderOptions:
         benchmark: time loading, batching, encoding (in the workers), waiting, decoding and device transfer (in the
             consumer); the figures are logged at the end of every epoch and at ``close()``.
         benchmark_file: also append them to this file, one JSON object per line.
-        validate: construct the dataset and compute one batch in this process before any worker starts.
+        validate: construct the dataset and compute consumer 0's first batch in this process before any worker
+            starts (with ``warm_start``, that batch is the first one consumer 0 gets: it is not computed twice).
+        warm_start: while the consumer's server process and its workers start, compute the batches in this
+            process (the same batches, by the same pipeline), so the first one comes as fast as DataLoader's; the
+            workers take over, exactly where this process stopped, once they are ready. This constructs the dataset
+            in this process (as ``validate`` does); False waits for the workers instead.
+        drop_last: as DataLoader's: no short batch. Every consumer gets the same number of full batches,
+            ``len(dataset) // nb_consumer // batch_size``; the rest of the epoch's order is not read.
         multithread: receive, decode and move batches to the device in a background thread, ahead of the
             consumer (default True, as the original's README says; False does it in the consumer's thread).
         max_nb_batch_on_device: host-to-device copies in flight at most (CUDA).
@@ -120,6 +128,8 @@ class SwiftLoaderOptions:
     benchmark: bool = True
     benchmark_file: str | None = None
     validate: bool = True
+    warm_start: bool = True
+    drop_last: bool = False
     multithread: bool = True
     max_nb_batch_on_device: int = 1
     max_buffer_size: int | None = None
@@ -181,7 +191,11 @@ def _check_seed(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be an int in [0, 2**64) or None. Found: {value!r}")
 
 
-def _batches_per_epoch(n: int, consumer: int, nb_consumer: int, batch_size: int) -> int:
+def _batches_per_epoch(
+    n: int, consumer: int, nb_consumer: int, batch_size: int, drop_last: bool = False
+) -> int:
+    if drop_last:
+        return n // nb_consumer // batch_size
     share = max(0, -(-(n - consumer) // nb_consumer))
     return -(-share // batch_size)
 
@@ -251,6 +265,7 @@ class _Delivered:
     batch: Any = None
     info: BatchInfo | None = None
     error: BaseException | None = None
+    seconds: dict[str, float] | None = None  # for the benchmark, counted when the batch is delivered
 
 
 class _Consumer:
@@ -261,6 +276,7 @@ class _Consumer:
         self.logger = logger
         self.handlers = handlers
         self.folder: str | None = None
+        self.address = ""
         self.process: Any = None
         self.connection: Any = None
         self.transfer: Any = None
@@ -270,23 +286,82 @@ class _Consumer:
         self.queue: queue.Queue[_Delivered] | None = None
         self.stop_receiving = threading.Event()
         self.receiver: threading.Thread | None = None
-        self.last_epoch: int | None = None
+        # warm start (see tensorcom.loader._warm): batches computed here until the server process is ready
+        self.warm: WarmStart | None = None
+        self.readiness: Any = None  # the pipe on which the server process says it is ready
+        self.ready_by: float | None = None  # time.monotonic() deadline for that
+        self.connect: Callable[[dict[str, Any] | None], Any] | None = None  # opens the connection at a state
+        self.forget: Callable[[], None] | None = None  # drops this process's dataset once the warm start ends
+        self.failed: BaseException | None = None
+
+    # warm start
+
+    def end_warm(self) -> None:
+        """Stop computing batches here: close the warm pipeline and the readiness pipe, drop the dataset."""
+        if self.warm is not None:
+            self.warm.close()
+            self.warm = None
+            if self.forget is not None:
+                self.forget()
+        if self.readiness is not None:
+            self.readiness.close()
+            self.readiness = None
+
+    def take_over(self) -> None:
+        """While warm: once the server process is ready, open the connection exactly where the warm start stands.
+        Raises if the server process failed, exited, or is late."""
+        pipe, warm = self.readiness, self.warm
+        if pipe is None or warm is None or self.connect is None:
+            return
+        if pipe.poll(0):
+            message = _readiness_message(pipe, self.index)
+            if "error" in message:
+                raise PipelineError(
+                    f"SwiftLoader consumer {self.index}: the server process failed to start: {message['error']}"
+                )
+            self.connection = self.connect(warm.handover_state())
+            self.connection.count = warm.count
+            self.logger.info(
+                "SwiftLoader consumer %d: the workers take over after %d batches computed in process",
+                self.index,
+                warm.count,
+            )
+            self.end_warm()
+        elif not self.process.is_alive():
+            raise PipelineError(
+                f"SwiftLoader consumer {self.index}: the server process exited "
+                f"(exit code {self.process.exitcode}) before it was ready"
+            )
+        elif self.ready_by is not None and time.monotonic() > self.ready_by:
+            raise Timeout(f"SwiftLoader consumer {self.index}: the server process did not start in time")
 
     # receiving (in the calling thread, or in the receiver thread)
 
+    def state(self) -> dict[str, Any]:
+        return self.warm.state() if self.warm is not None else self.connection.state()
+
     def fetch(self) -> _Delivered:
         """Receive, decode and move the next batch (or learn that the epoch ended, or that the step failed)."""
-        connection = self.connection
-        started = time.perf_counter()
+        if self.failed is not None:
+            return _Delivered("error", None, error=self.failed)
         try:
-            raw = connection.recv()
+            self.take_over()
+        except TensorcomError as exc:
+            self.failed = exc
+            return _Delivered("error", None, error=exc)
+        started = time.perf_counter()
+        warm_info: BatchInfo | None = None
+        try:
+            if self.warm is not None:
+                raw, warm_info = self.warm.next()
+            else:
+                raw = self.connection.recv()
         except StopIteration:
-            if self.benchmark is not None:
-                self.benchmark.report(self.last_epoch, complete=True)
-            return _Delivered("end", connection.state())
+            return _Delivered("end", self.state())
         except RemoteError as exc:
             exc.add_note(f"in SwiftLoader consumer {self.index}")
-            return _Delivered("error", connection.state(), error=exc)
+            return _Delivered("error", self.state(), error=exc)
+        source: Any = self.warm if self.warm is not None else self.connection
         received = time.perf_counter()
         try:
             batch, timing = unpack_tree(raw)
@@ -296,23 +371,24 @@ class _Consumer:
             if self.transfer is not None:
                 batch = self.transfer(batch)
         except Exception as exc:  # like a failed step: reported, and the stream goes on after this batch
-            exc.add_note(f"in SwiftLoader consumer {self.index}, decoding step {connection.last.step}")
-            return _Delivered("error", connection.state(), error=exc)
+            step = warm_info.step if warm_info is not None else self.connection.last.step
+            exc.add_note(f"in SwiftLoader consumer {self.index}, decoding step {step}")
+            return _Delivered("error", source.state(), error=exc)
         moved = time.perf_counter()
-        info = dataclasses.replace(connection.last, indices=list(connection.last.indices))
-        self.last_epoch = info.epoch
+        last = warm_info if warm_info is not None else self.connection.last
+        info = dataclasses.replace(last, indices=list(last.indices))
+        seconds = None
         if self.benchmark is not None:
             server = [float(x) for x in timing] if timing is not None else [0.0, 0.0, 0.0]
-            self.benchmark.add(
-                len(info.indices),
-                waiting=received - started if self.queue is None else 0.0,
-                decoding=decoded - received,
-                transfer=moved - decoded,
-                loading=server[0],
-                batching=server[1],
-                encoding=server[2],
-            )
-        return _Delivered("batch", connection.state(), batch=batch, info=info)
+            seconds = {
+                "waiting": received - started if self.queue is None else 0.0,
+                "decoding": decoded - received,
+                "transfer": moved - decoded,
+                "loading": server[0],
+                "batching": server[1],
+                "encoding": server[2],
+            }
+        return _Delivered("batch", source.state(), batch=batch, info=info, seconds=seconds)
 
     def receive_loop(self) -> None:
         """The receiver thread: fetch items ahead into the bounded queue until told to stop."""
@@ -374,6 +450,7 @@ def _call_to_device(to_device: Callable[[Any, Any], Any], device: Any, batch: An
 def _release(consumer: _Consumer) -> None:
     """Stop a consumer's receiver, connection, server process (and so its workers), files and log handlers."""
     consumer.stop_receiver()
+    consumer.end_warm()
     if consumer.connection is not None:
         consumer.connection.close()
         consumer.connection = None
@@ -398,6 +475,32 @@ def _release(consumer: _Consumer) -> None:
         consumer.logger.removeHandler(handler)
         handler.close()
     consumer.handlers = []
+
+
+def _readiness_message(
+    pipe: Any, index: int, process: Any = None, limit: float | None = None
+) -> dict[str, Any]:
+    """The server process's one JSON message (``ready`` and ``n``, or ``error``); with ``process``, wait for it
+    (at least 30 s, or ``limit``) while that process lives."""
+    if process is not None:
+        deadline = None if limit is None else time.monotonic() + max(limit, 30.0)
+        while not pipe.poll(_POLL_SECONDS):
+            if not process.is_alive():
+                raise PipelineError(
+                    f"SwiftLoader consumer {index}: the server process exited "
+                    f"(exit code {process.exitcode}) before it was ready"
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"SwiftLoader consumer {index}: the server process did not start in time")
+    try:
+        message = json.loads(pipe.recv_bytes().decode("utf-8"))
+    except (EOFError, OSError, ValueError) as exc:
+        raise PipelineError(
+            f"SwiftLoader consumer {index}: no readiness message from the server process: {exc!r}"
+        ) from exc
+    if not isinstance(message, dict):
+        raise PipelineError(f"SwiftLoader consumer {index}: bad readiness message {message!r}")
+    return message
 
 
 class SwiftLoader:
@@ -468,6 +571,7 @@ class SwiftLoader:
             batch_encoder=self.options.batch_encoder,
             benchmark=self.options.benchmark,
             getitem_wants_rng=hasattr(dataset_class, "__getitem__") and wants_rng(dataset_class.__getitem__),
+            drop_last=self.options.drop_last,
         )
         self._consumer: _Consumer | None = None
         self._finalizer: Any = None
@@ -475,24 +579,34 @@ class SwiftLoader:
         self._delivered_state: dict[str, Any] | None = None
         self._closed = False
         self._epoch_batches: Iterator[Any] | None = None
+        self._validated: tuple[Any, tuple[Any, dict[str, Any]]] | None = None
         self.last = BatchInfo()
         if self.options.validate:
             self._spec = dataclasses.replace(self._spec, n=self._validate())
 
     # -- configuration -------------------------------------------------------------------------------------------
 
-    def _validate(self) -> int:
-        """Construct the dataset and compute consumer 0's first batch here; return the dataset's length."""
+    def _dataset_length(self) -> int:
+        """Construct the dataset in this process (kept for later use here) and return its length."""
         spec = self._spec
         name = f"{spec.dataset_class.__module__}.{spec.dataset_class.__qualname__}"
+        dataset = dataset_of(spec.dataset_class, spec.dataset_kwargs)
         try:
-            dataset = dataset_of(spec.dataset_class, spec.dataset_kwargs)
-            try:
-                n = len(dataset)
-            except Exception as exc:
-                raise PipelineError(f"len() of {name} raised {type(exc).__name__}: {exc}") from exc
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise PipelineError(f"the dataset must have a length > 0. Found: len() = {n!r}")
+            n = len(dataset)
+        except Exception as exc:
+            raise PipelineError(f"len() of {name} raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise PipelineError(f"the dataset must have a length > 0. Found: len() = {n!r}")
+        return n
+
+    def _validate(self) -> int:
+        """Construct the dataset and compute consumer 0's first batch here; return the dataset's length. With
+        ``warm_start``, the pipeline and that batch are kept: consumer 0 starts from them."""
+        spec = self._spec
+        name = f"{spec.dataset_class.__module__}.{spec.dataset_class.__qualname__}"
+        kept = False
+        try:
+            n = self._dataset_length()
             pipeline = swift_pipeline(
                 seed=self.seed,
                 rank=0,
@@ -500,21 +614,27 @@ class SwiftLoader:
                 spec=dataclasses.replace(spec, n=n),
             )
             try:
-                packed = next(pipeline)
-            except StopIteration:
-                raise PipelineError(f"consumer 0 gets no batch from a dataset of {n} samples") from None
+                try:
+                    packed, meta = pipeline.next_with_meta()
+                except StopIteration:
+                    raise PipelineError(f"consumer 0 gets no batch from a dataset of {n} samples") from None
+                batch, _ = unpack_tree(packed)
+                if self.options.batch_decoder is not None:
+                    self.options.batch_decoder(batch)
+                if self.options.warm_start:
+                    self._validated = (pipeline, (packed, meta))
+                    kept = True
             finally:
-                pipeline.close()
-            batch, _ = unpack_tree(packed)
-            if self.options.batch_decoder is not None:
-                self.options.batch_decoder(batch)
+                if not kept:
+                    pipeline.close()
         except Exception as exc:
             error = PipelineError(f"SwiftLoader validation failed ({name}): {exc}")
             for note in getattr(exc, "__notes__", []):
                 error.add_note(note)
             raise error from exc
         finally:
-            forget_dataset(spec.dataset_class, spec.dataset_kwargs)
+            if not kept:
+                forget_dataset(spec.dataset_class, spec.dataset_kwargs)
         return n
 
     @property
@@ -538,7 +658,9 @@ class SwiftLoader:
                 "the dataset's length is not known yet: call start() first (or keep validate=True)"
             )
         index = 0 if self._consumer is None else self._consumer.index
-        return _batches_per_epoch(self._spec.n, index, self.nb_consumer, self.batch_size)
+        return _batches_per_epoch(
+            self._spec.n, index, self.nb_consumer, self.batch_size, self.options.drop_last
+        )
 
     def __repr__(self) -> str:
         where = (
@@ -600,19 +722,19 @@ class SwiftLoader:
             raise
 
     def _start(self, consumer: _Consumer, device: Any, to_device: Callable[[Any, Any], Any] | None) -> None:
-        from tensorcom.client import RequestConnection
-
         options = self.options
         name = f"consumer{consumer.index}"
+        if options.warm_start and not self._spec.n:  # before any process starts: a broken dataset fails here
+            self._spec = dataclasses.replace(self._spec, n=self._dataset_length())
         consumer.folder = tempfile.mkdtemp(prefix="tensorcom-loader-")
-        address = f"ipc://{consumer.folder}/{name}"
+        consumer.address = f"ipc://{consumer.folder}/{name}"
         context = multiprocessing.get_context("spawn")
         receiving, sending = context.Pipe(duplex=False)
         consumer.process = context.Process(
             target=serve_consumer,
             args=(
                 self._spec,
-                f"zrep+{address}",
+                f"zrep+{consumer.address}",
                 self.worker_per_consumer,
                 options.data_queue_size + options.message_queue_size,
                 os.getpid(),
@@ -625,19 +747,45 @@ class SwiftLoader:
         )
         consumer.process.start()
         sending.close()
-        try:
-            reply = self._await_server(consumer, receiving)
-        finally:
-            receiving.close()
-        if "error" in reply:
-            raise PipelineError(
-                f"SwiftLoader consumer {consumer.index}: the server process failed to start: {reply['error']}"
+        consumer.timeout = options.timeout
+        consumer.connect = functools.partial(self._connect, consumer)
+        if options.warm_start:
+            consumer.readiness = receiving
+            limit = options.timeout
+            consumer.ready_by = None if limit is None else time.monotonic() + max(limit, 30.0)
+            validated, self._validated = self._validated, None
+            pipeline, first = None, None
+            if validated is not None and consumer.index == 0 and self._pending_state is None:
+                pipeline, first = validated
+            elif validated is not None:
+                validated[0].close()
+            spec = self._spec
+            consumer.forget = functools.partial(forget_dataset, spec.dataset_class, spec.dataset_kwargs)
+            consumer.warm = WarmStart(
+                spec,
+                seed=self.seed,
+                rank=consumer.index,
+                world_size=self.nb_consumer,
+                state=self._pending_state,
+                pipeline=pipeline,
+                first=first,
             )
-        if not self._spec.n:
-            self._spec = dataclasses.replace(self._spec, n=int(reply["n"]))
+        else:
+            try:
+                reply = _readiness_message(receiving, consumer.index, consumer.process, options.timeout)
+            finally:
+                receiving.close()
+            if "error" in reply:
+                raise PipelineError(
+                    f"SwiftLoader consumer {consumer.index}: the server process failed to start: {reply['error']}"
+                )
+            if not self._spec.n:
+                self._spec = dataclasses.replace(self._spec, n=int(reply["n"]))
+            consumer.connection = self._connect(consumer, self._pending_state)
+        self._pending_state = None
         consumer.logger.info(
             "SwiftLoader %s: consumer %d of %d, seed=%d, %d samples, batch_size=%d, %d batches per epoch, "
-            "%d workers, server pid %d",
+            "%d workers, server pid %d%s",
             self.dataset_class.__qualname__,
             consumer.index,
             self.nb_consumer,
@@ -647,19 +795,8 @@ class SwiftLoader:
             len(self),
             self.worker_per_consumer,
             consumer.process.pid,
+            ", batches computed here until the workers are ready" if consumer.warm is not None else "",
         )
-        consumer.timeout = options.timeout
-        consumer.connection = RequestConnection(
-            f"zreq+{address}",
-            seed=self.seed,
-            rank=consumer.index,
-            world_size=self.nb_consumer,
-            prefetch=options.data_queue_size,
-            timeout=options.timeout,
-            dead_after=30.0,
-            state=self._pending_state,
-        )
-        self._pending_state = None
         consumer.decoder = options.batch_decoder
         if device is not None and to_device is not None:
             consumer.transfer = functools.partial(_call_to_device, to_device, device)
@@ -678,41 +815,40 @@ class SwiftLoader:
         if options.benchmark:
             file = None if options.benchmark_file is None else os.fspath(options.benchmark_file)
             consumer.benchmark = _Benchmark(consumer.index, file, consumer.logger)
-        self._delivered_state = consumer.connection.state()
+        self._delivered_state = consumer.state()
         if options.multithread:
-            consumer.connection.timeout = _POLL_SECONDS
             size = options.max_buffer_size or max(2, options.data_queue_size // self.worker_per_consumer)
             consumer.queue = queue.Queue(maxsize=size)
             consumer.start_receiver()
 
-    def _await_server(self, consumer: _Consumer, pipe: Any) -> dict[str, Any]:
-        limit = self.options.timeout
-        deadline = None if limit is None else time.monotonic() + max(limit, 30.0)
-        while not pipe.poll(_POLL_SECONDS):
-            if not consumer.process.is_alive():
-                raise PipelineError(
-                    f"SwiftLoader consumer {consumer.index}: the server process exited "
-                    f"(exit code {consumer.process.exitcode}) before it was ready"
-                )
-            if deadline is not None and time.monotonic() > deadline:
-                raise Timeout(
-                    f"SwiftLoader consumer {consumer.index}: the server process did not start in time"
-                )
-        try:
-            message = json.loads(pipe.recv_bytes().decode("utf-8"))
-        except (EOFError, ValueError) as exc:
-            raise PipelineError(
-                f"SwiftLoader consumer {consumer.index}: no readiness message from the server process: {exc}"
-            ) from exc
-        if not isinstance(message, dict):
-            raise PipelineError(f"SwiftLoader consumer {consumer.index}: bad readiness message {message!r}")
-        return message
+    def _connect(self, consumer: _Consumer, state: dict[str, Any] | None) -> Any:
+        """The consumer's zreq connection to its server, continuing from ``state`` (a connection state)."""
+        from tensorcom.client import RequestConnection
+
+        options = self.options
+        connection = RequestConnection(
+            f"zreq+{consumer.address}",
+            seed=self.seed,
+            rank=consumer.index,
+            world_size=self.nb_consumer,
+            prefetch=options.data_queue_size,
+            timeout=options.timeout,
+            dead_after=30.0,
+            state=state,
+        )
+        if options.multithread:
+            connection.timeout = _POLL_SECONDS  # the receiver thread polls, and counts the time itself
+        return connection
 
     def close(self) -> None:
         """Stop the receiver, the connection, the server process and its workers; remove the socket folder."""
         if self._consumer is not None and self._consumer.benchmark is not None and not self._closed:
-            self._consumer.benchmark.report(self._consumer.last_epoch, complete=False)
+            self._consumer.benchmark.report(self.last.epoch, complete=False)
         self._closed = True
+        if self._validated is not None:
+            self._validated[0].close()
+            self._validated = None
+            forget_dataset(self.dataset_class, self.dataset_kwargs)
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None
@@ -730,7 +866,7 @@ class SwiftLoader:
     def _started(self) -> _Consumer:
         if self._closed:
             raise ConfigError("this SwiftLoader is closed")
-        if self._consumer is None or self._consumer.connection is None:
+        if self._consumer is None or (self._consumer.connection is None and self._consumer.warm is None):
             raise ConfigError("call loader.start(consumer_index) before reading batches")
         return self._consumer
 
@@ -774,6 +910,8 @@ class SwiftLoader:
             if item.state is not None:
                 self._delivered_state = item.state
             if item.kind == "end":
+                if consumer.benchmark is not None:
+                    consumer.benchmark.report(self.last.epoch, complete=True)
                 return
             if item.kind == "error":
                 if item.error is None:
@@ -781,6 +919,8 @@ class SwiftLoader:
                 raise item.error
             if item.info is not None:
                 self.last = item.info
+            if consumer.benchmark is not None and item.seconds is not None and item.info is not None:
+                consumer.benchmark.add(len(item.info.indices), **item.seconds)
             yield item.batch
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -818,18 +958,21 @@ class SwiftLoader:
         connection_state = state.get("connection")
         if not isinstance(connection_state, dict):
             raise StateError(f"SwiftLoader state lacks its connection state. Found: {connection_state!r}")
-        if self._consumer is None or self._consumer.connection is None:
+        consumer = self._consumer
+        if consumer is None or (consumer.connection is None and consumer.warm is None):
             if self._closed:
                 raise ConfigError("this SwiftLoader is closed")
             self._pending_state = connection_state
             return
-        consumer = self._consumer
         threaded = consumer.receiver is not None
         consumer.stop_receiver()
         try:
-            consumer.connection.load_state(connection_state)
+            if consumer.warm is not None:
+                consumer.warm.load_state(connection_state)
+            else:
+                consumer.connection.load_state(connection_state)
         finally:
-            self._delivered_state = consumer.connection.state()
+            self._delivered_state = consumer.state()
             if threaded:
                 consumer.start_receiver()
 
@@ -844,6 +987,8 @@ class SwiftLoader:
         self.load_state(state)
 
     @staticmethod
-    def batches_per_epoch(n: int, consumer_index: int, nb_consumer: int, batch_size: int) -> int:
+    def batches_per_epoch(
+        n: int, consumer_index: int, nb_consumer: int, batch_size: int, drop_last: bool = False
+    ) -> int:
         """Batches consumer ``consumer_index`` of ``nb_consumer`` gets from ``n`` samples per epoch."""
-        return _batches_per_epoch(n, consumer_index, nb_consumer, batch_size)
+        return _batches_per_epoch(n, consumer_index, nb_consumer, batch_size, drop_last)
