@@ -1,15 +1,19 @@
-"""Range and Permutation: bijection, epochs, random access, skip and state arithmetic, argument checks."""
+"""Range and Permutation: bijection, epochs, random access, skip and state arithmetic, argument checks; IterableSource:
+one-shot iterators and re-iterables, replay, close."""
 
 from __future__ import annotations
 
-from typing import cast
+import threading
+from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pipeline_harness import check_resume_everywhere, square
 
-from tensorcom.errors import ConfigError
-from tensorcom.pipeline import Conveyer, Permutation, Range
+from tensorcom.errors import ConfigError, StateError
+from tensorcom.pipeline import Conveyer, IterableSource, Map, Permutation, Range
 
 
 @settings(max_examples=60, deadline=None)
@@ -124,3 +128,121 @@ def test_bad_arguments_are_refused(call: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         call()  # type: ignore[operator]
     assert message in str(info.value)
+
+
+# -- IterableSource: one-shot iterators and re-iterables -------------------------------------------------------------
+
+
+def closing_generator(n: int, closed: threading.Event) -> Iterator[int]:
+    try:
+        yield from range(n)
+    finally:
+        closed.set()
+
+
+def test_iterable_source_closes_a_generator_and_refuses_to_read_it_again() -> None:
+    """close() runs the generator's finally; reading on afterwards is a StateError saying why; the state still
+    says where it stopped."""
+    closed = threading.Event()
+    p = Conveyer([closing_generator(100, closed), Map(square)])
+    assert [next(p) for _ in range(3)] == [0, 1, 4]
+    p.close()
+    assert closed.is_set()
+    assert p.state()["stream"] == {"position": 3}
+    with pytest.raises(StateError, match="was closed by close\\(\\) after 3 items and cannot be read again"):
+        next(p)
+
+
+def test_iterable_source_over_a_generator_goes_forward_but_not_back() -> None:
+    """A one-shot iterator loads a state ahead of it by reading and dropping the items between; going back is a
+    StateError naming the positions and what to do instead."""
+    p = IterableSource(iter(range(100)))
+    assert [next(p) for _ in range(5)] == [0, 1, 2, 3, 4]
+    p.load_state({**p.state(), "stream": {"position": 40}})
+    assert p.state()["stream"] == {"position": 40} and next(p) == 40
+    with pytest.raises(StateError, match="cannot go back to position 2: 41 items were already read"):
+        p.load_state({**p.state(), "stream": {"position": 2}})
+
+
+def test_states_load_into_a_fresh_generator() -> None:
+    """A state saved at any step, loaded into an IterableSource over a fresh generator, continues exactly, the
+    metadata (index = position in the iterable) included; skip(k) on a fresh one lands on item k."""
+    reference = IterableSource(x * 3 for x in range(12))
+    states, items = [reference.state()], []
+    for _ in range(12):
+        items.append(reference.next_with_meta())
+        states.append(reference.state())
+    for k, state in enumerate(states):
+        fresh = IterableSource(x * 3 for x in range(12))
+        fresh.load_state(state)
+        assert [fresh.next_with_meta() for _ in range(12 - k)] == items[k:]
+        with pytest.raises(StopIteration):
+            next(fresh)
+        skipped = IterableSource(x * 3 for x in range(12))
+        skipped.skip(k)
+        assert skipped.state() == state
+
+
+class Reiterable:
+    """A re-iterable whose iterators are generators that count how often they were closed, and that fail on
+    ``fail_at`` (the item is lost, the iterator goes on)."""
+
+    def __init__(self, n: int, fail_at: int | None = None) -> None:
+        self.n, self.fail_at = n, fail_at
+        self.closed = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return FailingIterator(self)
+
+
+class FailingIterator:
+    def __init__(self, owner: Reiterable) -> None:
+        self.owner, self.i = owner, 0
+
+    def __iter__(self) -> FailingIterator:
+        return self
+
+    def __next__(self) -> int:
+        i, self.i = self.i, self.i + 1
+        if i >= self.owner.n:
+            raise StopIteration
+        if i == self.owner.fail_at:
+            raise OSError(f"cannot read item {i}")
+        return i
+
+    def close(self) -> None:
+        self.owner.closed += 1
+
+
+def test_reiterable_source_replays_and_closes_the_iterators_it_leaves() -> None:
+    """A re-iterable goes back by starting over (the abandoned iterator is closed) and reads on after close()."""
+    items = Reiterable(10)
+    p = IterableSource(items)
+    assert [next(p) for _ in range(6)] == list(range(6))
+    p.load_state({**p.state(), "stream": {"position": 2}})
+    assert items.closed == 1 and next(p) == 2
+    p.close()
+    assert items.closed == 2 and list(p) == list(range(3, 10))
+
+
+def test_a_failed_read_counts_as_an_item_when_read_and_when_replayed() -> None:
+    """An iterator that raises on one item moves past it (the position counts it), and a replay passes over it."""
+    p = IterableSource(Reiterable(8, fail_at=3))
+    assert [next(p) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(OSError, match="cannot read item 3"):
+        next(p)
+    assert p.state()["stream"] == {"position": 4} and list(p) == [4, 5, 6, 7]
+    q = IterableSource(Reiterable(8, fail_at=3))
+    q.load_state({**q.state(), "stream": {"position": 5}})
+    assert list(q) == [5, 6, 7]
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "shared"])
+def test_reiterable_source_resumes_at_every_step(fresh: bool) -> None:
+    """The shared checkpoint-at-every-step harness holds for a re-iterable (replay) source, into fresh pipelines
+    and into one pipeline that loads every state in turn (going back and forth)."""
+
+    def make() -> Any:
+        return Conveyer([Reiterable(15), Map(square)])
+
+    assert len(check_resume_everywhere(make, n_items=15, fresh=fresh)) == 15
