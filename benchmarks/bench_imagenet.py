@@ -1,28 +1,40 @@
-"""Images per second of serve-imagenet-dir against torch DataLoader doing the same decode and augmentation.
+"""Images per second of serve-imagenet-dir against the standard torchvision pipeline and against torch DataLoader
+running our own transform, on the same JPEG files, output size and number of worker processes.
 
-Both read the same generated JPEG folder (ImageNet-like sizes) and run the same ``ImageTransform`` (Pillow decode
-with JPEG draft mode, random resized crop, flip, 224 x 224 uint8) with N worker processes, and deliver batches of
-torch tensors to the training process:
+All three read the same generated folder of ImageNet-like JPEGs (500 x 375, quality 90, by default), make
+224 x 224 images with a random resized crop (area 8-100 %, aspect ratio 3/4-4/3) and a horizontal flip, and deliver
+batches of torch tensors to the training process (this one):
 
 - ours: ``serve-imagenet-dir -w N`` in a child process bound to ``zrep+ipc://`` (same host: the shared-memory
-  fast path where it applies), a zreq ``ConnectionDataset`` (numpy frames to tensors without copying) in this one;
-- torch: ``DataLoader(dataset, batch_size=B, num_workers=N, shuffle=True)`` over a map-style dataset calling the
-  transform with a per-sample generator.
+  fast path where it applies), read by a zreq ``ConnectionDataset`` (numpy frames to tensors without copying);
+- torchvision: the standard pipeline, ``ImageFolder`` + ``Compose([RandomResizedCrop(224), RandomHorizontalFlip(),
+  PILToTensor()])`` + ``DataLoader(batch_size=B, num_workers=N, shuffle=True)`` with the default collate. The
+  torchvision wheel does not import beside the torch installed here, so :class:`StandardImageFolder` makes the very
+  calls those classes make (Pillow open and ``convert("RGB")`` at full size, torchvision's crop sampling with torch's
+  generator, ``crop`` then ``resize(BILINEAR)``, ``transpose``, ``np.array`` to a CHW view); shuffling is one long
+  epoch (``RandomSampler(num_samples=...)``), so that no epoch boundary restarts the workers;
+- DataLoader: the same DataLoader over a map-style dataset calling our ``ImageTransform`` with a per-sample
+  generator (what serve-imagenet-dir decodes, without the server).
 
 The transport share is the time one batch of that shape costs to move (encode, send, receive, decode) over zreq,
 measured with a server that has nothing to compute, as a fraction of one batch's time from the image server.
-Timing starts after the first batches, so process start-up is excluded. The two take turns, ``--repeat`` rounds;
-figures are medians and each ratio the median of the ratios within a round. Run::
+Timing starts after the first batches, so process start-up is excluded. The three take turns, ``--repeat`` rounds;
+figures are medians and each ratio the median of the ratios within a round. ``--profile`` adds a per-image
+breakdown (cProfile, one process) of both decodes: where the time goes and what limits the ratio. Run::
 
-    python benchmarks/bench_imagenet.py            # about half a minute
-    python benchmarks/bench_imagenet.py --quick    # about 10 s
+    python benchmarks/bench_imagenet.py               # about a minute and a half
+    python benchmarks/bench_imagenet.py --quick       # about 20 s
+    python benchmarks/bench_imagenet.py --profile --repeat 1
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import math
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -34,12 +46,97 @@ from typing import Any
 
 import numpy as np
 
-from tensorcom.datasets.imagenet import ImageDirectory, ImageTransform
+from tensorcom.datasets.imagenet import ImageDirectory, ImageTransform, image_pipeline
 from tensorcom.datasets.sample_images import make_sample_images
 from tensorcom.pipeline import Conveyer, Map, Range
 from tensorcom.pipeline.rng import sample_key, sample_rng
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LONG_EPOCH = 10**7  # samples drawn by the DataLoaders' RandomSampler: one epoch for the whole run
+
+
+def make_images(folder: str, per_class: int, width: int, height: int) -> str:
+    """A folder of 10 classes x ``per_class`` JPEGs of ``width`` x ``height`` at quality 90 (made once)."""
+    side = max(width, height)
+    squares = make_sample_images(f"{folder}-square", per_class=per_class, size=side)
+    from PIL import Image
+
+    for current, _, names in os.walk(squares):
+        for name in names:
+            target = os.path.join(folder, os.path.relpath(os.path.join(current, name), squares))
+            if os.path.exists(target):
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with Image.open(os.path.join(current, name)) as image:
+                left, top = (side - width) // 2, (side - height) // 2
+                image.crop((left, top, left + width, top + height)).save(target + ".tmp", "JPEG", quality=90)
+            os.replace(target + ".tmp", target)
+    return folder
+
+
+# the standard torchvision pipeline, as the Pillow and torch calls it makes
+
+
+def random_resized_crop_params(
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """``transforms.RandomResizedCrop.get_params``: (top, left, height, width), drawn with torch's generator; ten
+    tries, then the central crop clamped to the ratio range."""
+    import torch
+
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
+        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(torch.randint(0, height - crop_height + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - crop_width + 1, size=(1,)).item())
+            return top, left, crop_height, crop_width
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        crop_width, crop_height = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_width, crop_height = int(round(height * max(ratio))), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+class StandardImageFolder:
+    """``ImageFolder(root, transform=Compose([RandomResizedCrop(size), RandomHorizontalFlip(), PILToTensor()]))``."""
+
+    def __init__(self, root: str, size: int = 224) -> None:
+        directory = ImageDirectory(root)  # ImageFolder's order too: sorted classes, sorted files
+        self.samples = [(directory.path(i), directory.label(i)) for i in range(len(directory))]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        import torch
+        from PIL import Image
+
+        path, target = self.samples[index]
+        with open(path, "rb") as file:  # datasets.folder.pil_loader
+            image = Image.open(file)
+            image = image.convert("RGB")
+        width, height = image.size  # RandomResizedCrop: get_params, then F.resized_crop = crop, then resize
+        top, left, crop_height, crop_width = random_resized_crop_params(width, height)
+        image = image.crop((left, top, left + crop_width, top + crop_height))
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        if torch.rand(1) < 0.5:  # RandomHorizontalFlip
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        tensor = torch.as_tensor(np.array(image, copy=True))  # PILToTensor
+        tensor = tensor.view(image.size[1], image.size[0], 3).permute((2, 0, 1))
+        return tensor, target
 
 
 class TransformDataset:
@@ -131,17 +228,27 @@ def ours(
         stop(server)
 
 
+def _loader_rate(dataset: Any, workers: int, batch_size: int, count: int, warmup: int) -> float:
+    from torch.utils.data import DataLoader, RandomSampler
+
+    sampler = RandomSampler(dataset, num_samples=LONG_EPOCH)  # shuffle=True over one long epoch
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, sampler=sampler, drop_last=True)
+    batches = iter(loader)
+    try:
+        return rate(batches, count, warmup, batch_size)
+    finally:
+        del batches  # stops the worker processes
+
+
+def torchvision_loader(
+    images: str, workers: int, batch_size: int, size: int, count: int, warmup: int
+) -> float:
+    return _loader_rate(StandardImageFolder(images, size), workers, batch_size, count, warmup)
+
+
 def torch_loader(images: str, workers: int, batch_size: int, size: int, count: int, warmup: int) -> float:
-    from torch.utils.data import DataLoader
-
-    dataset: Any = TransformDataset(ImageTransform(ImageDirectory(images), size))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=True)
-
-    def forever() -> Iterator[Any]:
-        while True:
-            yield from loader
-
-    return rate(forever(), count, warmup, batch_size)
+    dataset = TransformDataset(ImageTransform(ImageDirectory(images), size))
+    return _loader_rate(dataset, workers, batch_size, count, warmup)
 
 
 def transport_seconds(batch_size: int, size: int, count: int, folder: str) -> float:
@@ -163,6 +270,108 @@ def transport_seconds(batch_size: int, size: int, count: int, folder: str) -> fl
         stop(server)
 
 
+# where the time goes: cProfile of both decodes in this process, grouped by stage
+
+_STAGES = [  # (stage, substrings of cProfile's function labels), first match wins
+    ("open + read", ("io.open", "method 'read' of", "imagenet.py:read")),
+    (
+        "decode",
+        (
+            "imagenet.py:_decode",
+            "decode_jpeg",
+            "'decode' of 'ImagingDecoder'",
+            "'copy' of 'ImagingCore'",
+            "Jpeg",
+        ),
+    ),
+    ("crop + resize", ("<resize>", "'resize' of 'ImagingCore'", "'crop' of 'ImagingCore'", "_opencv_into")),
+    ("flip", ("<flip>", "'transpose' of 'ImagingCore'")),
+    (
+        "to tensor + collate",
+        (
+            "torch.stack",
+            "torch.tensor",
+            "torch.as_tensor",
+            "numpy.array",
+            "ImagingEncoder",
+            "tobytes",
+            "collate",
+        ),
+    ),
+    (
+        "augmentation draws",
+        (
+            "crop_box",
+            "random_resized_crop_params",
+            "uniform_",
+            "torch.randint",
+            "torch.rand",
+            "torch.log",
+            "rng.py",
+        ),
+    ),
+]
+
+
+def _label(key: tuple[str, int, str]) -> str:
+    filename, line, function = key
+    return function if filename == "~" else f"{os.path.basename(filename)}:{function}"
+
+
+def profile_breakdown(
+    images: str, batch_size: int, size: int, transport_ms: float | None = None, batches: int = 8
+) -> list[dict[str, Any]]:
+    """Milliseconds per image by stage (cProfile own time, one process) for ours and for torchvision's calls;
+    ``transport_ms`` (per image, measured apart) is added to ours."""
+    import torch
+    from torch.utils.data import default_collate
+
+    torch.set_num_threads(1)
+    dataset = ImageDirectory(images)
+    standard = StandardImageFolder(images, size)
+    pipeline = image_pipeline(dataset=dataset, batch_size=batch_size, size=size)
+    order = np.random.default_rng(0).permutation(len(standard))
+    rows = []
+    for name, run in (
+        ("serve-imagenet-dir (decode only)", lambda step: next(pipeline)),
+        (
+            "torchvision (decode only)",
+            lambda step: default_collate(
+                [standard[int(order[(step * batch_size + j) % len(order)])] for j in range(batch_size)]
+            ),
+        ),
+    ):
+        run(0)  # warm caches and imports
+        profiler = cProfile.Profile()
+        started = time.perf_counter()
+        profiler.enable()
+        for step in range(batches):
+            run(step)
+        profiler.disable()
+        wall = time.perf_counter() - started
+        stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        per_stage = dict.fromkeys([stage for stage, _ in _STAGES] + ["other Python"], 0.0)
+        for key, (_, _, own, _, _) in stats.items():
+            label = _label(key)
+            stage = next((s for s, parts in _STAGES if any(p in label for p in parts)), "other Python")
+            per_stage[stage] += own
+        total = sum(per_stage.values())
+        images_done = batches * batch_size
+        rows.append(
+            {
+                "group": "images-profile",
+                "case": name,
+                "ms_per_image": 1e3 * wall / images_done,
+                "stages_ms_per_image": {
+                    k: 1e3 * v / images_done * wall / total for k, v in per_stage.items()
+                },
+                "transport_ms_per_image": transport_ms if name.startswith("serve") else None,
+            }
+        )
+    pipeline.close()
+    return rows
+
+
 def measure(
     quick: bool = False,
     repeat: int | None = None,
@@ -170,63 +379,100 @@ def measure(
     batch_size: int = 32,
     size: int = 224,
     images: int = 40,
-    source_size: int = 400,
+    source_size: tuple[int, int] = (500, 375),
 ) -> list[dict[str, Any]]:
-    """One row per worker count: both rates (medians), their ratio, the transport share, every sample."""
+    """One row per worker count: the three rates (medians), the ratios, the transport share, every sample."""
     repeat = repeat or (1 if quick else 3)
     count, warmup = (8, 2) if quick else (24, 4)
-    source = os.path.join(tempfile.gettempdir(), f"tensorcom-bench-images-{source_size}")
-    make_sample_images(source, per_class=images, size=source_size)
-    samples: dict[int, tuple[list[float], list[float]]] = {workers: ([], []) for workers in workers_list}
+    width, height = source_size
+    source = make_images(
+        os.path.join(tempfile.gettempdir(), f"tensorcom-bench-images-{width}x{height}"), images, width, height
+    )
+    names = ("ours", "torchvision", "dataloader")
+    samples: dict[int, dict[str, list[float]]] = {w: {n: [] for n in names} for w in workers_list}
     with tempfile.TemporaryDirectory() as folder:
         for round_number in range(repeat):
             print(f"images round {round_number + 1}/{repeat}", file=sys.stderr)
             for workers in workers_list:
-                samples[workers][0].append(ours(source, workers, batch_size, size, count, warmup, folder))
-                samples[workers][1].append(torch_loader(source, workers, batch_size, size, count, warmup))
+                found = samples[workers]
+                found["ours"].append(ours(source, workers, batch_size, size, count, warmup, folder))
+                found["torchvision"].append(
+                    torchvision_loader(source, workers, batch_size, size, count, warmup)
+                )
+                found["dataloader"].append(torch_loader(source, workers, batch_size, size, count, warmup))
         moving = transport_seconds(batch_size, size, count, folder)
     rows = []
-    for workers, (mine, theirs) in samples.items():
-        images_per_s = statistics.median(mine)
+    for workers, found in samples.items():
+        images_per_s = statistics.median(found["ours"])
         rows.append(
             {
                 "group": "images",
                 "case": f"serve-imagenet-dir, {workers} workers",
                 "workers": workers,
                 "jpegs": images * 10,
-                "source_size": source_size,
+                "source_size": f"{width}x{height}",
                 "batch_size": batch_size,
                 "size": size,
                 "images_per_s": images_per_s,
-                "dataloader_images_per_s": statistics.median(theirs),
-                "vs_dataloader": statistics.median(a / b for a, b in zip(mine, theirs, strict=True)),
+                "torchvision_images_per_s": statistics.median(found["torchvision"]),
+                "dataloader_images_per_s": statistics.median(found["dataloader"]),
+                "vs_torchvision": _paired(found["ours"], found["torchvision"]),
+                "vs_dataloader": _paired(found["ours"], found["dataloader"]),
                 "transport_ms_per_batch": 1e3 * moving,
                 "transport_share": moving / (batch_size / images_per_s),
-                "samples": mine,
-                "dataloader_samples": theirs,
+                "samples": found["ours"],
+                "torchvision_samples": found["torchvision"],
+                "dataloader_samples": found["dataloader"],
             }
         )
     return rows
 
 
+def _paired(mine: list[float], theirs: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| workers | serve-imagenet-dir img/s | DataLoader img/s | vs DataLoader | transport share |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| workers | serve-imagenet-dir img/s | torchvision img/s | vs torchvision (target 2) "
+        "| DataLoader, our transform, img/s | vs DataLoader | transport share |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if r.get("group") != "images":
+            continue
         lines.append(
-            f"| {r['workers']} | {r['images_per_s']:.0f} | {r['dataloader_images_per_s']:.0f} | "
-            f"{r['vs_dataloader']:.2f} | {100 * r['transport_share']:.1f} % |"
+            f"| {r['workers']} | {r['images_per_s']:.0f} | {r['torchvision_images_per_s']:.0f} | "
+            f"{r['vs_torchvision']:.2f} | {r['dataloader_images_per_s']:.0f} | {r['vs_dataloader']:.2f} | "
+            f"{100 * r['transport_share']:.1f} % |"
         )
     return "\n".join(lines)
 
 
+def format_profile(rows: list[dict[str, Any]]) -> str:
+    profiles = [r for r in rows if r.get("group") == "images-profile"]
+    if not profiles:
+        return ""
+    stages = list(profiles[0]["stages_ms_per_image"])
+    lines = [
+        "| ms per image, one process | " + " | ".join(stages) + " | total | zreq transport (apart) |",
+        "| --- | " + " | ".join("---:" for _ in stages) + " | ---: | ---: |",
+    ]
+    for r in profiles:
+        cells = " | ".join(f"{r['stages_ms_per_image'][s]:.3f}" for s in stages)
+        moving = r.get("transport_ms_per_image")
+        transport = "-" if moving is None else f"{moving:.3f}"
+        lines.append(f"| {r['case']} | {cells} | {r['ms_per_image']:.3f} | {transport} |")
+    return "\n".join(lines)
+
+
 def describe(rows: list[dict[str, Any]]) -> str:
-    r = rows[0]
+    r = next(r for r in rows if r.get("group") == "images")
     return (
-        f"{r['jpegs']} JPEGs of {r['source_size']}x{r['source_size']}, batches of {r['batch_size']} x "
-        f"{r['size']}x{r['size']}x3 uint8; transport share = {r['transport_ms_per_batch']:.2f} ms to move one "
+        f"{r['jpegs']} JPEGs of {r['source_size']}, batches of {r['batch_size']} x {r['size']}x{r['size']}x3 uint8, "
+        "N worker processes each; torchvision = ImageFolder + RandomResizedCrop + RandomHorizontalFlip + "
+        "PILToTensor + DataLoader (Pillow calls as torchvision makes them); DataLoader = the same DataLoader "
+        f"running our ImageTransform; transport share = {r['transport_ms_per_batch']:.2f} ms to move one "
         "batch over zreq (ipc), as a share of one batch's time from the image server"
     )
 
@@ -239,9 +485,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--images", type=int, default=40, help="images per class (10 classes)")
-    parser.add_argument("--source-size", type=int, default=400, help="side of the generated JPEGs")
+    parser.add_argument("--source-size", default="500x375", help="WIDTHxHEIGHT of the generated JPEGs")
+    parser.add_argument(
+        "--profile", action="store_true", help="also a per-image breakdown by stage (cProfile)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
     args = parser.parse_args()
+    width, _, height = args.source_size.partition("x")
+    source_size = (int(width), int(height or width))
     rows = measure(
         args.quick,
         args.repeat,
@@ -249,15 +500,26 @@ def main() -> None:
         args.batch_size,
         args.size,
         args.images,
-        args.source_size,
+        source_size,
     )
+    if args.profile:
+        source = make_images(
+            os.path.join(tempfile.gettempdir(), f"tensorcom-bench-images-{source_size[0]}x{source_size[1]}"),
+            args.images,
+            *source_size,
+        )
+        transport = rows[0]["transport_ms_per_batch"] / args.batch_size
+        rows += profile_breakdown(source, args.batch_size, args.size, transport)
     if args.json:
         Path(args.json).write_text(json.dumps(rows))
     print(describe(rows))
     print(format_table(rows))
     print(
-        "vs DataLoader = serve-imagenet-dir (zreq, ConnectionDataset) / torch DataLoader (same transform, workers)"
+        "vs torchvision, vs DataLoader = serve-imagenet-dir (zreq, ConnectionDataset) / that pipeline, same workers"
     )
+    if args.profile:
+        print()
+        print(format_profile(rows))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from tensorcom.errors import ConfigError, PipelineError, URLError
 from tensorcom.urls import expand_braces, expand_urls
 
 __all__ = [
+    "BACKENDS",
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -73,6 +74,9 @@ MAX_REPLACEMENTS = 64
 _CROP_ATTEMPTS = 10
 _EVAL_CROP_FRACTION = 0.875
 _UNIFORMS = 4 * _CROP_ATTEMPTS + 1  # per attempt: area, log aspect ratio, left, top; then the flip
+BACKENDS = ("auto", "opencv", "pillow")
+_BILINEAR_LIMIT = 1.25  # OpenCV resize: plain bilinear up to this many input pixels per output pixel
+_SIMPLEJPEG_COLORSPACES = frozenset({"YCbCr", "Gray"})
 
 
 class ImageDataset(Protocol):
@@ -370,14 +374,50 @@ def _first_warning(description: str) -> bool:
         return True
 
 
+@functools.cache
+def _opencv() -> Any:
+    """The ``cv2`` module, or None where OpenCV is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+@functools.cache
+def _simplejpeg() -> Any:
+    """The ``simplejpeg`` module, or None where it is not installed."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}. Found: {backend!r}")
+    if backend == "auto":
+        return "opencv" if _opencv() is not None else "pillow"
+    if backend == "opencv" and _opencv() is None:
+        raise ConfigError(
+            "backend='opencv' needs OpenCV: pip install 'tensorcom[images]' (or opencv-python-headless)"
+        )
+    return backend
+
+
 class ImageTransform:
     """Decode sample ``index`` of ``dataset`` and crop, flip and resize it to ``size`` x ``size``.
 
     Called as ``transform(index, rng)`` by a pipeline ``Map``; returns ``(image, label)`` with ``image`` uint8 HWC
     RGB (float32, normalised with ``mean``/``std`` in 0-1 units, when ``normalize``) and ``label`` an int64.
     With ``augment=False`` (evaluation) the crop is the central 87.5 % square and there is no flip. ``draft``
-    enables Pillow's reduced-size JPEG decoding when the crop allows it. Unreadable samples are replaced as
-    described in the module docstring.
+    enables reduced-size JPEG decoding (1/2, 1/4, 1/8) when the crop allows it. ``backend`` chooses the resize:
+    ``"opencv"`` (bilinear, or bilinear to an integer multiple of the output and then a box average when the crop
+    is more than 1.25 times the output), ``"pillow"`` (Pillow's antialiased bilinear, as torchvision's PIL path),
+    ``"auto"`` (OpenCV where installed). JPEGs are decoded with simplejpeg where installed, else Pillow: both run
+    libjpeg-turbo with the same settings and give the same pixels. Unreadable samples are replaced as described
+    in the module docstring.
     """
 
     def __init__(
@@ -392,6 +432,7 @@ class ImageTransform:
         draft: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        backend: str = "auto",
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"size must be an int >= 1. Found: {size!r}")
@@ -416,26 +457,39 @@ class ImageTransform:
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.draft = draft
+        self.backend = _resolve_backend(backend)
         self._mean = np.asarray(mean, dtype=np.float32) * 255
         self._inverse_std = 1 / (np.asarray(std, dtype=np.float32) * 255)
-        # the pipeline fingerprint names the map function: make it name the data and the output too
+        # the pipeline fingerprint names the map function: make it name the data, the output and the resize (which
+        # changes the pixels; the two JPEG decoders do not)
         self.__qualname__ = (
             f"ImageTransform(size={size},normalize={normalize},augment={augment},scale={self.scale},"
-            f"ratio={self.ratio},draft={draft},data={dataset.digest})"
+            f"ratio={self.ratio},draft={draft},resize={self.backend},data={dataset.digest})"
         )
         self.__name__ = "ImageTransform"
 
     def __repr__(self) -> str:
         return self.__qualname__
 
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The dtype of the images made: uint8, or float32 with ``normalize``."""
+        return np.dtype(np.float32 if self.normalize else np.uint8)
+
     def __call__(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.int64]:
         uniforms = rng.random(_UNIFORMS) if self.augment else None
+        image = np.empty((self.size, self.size, 3), self.dtype)
+        return image, np.int64(self.fill(image, index, uniforms))
+
+    def fill(self, out: np.ndarray, index: int, uniforms: np.ndarray | None) -> int:
+        """Write sample ``index`` (or its replacement) into ``out`` (``size`` x ``size`` x 3, :attr:`dtype`) and
+        return its label. ``uniforms`` are the sample's ``4 * 10 + 1`` draws (None: no augmentation)."""
         count = len(self.dataset)
         first_error: BaseException | None = None
         for attempt in range(min(MAX_REPLACEMENTS + 1, count)):
             sample = (index + attempt) % count
             try:
-                image = self.load(sample, uniforms)
+                self.load_into(out, sample, uniforms)
             except Exception as error:  # any failure to read or decode counts as an unreadable file
                 first_error = first_error or error
                 self._report(sample, error)
@@ -444,7 +498,7 @@ class ImageTransform:
                 log.debug(
                     "sample %d replaced by sample %d (%s)", index, sample, self.dataset.describe(sample)
                 )
-            return image, np.int64(self.dataset.label(sample))
+            return self.dataset.label(sample)
         raise PipelineError(
             f"sample {index} ({self.dataset.describe(index)}) and the {min(MAX_REPLACEMENTS, count - 1)} samples "
             f"after it are unreadable; first error: {type(first_error).__name__}: {first_error}"
@@ -493,34 +547,152 @@ class ImageTransform:
         left, top = (width - crop_width) // 2, (height - crop_height) // 2
         return left, top, left + crop_width, top + crop_height
 
+    def reduction(self, box: tuple[float, float, float, float]) -> int:
+        """The JPEG DCT scaling (1, 2, 4 or 8) that still leaves the crop ``box`` at least ``size`` pixels wide
+        and high; 1 without ``draft``."""
+        if not self.draft:
+            return 1
+        smaller = min(box[2] - box[0], box[3] - box[1])
+        for factor in (8, 4, 2):
+            if smaller >= factor * self.size:
+                return factor
+        return 1
+
     def load(self, sample: int, uniforms: np.ndarray | None) -> np.ndarray:
-        """Decode and transform one sample (no replacement: errors propagate)."""
+        """Decode and transform one sample into a new array (no replacement: errors propagate)."""
+        out = np.empty((self.size, self.size, 3), self.dtype)
+        self.load_into(out, sample, uniforms)
+        return out
+
+    def load_into(self, out: np.ndarray, sample: int, uniforms: np.ndarray | None) -> None:
+        """Decode and transform one sample into ``out`` (no replacement: errors propagate)."""
+        data = self.dataset.read(sample)
+        flip = uniforms is not None and uniforms[-1] < 0.5
+        if self.backend == "opencv":
+            target = out if not self.normalize else np.empty((self.size, self.size, 3), np.uint8)
+            self._opencv_into(target, data, uniforms, flip)
+            if self.normalize:
+                np.multiply(np.subtract(target, self._mean, dtype=np.float32), self._inverse_std, out=out)
+            return
+        image = self._pillow(data, uniforms)
+        if flip:
+            image = image[:, ::-1]
+        if self.normalize:
+            np.multiply(np.subtract(image, self._mean, dtype=np.float32), self._inverse_std, out=out)
+        else:
+            out[...] = image
+
+    def _pillow(self, data: bytes, uniforms: np.ndarray | None) -> np.ndarray:
+        """Pillow: decode (draft mode for JPEG), then crop and resize in one antialiased bilinear ``resize``."""
         from PIL import Image
 
-        with Image.open(io.BytesIO(self.dataset.read(sample))) as image:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             box = self.crop_box(width, height, uniforms)
-            if self.draft and image.format == "JPEG":
-                crop_width, crop_height = box[2] - box[0], box[3] - box[1]
-                wanted = (
-                    max(1, math.ceil(width * self.size / crop_width)),
-                    max(1, math.ceil(height * self.size / crop_height)),
-                )
-                reduced = image.draft("RGB", wanted)
-                if reduced is not None:
-                    factor = width / reduced[1][2]
-                    box = (box[0] / factor, box[1] / factor, box[2] / factor, box[3] / factor)
+            factor = self._draft(image, box)
+            if factor > 1:
+                box = (box[0] / factor, box[1] / factor, box[2] / factor, box[3] / factor)
             rgb = image.convert("RGB") if image.mode != "RGB" else image
             rgb.load()
             result = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
-        if uniforms is not None and uniforms[-1] < 0.5:
-            result = result.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = np.array(result)  # writable (asarray would be a read-only view of Pillow's bytes)
+        array = np.asarray(result)
         if array.shape != (self.size, self.size, 3):
             raise ValueError(f"decoded image has shape {array.shape}, expected {(self.size, self.size, 3)}")
-        if not self.normalize:
-            return array
-        return (array.astype(np.float32) - self._mean) * self._inverse_std
+        return array
+
+    def _draft(self, image: Any, box: tuple[float, float, float, float]) -> int:
+        """Ask Pillow for a JPEG decode at 1/k scale; return the k it granted."""
+        factor = self.reduction(box)
+        if factor == 1 or image.format != "JPEG":
+            return 1
+        width, height = image.size
+        granted = image.draft("RGB", (width // factor, height // factor))
+        return 1 if granted is None else round(width / granted[1][2])
+
+    def _decode(self, data: bytes, uniforms: np.ndarray | None) -> tuple[np.ndarray, int, tuple[float, ...]]:
+        """RGB pixels (at 1/k scale for JPEGs), k, and the crop box in full-size coordinates."""
+        simplejpeg = _simplejpeg()
+        if simplejpeg is not None and data[:2] == b"\xff\xd8":
+            try:
+                height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+                if colorspace in _SIMPLEJPEG_COLORSPACES:  # CMYK and YCCK: Pillow converts them its own way
+                    box = self.crop_box(width, height, uniforms)
+                    factor = self.reduction(box)
+                    shape = (-(-height // factor), -(-width // factor))
+                    pixels = simplejpeg.decode_jpeg(
+                        data, colorspace="RGB", min_height=shape[0], min_width=shape[1]
+                    )
+                    if pixels.shape[:2] == shape:
+                        return pixels, factor, box
+            except ValueError:
+                pass  # Pillow decides whether the file is readable, as with the Pillow backend
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            box = self.crop_box(width, height, uniforms)
+            factor = self._draft(image, box)
+            rgb = image.convert("RGB") if image.mode != "RGB" else image
+            return np.asarray(rgb), factor, box
+
+    def _opencv_into(self, out: np.ndarray, data: bytes, uniforms: np.ndarray | None, flip: bool) -> None:
+        """Decode at the size needed, then crop, resize and flip in one affine warp of the decoded pixels into
+        ``out`` (bilinear); a crop more than 1.25 times the output is warped to an integer multiple of it and box
+        averaged down, which keeps the antialiasing of Pillow's resize."""
+        cv2 = _opencv()
+        pixels, factor, box = self._decode(data, uniforms)
+        left, top, right, bottom = (v / factor for v in box)
+        larger = max(right - left, bottom - top)
+        multiple = 1 if larger <= _BILINEAR_LIMIT * self.size else math.ceil(larger / self.size)
+        side = multiple * self.size
+        x_step, y_step = (right - left) / side, (bottom - top) / side
+        # output pixel x samples the decoded image at left + (x + 0.5) * x_step - 0.5 (pixel centres, as Pillow's
+        # resize with a box), or mirrored: right - (x + 0.5) * x_step - 0.5
+        if flip:
+            row = [-x_step, 0.0, right - 0.5 * x_step - 0.5]
+        else:
+            row = [x_step, 0.0, left + 0.5 * x_step - 0.5]
+        matrix = np.array([row, [0.0, y_step, top + 0.5 * y_step - 0.5]])
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        border = cv2.BORDER_REPLICATE
+        if multiple == 1:
+            made = cv2.warpAffine(pixels, matrix, (side, side), dst=out, flags=flags, borderMode=border)
+        else:
+            enlarged = cv2.warpAffine(pixels, matrix, (side, side), flags=flags, borderMode=border)
+            made = cv2.resize(enlarged, (self.size, self.size), dst=out, interpolation=cv2.INTER_AREA)
+        if not np.may_share_memory(made, out):  # OpenCV allocates afresh when it cannot write into ``out``
+            out[...] = made
+
+
+class _AugmentationDraws:
+    """Map function of :func:`image_pipeline`: a sample's index and its uniforms, drawn from its own generator
+    exactly as :class:`ImageTransform` draws them, so a batch is what ``Map(transform) → Collate`` would give."""
+
+    __name__ = "ImageAugmentationDraws"
+    __qualname__ = f"ImageAugmentationDraws({_UNIFORMS})"
+
+    def __call__(self, index: int, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        return index, rng.random(_UNIFORMS)
+
+
+class _BatchDecoder:
+    """Map function of :func:`image_pipeline` over collated batches: decodes every sample of a batch straight into
+    one preallocated ``(B, size, size, 3)`` array (no per-sample arrays to stack), labels beside it."""
+
+    __name__ = "ImageBatches"
+
+    def __init__(self, transform: ImageTransform) -> None:
+        self.transform = transform
+        self.__qualname__ = f"ImageBatches({transform.__qualname__})"
+
+    def __call__(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        indices, uniforms = batch if isinstance(batch, tuple) else (batch, None)
+        transform = self.transform
+        images = np.empty((len(indices), transform.size, transform.size, 3), transform.dtype)
+        labels = np.empty(len(indices), np.int64)
+        for slot, index in enumerate(indices.tolist()):
+            labels[slot] = transform.fill(images[slot], index, None if uniforms is None else uniforms[slot])
+        return images, labels
 
 
 def image_pipeline(
@@ -537,15 +709,20 @@ def image_pipeline(
     repeating: bool = True,
     draft: bool = True,
     shuffle: bool = True,
+    backend: str = "auto",
 ) -> Any:
-    """``Permutation(len(dataset), seed) → Partition(rank, world_size) → Map(ImageTransform) → Collate(batch_size)``.
+    """``Permutation(len(dataset), seed) → Partition(rank, world_size) → Map(draws) → Collate(batch_size) →
+    Map(decode)``: the batch of ``ImageTransform(dataset, size, ...)`` applied to each sample.
 
     Batches are ``(images, labels)``: ``images`` uint8 ``(B, size, size, 3)`` (float32 with ``normalize``),
-    ``labels`` int64 ``(B,)``. ``workers > 0`` decodes in that many worker processes (a ``DistributedBatchedMap``:
-    same batches, same fingerprint). ``repeating`` goes on with a new order each epoch (``shuffle=False``: the
-    dataset's own order, ``Range`` instead of ``Permutation``, every epoch). The pipeline's
-    ``class_names`` are the dataset's ``classes`` (an :class:`ImageDirectory`'s class folders; None for shards), which
-    a request server sends its clients so that tools caption images by name.
+    ``labels`` int64 ``(B,)``. Each sample's augmentation is drawn from its own generator (a ``Map`` keyed by
+    seed, epoch and sample index, as :class:`ImageTransform` draws it); the decode then runs once per batch and
+    writes every image into the batch array in place. ``workers > 0`` decodes in that many worker processes, a
+    batch each (a ``DistributedBatchedMap``: same batches, same fingerprint). ``repeating`` goes on with a new
+    order each epoch (``shuffle=False``: the dataset's own order, ``Range`` instead of ``Permutation``, every
+    epoch). ``backend`` is :class:`ImageTransform`'s. The pipeline's ``class_names`` are the dataset's ``classes``
+    (an :class:`ImageDirectory`'s class folders; None for shards), which a request server sends its clients so that
+    tools caption images by name.
     """
     from tensorcom.pipeline import (
         Collate,
@@ -561,20 +738,26 @@ def image_pipeline(
         raise ConfigError(f"batch_size must be an int >= 1. Found: {batch_size!r}")
     if workers < 0:
         raise ConfigError(f"workers must be >= 0. Found: {workers}")
-    transform = ImageTransform(dataset, size, normalize=normalize, augment=augment, draft=draft)
-    decode: Any = DistributedBatchedMap(transform, n_workers=workers) if workers else Map(transform)
-    pipeline: Any = Conveyer(
-        [
-            (
-                Permutation(len(dataset), seed=seed, repeating=repeating)
-                if shuffle
-                else Range(len(dataset), repeating=repeating)
-            ),
-            Partition(rank, world_size),
-            decode,
-            Collate(batch_size),
-        ]
+    transform = ImageTransform(
+        dataset, size, normalize=normalize, augment=augment, draft=draft, backend=backend
     )
+    decoder = _BatchDecoder(transform)
+    decode: Any = (
+        DistributedBatchedMap(decoder, n_workers=workers, buffer_size=2 * workers)
+        if workers
+        else Map(decoder)
+    )
+    stages: list[Any] = [
+        (
+            Permutation(len(dataset), seed=seed, repeating=repeating)
+            if shuffle
+            else Range(len(dataset), repeating=repeating)
+        ),
+        Partition(rank, world_size),
+    ]
+    if augment:
+        stages.append(Map(_AugmentationDraws()))
+    pipeline: Any = Conveyer([*stages, Collate(batch_size), decode])
     classes = getattr(dataset, "classes", None)
     pipeline.class_names = None if classes is None else tuple(classes)
     return pipeline
