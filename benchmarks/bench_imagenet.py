@@ -284,7 +284,10 @@ _STAGES = [  # (stage, substrings of cProfile's function labels), first match wi
             "Jpeg",
         ),
     ),
-    ("crop + resize", ("<resize>", "'resize' of 'ImagingCore'", "'crop' of 'ImagingCore'", "_opencv_into")),
+    (
+        "crop + resize",
+        ("<warpAffine>", "<resize>", "'resize' of 'ImagingCore'", "'crop' of 'ImagingCore'", "_opencv_into"),
+    ),
     ("flip", ("<flip>", "'transpose' of 'ImagingCore'")),
     (
         "to tensor + collate",

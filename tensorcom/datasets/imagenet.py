@@ -9,11 +9,14 @@ Two sources of labelled images, each indexed once into a fixed, sorted order:
   are read in the order given (after brace expansion), members in tar order; ``.cls`` holds the 0-based label.
   :func:`write_shards` turns any dataset into such shards, in the same sample order.
 
-:class:`ImageTransform` decodes one sample with Pillow and augments it for training: a random resized crop (area
-0.08-1, aspect ratio 3/4-4/3, as torchvision's) and a horizontal flip, every random number drawn from the
-pipeline's per-sample generator, so a zreq stream is a pure function of (seed, epoch, rank, world size, step).
-JPEGs are decoded in draft mode at 1/2, 1/4 or 1/8 scale when the crop still covers the output size at that scale.
-Output is uint8 HWC (or float32 normalised with the ImageNet mean and standard deviation) and an int64 label.
+:class:`ImageTransform` decodes one sample and augments it for training: a random resized crop (area 0.08-1,
+aspect ratio 3/4-4/3, as torchvision's) and a horizontal flip, every random number drawn from the pipeline's
+per-sample generator, so a zreq stream is a pure function of (seed, epoch, rank, world size, step). JPEGs are
+decoded at 1/2, 1/4 or 1/8 scale when the crop still covers the output size at that scale (simplejpeg where
+installed, else Pillow's draft mode: the same pixels); crop, resize and flip are one OpenCV warp where OpenCV is
+installed (box-averaged when the crop is over 1.25 times the output, keeping Pillow's antialiasing), else one Pillow
+``resize``. Output is uint8 HWC (or float32 normalised with the ImageNet mean and standard deviation) and an int64
+label; :func:`image_pipeline` writes each image straight into its batch array.
 
 **Unreadable images.** A sample whose file cannot be read or decoded is replaced by the next readable sample in
 index order (``i + 1``, ``i + 2``, ... modulo the dataset size), with the augmentation parameters sample ``i``
@@ -22,7 +25,7 @@ at debug level). Because the rule depends only on the files, every server and wo
 the batch keeps its size and step, and the stream stays deterministic. After
 :data:`MAX_REPLACEMENTS` unreadable samples in a row the item fails (a pipeline error for that batch only).
 
-:func:`image_pipeline` builds ``Permutation → Partition → Map(ImageTransform) → Collate``; the factories
+:func:`image_pipeline` builds ``Permutation → Partition → Map(draws) → Collate → Map(decode)``; the factories
 :func:`directory_pipeline` and :func:`shard_pipeline` work with ``tensorcom serve`` (the index is built once per
 process); :mod:`tensorcom.cli.image_server` serves these pipelines as ``serve-imagenet-dir`` and
 ``serve-imagenet-shards``.
