@@ -9,8 +9,9 @@ Parts, each run by its own script in its own process (``--json``) and rendered a
 - transport (bench_transport.py): raw pyzmq, a shared-memory ring, stream and zreq with and without the
   shared-memory fast path (``TENSORCOM_SHM=0``), tensorcom 0.1, DataLoader;
 - pipeline (bench_pipeline.py): DistributedBatchedMap and PipelineBuilder against DataLoader on the same function;
+  Join's memory and build time with sources of 10**6 to 10**8 samples;
 - images (bench_imagenet.py): serve-imagenet-dir against DataLoader with the same decode and augmentation;
-- loader (bench_loader.py): SwiftLoader against DataLoader;
+- loader (bench_loader.py): SwiftLoader against DataLoader, throughput and start-up;
 - codec (bench_codec.py): encode and decode microseconds per batch from 64 KB to 96 MB (flat: views, no copies).
 
 Each part measures its cases side by side, in alternating rounds so drift hits all alike, and reports medians;
@@ -240,9 +241,18 @@ def markdown(result: dict[str, Any]) -> str:
             bench_transport.format_table(result["transport"]),
         ]
     for part, title, note in (
-        ("pipeline", "Pipeline", "Items/s of the same function; PipelineBuilder runs it in threads."),
+        (
+            "pipeline",
+            "Pipeline",
+            "Items/s of the same function; PipelineBuilder runs it in threads. Then Join at corpus scale.",
+        ),
         ("images", "Images", None),
-        ("loader", "Loader", "Samples/s after the first batch; start = seconds to the first batch."),
+        (
+            "loader",
+            "Loader",
+            "Samples/s in a second epoch (the steady state); start = seconds from construction to the first batch, and "
+            "SwiftLoader's over DataLoader's.",
+        ),
         (
             "codec",
             "Codec",
@@ -302,6 +312,8 @@ def _grouped(
 
 
 def _pipeline_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
+    # Join's rows (group "join") are a table of their own
+    rows = [r for r in rows if r.get("group", "pipeline") == "pipeline"]
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     labels = list(dict.fromkeys(f"{r['workload']}, {r['workers']} w" for r in rows))
     series = {

@@ -31,8 +31,15 @@ from tensorcom.pipeline.state import require_keys
 __all__ = ["NearbyPermutation", "PipelineSpec", "forget_dataset", "swift_pipeline"]
 
 
+def _module_of(obj: Any) -> str:
+    """``obj.__module__``, the same in every process: a spawned child runs the parent's main script as
+    ``__mp_main__``, and fingerprints must not change with that."""
+    module = getattr(obj, "__module__", None) or "?"
+    return "__main__" if module == "__mp_main__" else module
+
+
 def _qualified_name(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    return f"{_module_of(obj)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
 def kwargs_digest(kwargs: dict[str, Any]) -> str:
@@ -184,7 +191,7 @@ class DatasetGetItem:
         self._box = spec.collate_fn is not None
         self._timings = timings
         # Map's fingerprint names its function: make it name the dataset and its arguments.
-        self.__module__ = getattr(spec.dataset_class, "__module__", "?")
+        self.__module__ = _module_of(spec.dataset_class)
         self.__qualname__ = (
             f"{getattr(spec.dataset_class, '__qualname__', '?')}[{kwargs_digest(spec.dataset_kwargs)}]"
         )
