@@ -779,3 +779,42 @@ def test_drop_last_with_too_few_samples_for_one_batch_is_a_clear_error() -> None
     """Validation says so when drop_last leaves consumer 0 no batch at all."""
     with pytest.raises(PipelineError, match="consumer 0 gets no batch from a dataset of 5 samples"):
         SwiftLoader(datasets.Labelled, {"n": 5}, batch_size=3, nb_consumer=2, drop_last=True)
+
+
+_MAIN_SCRIPT = """
+import json, sys, time
+import numpy as np
+from tensorcom.loader import SwiftLoader
+from tensorcom.loader._warm import WARM_ENDPOINT
+
+
+class Squares:  # defined in the main script: spawned processes know it as __mp_main__.Squares
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        return np.full(2, index * index, np.int64)
+
+
+if __name__ == "__main__":
+    with SwiftLoader(Squares, {}, batch_size=4, worker_per_consumer=1, seed=3, multithread=False) as loader:
+        loader.start(0)
+        sources, deadline = [], time.monotonic() + 120
+        while all(source == WARM_ENDPOINT for source in sources):  # until the workers have taken over
+            for batch in loader:
+                sources.append(loader.last.endpoint)
+            if time.monotonic() > deadline:
+                break
+    print(json.dumps({"warm": sources.count(WARM_ENDPOINT), "workers": len(sources) - sources.count(WARM_ENDPOINT)}))
+"""
+
+
+def test_a_dataset_defined_in_the_main_script_is_handed_over(tmp_path: Path) -> None:
+    """A dataset class from the main script has the same pipeline fingerprint here and in the spawned workers (which
+    know the script as __mp_main__), so the workers accept the warm start's state and take over."""
+    script = tmp_path / "main_dataset.py"
+    script.write_text(_MAIN_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["warm"] >= 1 and result["workers"] >= 1
