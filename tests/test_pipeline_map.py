@@ -228,3 +228,17 @@ def test_failures_keep_later_steps_in_place(no_orphans: None) -> None:
     failed = [i for i, meta in enumerate(got) if meta is None]
     assert len(failed) == 1
     assert [m for m in got if m is not None] == [m for i, (_, m) in enumerate(clean) if i not in failed]
+
+
+def test_a_script_function_has_the_same_fingerprint_in_spawned_processes() -> None:
+    """A map function defined in a script is in ``__main__`` there and in ``__mp_main__`` in the processes
+    multiprocessing spawns; the pipeline's fingerprint is the same in both (a zreq or SwiftLoader server checks it)."""
+
+    def make(module: str) -> str:
+        def double(index: int) -> int:
+            return 2 * index
+
+        double.__module__ = module
+        return Conveyer([Range(4), Map(double)]).fingerprint
+
+    assert make("__mp_main__") == make("__main__") != make("elsewhere")

@@ -35,10 +35,12 @@ _name_counter = itertools.count()
 
 
 def _function_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a map function, for fingerprints: the same in every process (a script's functions are
+    in ``__main__`` there and in ``__mp_main__`` in the processes multiprocessing spawns)."""
     inner = getattr(fn, "func", fn)
     module = getattr(inner, "__module__", None) or type(inner).__module__
     qualname = getattr(inner, "__qualname__", None) or type(inner).__qualname__
-    return f"{module}.{qualname}"
+    return f"{'__main__' if module == '__mp_main__' else module}.{qualname}"
 
 
 def _describe(record: Record) -> str:
