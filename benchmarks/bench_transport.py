@@ -7,7 +7,9 @@ Cases, for a 64x3x224x224 uint8 + int64 labels batch (9.6 MB) and a 64 KB batch,
   ``RING_SLOTS`` slots of a file in /dev/shm, and slot numbers go back and forth as 4-byte zmq messages;
 - tensorcom stream mode (Server -> Connection), and for 64 KB batches also with ``queue=32`` on both sides
   ("stream queue 32"; the default queue of 2 batches suits large batches);
-- tensorcom zreq with credit windows 1, 2 and 4 (request server computing inline), and with one worker process;
+- tensorcom zreq with credit windows 1, 2 and 4 (request server computing inline), with one and two worker
+  processes (their replies go straight to the client: the default), and with one worker whose replies pass
+  through the server's front end ("via front end", ``direct=False``: how every worker reply travelled before);
 - over ipc, each tensorcom case twice: as configured by default (the same-host shared-memory fast path where it
   applies) and with ``TENSORCOM_SHM=0`` in the environment of the sender, its workers and the receiver
   ("... (no shm)"); over tcp, "zreq 1 worker (no shm)" too (workers hand batches to the front end via shared
@@ -229,12 +231,16 @@ def send_stream(address: str, count: int, size: str, report: Any, queue: int = 2
     _report(report)
 
 
-def send_zreq(address: str, count: int, size: str, report: Any, workers: int = 0) -> None:
+def send_zreq(
+    address: str, count: int, size: str, report: Any, workers: int = 0, direct: bool = True
+) -> None:
     import functools
 
     from tensorcom.server.request import RequestServer
 
-    server = RequestServer(functools.partial(same_batches, size=size), _url("zrep", address), workers=workers)
+    server = RequestServer(
+        functools.partial(same_batches, size=size), _url("zrep", address), workers=workers, direct=direct
+    )
     try:
         server.run(duration=300)
     except KeyboardInterrupt:
@@ -354,6 +360,8 @@ CASES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
     "zreq credit 2": (send_zreq, receive_zreq, {"prefetch": 2}),
     "zreq credit 4": (send_zreq, receive_zreq, {"prefetch": 4}),
     "zreq 1 worker": (send_zreq, receive_zreq, {"prefetch": 4, "workers": 1}),
+    "zreq 2 workers": (send_zreq, receive_zreq, {"prefetch": 4, "workers": 2}),
+    "zreq 1 worker via front end": (send_zreq, receive_zreq, {"prefetch": 4, "workers": 1, "direct": False}),
 }
 TENSORCOM_CASES = (
     "stream",
@@ -362,6 +370,8 @@ TENSORCOM_CASES = (
     "zreq credit 2",
     "zreq credit 4",
     "zreq 1 worker",
+    "zreq 2 workers",
+    "zreq 1 worker via front end",
 )
 SAME_HOST_ONLY = ("shm ring", "DataLoader 2 workers")  # transport-independent: measured once, under "shm"
 SMALL_ONLY = ("stream queue 32",)  # 32 queued 9.6 MB batches per side would be 600 MB: small batches only
@@ -445,7 +455,9 @@ def measure_once(case: str, transport: str, size: str, count: int, folder: str) 
         return _row(count, nbytes, seconds, cpu, rss, 0.0, maps)
     shm = not case.endswith(NO_SHM)
     send, receive, options = CASES[case.removesuffix(NO_SHM)]
-    sender_options: dict[str, Any] = {key: options[key] for key in ("workers", "queue") if key in options}
+    sender_options: dict[str, Any] = {
+        key: options[key] for key in ("workers", "queue", "direct") if key in options
+    }
     receiver_options = {**options, "size": size}
     with shm_environment(shm):  # spawned processes (and the request server's workers) inherit it
         sender = context.Process(target=send, args=(address, count, size, reports), kwargs=sender_options)

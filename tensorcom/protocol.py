@@ -8,14 +8,15 @@ is ever unpickled.
 ::
 
     client (DEALER)                                   server (ROUTER)
-    Hello    {seed, rank, world_size, base, gen} ->   Welcome {fingerprint, state, server[, classes]}  (or Error)
+    Hello    {seed, rank, world_size, base, gen} ->   Welcome {fingerprint, state, server[, classes][, workers]}
+                                                      (or Error)
     Request  {..., gen, step[, count][, shm]}    ->   Batch   {gen, step, epoch, indices, state, fingerprint,
              [count: n consecutive steps]                      server, kind[, keys]}
                                                       (n replies: one Batch, End or Error per step)
                                                        + tensor frames [hdr0, data0, ...]
                                                       End     {gen, step, server}  the epoch has no step `step`
                                                       Error   {gen, step, error, message, server, request}
-    Ping     {}                                 ->    Pong    {server}
+    Ping     {}                                 ->    Pong    {server[, workers]}
 
 Stream servers that run a pipeline listen for control messages on a ROUTER of their own::
 
@@ -56,6 +57,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_INTEGER",
     "MAX_SEED",
+    "MAX_WORKERS",
     "META_INFO",
     "STREAM_META_MAGIC",
     "VERSION",
@@ -92,6 +94,8 @@ MAX_INTEGER = 1 << 62
 far enough below msgpack's 64-bit limit that counting on from it cannot overflow."""
 MAX_SEED = (1 << 64) - 1
 MAX_GROUP = 64
+MAX_WORKERS = 256
+"""Most worker addresses a WELCOME may name."""
 """Most consecutive steps one REQUEST may ask for (``count``); each is answered by a BATCH of its own."""
 _MAX_DEPTH = 32
 _BATCH_KINDS = ("single", "tuple", "list", "dict")
@@ -154,6 +158,21 @@ def _parse(frame: Any, source: str) -> tuple[Command, dict[str, Any]]:
     if command is None:
         raise ProtocolError(f"unknown command from {source}: {str(code)[:100]}")
     return command, header
+
+
+def _worker_addresses(fields: dict[str, Any], command: Command, source: str) -> tuple[str, ...] | None:
+    workers = fields.get("workers")
+    if workers is None:
+        return None
+    if (
+        type(workers) is not list
+        or len(workers) > MAX_WORKERS
+        or not all(type(w) is str and len(w) <= 256 for w in workers)
+    ):
+        raise _field_error(
+            command, source, "workers", f"a list of at most {MAX_WORKERS} addresses or nil", workers
+        )
+    return tuple(workers)
 
 
 def _field_error(command: Command, source: str, name: str, expected: str, value: Any) -> ProtocolError:
@@ -314,6 +333,10 @@ class Welcome:
 
     ``classes`` (optional, absent when None): the names of the pipeline's classes, label i named ``classes[i]``,
     for tools that caption samples. Older clients ignore it; servers that know none leave it out.
+
+    ``workers`` (optional): addresses where this server's worker processes take REQUEST messages themselves, so
+    that their replies go straight to the client instead of through the server's front end (``tcp://:PORT`` means
+    the host the client reached the server at). A client that cannot reach them keeps using the server's address.
     """
 
     command: ClassVar[Command] = Command.WELCOME
@@ -321,6 +344,7 @@ class Welcome:
     state: Any = None
     server: str | None = None
     classes: tuple[str, ...] | None = None
+    workers: tuple[str, ...] | None = None
 
     def encode(self) -> bytes:
         header = {
@@ -330,6 +354,7 @@ class Welcome:
             "state": self.state,
             "server": self.server,
             "classes": None if self.classes is None else list(self.classes),
+            "workers": None if self.workers is None else list(self.workers),
         }
         return _pack(_without_none(header))
 
@@ -339,11 +364,13 @@ class Welcome:
         classes = fields.get("classes")
         if classes is not None and (type(classes) is not list or not all(type(c) is str for c in classes)):
             raise _field_error(command, source, "classes", "a list of strings or nil", classes)
+        workers = _worker_addresses(fields, command, source)
         return cls(
             fingerprint=_optional_string(fields, "fingerprint", command, source),
             state=fields.get("state"),
             server=_optional_string(fields, "server", command, source),
             classes=None if classes is None else tuple(classes),
+            workers=workers,
         )
 
 
@@ -531,17 +558,25 @@ class Ping:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pong:
-    """The answer to PING: the server's name."""
+    """The answer to PING: the server's name, and (optional) where its workers take requests now (see
+    :class:`Welcome`), so that a client learns of workers started or restarted after it said HELLO."""
 
     command: ClassVar[Command] = Command.PONG
     server: str | None = None
+    workers: tuple[str, ...] | None = None
 
     def encode(self) -> bytes:
-        return _pack(_without_none({"v": VERSION, "cmd": Command.PONG, "server": self.server}))
+        workers = None if self.workers is None else list(self.workers)
+        return _pack(
+            _without_none({"v": VERSION, "cmd": Command.PONG, "server": self.server, "workers": workers})
+        )
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
-        return cls(server=_optional_string(fields, "server", Command.PONG, source))
+        return cls(
+            server=_optional_string(fields, "server", Command.PONG, source),
+            workers=_worker_addresses(fields, Command.PONG, source),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

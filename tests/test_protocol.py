@@ -16,6 +16,7 @@ from tensorcom.protocol import (
     MAX_HEADER_BYTES,
     MAX_INTEGER,
     MAX_SEED,
+    MAX_WORKERS,
     AnyMessage,
     Base,
     Batch,
@@ -376,3 +377,16 @@ def test_requests_and_batches_round_trip(
     assert decode(request.encode()) == request
     batch = Batch(gen=3, step=step, epoch=epoch, indices=[rank, step], server="s", kind="list")
     assert decode(batch.encode()) == batch
+
+
+@pytest.mark.parametrize("kind", [Welcome, Pong])
+def test_worker_addresses_travel_in_welcome_and_pong_and_are_bounded(kind: Any) -> None:
+    """WELCOME and PONG may name the server's workers (absent when None, so older peers see the same bytes); a
+    list that is not strings, or longer than MAX_WORKERS, is refused."""
+    message = kind(server="s", workers=("tcp://:4000", "ipc:///tmp/s.worker-1"))
+    assert decode(message.encode(), "server x") == message
+    assert b"workers" not in kind(server="s").encode()
+    for bad in (["x"] * (MAX_WORKERS + 1), [1, 2], "tcp://:1"):
+        header = Message(kind.command, {"server": "s", "workers": bad}).encode()
+        with pytest.raises(ProtocolError, match="workers"):
+            decode(header, "server x")

@@ -93,6 +93,7 @@ class _Receiver:
         self._endpoints: list[Endpoint] = []
         try:
             for url in parsed:
+                self._before_open(url, queue=queue, max_message_size=max_message_size)
                 self._endpoints.append(
                     open_endpoint(
                         self._context,
@@ -111,6 +112,9 @@ class _Receiver:
         self._poller = zmq.Poller()
         for endpoint in self._endpoints:
             self._poller.register(endpoint.socket, zmq.POLLIN)
+
+    def _before_open(self, url: ParsedURL, *, queue: int, max_message_size: int) -> None:
+        """Called before the socket for ``url`` opens (a subclass may open a companion socket first)."""
 
     def _connects_at_once(self, url: ParsedURL) -> bool:
         """Whether the socket for a connecting ``url`` connects as it opens (a subclass may connect it later)."""

@@ -27,11 +27,20 @@ import zmq
 from tensorcom import codec, protocol
 from tensorcom._net import shm as _shm
 from tensorcom._net.security import KeyPath
-from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, receive
+from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, receive
 from tensorcom.client._base import BatchInfo, Connection
 from tensorcom.convert import ConverterSpec
-from tensorcom.errors import ConfigError, DecodeError, ProtocolError, RemoteError, StateError, Timeout
+from tensorcom.errors import (
+    ConfigError,
+    DecodeError,
+    ProtocolError,
+    RemoteError,
+    StateError,
+    TensorcomError,
+    Timeout,
+)
 from tensorcom.protocol import (
+    MAX_WORKERS,
     Base,
     Batch,
     End,
@@ -44,6 +53,7 @@ from tensorcom.protocol import (
     Welcome,
     rebuild_batch,
 )
+from tensorcom.urls import parse_url
 
 __all__ = ["RequestConnection", "default_rank_and_world_size"]
 
@@ -78,6 +88,8 @@ class _Server:
     disconnects: int = 0
     shutting_down: bool = False  # it said so; not used again until its connection drops (a new process)
     shm: bool = False  # it is on this host (ipc) and batches may come as shared-memory descriptors
+    parent: _Server | None = None  # for a server's worker process: the server (see Welcome.workers)
+    workers: list[_Server] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -161,6 +173,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         self.rank = rank
         self.world_size = world_size
         self.prefetch = prefetch
+        self._max_message_size = max_message_size
         self.heartbeat = heartbeat
         self.dead_after = dead_after if dead_after is not None else max(3 * heartbeat, 2.0)
         self.fingerprint: str | None = None
@@ -324,12 +337,56 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             )
         if self.class_names is None:
             self.class_names = message.classes
+        if message.workers and server.parent is None:
+            self._add_workers(server, message.workers)
         if self.fingerprint is None:
             self.fingerprint = fingerprint
         elif fingerprint != self.fingerprint:
             raise ProtocolError(
                 f"server {server.address} serves pipeline {fingerprint}, but others serve {self.fingerprint}"
             )
+
+    def _add_workers(self, server: _Server, addresses: Sequence[str]) -> None:
+        """Connect to the worker processes of ``server`` that take requests themselves: their replies then come
+        straight from them. Only addresses on the server's own host (``tcp://:PORT``), or ipc paths for a server
+        reached over ipc, are used; requests go to the server itself while no worker is connected."""
+        url = server.endpoint.url
+        known = {worker.endpoint.url.address for worker in server.workers}
+        for address in addresses[:MAX_WORKERS]:
+            if (
+                url.transport == "tcp"
+                and address.startswith("tcp://:")
+                and address[len("tcp://:") :].isdigit()
+            ):
+                host = url.address[len("tcp://") :].rsplit(":", 1)[0]
+                target = f"zreq://{host}:{address[len('tcp://:') :]}"
+            elif url.transport == "ipc" and address.startswith("ipc://"):
+                target = "zreq+" + address
+            else:
+                log.debug("ignoring worker address %r of server %s", address, server.address)
+                continue
+            parsed = parse_url(target)
+            if parsed.address in known:
+                continue
+            known.add(parsed.address)
+            try:
+                endpoint = open_endpoint(
+                    self._context,
+                    parsed,
+                    queue=self.prefetch * _GROUP + 16,
+                    monitor=True,
+                    keys=self._keys,
+                    max_message_size=self._max_message_size,
+                    immediate=True,
+                )
+            except TensorcomError as error:
+                log.info("cannot connect to a worker of server %s at %s: %s", server.address, target, error)
+                continue
+            worker = _Server(endpoint, shm=server.shm, parent=server, answered=True, alive=False)
+            server.workers.append(worker)
+            self._servers.append(worker)
+            self._by_socket[endpoint.socket] = worker
+            self._poller.register(endpoint.socket, zmq.POLLIN)
 
     def _poll_once(self, seconds: float) -> None:
         for socket, _ in self._poller.poll(int(seconds * 1000)):
@@ -351,6 +408,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             server.alive = True
         message = protocol.decode(frames[0], f"server {server.address}")
         if isinstance(message, Pong):
+            if message.workers and server.parent is None:
+                self._add_workers(server, message.workers)
             return
         if isinstance(message, Welcome):
             self._on_welcome(server, message)
@@ -418,7 +477,15 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
     # the request window
 
     def _live(self) -> list[_Server]:
-        return [server for server in self._servers if server.alive and not server.shutting_down]
+        """The servers that take requests now: a server's connected workers rather than the server itself."""
+        return [
+            server
+            for server in self._servers
+            if server.alive
+            and not server.shutting_down
+            and not any(worker.alive for worker in server.workers)
+            and (server.parent is None or (server.parent.alive and not server.parent.shutting_down))
+        ]
 
     def _fill_window(self) -> None:
         while True:
@@ -462,7 +529,11 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         lost = sorted(server.outstanding)
         server.outstanding.clear()
         self._to_request = sorted(set(self._to_request) | set(lost))
-        log.warning("server %s %s; asking others for steps %s", server.address, why, lost)
+        what = "server" if server.parent is None else f"a worker of server {server.parent.address} at"
+        log.warning("%s %s %s; asking others for steps %s", what, server.address, why, lost)
+        for worker in server.workers:
+            if worker.outstanding:
+                self._lose(worker, f"belongs to a server that {why}")
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
@@ -474,6 +545,10 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 server.disconnects = server.endpoint.disconnects
                 server.shutting_down = False
                 self._lose(server, "disconnected")
+            if server.parent is not None:  # a worker: up while connected; its server answers the pings
+                if not server.alive and server.endpoint.peers > 0 and server.parent.alive:
+                    server.alive = True
+                continue
             if now - server.last_ping >= self.heartbeat:
                 self._send(server, Ping())
                 server.last_ping = now
@@ -492,6 +567,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         return ", ".join(
             f"{s.address} ({'never answered' if not s.answered else 'up' if s.alive else 'down'})"
             for s in self._servers
+            if s.parent is None
         )
 
     def recv(self) -> Any:
@@ -537,6 +613,13 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             indices=list(message.indices),
         )
         return rebuild_batch(self.convert(arrays), message.kind, message.keys)
+
+    def close(self) -> None:
+        """Close every socket at once, those to servers' workers included."""
+        for server in getattr(self, "_servers", []):
+            if server.parent is not None:
+                server.endpoint.close()
+        super().close()
 
     def _finish_epoch(self) -> None:
         """After the last batch of a finite epoch, the next request starts the following epoch at position 0."""

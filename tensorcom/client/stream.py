@@ -103,32 +103,37 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             tuple[Any, ...], str
         ] = {}  # recent batches' identities -> the server that sent them
         self._duplicates: set[tuple[str, str]] = set()
-        self._sources = list(self._endpoints)  # every socket read: the URLs' and their shm channels
+        self._sources = [*self._endpoints, *self._companions]  # every socket read: URLs' and shm channels
         self._unconnected = [  # zrpull+ipc sockets waiting for a server, and the shm channel they would read
             (e, channel.address)
             for e in self._endpoints
             if not self._connects_at_once(e.url) and (channel := _shm.channel_url(e.url)) is not None
         ]
         try:
-            for endpoint in self._endpoints:
-                channel = _shm.channel_url(endpoint.url) if self._shm and endpoint.url.bind else None
-                if (
-                    channel is not None
-                ):  # a bound PULL listens on PATH.shm too: a connecting server prefers it
-                    companion = open_endpoint(
-                        self._context,
-                        channel,
-                        queue=queue,
-                        monitor=True,
-                        keys=self._keys,
-                        max_message_size=max_message_size,
-                    )
-                    self._sources.append(companion)
-                    self._poller.register(companion.socket, zmq.POLLIN)
+            for companion in self._companions:
+                self._poller.register(companion.socket, zmq.POLLIN)
             self._connect_when_listening()
         except BaseException:
             self.close()
             raise
+
+    def _before_open(self, url: ParsedURL, *, queue: int, max_message_size: int) -> None:
+        """A bound ipc PULL listens on PATH.shm too (before PATH, so that a server that finds PATH listening finds
+        the channel as well): a connecting server sends its shared-memory descriptors there."""
+        if not hasattr(self, "_companions"):
+            self._companions: list[Endpoint] = []
+        channel = _shm.channel_url(url) if self._shm and url.bind else None
+        if channel is not None:
+            self._companions.append(
+                open_endpoint(
+                    self._context,
+                    channel,
+                    queue=queue,
+                    monitor=True,
+                    keys=self._keys,
+                    max_message_size=max_message_size,
+                )
+            )
 
     def _connects_at_once(self, url: ParsedURL) -> bool:
         """A zrpull+ipc socket waits to connect until a server listens on PATH.shm (then it reads the shm channel)
@@ -148,9 +153,9 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
 
     def close(self) -> None:
         """Close every socket at once, the shm channels' included."""
-        for source in getattr(self, "_sources", []):
-            if source not in self._endpoints:
-                source.close()
+        for companion in getattr(self, "_companions", []):
+            companion.close()
+        self._companions = []
         self._sources = []
         super().close()
 

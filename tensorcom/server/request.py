@@ -5,6 +5,17 @@
     clients (DEALER)          front end (this process)                    workers (processes)
     zreq://host:7880  ──────► ROUTER ─ per-client queues ─ round robin ──► ROUTER ──ipc──► DEALER: factory(...)
                       ◄────── replies routed back by client identity ◄──────────────────── BATCH/END/ERROR
+    with direct=True:
+    zreq://host:PORTk ─────────────────────────────────────────────────────────────────► ROUTER of worker k
+                      ◄──────────────────────────────────────────────────────────────── BATCH/END/ERROR
+
+With ``direct=True`` (the tf.data-service split) each worker also listens on an address of its own (the front end's
+host, a port of its own; or ``PATH.worker-k`` beside an ipc front end) and the front end names them in its WELCOME
+and PONG replies. A client connects to them and sends its REQUESTs there: a reply leaves the worker's memory
+straight for the client's socket, with no front end, no extra process hop and no copy beyond what the transport
+makes. The front end keeps HELLO, PING (its liveness), supervision and the slow path: a client that cannot reach a
+worker (a firewall, a port not exposed) keeps asking the front end, and gets the same batches. A worker restarted
+after a crash listens on the port it had, so its clients reconnect; what it owed them is asked of others.
 
 The front end answers PING itself, so a server busy computing still shows it is alive. It hands HELLO and REQUEST
 messages to workers, at most ``worker_queue`` at a time each, taking clients in turn so every client (every rank of
@@ -34,7 +45,7 @@ from typing import Any
 
 import zmq
 
-from tensorcom import codec
+from tensorcom import codec, protocol
 from tensorcom._net import allocator, shm
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
 from tensorcom._net.transport import (
@@ -45,7 +56,7 @@ from tensorcom._net.transport import (
     send_parts,
 )
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError
-from tensorcom.protocol import AnyMessage, Error, ErrorKind, Hello, Message, Ping, Pong, Request
+from tensorcom.protocol import AnyMessage, Error, ErrorKind, Hello, Message, Ping, Pong, Request, Welcome
 from tensorcom.server._base import Server
 from tensorcom.server.worker import Factory, RequestHandler, load_factory, worker_main
 from tensorcom.urls import ParsedURL
@@ -58,6 +69,7 @@ _MAX_PENDING_PER_CLIENT = 256
 _MAX_ATTEMPTS = 3
 _SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
 _LIMIT_DRAIN = 5.0  # seconds to answer the requests held once run()'s count or duration is reached
+_SUN_PATH = 107  # longest unix socket path
 _OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
 _STOPPING_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})  # the exit codes they give
 
@@ -72,6 +84,9 @@ class _Worker:
         self.outstanding: dict[int, tuple[tuple[int, bytes], Hello | Request, int]] = {}
         self.next_ticket = 0
         self.died: float | None = None  # when it was first seen dead (None: alive, or not looked at since)
+        # where it takes requests from clients directly, per front-end URL ("": it does not)
+        self.addresses: list[str] = []
+        self.draining = False  # told to drain its direct clients' requests, and not done yet
 
 
 class RequestServer(Server, sockets=("ROUTER",)):
@@ -89,7 +104,10 @@ class RequestServer(Server, sockets=("ROUTER",)):
         queue: replies queued per client before sending blocks.
         report_interval: seconds between rate reports through ``logging``.
         server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
-            ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain).
+            ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain). The
+            workers' own sockets use the same keys.
+        direct: workers take requests from clients on addresses of their own and reply directly (see the module
+            docstring); False: every request and reply passes through the front end.
 
     Shared memory (:mod:`tensorcom._net.shm`): workers hand batches to the front end through shared memory; a client
     that connects over ``ipc://`` and says it can read shared memory gets the descriptor itself, and the batch
@@ -109,6 +127,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
         name: str | None = None,
         server_key: KeyPath | None = None,
         client_keys: KeyPath | None = None,
+        direct: bool = False,
     ) -> None:
         super().__init__(report_interval)
         if workers < 0:
@@ -119,8 +138,10 @@ class RequestServer(Server, sockets=("ROUTER",)):
         load_factory(factory)  # fail now, not in a worker
         self.workers = workers
         self.worker_queue = worker_queue
+        self.direct = direct and workers > 0
+        self.queue = queue
         parsed = parse_endpoints(urls, {"ROUTER"}, "request Server")
-        keys = server_keys_from(server_key, client_keys)
+        keys = self._keys = server_keys_from(server_key, client_keys)
         allocator.tune()  # small batches: no heap shrink-and-regrow per batch
         self._context: zmq.Context[Any] = zmq.Context()
         self._authenticator: Authenticator | None = None
@@ -165,15 +186,36 @@ class RequestServer(Server, sockets=("ROUTER",)):
 
     def _start_worker(self, worker: _Worker) -> None:
         context = multiprocessing.get_context("spawn")
+        listen = (
+            [self._worker_address(i, endpoint, worker) for i, endpoint in enumerate(self._frontends)]
+            if self.direct
+            else []
+        )
         worker.process = context.Process(
             target=worker_main,
             args=(self.factory, self._backend_address, worker.identity, os.getpid(), self.name),
+            kwargs={"listen": listen, "keys": self._keys, "queue": self.queue},
             name=f"tensorcom-{worker.identity.decode()}",
             daemon=True,
         )
         worker.ready = False
         worker.died = None
         worker.process.start()
+
+    @staticmethod
+    def _worker_address(index: int, endpoint: Endpoint, worker: _Worker) -> str:
+        """Where a worker listens for the clients of front-end URL ``index``: the same host on a port of its own
+        (after a restart, the one it had, so clients reconnect), or an ipc path beside the front end's ("": none)."""
+        address = endpoint.address
+        known = worker.addresses[index] if index < len(worker.addresses) else ""
+        if address.startswith("tcp://"):
+            host = address[len("tcp://") :].rsplit(":", 1)[0]
+            port = known.rsplit(":", 1)[1] if known.startswith("tcp://") else "0"
+            return f"tcp://{host}:{port}"
+        if address.startswith("ipc://"):
+            path = f"{address}.{worker.identity.decode()}"
+            return path if len(os.fsencode(path)) - len("ipc://") <= _SUN_PATH else ""
+        return ""
 
     def _supervise(self) -> None:
         """Restart the workers that died, their requests given to the others; while stopping, let them go.
@@ -290,7 +332,8 @@ class RequestServer(Server, sockets=("ROUTER",)):
             self._reply(client, Error.refusing(header, ErrorKind.PROTOCOL, str(error), self.name), [])
             return
         if isinstance(message, Ping):
-            self._reply(client, Pong(server=self.name), [])
+            workers = self._worker_addresses(index) if self.direct else None
+            self._reply(client, Pong(server=self.name, workers=workers or None), [])
             return
         if not isinstance(message, Hello | Request):
             text = f"a server does not accept {message.command.name} messages"
@@ -373,9 +416,15 @@ class RequestServer(Server, sockets=("ROUTER",)):
         worker = next((w for w in self._processes if w.identity == identity), None)
         if worker is None:
             return
-        if len(frames) == 2 and frames[1].bytes == b"READY":
+        if frames[1].bytes == b"DRAINED":
+            worker.draining = False
+            return
+        if frames[1].bytes == b"READY":
             worker.ready = True
-            log.debug("worker %s ready", identity.decode())
+            worker.addresses = [frame.bytes.decode(errors="replace") for frame in frames[2:]]
+            log.debug(
+                "worker %s ready (%s)", identity.decode(), ", ".join(worker.addresses) or "via the front end"
+            )
             return
         index, ticket, client_identity = frames[1].bytes.split(b":", 2)
         held = worker.outstanding.pop(int(ticket), None)
@@ -392,7 +441,30 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 )
                 self._requeue(held[0], held[1], held[2] + 1)
                 return
-        self._reply(client, frames[2].bytes, replies)
+        header = frames[2].bytes
+        if self.direct and isinstance(held[1], Hello):
+            header = self._with_workers(header, client[0])
+        self._reply(client, header, replies)
+
+    def _with_workers(self, header: bytes, index: int) -> bytes:
+        """A worker's WELCOME with the addresses of this server's workers (see :meth:`_worker_addresses`)."""
+        message = protocol.decode(header, "a worker")
+        addresses = self._worker_addresses(index)
+        if not isinstance(message, Welcome) or not addresses:
+            return header
+        return replace(message, workers=addresses).encode()
+
+    def _worker_addresses(self, index: int) -> tuple[str, ...]:
+        """Where the ready workers take requests from the clients of front-end URL ``index`` (a TCP address
+        without its host: the client uses the host it reached this server at)."""
+        addresses = []
+        for worker in self._processes:
+            address = worker.addresses[index] if worker.ready and index < len(worker.addresses) else ""
+            if address.startswith("tcp://"):
+                addresses.append("tcp://:" + address.rsplit(":", 1)[1])
+            elif address:
+                addresses.append(address)
+        return tuple(addresses)
 
     def run(self, count: int | None = None, duration: float | None = None) -> int:
         """Serve until :meth:`stop`, an interrupt (KeyboardInterrupt closes at once), ``count`` batches served or
@@ -450,12 +522,20 @@ class RequestServer(Server, sockets=("ROUTER",)):
         """Requests received and not answered yet (queued, or being computed by a worker)."""
         queued = sum(len(queue) for queue in self._pending.values())
         queued += sum(len(outbox) for outbox in self._outbox.values())
+        queued += sum(worker.draining and worker.process.is_alive() for worker in self._processes)
         return queued + sum(len(worker.outstanding) for worker in self._processes)
 
     def _finish(self, poller: zmq.Poller, seconds: float) -> float:
         """Answer the requests already received (new ones get an ``unavailable`` ERROR) for at most ``seconds``;
         return the time left, which the sockets then get to send the last replies."""
         self.draining = True
+        for worker in self._processes if self.direct else []:  # they answer their direct requests too
+            if worker.ready:
+                try:
+                    self._backend.send_multipart([worker.identity, b"DRAIN"], flags=zmq.NOBLOCK)
+                    worker.draining = True
+                except zmq.ZMQError:
+                    pass
         deadline = time.monotonic() + seconds
         log.info("draining: finishing %d requests (at most %.1f s)", self.in_flight, seconds)
         while self.in_flight and time.monotonic() < deadline:

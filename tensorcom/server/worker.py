@@ -12,8 +12,9 @@ import importlib
 import logging
 import os
 import traceback
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -21,6 +22,7 @@ import zmq
 
 from tensorcom import codec, protocol
 from tensorcom._net import allocator, shm
+from tensorcom._net.security import Authenticator, ServerKeys
 from tensorcom._net.transport import MAX_BATCH_FRAME, MAX_CONTROL_MESSAGE, send_parts
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError
 from tensorcom.protocol import (
@@ -30,6 +32,8 @@ from tensorcom.protocol import (
     Error,
     ErrorKind,
     Hello,
+    Ping,
+    Pong,
     Request,
     Welcome,
     flatten_batch,
@@ -208,8 +212,29 @@ def _encodable(message: Welcome | Batch) -> bytes:
     return message.encode()
 
 
-def worker_main(factory: str | Factory, backend: str, identity: bytes, parent: int, server: str) -> None:
-    """A worker process: take requests from the front end, compute replies, until told to stop or orphaned."""
+_MAX_PENDING_PER_CLIENT = 256
+_OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
+_FRONT = (-1, b"")  # the key of the requests the front end hands over
+
+
+def worker_main(
+    factory: str | Factory,
+    backend: str,
+    identity: bytes,
+    parent: int,
+    server: str,
+    listen: Sequence[str] = (),
+    keys: ServerKeys | None = None,
+    queue: int = 16,
+) -> None:
+    """A worker process: take requests from the front end, and from clients directly on the ``listen`` addresses
+    (its own ROUTER sockets, one per front-end URL), compute replies, until told to stop or orphaned.
+
+    Its first message to the front end is READY followed by the addresses it listens on. Replies to direct
+    requests go straight to the client (from the worker's memory, or its shared memory for a client on this host
+    that asks for it): no front end in the way. Clients take turns; one whose replies pile up unread (``_OUTBOX``)
+    gets nothing computed until it reads, so it cannot stall the others.
+    """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
@@ -217,6 +242,7 @@ def worker_main(factory: str | Factory, backend: str, identity: bytes, parent: i
     handler = RequestHandler(load_factory(factory), server)
     arena = shm.Arena() if shm.enabled() else None  # batches reach the front end through shared memory
     context: zmq.Context[Any] = zmq.Context()
+    authenticator = Authenticator(context, keys, ", ".join(listen)) if keys is not None and listen else None
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.IDENTITY, identity)
     socket.setsockopt(zmq.LINGER, 1000)
@@ -224,31 +250,161 @@ def worker_main(factory: str | Factory, backend: str, identity: bytes, parent: i
     socket.setsockopt(zmq.RCVHWM, 8)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
     socket.connect(backend)
-    socket.send_multipart([b"READY"])
-    try:
-        while os.getppid() == parent:
-            try:  # a queued request needs no poll first
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                if not socket.poll(500, zmq.POLLIN):
-                    continue
-                frames = socket.recv_multipart(copy=True)
-            if frames == [b"STOP"]:
-                break
-            client, header = frames[0], frames[1]
-            message = protocol.decode(header, "front end")
+    routers: list[zmq.Socket[Any]] = []
+    addresses: list[bytes] = []
+    for address in listen:
+        router = context.socket(zmq.ROUTER)
+        routers.append(router)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.SNDHWM, queue)
+        router.setsockopt(zmq.RCVHWM, queue)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if not address:  # no address of its own for that URL: its clients go through the front end
+            addresses.append(b"")
+            continue
+        if keys is not None:
+            keys.apply(router)
+        try:
+            router.bind(address)
+            addresses.append(router.getsockopt(zmq.LAST_ENDPOINT))
+        except zmq.ZMQError as error:  # the front end's address still serves that client
+            log.warning("worker %s cannot listen on %s (%s)", identity.decode(), address, error)
+            addresses.append(b"")
+    socket.send_multipart([b"READY", *addresses])
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    for router in routers:
+        poller.register(router, zmq.POLLIN)
+    # requests waiting, per source in turn: the front end's (route, message), a client's (None, message)
+    pending: OrderedDict[tuple[int, bytes], deque[tuple[bytes | None, AnyMessage]]] = OrderedDict()
+    outbox: dict[tuple[int, bytes], deque[list[Any]]] = {}
+    draining = False  # the front end drains: new direct requests are refused, those received are answered
+    drained = False
+
+    def flush(client: tuple[int, bytes]) -> None:
+        waiting = outbox.get(client)
+        while waiting:
             try:
-                data, tensors = handler.handle(message, arena)
+                send_parts(routers[client[0]], waiting[0], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # the client is gone
+                waiting.clear()
+                break
+            waiting.popleft()
+        outbox.pop(client, None)
+
+    def from_client(index: int) -> None:
+        frames = routers[index].recv_multipart(copy=True)
+        if len(frames) != 2:
+            return
+        client = (index, frames[0])
+        try:
+            message = protocol.decode(frames[1], f"client of worker {identity.decode()}")
+        except ProtocolError as error:
+            reply = Error.refusing(None, ErrorKind.PROTOCOL, str(error), server).encode()
+            outbox.setdefault(client, deque()).append([client[1], reply])
+            return
+        if isinstance(message, Ping):
+            outbox.setdefault(client, deque()).append([client[1], Pong(server=server).encode()])
+            return
+        if draining and isinstance(message, Hello | Request):
+            text = f"server {server} is shutting down"
+            refusal = Error.refusing(message, ErrorKind.UNAVAILABLE, text, server).encode()
+            outbox.setdefault(client, deque()).append([client[1], refusal])
+            return
+        if not isinstance(message, Hello | Request):
+            text = f"a worker does not accept {message.command.name} messages"
+            outbox.setdefault(client, deque()).append(
+                [client[1], Error.refusing(message, ErrorKind.PROTOCOL, text, server).encode()]
+            )
+            return
+        requests: list[AnyMessage] = [message]
+        if isinstance(message, Request) and message.count > 1:
+            requests = [
+                replace(message, step=step, count=1)
+                for step in range(message.step, message.step + message.count)
+            ]
+        waiting = pending.setdefault(client, deque())
+        if len(waiting) + len(requests) > _MAX_PENDING_PER_CLIENT:
+            text = f"more than {_MAX_PENDING_PER_CLIENT} requests pending from one client"
+            outbox.setdefault(client, deque()).append(
+                [client[1], Error.refusing(message, ErrorKind.PROTOCOL, text, server).encode()]
+            )
+            return
+        waiting.extend((None, request) for request in requests)
+
+    def compute_one() -> None:
+        for client in list(pending):
+            if client != _FRONT and len(outbox.get(client, ())) >= _OUTBOX:
+                pending.move_to_end(client)  # it does not read: the others go first
+                continue
+            waiting = pending[client]
+            route, message = waiting.popleft()
+            pending.move_to_end(client)
+            if not waiting:
+                del pending[client]
+            direct = client != _FRONT
+            shared = (
+                arena
+                if not direct
+                or (isinstance(message, Request) and message.shm and listen[client[0]].startswith("ipc://"))
+                else None
+            )
+            try:
+                data, tensors = handler.handle(message, shared)
             except (
                 Exception
             ) as error:  # handle() answers errors itself; this keeps the worker alive regardless
                 log.exception("worker %s: unexpected failure", identity.decode())
                 text = f"{type(error).__name__}: {error}"
                 data, tensors = Error.refusing(message, ErrorKind.PIPELINE, text, server).encode(), []
-            send_parts(socket, [client, data, *tensors])
+            if direct:
+                outbox.setdefault(client, deque()).append([client[1], data, *tensors])
+                flush(client)
+            else:
+                send_parts(socket, [route, data, *tensors])
+            return
+
+    try:
+        while os.getppid() == parent:
+            busy = any(client == _FRONT or len(outbox.get(client, ())) < _OUTBOX for client in pending)
+            ready = dict(poller.poll(0 if busy else (10 if outbox else 500)))
+            if socket in ready:
+                stop = False
+                while True:
+                    try:
+                        frames = socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    if frames == [b"STOP"]:
+                        stop = True
+                        break
+                    if frames == [b"DRAIN"]:
+                        draining = True
+                        continue
+                    message = protocol.decode(frames[1], "front end")
+                    pending.setdefault(_FRONT, deque()).append((frames[0], message))
+                if stop:
+                    break
+            for index, router in enumerate(routers):
+                while router in ready and router.poll(0, zmq.POLLIN):
+                    from_client(index)
+            for client in list(outbox):
+                flush(client)
+            if pending:
+                compute_one()
+            elif draining and not drained and not outbox:
+                socket.send_multipart([b"DRAINED"])  # every direct request received has been answered
+                drained = True
     finally:
         handler.close()
         socket.close()
+        for router in routers:
+            router.close(linger=2000 if drained else 0)  # a drained worker's last replies may still be queued
+        if authenticator is not None:
+            authenticator.stop()
         context.term()
         if arena is not None:
             arena.close(wait=1.0)
