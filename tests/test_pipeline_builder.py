@@ -846,6 +846,21 @@ def test_concurrency_is_a_hard_bound(
     assert meter.most == limit
 
 
+def test_concurrency_bound_holds_with_more_op_threads_than_it(no_loop_threads: None) -> None:
+    """With num_threads above an op's concurrency, the op threads still run concurrency calls of it at most, while
+    another stage uses the spare threads."""
+    meter, other = InFlight(), InFlight()
+    p = (
+        PipelineBuilder()
+        .add_source(range(16))
+        .pipe(counted_op(other, 4, False), concurrency=4)
+        .pipe(counted_op(meter, 2, False), concurrency=2)
+        .build(num_threads=8)
+    )
+    assert list(p) == list(range(16))
+    assert (meter.most, other.most) == (2, 4)
+
+
 def test_concurrency_bound_holds_with_a_user_executor(no_loop_threads: None) -> None:
     """A sync op on the user's executor (with more threads than its concurrency) runs concurrency calls at most."""
     meter = InFlight()

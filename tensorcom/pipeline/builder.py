@@ -586,17 +586,29 @@ class _FromSource:
             self._thread.join()
 
 
+@dataclass(slots=True)
+class _Job:
+    stage: str
+    limit: int
+    future: asyncio.Future[Any]
+    op: Callable[[Any], Any]
+    value: Any
+
+
 class _OpThreads:
     """Threads running synchronous ops, with results handed back to the event loop in batches.
 
-    Each result goes into a list; the loop is woken once per batch of results (not per result, as with
-    ``run_in_executor``), so cheap ops do not pay a loop round trip each."""
+    A thread takes the oldest job whose stage runs fewer calls than its ``concurrency``, so the bound holds here,
+    where the calls run, while the loop may queue a few jobs ahead: a thread that finishes one starts the next
+    without waiting for the loop. Each result goes into a list; the loop is woken once per batch of results (not
+    per result, as with ``run_in_executor``), so cheap ops do not pay a loop round trip each."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
         self._loop = loop
-        self._tasks: queue.SimpleQueue[tuple[asyncio.Future[Any], Callable[[Any], Any], Any] | None] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: deque[_Job] = deque()
+        self._running: dict[str, int] = {}
+        self._stopping = False
+        self._ready = threading.Condition(threading.Lock())
         self._done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
         self._scheduled = False
         self._lock = threading.Lock()
@@ -606,31 +618,52 @@ class _OpThreads:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, op: Callable[[Any], Any], value: Any) -> asyncio.Future[Any]:
+    def submit(self, stage: str, limit: int, op: Callable[[Any], Any], value: Any) -> asyncio.Future[Any]:
         future = self._loop.create_future()
-        self._tasks.put((future, op, value))
+        with self._ready:
+            self._jobs.append(_Job(stage, limit, future, op, value))
+            self._ready.notify()
         return future
 
+    def _take(self) -> _Job | None:
+        """The oldest job that may start now (the lock held), or None when the thread should end."""
+        while not self._stopping:
+            for i, job in enumerate(self._jobs):
+                if job.future.cancelled():
+                    del self._jobs[i]
+                    break
+                if self._running.get(job.stage, 0) < job.limit:
+                    del self._jobs[i]
+                    self._running[job.stage] = self._running.get(job.stage, 0) + 1
+                    return job
+            else:
+                self._ready.wait()
+        return None
+
     def _work(self) -> None:
+        finished: str | None = None  # the stage of the job this thread just ran
         while True:
-            task = self._tasks.get()
-            if task is None:
+            with self._ready:
+                if finished is not None:
+                    self._running[finished] -= 1
+                job = (
+                    self._take()
+                )  # the slot just freed goes to the oldest job that may start: no wake-up needed
+            if job is None:
                 return
-            future, op, value = task
-            if future.cancelled():
-                continue
+            finished = job.stage
             result: Any = None
             error: BaseException | None = None
             try:
-                result = op(value)
+                result = job.op(job.value)
             except StopIteration as exc:  # a future cannot hold StopIteration, as a generator cannot raise it
                 error = RuntimeError(f"op raised StopIteration: {exc!r}")
             except BaseException as exc:
                 error = exc
             with self._lock:
-                self._done.append((future, result, error))
+                self._done.append((job.future, result, error))
                 schedule, self._scheduled = not self._scheduled, True
-            del task, future, value, result, error  # nothing of this item stays alive while the thread waits
+            del job, result, error  # nothing of this item stays alive while the thread waits
             if schedule:
                 try:
                     self._loop.call_soon_threadsafe(self._deliver)
@@ -651,13 +684,10 @@ class _OpThreads:
 
     def stop(self) -> None:
         """Let the threads end after the op each is running (they are not waited for)."""
-        while True:
-            try:
-                self._tasks.get_nowait()
-            except queue.Empty:
-                break
-        for _ in self._threads:
-            self._tasks.put(None)
+        with self._ready:
+            self._stopping = True
+            self._jobs.clear()
+            self._ready.notify_all()
 
 
 class _Runner:
@@ -799,7 +829,7 @@ class _Runner:
             return asyncio.wrap_future(stage.executor.submit(op, record.value), loop=self._loop)
         if self._ops is None:  # _Runner starts them whenever a stage has a synchronous op
             raise RuntimeError("no op threads for a synchronous op")
-        return self._ops.submit(op, record.value)
+        return self._ops.submit(stage.name, stage.concurrency, op, record.value)
 
     async def _finish(
         self, stage: _PipeConfig, item: _Item, running: asyncio.Future[Any]
@@ -835,23 +865,27 @@ class _Runner:
         return limit < 0 or failures <= limit
 
     async def _pipe_ordered(self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
-        # A call starts only with one of ``concurrency`` slots, given back when it finishes: the bound holds however
-        # many results wait here for the ones before them (at most ``concurrency`` entries, no task per item).
-        slots = asyncio.Semaphore(stage.concurrency)
+        # Started ops wait here in input order (at most ``concurrency`` entries; no task per item). The bound on
+        # calls running at once: on the op threads, kept where the calls run (jobs may queue ahead); on the loop or
+        # an executor, a call starts only with one of ``concurrency`` slots, given back when it finishes.
+        slots = None if stage.on_op_threads else asyncio.Semaphore(stage.concurrency)
         pending: asyncio.Queue[tuple[_Item, asyncio.Future[Any]] | _Message] = asyncio.Queue(
             stage.concurrency
         )
 
         def give_back(_: asyncio.Future[Any]) -> None:
-            slots.release()
+            if slots is not None:
+                slots.release()
 
         async def feed() -> None:
             while True:
                 message = await inq.get()
                 if isinstance(message, _Item):
-                    await slots.acquire()
+                    if slots is not None:
+                        await slots.acquire()
                     running = self._start(stage, message)
-                    running.add_done_callback(give_back)
+                    if slots is not None:
+                        running.add_done_callback(give_back)
                     await pending.put((message, running))
                 else:
                     await pending.put(message)
@@ -874,10 +908,11 @@ class _Runner:
                     _discard(entry[1])
 
     async def _pipe_unordered(self, stage: _PipeConfig, inq: asyncio.Queue[_Message], out: _Outlet) -> None:
-        # At most ``concurrency`` calls at once, and no input starts while one ``window`` inputs before it is still
-        # unfinished: an item overtakes a bounded number of others, so the record of what was delivered ahead of
-        # the first undelivered item stays bounded.
-        slots = asyncio.Semaphore(stage.concurrency)
+        # At most ``concurrency`` calls at once (on the op threads, jobs may queue ahead: the threads keep the
+        # bound), and no input starts while one ``window`` inputs before it is still unfinished: an item overtakes
+        # a bounded number of others, so the record of what was delivered ahead of the first undelivered item
+        # stays bounded.
+        slots = asyncio.Semaphore(stage.concurrency * (2 if stage.on_op_threads else 1))
         window = _WINDOW_PER_CALL * stage.concurrency
         running: set[asyncio.Future[None]] = set()
         started: deque[int] = deque()  # numbers of the inputs started and maybe unfinished, in order
