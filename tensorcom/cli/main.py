@@ -232,6 +232,13 @@ def _factory_options(options: tuple[str, ...]) -> dict[str, Any]:
     "-w", "--workers", default=2, show_default=True, help="Worker processes computing batches (0: inline)."
 )
 @click.option(
+    "--direct/--no-direct",
+    default=True,
+    show_default=True,
+    help="Workers listen on ports of their own and reply to clients directly; --no-direct keeps every request "
+    "and reply on the --bind port (e.g. behind a Kubernetes Service that exposes one port).",
+)
+@click.option(
     "-o",
     "--option",
     "options",
@@ -254,6 +261,7 @@ def serve(
     factory: str,
     urls: tuple[str, ...],
     workers: int,
+    direct: bool,
     options: tuple[str, ...],
     report: float,
     drain: float,
@@ -285,6 +293,7 @@ def serve(
         functools.partial(target, **extra) if extra else factory,
         list(urls),
         workers=workers,
+        direct=direct,
         report_interval=report,
         server_key=server_key,
         client_keys=client_keys,

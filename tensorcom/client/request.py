@@ -533,7 +533,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         log.warning("%s %s %s; asking others for steps %s", what, server.address, why, lost)
         for worker in server.workers:
             if worker.outstanding:
-                self._lose(worker, f"belongs to a server that {why}")
+                self._lose(worker, f"belongs to a server {why}")
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
@@ -554,13 +554,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 server.last_ping = now
             silent = now - max(server.last_heard, self._started_waiting)
             if server.alive and silent > self.dead_after:
-                server.alive = False
-                lost = sorted(server.outstanding)
-                server.outstanding.clear()
-                self._to_request = sorted(set(self._to_request) | set(lost))
-                log.warning(
-                    "server %s silent for %.1f s; asking others for steps %s", server.address, silent, lost
-                )
+                self._lose(server, f"silent for {silent:.1f} s")  # and what its workers owed us
 
     def _describe_servers(self) -> str:
         """Each server's address and whether it is up, down, or never answered (a wrong address, or not started)."""
