@@ -363,12 +363,6 @@ class _Skipped:
     marks: tuple[_Mark, ...]
 
 
-class _Dropped:
-    """What a pipe stage makes of an input whose op failed within ``max_failures``."""
-
-
-_DROPPED = _Dropped()
-
 _Message = _Item | _End | _Failure | _Skipped
 
 
@@ -442,10 +436,10 @@ def _offsets(runs: Any, where: str) -> set[int]:
         ):
             raise StateError(f"{where}: each delivered run must be [first >= 1, count >= 1]. Found: {run!r}")
         if run[1] > _MAX_DELIVERED:
-            raise StateError(f"{where}: a delivered run of {run[1]} items is more than a run can hold")
+            raise StateError(f"{where}: a delivered run of {run[1]} items is more than a state records")
         offsets.update(range(run[0], run[0] + run[1]))
     if len(offsets) > _MAX_DELIVERED:
-        raise StateError(f"{where}: {len(offsets)} delivered items is more than a run can hold")
+        raise StateError(f"{where}: {len(offsets)} delivered items is more than a state records")
     return offsets
 
 
@@ -644,11 +638,11 @@ class _OpThreads:
         finished: str | None = None  # the stage of the job this thread just ran
         while True:
             with self._ready:
-                if finished is not None:
+                if (
+                    finished is not None
+                ):  # the slot it frees goes to the oldest job that may start: no wake-up
                     self._running[finished] -= 1
-                job = (
-                    self._take()
-                )  # the slot just freed goes to the oldest job that may start: no wake-up needed
+                job = self._take()
             if job is None:
                 return
             finished = job.stage
@@ -806,7 +800,8 @@ class _Runner:
             except StopAsyncIteration:
                 break
             except Exception as exc:  # an async generator that raised is finished: the next read ends it
-                message: _Message = _source_failure(exc, (mark,))
+                failure: _Message = _source_failure(exc, (mark,))
+                message = _Skipped((mark,)) if seq in self._delivered else failure
             else:
                 if seq in self._delivered:
                     message = _Skipped((mark,))
@@ -1267,6 +1262,8 @@ class BuiltPipeline(Pipeline):
             self._drain(n)
             return
         self._stop()
+        if self._spent is not None:
+            raise StateError(self._spent)
         self._ended = False
         count = n * self._items_per_output
         if isinstance(self._source, _AsyncReplaySource):
