@@ -27,7 +27,7 @@ from tensorcom.convert import ConverterSpec, make_converters
 from tensorcom.errors import ConfigError, URLError
 from tensorcom.urls import SCHEMES, ParsedURL, expand_urls, parse_url
 
-__all__ = ["BatchInfo", "Connection", "adapter_source", "check_limits"]
+__all__ = ["BatchInfo", "Connection", "adapter_source", "check_fan_in", "check_limits", "default_io_threads"]
 
 
 @dataclass
@@ -74,10 +74,16 @@ class _Receiver:
         server_public_key: KeyPath | None,
         max_message_size: int,
         shm: bool | None,
+        io_threads: int | None = None,
+        stripes: int = 1,
     ) -> None:
         check_limits(epoch, total, timeout)
+        check_fan_in(io_threads, stripes)
         socket_types = {SCHEMES[scheme][0] for scheme in self.schemes}
         parsed = parse_endpoints(urls, socket_types, f"{self.mode} Connection")
+        sockets = sum(1 if url.bind else stripes for url in parsed)
+        self.stripes = stripes
+        self.io_threads = io_threads if io_threads is not None else self._default_io_threads(sockets)
         self._keys: ClientKeys | None = client_keys_from(client_key, server_public_key)
         self.timeout = timeout
         self.epoch = epoch
@@ -89,29 +95,34 @@ class _Receiver:
         self._shm = shm is not False and _shm.enabled()
         self._reader = _shm.Reader()
         allocator.tune()  # small batches: no heap shrink-and-regrow per batch
-        self._context: zmq.Context[Any] = zmq.Context()
+        self._context: zmq.Context[Any] = zmq.Context(io_threads=self.io_threads)
         self._endpoints: list[Endpoint] = []
         try:
             for url in parsed:
                 self._before_open(url, queue=queue, max_message_size=max_message_size)
-                self._endpoints.append(
-                    open_endpoint(
-                        self._context,
-                        url,
-                        queue=queue,
-                        monitor=True,
-                        keys=self._keys,
-                        max_message_size=max_message_size,
-                        immediate=immediate,
-                        connect=self._connects_at_once(url),
+                for _ in range(1 if url.bind else stripes):  # a bound socket takes any number of connections
+                    self._endpoints.append(
+                        open_endpoint(
+                            self._context,
+                            url,
+                            queue=queue,
+                            monitor=True,
+                            keys=self._keys,
+                            max_message_size=max_message_size,
+                            immediate=immediate,
+                            connect=self._connects_at_once(url),
+                        )
                     )
-                )
         except BaseException:
             self.close()
             raise
         self._poller = zmq.Poller()
         for endpoint in self._endpoints:
             self._poller.register(endpoint.socket, zmq.POLLIN)
+
+    def _default_io_threads(self, sockets: int) -> int:
+        """The ZeroMQ I/O threads for ``sockets`` sockets to servers when ``io_threads`` is not given."""
+        return default_io_threads(sockets)
 
     def _before_open(self, url: ParsedURL, *, queue: int, max_message_size: int) -> None:
         """Called before the socket for ``url`` opens (a subclass may open a companion socket first)."""
@@ -122,7 +133,8 @@ class _Receiver:
 
     @property
     def endpoints(self) -> list[str]:
-        """The addresses this connection receives from (bound addresses are read back, so port 0 shows its port)."""
+        """The addresses this connection receives from, one per socket (a URL striped over k sockets shows k times;
+        bound addresses are read back, so port 0 shows its port)."""
         return [endpoint.address for endpoint in self._endpoints]
 
     def _ensure_open(self) -> None:
@@ -227,6 +239,14 @@ class Connection(_Receiver):
         shm: accept batches in shared memory from servers on this host (``ipc://`` URLs; :mod:`tensorcom._net.shm`).
             None (the default): yes, unless $TENSORCOM_SHM is 0. Such arrays are views of shared memory; the
             server reuses the memory once they are all dropped.
+        io_threads: the ZeroMQ I/O threads that move this connection's bytes between the kernel and its queues (an
+            int >= 1). One thread carries a few GB/s; a connection to many servers, or to a few fast ones, needs
+            more. None (the default): :func:`default_io_threads` of the number of sockets the data arrives on
+            (``connection.io_threads`` tells the number chosen).
+        stripes: sockets opened to each server URL this connection connects to (an int >= 1, default 1), so one
+            fast server's batches spread over that many TCP connections (one connection tops out well below a
+            100 GbE link). A URL this connection binds keeps one socket (servers connect to it as often as they
+            like). Each kind says what stripes do to the order of batches.
     """
 
     _kinds: ClassVar[dict[str, type[Connection]]] = {}
@@ -277,6 +297,8 @@ class Connection(_Receiver):
         dead_after: float | None = _DEFAULT,
         state: dict[str, Any] | None = _DEFAULT,
         control: str | None = _DEFAULT,
+        io_threads: int | None = _DEFAULT,
+        stripes: int = _DEFAULT,
     ) -> Connection:
         arguments = locals()
         given = [name for name in _NEW_OPTIONS if arguments[name] is not _DEFAULT]
@@ -341,6 +363,29 @@ def check_limits(epoch: int | None, total: int | None, timeout: float | None) ->
             raise ConfigError(f"{name} must be >= 1 batch or None. Found: {value}")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"timeout must be > 0 seconds or None. Found: {timeout}")
+
+
+SOCKETS_PER_IO_THREAD = 2
+"""Sockets to servers per ZeroMQ I/O thread when ``io_threads`` is not given (see :func:`default_io_threads`)."""
+MAX_DEFAULT_IO_THREADS = 4
+"""The most I/O threads chosen by default; ``io_threads=`` sets more."""
+
+
+def default_io_threads(sockets: int) -> int:
+    """The I/O threads for a connection whose data arrives on ``sockets`` sockets: one for one or two sockets, one more
+    per further :data:`SOCKETS_PER_IO_THREAD`, at most :data:`MAX_DEFAULT_IO_THREADS` (see benchmarks/README.md,
+    "Many servers into one rank", for the measurements behind these numbers)."""
+    return max(1, min(MAX_DEFAULT_IO_THREADS, -(-sockets // SOCKETS_PER_IO_THREAD)))
+
+
+def check_fan_in(io_threads: int | None, stripes: int) -> None:
+    """Check ``io_threads`` (an int >= 1 or None) and ``stripes`` (an int >= 1)."""
+    if io_threads is not None and (
+        isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1
+    ):
+        raise ConfigError(f"io_threads must be an int >= 1 or None. Found: {io_threads!r}")
+    if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
+        raise ConfigError(f"stripes must be an int >= 1. Found: {stripes!r}")
 
 
 def adapter_source(source: Any, batches: int | None, options: dict[str, Any]) -> tuple[list[str] | None, Any]:

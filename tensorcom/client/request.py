@@ -28,7 +28,7 @@ from tensorcom import codec, protocol
 from tensorcom._net import shm as _shm
 from tensorcom._net.security import KeyPath
 from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, receive
-from tensorcom.client._base import BatchInfo, Connection
+from tensorcom.client._base import BatchInfo, Connection, default_io_threads
 from tensorcom.convert import ConverterSpec
 from tensorcom.errors import (
     ConfigError,
@@ -59,6 +59,8 @@ __all__ = ["RequestConnection", "default_rank_and_world_size"]
 
 log = logging.getLogger(__name__)
 
+EXPECTED_WORKERS = 1
+"""Worker processes per server that the default number of I/O threads counts on (see benchmarks/README.md)."""
 _SMALL_BATCH = 1 << 20  # below this many bytes, requests go in groups (see RequestConnection)
 _GROUP = 4
 STATE_KIND = "tensorcom.zreq"
@@ -119,6 +121,12 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         shm: read batches from shared memory when the server is on this host (:mod:`tensorcom._net.shm`). None (the
             default): for ``ipc://`` servers, unless $TENSORCOM_SHM is 0. False: always through the socket.
             The arrays of such a batch are views of shared memory; its slot is reused once they are all dropped.
+        io_threads: ZeroMQ I/O threads, as for every :class:`~tensorcom.client.Connection`. The sockets to the
+            servers' worker processes (opened after the first WELCOME) share them, so the default counts
+            :data:`EXPECTED_WORKERS` per server socket (see :meth:`_default_io_threads`).
+        stripes: DEALER sockets opened to each server (default 1), each greeted, pinged and asked for steps as a
+            server of its own (and each connecting to that server's workers itself), so one fast server's replies
+            spread over ``stripes`` TCP connections. Batches are still yielded in step order, exactly once.
 
     Once open, ``fingerprint`` names the served pipeline and ``class_names`` holds the names of its classes (label i
     named ``class_names[i]``) where the servers send them in their WELCOME (serve-imagenet-dir: its class folders),
@@ -144,6 +152,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         server_public_key: KeyPath | None = None,
         max_message_size: int = MAX_BATCH_FRAME,
         shm: bool | None = None,
+        io_threads: int | None = None,
+        stripes: int = 1,
     ) -> None:
         default_rank, default_world = default_rank_and_world_size()
         rank = default_rank if rank is None else rank
@@ -168,6 +178,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             server_public_key=server_public_key,
             max_message_size=max_message_size,
             shm=shm,
+            io_threads=io_threads,
+            stripes=stripes,
         )
         self.seed = seed
         self.rank = rank
@@ -205,6 +217,11 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         except BaseException:
             self.close()
             raise
+
+    def _default_io_threads(self, sockets: int) -> int:
+        """The context exists before the servers name their workers, so count :data:`EXPECTED_WORKERS` sockets to
+        workers beside each socket to a server (whose own traffic, once workers answer, is pings and requests)."""
+        return default_io_threads(sockets * EXPECTED_WORKERS)
 
     # state
 
@@ -558,11 +575,12 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
 
     def _describe_servers(self) -> str:
         """Each server's address and whether it is up, down, or never answered (a wrong address, or not started)."""
-        return ", ".join(
+        described = (  # a server striped over several sockets is named once per state its sockets are in
             f"{s.address} ({'never answered' if not s.answered else 'up' if s.alive else 'down'})"
             for s in self._servers
             if s.parent is None
         )
+        return ", ".join(dict.fromkeys(described))
 
     def recv(self) -> Any:
         """The next batch of the stream. Raises StopIteration at the end of a finite epoch."""

@@ -21,7 +21,7 @@ from tensorcom import codec, protocol
 from tensorcom._net import shm as _shm
 from tensorcom._net.security import KeyPath
 from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, parse_endpoints, receive
-from tensorcom.client._base import BatchInfo, Connection
+from tensorcom.client._base import BatchInfo, Connection, check_fan_in
 from tensorcom.convert import ConverterSpec
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
 from tensorcom.protocol import (
@@ -57,6 +57,14 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             counts it in ``malformed`` and goes on to the next batch.
         control: the ``zreq://`` URL of the server's control socket (a pipeline server started with ``control=``):
             then :meth:`load_state_dict` and :meth:`set_epoch` move that server (see :meth:`seek`).
+        io_threads: ZeroMQ I/O threads, as for every :class:`~tensorcom.client.Connection`; by default one per two
+            sockets to servers, at most 4.
+        stripes: sockets opened to each ``zrpull`` URL (default 1). A ``zrpush`` server hands its batches to them in
+            turn, so one fast server's stream spreads over ``stripes`` TCP connections. Batches from one server
+            then arrive interleaved across its sockets, as batches from several servers do: stream mode never
+            promised an order across sockets (use zreq for step order, or the step in ``last``). ``zsub`` URLs
+            refuse stripes (every SUB socket would get every batch); bound URLs (``zpull``, ``zrsub``) keep one
+            socket.
     """
 
     def __init__(
@@ -74,11 +82,22 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         max_message_size: int = MAX_BATCH_FRAME,
         shm: bool | None = None,
         control: str | None = None,
+        io_threads: int | None = None,
+        stripes: int = 1,
     ) -> None:
         if on_malformed not in ("raise", "log"):
             raise ConfigError(f"on_malformed must be 'raise' or 'log'. Found: {on_malformed!r}")
         if control is not None:
             parse_endpoints(control, {"DEALER"}, "control")  # a bad URL fails here, not at the first seek
+        check_fan_in(io_threads, stripes)
+        if stripes > 1:
+            parsed = parse_endpoints(urls, {"PULL", "SUB"}, "stream Connection")
+            subscribers = [url.url for url in parsed if url.scheme == "zsub"]
+            if subscribers:
+                raise ConfigError(
+                    f"stripes={stripes} cannot apply to {subscribers[0]!r}: every SUB socket receives every batch, "
+                    "so striped zsub would deliver each batch several times; use stripes=1, or zrpull://"
+                )
         super().__init__(
             urls,
             queue=queue,
@@ -91,6 +110,8 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             server_public_key=server_public_key,
             max_message_size=max_message_size,
             shm=shm,
+            io_threads=io_threads,
+            stripes=stripes,
         )
         self.on_malformed = on_malformed
         self.control = control
@@ -326,8 +347,9 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         Batches it sent before the seek are dropped; the next batch received is the one after ``state``. Meant for
         a connection that receives from that one server (after the server restarted, or to rewind it).
         """
-        if len(self._endpoints) != 1:
-            raise ConfigError(f"seek needs a connection with one server; this one has {len(self._endpoints)}")
+        servers = {endpoint.url.url for endpoint in self._endpoints}
+        if len(servers) != 1:
+            raise ConfigError(f"seek needs a connection with one server; this one has {len(servers)}")
         if (state is None) == (epoch is None):
             raise ConfigError("seek needs a state or an epoch (one of them)")
         pipeline_state = state.get("pipeline") if state is not None and "kind" in state else state
@@ -348,20 +370,21 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
 
     def _await_reply(self, dealer: Endpoint) -> protocol.AnyMessage:
         """Wait for the control reply, stashing (not losing) batches that arrive meanwhile."""
-        data = self._endpoints[0]
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         poller = zmq.Poller()
         poller.register(dealer.socket, zmq.POLLIN)
-        poller.register(data.socket, zmq.POLLIN)
+        for data in self._sources:  # the server's stripes and shm channel too
+            poller.register(data.socket, zmq.POLLIN)
         while deadline is None or time.monotonic() < deadline:
             events = dict(poller.poll(100))
             dealer.check_handshakes()
             if dealer.socket in events:
                 return protocol.decode(dealer.socket.recv(), f"control socket {dealer}")
-            if data.socket in events:
-                self._stash.append((data, self._read(data)))
-                while len(self._stash) > 64:
-                    self._stash.popleft()  # older than anything the seek keeps
+            for data in self._sources:
+                if data.socket in events:
+                    self._stash.append((data, self._read(data)))
+            while len(self._stash) > 64:
+                self._stash.popleft()  # older than anything the seek keeps
         raise Timeout(f"no answer to SEEK within {self.timeout} s from {dealer}")
 
 
