@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ def random_resized_crop_params(
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect_ratio = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()  # type: ignore[arg-type]
         crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
         crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < crop_width <= width and 0 < crop_height <= height:
@@ -124,6 +124,7 @@ class StandardImageFolder:
         from PIL import Image
 
         path, target = self.samples[index]
+        image: Image.Image
         with open(path, "rb") as file:  # datasets.folder.pil_loader
             image = Image.open(file)
             image = image.convert("RGB")
@@ -180,12 +181,50 @@ def constant_batches(*, seed: int, rank: int, world_size: int, batch_size: int =
 
 def rate(batches: Iterator[Any], count: int, warmup: int, batch_size: int) -> float:
     """Images per second over ``count`` batches after ``warmup`` batches."""
+    return rate_and_cpu(batches, count, warmup, batch_size)[0]
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as file:
+                children = [int(word) for word in file.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and every live process below it (server, workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def rate_and_cpu(batches: Iterator[Any], count: int, warmup: int, batch_size: int) -> tuple[float, float]:
+    """Images per second over ``count`` batches after ``warmup`` batches, and the CPU milliseconds per image that
+    this process and its children (servers, workers) spent meanwhile: images per core, whatever else runs."""
     for _ in range(warmup):
         next(batches)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_seconds()
     for _ in range(count):
         next(batches)
-    return count * batch_size / (time.perf_counter() - started)
+    elapsed, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+    return count * batch_size / elapsed, 1e3 * cpu / (count * batch_size)
 
 
 def start(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
@@ -212,7 +251,7 @@ def _bind(folder: str) -> str:
 
 def ours(
     images: str, workers: int, batch_size: int, size: int, count: int, warmup: int, folder: str
-) -> float:
+) -> tuple[float, float]:
     from torch.utils.data import DataLoader
 
     from tensorcom.adapters.torch import ConnectionDataset
@@ -223,30 +262,32 @@ def ours(
     )
     try:
         with ConnectionDataset(url, device="cpu", prefetch=2 * workers + 2, timeout=120) as dataset:
-            return rate(iter(DataLoader(dataset, batch_size=None)), count, warmup, batch_size)
+            return rate_and_cpu(iter(DataLoader(dataset, batch_size=None)), count, warmup, batch_size)
     finally:
         stop(server)
 
 
-def _loader_rate(dataset: Any, workers: int, batch_size: int, count: int, warmup: int) -> float:
+def _loader_rate(dataset: Any, workers: int, batch_size: int, count: int, warmup: int) -> tuple[float, float]:
     from torch.utils.data import DataLoader, RandomSampler
 
     sampler = RandomSampler(dataset, num_samples=LONG_EPOCH)  # shuffle=True over one long epoch
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, sampler=sampler, drop_last=True)
     batches = iter(loader)
     try:
-        return rate(batches, count, warmup, batch_size)
+        return rate_and_cpu(batches, count, warmup, batch_size)
     finally:
         del batches  # stops the worker processes
 
 
 def torchvision_loader(
     images: str, workers: int, batch_size: int, size: int, count: int, warmup: int
-) -> float:
+) -> tuple[float, float]:
     return _loader_rate(StandardImageFolder(images, size), workers, batch_size, count, warmup)
 
 
-def torch_loader(images: str, workers: int, batch_size: int, size: int, count: int, warmup: int) -> float:
+def torch_loader(
+    images: str, workers: int, batch_size: int, size: int, count: int, warmup: int
+) -> tuple[float, float]:
     dataset = TransformDataset(ImageTransform(ImageDirectory(images), size))
     return _loader_rate(dataset, workers, batch_size, count, warmup)
 
@@ -392,20 +433,28 @@ def measure(
         os.path.join(tempfile.gettempdir(), f"tensorcom-bench-images-{width}x{height}"), images, width, height
     )
     names = ("ours", "torchvision", "dataloader")
-    samples: dict[int, dict[str, list[float]]] = {w: {n: [] for n in names} for w in workers_list}
+    runs: dict[str, Callable[..., tuple[float, float]]] = {
+        "ours": ours,
+        "torchvision": torchvision_loader,
+        "dataloader": torch_loader,
+    }
+    rates: dict[int, dict[str, list[float]]] = {w: {n: [] for n in names} for w in workers_list}
+    cpu: dict[int, dict[str, list[float]]] = {w: {n: [] for n in names} for w in workers_list}
     with tempfile.TemporaryDirectory() as folder:
         for round_number in range(repeat):
             print(f"images round {round_number + 1}/{repeat}", file=sys.stderr)
             for workers in workers_list:
-                found = samples[workers]
-                found["ours"].append(ours(source, workers, batch_size, size, count, warmup, folder))
-                found["torchvision"].append(
-                    torchvision_loader(source, workers, batch_size, size, count, warmup)
-                )
-                found["dataloader"].append(torch_loader(source, workers, batch_size, size, count, warmup))
+                for name in names:
+                    extra = (folder,) if name == "ours" else ()
+                    images_per_s, cpu_ms = runs[name](
+                        source, workers, batch_size, size, count, warmup, *extra
+                    )
+                    rates[workers][name].append(images_per_s)
+                    cpu[workers][name].append(cpu_ms)
         moving = transport_seconds(batch_size, size, count, folder)
     rows = []
-    for workers, found in samples.items():
+    for workers in workers_list:
+        found, spent = rates[workers], cpu[workers]
         images_per_s = statistics.median(found["ours"])
         rows.append(
             {
@@ -421,11 +470,18 @@ def measure(
                 "dataloader_images_per_s": statistics.median(found["dataloader"]),
                 "vs_torchvision": _paired(found["ours"], found["torchvision"]),
                 "vs_dataloader": _paired(found["ours"], found["dataloader"]),
+                "cpu_ms_per_image": statistics.median(spent["ours"]),
+                "torchvision_cpu_ms_per_image": statistics.median(spent["torchvision"]),
+                "dataloader_cpu_ms_per_image": statistics.median(spent["dataloader"]),
+                "per_core_vs_torchvision": _paired(spent["torchvision"], spent["ours"]),
                 "transport_ms_per_batch": 1e3 * moving,
                 "transport_share": moving / (batch_size / images_per_s),
                 "samples": found["ours"],
                 "torchvision_samples": found["torchvision"],
                 "dataloader_samples": found["dataloader"],
+                "cpu_samples": spent["ours"],
+                "torchvision_cpu_samples": spent["torchvision"],
+                "dataloader_cpu_samples": spent["dataloader"],
             }
         )
     return rows
@@ -438,15 +494,17 @@ def _paired(mine: list[float], theirs: list[float]) -> float:
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| workers | serve-imagenet-dir img/s | torchvision img/s | vs torchvision (target 2) "
+        "| CPU ms/img, ours / torchvision | per core vs torchvision "
         "| DataLoader, our transform, img/s | vs DataLoader | transport share |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if r.get("group") != "images":
             continue
         lines.append(
             f"| {r['workers']} | {r['images_per_s']:.0f} | {r['torchvision_images_per_s']:.0f} | "
-            f"{r['vs_torchvision']:.2f} | {r['dataloader_images_per_s']:.0f} | {r['vs_dataloader']:.2f} | "
+            f"{r['vs_torchvision']:.2f} | {r['cpu_ms_per_image']:.2f} / {r['torchvision_cpu_ms_per_image']:.2f} | "
+            f"{r['per_core_vs_torchvision']:.2f} | {r['dataloader_images_per_s']:.0f} | {r['vs_dataloader']:.2f} | "
             f"{100 * r['transport_share']:.1f} % |"
         )
     return "\n".join(lines)
