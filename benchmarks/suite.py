@@ -12,7 +12,9 @@ Parts, each run by its own script in its own process (``--json``) and rendered a
   Join's memory and build time with sources of 10**6 to 10**8 samples;
 - images (bench_imagenet.py): serve-imagenet-dir against DataLoader with the same decode and augmentation;
 - loader (bench_loader.py): SwiftLoader against DataLoader, throughput and start-up;
-- codec (bench_codec.py): encode and decode microseconds per batch from 64 KB to 96 MB (flat: views, no copies).
+- codec (bench_codec.py): encode and decode microseconds per batch from 64 KB to 96 MB (flat: views, no copies);
+- fanin (bench_fanin.py): N = 1, 2, 4 sender processes into one client over tcp, stream and zreq (one worker per
+  server) against raw pyzmq N -> 1, with the client's CPU seconds per GB.
 
 Each part measures its cases side by side, in alternating rounds so drift hits all alike, and reports medians;
 ratios are medians of the ratios within a round. Absolute figures on shared machines drift by ±30 %, ratios much
@@ -46,8 +48,9 @@ PARTS = {
     "images": "bench_imagenet.py",
     "loader": "bench_loader.py",
     "codec": "bench_codec.py",
+    "fanin": "bench_fanin.py",
 }
-QUICK_REPEAT = {"transport": 2, "pipeline": 2, "images": 1, "loader": 2, "codec": 2}
+QUICK_REPEAT = {"transport": 2, "pipeline": 2, "images": 1, "loader": 2, "codec": 2, "fanin": 2}
 PART_TIMEOUT_S = 1800
 
 # threshold of each target (None: reported, no target); "client CPU" is an upper bound, the rest lower bounds
@@ -67,8 +70,19 @@ TARGETS: dict[str, float | None] = {
     "stream queue 32 / tensorcom 0.1, 64 KB": None,
     "client CPU s/GB, best same-host case, 9.6 MB": 0.05,
     "decode time, 96 MB batch / 64 KB batch": 1.5,
+    "stream, N servers / raw pyzmq N -> 1, 9.6 MB": 0.9,
+    "zreq 1 worker, N servers / raw pyzmq N -> 1, 9.6 MB": 0.9,
+    "client CPU s/GB, N servers / 1 server": 1.2,
 }
-AT_MOST = {"client CPU s/GB, best same-host case, 9.6 MB", "decode time, 96 MB batch / 64 KB batch"}
+AT_MOST = {
+    "client CPU s/GB, best same-host case, 9.6 MB",
+    "decode time, 96 MB batch / 64 KB batch",
+    "client CPU s/GB, N servers / 1 server",
+}
+FANIN_CASES = {  # fan-in case -> the name of its ratio target
+    "stream": "stream, N servers / raw pyzmq N -> 1, 9.6 MB",
+    "zreq 1 worker": "zreq 1 worker, N servers / raw pyzmq N -> 1, 9.6 MB",
+}
 
 # (target, case, baseline, batch size, transports): "zreq shm" is zreq credit 4 over ipc as configured by default
 RATIO_CHECKS = [
@@ -162,7 +176,9 @@ def _target_row(name: str, case: str, value: float) -> dict[str, Any]:
 
 
 def target_rows(
-    transport: list[dict[str, Any]], codec: list[dict[str, Any]] | None = None
+    transport: list[dict[str, Any]],
+    codec: list[dict[str, Any]] | None = None,
+    fanin: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     for name, case, baseline, size, transports in RATIO_CHECKS:
@@ -187,6 +203,22 @@ def target_rows(
 
         name = "decode time, 96 MB batch / 64 KB batch"
         rows.append(_target_row(name, name, bench_codec.decode_growth(codec)))
+    return rows + fanin_target_rows(fanin or [])
+
+
+def fanin_target_rows(fanin: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each tensorcom case at each N against raw pyzmq with the same N; its client CPU per GB at the largest N over
+    its cost with one server (flat in N: at most the target)."""
+    rows = []
+    for case, name in FANIN_CASES.items():
+        mine = sorted((r for r in fanin if r["case"] == case), key=lambda r: r["senders"])
+        for row in mine:
+            rows.append(_target_row(name, f"{name} (N = {row['senders']}, tcp)", row["vs_raw"]))
+        if len(mine) > 1:
+            name_cpu = "client CPU s/GB, N servers / 1 server"
+            growth = mine[-1]["client_cpu_s_per_gb"] / mine[0]["client_cpu_s_per_gb"]
+            label = f"{name_cpu} ({case}, N = {mine[-1]['senders']} / {mine[0]['senders']})"
+            rows.append(_target_row(name_cpu, label, growth))
     return rows
 
 
@@ -195,7 +227,7 @@ def target_rows(
 
 def _targets_table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
-        return ["(no transport or codec part in this run)"]
+        return ["(no transport, codec or fanin part in this run)"]
     lines = ["| ratio | measured | target | met |", "| --- | ---: | ---: | --- |"]
     for r in rows:
         at_most = r.get("target_name") in AT_MOST
@@ -258,6 +290,13 @@ def markdown(result: dict[str, Any]) -> str:
             "Codec",
             "Microseconds per batch (images + 64 int64 labels), one process; decoding makes views of the received "
             'frames, "copy" is what copying the arrays out would add.',
+        ),
+        (
+            "fanin",
+            "Fan-in",
+            "N sender processes into one client over loopback tcp, 9.6 MB batches; ratios to raw pyzmq N -> 1 in "
+            "the same round. Client CPU per GB is the receiving process's own time (its ZeroMQ I/O threads "
+            "included); the last column is that cost turned into 100 GbE (12.5 GB/s) servers per client core.",
         ),
     ):
         if result.get(part):
@@ -350,6 +389,18 @@ def _loader_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
     _grouped(axis, labels, series, "samples/s", "SwiftLoader vs DataLoader")
 
 
+def _fanin_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
+    labels = [f"N = {n}" for n in dict.fromkeys(r["senders"] for r in rows)]
+    cases = [c for c in dict.fromkeys(r["case"] for r in rows) if c != "raw pyzmq"]
+    series = {
+        case: [r["vs_raw"] for r in rows if r["case"] == case and f"N = {r['senders']}" in labels]
+        for case in cases
+    }
+    _grouped(
+        axis, labels, series, "batches/s ÷ raw pyzmq N -> 1", "Fan-in: N servers into one client", one=True
+    )
+
+
 def _codec_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
     labels = [r["size"] for r in rows]
     series = {"decode": [r["decode_us"] for r in rows], "copy instead": [r["copy_us"] for r in rows]}
@@ -362,6 +413,7 @@ PANELS: dict[str, Callable[[Any, list[dict[str, Any]]], None]] = {
     "images": _images_panel,
     "loader": _loader_panel,
     "codec": _codec_panel,
+    "fanin": _fanin_panel,
 }
 
 
@@ -404,8 +456,8 @@ def main() -> None:
         name = "quick" if args.quick else "latest"
         saved = json.loads((RESULTS / f"{name}.json").read_text())
         # target definitions may have changed since the run: recompute them from the rows
-        if "transport" in saved or "codec" in saved:
-            saved["targets"] = target_rows(saved.get("transport", []), saved.get("codec"))
+        if "transport" in saved or "codec" in saved or "fanin" in saved:
+            saved["targets"] = target_rows(saved.get("transport", []), saved.get("codec"), saved.get("fanin"))
             (RESULTS / f"{name}.json").write_text(json.dumps(saved, indent=1))
         (RESULTS / f"{name}.md").write_text(markdown(saved))
         plot(saved, RESULTS / f"{name}.png")
@@ -417,7 +469,7 @@ def main() -> None:
         if part in args.parts:
             print(f"{part} ...", file=sys.stderr)
             result[part], result["seconds"][part] = run_part(part, args.quick, args.repeat)
-    result["targets"] = target_rows(result.get("transport", []), result.get("codec"))
+    result["targets"] = target_rows(result.get("transport", []), result.get("codec"), result.get("fanin"))
     result["total_s"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     name = "quick" if args.quick else "latest"

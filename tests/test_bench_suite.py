@@ -125,3 +125,36 @@ def test_markdown_names_every_part_and_target() -> None:
     assert "### Codec" in text and "### Transport" in text
     assert "| stream / raw pyzmq, 9.6 MB (tcp) | 0.97 | ≥ 0.95 | yes |" in text
     assert "| decode time, 96 MB batch / 64 KB batch | 1.050 | ≤ 1.500 | yes |" in text
+
+
+def fanin_row(case: str, senders: int, vs_raw: float, cpu: float) -> dict[str, Any]:
+    return {"case": case, "senders": senders, "vs_raw": vs_raw, "client_cpu_s_per_gb": cpu}
+
+
+def test_fanin_targets_compare_each_n_with_raw_and_cpu_with_one_server() -> None:
+    """Each tensorcom case at each N gets a ratio target; its CPU per GB at the largest N over N = 1 an upper bound."""
+    rows = [
+        fanin_row("raw pyzmq", 1, 1.0, 0.2),
+        fanin_row("raw pyzmq", 4, 1.0, 0.3),
+        fanin_row("stream", 1, 0.97, 0.20),
+        fanin_row("stream", 4, 0.93, 0.22),
+        fanin_row("zreq 1 worker", 1, 0.95, 0.20),
+        fanin_row("zreq 1 worker", 4, 0.80, 0.30),
+    ]
+    targets = {r["case"]: r for r in suite.target_rows([], None, rows)}
+    assert targets["stream, N servers / raw pyzmq N -> 1, 9.6 MB (N = 4, tcp)"]["met"] is True
+    assert targets["zreq 1 worker, N servers / raw pyzmq N -> 1, 9.6 MB (N = 4, tcp)"]["met"] is False
+    flat = targets["client CPU s/GB, N servers / 1 server (stream, N = 4 / 1)"]
+    assert flat["ratio"] == pytest.approx(1.1) and flat["met"] is True  # an upper bound
+    assert targets["client CPU s/GB, N servers / 1 server (zreq 1 worker, N = 4 / 1)"]["met"] is False
+    assert not any("(raw pyzmq" in name for name in targets)  # the baseline has no target of its own
+
+
+def test_fanin_benchmark_measures_two_stream_senders() -> None:
+    """The fan-in part's code path end to end, small: two stream servers into one client, and its table row."""
+    import bench_fanin
+
+    row = bench_fanin.measure_once("stream", 2, 10)
+    assert row["batches_per_s"] > 0 and row["client_cpu_s_per_gb"] > 0 and row["io_threads"] == 1
+    rows = [{**row, "case": "stream", "senders": 2, "vs_raw": 1.0, "cpu_vs_one_sender": 1.0}]
+    assert "| 2 | stream | 1 |" in bench_fanin.format_table(rows)
