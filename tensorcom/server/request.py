@@ -107,7 +107,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
             ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain). The
             workers' own sockets use the same keys.
         direct: workers take requests from clients on addresses of their own and reply directly (see the module
-            docstring); False: every request and reply passes through the front end.
+            docstring; the default); False: every request and reply passes through the front end (one port).
 
     Shared memory (:mod:`tensorcom._net.shm`): workers hand batches to the front end through shared memory; a client
     that connects over ``ipc://`` and says it can read shared memory gets the descriptor itself, and the batch
@@ -127,7 +127,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
         name: str | None = None,
         server_key: KeyPath | None = None,
         client_keys: KeyPath | None = None,
-        direct: bool = False,
+        direct: bool = True,
     ) -> None:
         super().__init__(report_interval)
         if workers < 0:
