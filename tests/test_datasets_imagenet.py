@@ -289,7 +289,9 @@ def _odd_images(root: Path) -> ImageDirectory:
     Image.fromarray(smooth[..., 0]).save(folder / "d-gray.jpg", quality=90)
     Image.fromarray(smooth).convert("CMYK").save(folder / "e-cmyk.jpg", quality=90)
     Image.fromarray(smooth).save(folder / "f-image.png")
-    Image.fromarray(smooth[:200, : 900 // 3]).save(folder / "g-small.jpg", quality=90)
+    Image.fromarray(smooth[:200, :300]).save(folder / "g-small.jpg", quality=90)
+    Image.fromarray(smooth[:1, :1]).save(folder / "h-one-pixel.jpg", quality=90)
+    Image.fromarray(smooth[:40, :3]).save(folder / "i-thin.png")
     return ImageDirectory(root)
 
 
@@ -299,7 +301,7 @@ def test_simplejpeg_and_pillow_decode_the_same_pixels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """With or without simplejpeg the output is the same, byte for byte, for RGB (4:2:0, 4:4:4, progressive),
-    grayscale and CMYK JPEGs and a PNG, at full size and at the reduced sizes draft mode picks: both run
+    grayscale, CMYK and one-pixel JPEGs and PNGs, at full size and at the reduced sizes draft mode picks: both run
     libjpeg-turbo with the same settings, and simplejpeg leaves what it does not convert like Pillow to Pillow."""
     dataset = _odd_images(tmp_path)
     with_simplejpeg = ImageTransform(dataset, 100, backend=backend)
@@ -318,6 +320,23 @@ def test_simplejpeg_and_pillow_decode_the_same_pixels(
     ]
     for k, (a, b) in enumerate(zip(outputs, again, strict=True)):
         assert np.array_equal(a, b), f"output {k} differs without simplejpeg"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("simplejpeg", [True, False], ids=["simplejpeg", "pillow-decoder"])
+def test_images_pillow_refuses_as_bombs_are_refused_by_every_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, simplejpeg: bool
+) -> None:
+    """A JPEG over Pillow's MAX_IMAGE_PIXELS is unreadable whichever decoder would run, so that both decoders
+    replace the same samples."""
+    dataset = _odd_images(tmp_path)
+    if not simplejpeg:
+        monkeypatch.setattr(imagenet, "_simplejpeg", lambda: None)
+    elif not HAVE_SIMPLEJPEG:
+        pytest.skip("simplejpeg is not installed")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500 * 375 // 4)
+    with pytest.raises(Image.DecompressionBombError):
+        ImageTransform(dataset, 32, backend=backend).load(0, None)
 
 
 @pytest.mark.skipif(not HAVE_OPENCV, reason="OpenCV is not installed")

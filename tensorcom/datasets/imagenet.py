@@ -614,11 +614,15 @@ class ImageTransform:
 
     def _decode(self, data: bytes, uniforms: np.ndarray | None) -> tuple[np.ndarray, int, tuple[float, ...]]:
         """RGB pixels (at 1/k scale for JPEGs), k, and the crop box in full-size coordinates."""
+        from PIL import Image
+
         simplejpeg = _simplejpeg()
         if simplejpeg is not None and data[:2] == b"\xff\xd8":
             try:
                 height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-                if colorspace in _SIMPLEJPEG_COLORSPACES:  # CMYK and YCCK: Pillow converts them its own way
+                limit = Image.MAX_IMAGE_PIXELS
+                # CMYK and YCCK go to Pillow, which converts them its own way; so do images Pillow refuses as bombs
+                if colorspace in _SIMPLEJPEG_COLORSPACES and (limit is None or width * height <= limit):
                     box = self.crop_box(width, height, uniforms)
                     factor = self.reduction(box)
                     shape = (-(-height // factor), -(-width // factor))
@@ -627,9 +631,8 @@ class ImageTransform:
                     )
                     if pixels.shape[:2] == shape:
                         return pixels, factor, box
-            except ValueError:
-                pass  # Pillow decides whether the file is readable, as with the Pillow backend
-        from PIL import Image
+            except Exception:  # noqa: BLE001 - Pillow decides whether the file is readable, as without simplejpeg
+                pass
 
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
