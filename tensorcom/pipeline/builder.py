@@ -881,7 +881,11 @@ class _Runner:
                     running = self._start(stage, message)
                     if slots is not None:
                         running.add_done_callback(give_back)
-                    await pending.put((message, running))
+                    try:
+                        await pending.put((message, running))
+                    except asyncio.CancelledError:
+                        _discard(running)  # nobody will await it
+                        raise
                 else:
                     await pending.put(message)
                     if isinstance(message, _End):
