@@ -15,7 +15,8 @@ The receiver treats each batch as a training loop would (views of the arrays, on
 as in bench_transport.py). It starts once every sender is listening, takes ``4 N`` batches to warm up (every
 connection made, the zreq workers found), then times the next ``count``. Reported: batches/s and GB/s received, the
 ratio to raw pyzmq with the same N (median of the per-round ratios), the client's CPU seconds per GB (its own
-process time, all its threads: Python and ZeroMQ's I/O threads) and that cost at N over the same case's at N = 1,
+process time, all its threads: Python and ZeroMQ's I/O threads; the I/O threads' share, from /proc, is shown too:
+one I/O thread busy all the time carries 1 / that GB/s) and that cost at N over the same case's at N = 1,
 and how many 100 GbE servers (12.5 GB/s each) one client core could absorb at that cost. On a 2-core machine the N
 senders share the cores with the receiver, so GB/s falls with N for every case alike; the ratios and the client's
 CPU per GB are what this part is for. ``python benchmarks/bench_fanin.py [--quick] [--sweep] [--json FILE]``.
@@ -147,14 +148,28 @@ def receive(case: str, addresses: list[str], count: int, result: Any) -> None:
         _timed(connection.recv, senders, count, connection.io_threads, result)
 
 
+def io_thread_seconds() -> float:
+    """CPU seconds used so far by this process's ZeroMQ I/O threads (named ZMQbg/IO/k), from /proc."""
+    total = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if not (task / "comm").read_text().startswith("ZMQbg/IO"):
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _timed(receive_one: Any, senders: int, count: int, io_threads: int, result: Any) -> None:
     for _ in range(4 * senders):
         touch(receive_one())
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, io_cpu = time.perf_counter(), time.process_time(), io_thread_seconds()
     for _ in range(count):
         touch(receive_one())
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    result.put((seconds, cpu, peak_rss_mb(), io_threads))
+    result.put((seconds, cpu, io_thread_seconds() - io_cpu, peak_rss_mb(), io_threads))
 
 
 SEND = {"raw": send_raw, "stream": send_stream, "zreq": send_zreq}
@@ -174,7 +189,7 @@ def measure_once(case: str, senders: int, count: int) -> dict[str, float]:
         receiver = context.Process(target=receive, args=(case, addresses, count, results))
         processes.append(receiver)
         receiver.start()
-        seconds, cpu, rss, io_threads = results.get(timeout=START_S + 300)
+        seconds, cpu, io_cpu, rss, io_threads = results.get(timeout=START_S + 300)
         receiver.join(timeout=60)
     finally:
         for process in processes:
@@ -190,6 +205,7 @@ def measure_once(case: str, senders: int, count: int) -> dict[str, float]:
         "batches_per_s": count / seconds,
         "gb_per_s": gigabytes / seconds,
         "client_cpu_s_per_gb": cpu / gigabytes,
+        "io_thread_cpu_s_per_gb": io_cpu / gigabytes,
         "client_peak_rss_mb": rss,
         "io_threads": io_threads,
     }
@@ -246,14 +262,15 @@ def links_per_core(row: dict[str, Any]) -> float:
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| senders | case | client I/O threads | batches/s | GB/s | vs raw pyzmq (same N) | client CPU s/GB | "
-        "CPU/GB vs N=1 | 100 GbE servers per client core |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "of which I/O threads | CPU/GB vs N=1 | 100 GbE servers per client core |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['senders']} | {r['case']} | {r['io_threads']:.0f} | {r['batches_per_s']:.0f} | "
             f"{r['gb_per_s']:.2f} | {r['vs_raw']:.2f} | {r['client_cpu_s_per_gb']:.3f} | "
-            f"{r['cpu_vs_one_sender']:.2f} | {links_per_core(r):.1f} |"
+            f"{r.get('io_thread_cpu_s_per_gb', float('nan')):.3f} | {r['cpu_vs_one_sender']:.2f} | "
+            f"{links_per_core(r):.1f} |"
         )
     return "\n".join(lines)
 
