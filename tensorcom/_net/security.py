@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -113,7 +114,23 @@ def _load(path: str, what: str, variable: str) -> tuple[bytes, bytes | None]:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read {what} from {path!r} (argument or ${variable}): {error}") from None
+    for name, key in (("public", public), ("secret", secret)):
+        if key is not None and not _is_z85_key(key):
+            raise ConfigError(
+                f"{what} in {path!r} (argument or ${variable}) has a malformed {name} key: a CURVE key is 40 Z85 "
+                "characters (make new files with `tensorcom keygen`)"
+            )
     return public, secret
+
+
+def _is_z85_key(key: bytes) -> bool:
+    """Whether ``key`` is a CURVE key as ZeroMQ takes it: 40 characters of Z85 that decode to 32 bytes."""
+    from zmq.utils import z85
+
+    try:
+        return len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError, struct.error):
+        return False
 
 
 def _check_private(path: str) -> None:
@@ -250,17 +267,21 @@ def generate_keys(folder: KeyPath, clients: Iterable[str] = ("client",), server:
         raise ConfigError(f"key files already exist (remove them first): {', '.join(existing)}")
     (root / "clients").mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    if server:
-        public, secret = zmq.auth.create_certificates(str(root), "server")
-        written += [Path(public), Path(secret)]
-    for name in names:
-        public, secret = zmq.auth.create_certificates(str(root), name)
-        moved = root / "clients" / f"{name}.key"
-        os.replace(public, moved)
-        written += [moved, Path(secret)]
+    previous = os.umask(0o077)  # every file is created private: a secret key is never readable by others
+    try:
+        if server:
+            public, secret = zmq.auth.create_certificates(str(root), "server")
+            written += [Path(public), Path(secret)]
+        for name in names:
+            public, secret = zmq.auth.create_certificates(str(root), name)
+            moved = root / "clients" / f"{name}.key"
+            os.replace(public, moved)
+            written += [moved, Path(secret)]
+    finally:
+        os.umask(previous)
     for path in written:
-        if path.name.endswith(".key_secret"):
-            os.chmod(path, 0o600)
+        if not path.name.endswith(".key_secret"):
+            os.chmod(path, 0o644)  # public keys may be shared
     return written
 
 

@@ -178,20 +178,29 @@ def open_endpoint(
         raise ConfigError(f"max_message_size must be >= 1 byte. Found: {max_message_size}")
     kind = zmq.XPUB if (xpub and url.socket_type == "PUB") else _SOCKET_TYPES[url.socket_type]
     socket = context.socket(kind)
-    socket.setsockopt(zmq.SNDHWM, queue)
-    socket.setsockopt(zmq.RCVHWM, queue)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-    if immediate and not url.bind:
-        socket.setsockopt(zmq.IMMEDIATE, 1)
-    if keys is not None:
-        keys.apply(socket)
-    if kind == zmq.XPUB:
-        socket.setsockopt(zmq.XPUB_NODROP, 1)
-    if url.socket_type == "SUB":
-        socket.setsockopt(zmq.SUBSCRIBE, url.topic)
-    events = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS
-    monitor_socket = socket.get_monitor_socket(events) if monitor else None
+    socket.setsockopt(
+        zmq.LINGER, 0
+    )  # first: a socket closed after a failed option below does not hold term()
+    try:
+        socket.setsockopt(zmq.SNDHWM, queue)
+        socket.setsockopt(zmq.RCVHWM, queue)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        if immediate and not url.bind:
+            socket.setsockopt(zmq.IMMEDIATE, 1)
+        if keys is not None:
+            keys.apply(socket)
+        if kind == zmq.XPUB:
+            socket.setsockopt(zmq.XPUB_NODROP, 1)
+        if url.socket_type == "SUB":
+            socket.setsockopt(zmq.SUBSCRIBE, url.topic)
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS
+        monitor_socket = socket.get_monitor_socket(events) if monitor else None
+    except zmq.ZMQError as error:
+        socket.close(linger=0)
+        raise ConfigError(f"cannot configure a socket for {url.url!r}: {error}") from error
+    except BaseException:
+        socket.close(linger=0)
+        raise
     try:
         if url.bind:
             socket.bind(url.address)

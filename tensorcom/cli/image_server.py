@@ -199,6 +199,8 @@ def build_image_server(
     from tensorcom.server import Server  # zmq loads only in a program that serves
 
     expanded = expand_urls(list(urls))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be an int >= 1. Found: {batch_size!r}")
     options: dict[str, Any] = {
         "batch_size": batch_size,
         "size": size,

@@ -20,6 +20,7 @@ from tensorcom.cli.options import (
     stop_on_sigterm,
     version_option,
 )
+from tensorcom.errors import ConfigError, TensorcomError
 
 __all__ = ["main"]
 
@@ -224,9 +225,10 @@ def _factory_options(options: tuple[str, ...]) -> dict[str, Any]:
     "--bind",
     "urls",
     multiple=True,
-    default=["zrep://0.0.0.0:7880"],
+    default=["zrep://127.0.0.1:7880"],
     show_default=True,
-    help="zrep:// URL to listen on (repeatable; braces expand; port 0 picks a free port).",
+    help="zrep:// URL to listen on (repeatable; braces expand; port 0 picks a free port). The default listens on "
+    "this host only; write zrep://0.0.0.0:PORT to serve other hosts (with CURVE keys: see `tensorcom keygen`).",
 )
 @click.option(
     "-w", "--workers", default=2, show_default=True, help="Worker processes computing batches (0: inline)."
@@ -289,6 +291,7 @@ def serve(
     stop_on_sigterm()
     target = load_factory(factory)
     extra = _factory_options(options)
+    _try_factory(factory, target, extra)
     server = RequestServer(
         functools.partial(target, **extra) if extra else factory,
         list(urls),
@@ -299,6 +302,23 @@ def serve(
         client_keys=client_keys,
     )
     run_server(server, drain=drain, announce=echo_ready)
+
+
+def _try_factory(name: str, target: Any, options: dict[str, Any]) -> None:
+    """Build the pipeline once (seed 0, rank 0 of 1) before listening, so that a bad -o option (an unknown keyword,
+    batch_size=0, a missing folder) is a one-line error now rather than an error reply to every client later."""
+    shown = " ".join(f"-o {key}={value!r}" for key, value in options.items()) or "no -o options"
+    try:
+        pipeline = target(seed=0, rank=0, world_size=1, **options)
+    except TensorcomError:
+        raise
+    except TypeError as error:
+        raise ConfigError(f"factory {name} does not take these options ({shown}): {error}") from None
+    except Exception as error:
+        raise ConfigError(f"factory {name} with {shown} failed: {type(error).__name__}: {error}") from None
+    close = getattr(pipeline, "close", None)
+    if callable(close):
+        close()
 
 
 @main.command()

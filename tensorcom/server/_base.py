@@ -150,7 +150,7 @@ class Server(_Lifecycle):
             Server._kinds[socket_type] = cls
 
     def __new__(
-        cls, source: Any = None, urls: str | Sequence[str] = "zpub://0.0.0.0:7880", **options: Any
+        cls, source: Any = None, urls: str | Sequence[str] = "zpub://127.0.0.1:7880", **options: Any
     ) -> Server:
         return super().__new__(_kind_of(urls) if cls is Server else cls)
 

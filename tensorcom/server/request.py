@@ -118,7 +118,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
     def __init__(
         self,
         factory: str | Factory,
-        urls: str | Sequence[str] = "zrep://0.0.0.0:7880",
+        urls: str | Sequence[str] = "zrep://127.0.0.1:7880",
         *,
         workers: int = 2,
         worker_queue: int = 4,

@@ -81,7 +81,7 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
     def __init__(
         self,
         source: Iterable[Any] | Callable[..., Any] | None = None,
-        urls: str | Sequence[str] = "zpub://0.0.0.0:7880",
+        urls: str | Sequence[str] = "zpub://127.0.0.1:7880",
         *,
         queue: int = 2,
         linger: float = 30.0,
