@@ -297,6 +297,15 @@ def send_frames(
                     socket.poll(int(_POLL_STEP * 1000), zmq.POLLOUT)
 
 
+def _drain(socket: zmq.Socket[Any], flags: int) -> int:
+    """Read and drop the rest of a multipart message; return how many frames that was."""
+    count = 0
+    while socket.get(_RCVMORE):
+        socket.recv(flags, copy=False)
+        count += 1
+    return count
+
+
 class _OversizedFrame:
     """Stands in for a data frame that was longer than its header announced (its bytes were not kept): decoding the
     message raises :class:`DecodeError` saying so."""
@@ -307,6 +316,16 @@ class _OversizedFrame:
     @property
     def buffer(self) -> Any:
         raise DecodeError(self.reason)
+
+
+MAX_FRAMES = 2 * 4096 + 2
+"""Most frames one received message may have: 4,096 arrays (a header and a data frame each) and two more (a lead
+frame, stream metadata). A longer message is read to its end, dropped, and reported as a DecodeError."""
+
+PREALLOCATE = 8 << 20
+"""Most bytes one message may have allocated ahead of their arrival (small data frames received straight into a
+buffer of the size their header announces); past it, frames are received as they come, so a peer whose headers
+announce more than it sends cannot make this process allocate for it."""
 
 
 def receive(socket: zmq.Socket[Any], copy: bool, flags: int = 0, lead: int = 0) -> list[Any]:
@@ -320,13 +339,18 @@ def receive(socket: zmq.Socket[Any], copy: bool, flags: int = 0, lead: int = 0) 
     """
     frames: list[Any] = []
     announced: int | None = None
+    allocated = 0
     flags = int(flags)  # an enum flag costs an enum construction per call
     while True:
         position = len(frames)
+        if position >= MAX_FRAMES:
+            dropped = _drain(socket, flags) + position
+            raise DecodeError(f"a message of {dropped} frames (at most {MAX_FRAMES}): dropped")
         if position < lead or (position - lead) % 2 == 0:  # a leading frame or a header
             frame: Any = socket.recv(flags, copy=True)
             announced = codec.data_size(frame) if position >= lead else None
-        elif announced is not None and announced < COPY_BELOW:
+        elif announced is not None and announced < COPY_BELOW and allocated + announced <= PREALLOCATE:
+            allocated += announced
             frame = bytearray(announced)
             size = socket.recv_into(frame, flags=flags)
             if size != announced:
