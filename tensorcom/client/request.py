@@ -60,7 +60,9 @@ __all__ = ["RequestConnection", "default_rank_and_world_size"]
 log = logging.getLogger(__name__)
 
 EXPECTED_WORKERS = 1
-"""Worker processes per server that the default number of I/O threads counts on (see benchmarks/README.md)."""
+"""Data sockets per server socket that the default number of I/O threads counts on. One, whatever the server's
+workers: they share the server's link, so a server's bytes are counted once (benchmarks/README.md, "Many servers
+into one rank")."""
 _SMALL_BATCH = 1 << 20  # below this many bytes, requests go in groups (see RequestConnection)
 _GROUP = 4
 STATE_KIND = "tensorcom.zreq"
@@ -220,7 +222,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
 
     def _default_io_threads(self, sockets: int) -> int:
         """The context exists before the servers name their workers, so count :data:`EXPECTED_WORKERS` sockets to
-        workers beside each socket to a server (whose own traffic, once workers answer, is pings and requests)."""
+        workers for each socket to a server (whose own traffic, once workers answer, is pings and requests)."""
         return default_io_threads(sockets * EXPECTED_WORKERS)
 
     # state
