@@ -117,7 +117,9 @@ def send_zreq(address: str, ready: Any) -> None:
 # the receiver (its own process; puts (seconds, cpu seconds, peak RSS MB, io threads) on `result`)
 
 
-def receive(case: str, addresses: list[str], count: int, result: Any) -> None:
+def receive(case: str, addresses: list[str], count: int, result: Any, senders_gone: Any) -> None:
+    """Time ``count`` batches from ``addresses``; close only once the senders have stopped (``senders_gone``), so
+    that no sender is cut off in the middle of a message (libzmq 4.3.5 can abort a PUSH sender then)."""
     senders = len(addresses)
     if case == "raw pyzmq":
         from tensorcom import codec
@@ -128,6 +130,7 @@ def receive(case: str, addresses: list[str], count: int, result: Any) -> None:
         for address in addresses:
             puller.connect(address)
         _timed(lambda: codec.decode(puller.recv_multipart(copy=False)), senders, count, 1, result)
+        senders_gone.wait(START_S)
         puller.close(linger=0)
         context.term()
         return
@@ -146,6 +149,7 @@ def receive(case: str, addresses: list[str], count: int, result: Any) -> None:
         urls = [address.replace("tcp://", "zrpull://") for address in addresses]
     with Connection(urls, **options) as connection:
         _timed(connection.recv, senders, count, connection.io_threads, result)
+        senders_gone.wait(START_S)
 
 
 def io_thread_seconds() -> float:
@@ -175,31 +179,38 @@ def _timed(receive_one: Any, senders: int, count: int, io_threads: int, result: 
 SEND = {"raw": send_raw, "stream": send_stream, "zreq": send_zreq}
 
 
+def _stop(processes: list[Any]) -> None:
+    """SIGINT each live process (a request server stops its worker and goes), then join it (kill if it lingers)."""
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGINT)
+    for process in processes:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=30)
+
+
 def measure_once(case: str, senders: int, count: int) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
-    ready, results = context.Queue(), context.Queue()
+    ready, results, senders_gone = context.Queue(), context.Queue(), context.Event()
     addresses = [f"tcp://127.0.0.1:{port}" for port in free_ports(senders)]
     send = SEND[case.split()[0]]
     processes = [context.Process(target=send, args=(address, ready)) for address in addresses]
+    receiver = context.Process(target=receive, args=(case, addresses, count, results, senders_gone))
     try:
         for process in processes:
             process.start()
         for _ in processes:
             ready.get(timeout=START_S)
-        receiver = context.Process(target=receive, args=(case, addresses, count, results))
-        processes.append(receiver)
         receiver.start()
         seconds, cpu, io_cpu, rss, io_threads = results.get(timeout=START_S + 300)
-        receiver.join(timeout=60)
     finally:
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGINT)  # a request server stops its worker and goes
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=30)
+        _stop(processes)  # senders first: none is cut off in the middle of a message
+        senders_gone.set()
+        if receiver.pid is not None:
+            receiver.join(timeout=60)  # it closes and ends on its own once told
+            _stop([receiver])
     gigabytes = count * sum(a.nbytes for a in make_batch(SIZE)) / 1e9
     return {
         "batches_per_s": count / seconds,
