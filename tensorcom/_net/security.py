@@ -23,8 +23,6 @@ import logging
 import os
 import stat
 import struct
-import threading
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any, Union
 
 import zmq
 
+from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom.errors import ConfigError, SecurityError
 
 __all__ = [
@@ -300,19 +299,10 @@ class _Refusals:
     """Log refused connections as warnings, at most one line per (place, reason) every ten seconds."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._log = RateLimitedLog(log, logging.WARNING, _REPORT_EVERY)
 
     def note(self, where: str, reason: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, suppressed = self._seen.get((where, reason), (-_REPORT_EVERY, 0))
-            if now - last < _REPORT_EVERY:
-                self._seen[(where, reason)] = (last, suppressed + 1)
-                return
-            self._seen[(where, reason)] = (now, 0)
-        more = f" ({suppressed} more since the last report)" if suppressed else ""
-        log.warning("refused a client on %s: %s%s", where, reason, more)
+        self._log.note((where, reason), "refused a client on %s: %s", where, reason)
 
 
 refusals = _Refusals()

@@ -47,6 +47,7 @@ import zmq
 
 from tensorcom import codec, protocol
 from tensorcom._net import allocator, shm
+from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
 from tensorcom._net.transport import (
     MAX_BATCH_FRAME,
@@ -64,6 +65,9 @@ from tensorcom.urls import ParsedURL
 __all__ = ["RequestServer"]
 
 log = logging.getLogger(__name__)
+_dropped = RateLimitedLog(
+    log, logging.INFO
+)  # a client that vanishes with replies owed, per endpoint and reason
 
 _MAX_PENDING_PER_CLIENT = 256
 _MAX_ATTEMPTS = 3
@@ -299,7 +303,13 @@ class RequestServer(Server, sockets=("ROUTER",)):
             except zmq.Again:  # its queue is full: the client is busy; try again on the next turn
                 return
             except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH)
-                log.info("dropping %d replies to a client of %s: %s", len(outbox), endpoint, error)
+                _dropped.note(
+                    (endpoint.address, str(error)),
+                    "dropping %d replies to a client of %s: %s",
+                    len(outbox),
+                    endpoint,
+                    error,
+                )
                 for parts in outbox:
                     self._discard(parts[2:])
                 outbox.clear()
