@@ -26,6 +26,7 @@ from helpers import (
     same_batches,
     serve,
     wait_until,
+    wait_until_gone,
 )
 from reliability import record, reference
 
@@ -311,3 +312,17 @@ def test_a_finished_stream_server_still_answers_a_seek(ipc_url: Any) -> None:
     assert not thread.is_alive()
     assert_same_batches(first, expected)
     assert_same_batches(again, expected)
+
+
+def test_workers_stuck_in_the_dataset_die_with_their_front_end(start_process: StartProcess) -> None:
+    """Workers blocked inside a pipeline call that never returns (here a 10-minute sleep, as on a dead NFS mount)
+    die within seconds of a SIGKILL of their front end: the kernel kills them (PR_SET_PDEATHSIG)."""
+    process, url = serve(start_process, "factories:big", "-o", "nbytes=64", "-o", "delay=600", workers=2)
+    wait_until(lambda: len(workers_of(process.pid)) == 2)  # they start once the server runs
+    workers = workers_of(process.pid)
+    with Connection(url, timeout=3, heartbeat=0.2) as connection:
+        with pytest.raises(Timeout):
+            connection.recv()  # the workers are now inside the sleep
+    process.kill()
+    process.wait(timeout=10)
+    assert wait_until_gone(workers, seconds=20) == []

@@ -213,8 +213,22 @@ def _encodable(message: Welcome | Batch) -> bytes:
 
 
 _MAX_PENDING_PER_CLIENT = 256
+_PR_SET_PDEATHSIG = 1
 _OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
 _FRONT = (-1, b"")  # the key of the requests the front end hands over
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this process with SIGKILL when the front end dies (Linux), even while a pipeline call
+    never returns (a dead NFS mount, a FIFO nobody writes): the loop's own check runs only between requests."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the loop's check remains
+        pass
 
 
 def worker_main(
@@ -238,6 +252,9 @@ def worker_main(
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
+    _die_with_parent()
+    if os.getppid() != parent:  # it died before the line above took effect
+        return
     allocator.tune()
     handler = RequestHandler(load_factory(factory), server)
     arena = shm.Arena() if shm.enabled() else None  # batches reach the front end through shared memory
