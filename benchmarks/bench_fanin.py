@@ -13,13 +13,19 @@ in the row), and the stream client with ``stripes=2`` (two sockets to each serve
 
 The receiver treats each batch as a training loop would (views of the arrays, one byte of every 4 KB page touched,
 as in bench_transport.py). It starts once every sender is listening, takes ``4 N`` batches to warm up (every
-connection made, the zreq workers found), then times the next ``count``. Reported: batches/s and GB/s received, the
-ratio to raw pyzmq with the same N (median of the per-round ratios), the client's CPU seconds per GB (its own
-process time, all its threads: Python and ZeroMQ's I/O threads; the I/O threads' share, from /proc, is shown too:
-one I/O thread busy all the time carries 1 / that GB/s) and that cost at N over the same case's at N = 1,
-and how many 100 GbE servers (12.5 GB/s each) one client core could absorb at that cost. On a 2-core machine the N
-senders share the cores with the receiver, so GB/s falls with N for every case alike; the ratios and the client's
-CPU per GB are what this part is for. ``python benchmarks/bench_fanin.py [--quick] [--sweep] [--json FILE]``.
+connection made, the zreq workers found), then times the next ``count``. Reported for each case and N:
+
+- batches/s and GB/s received, and the ratio to raw pyzmq with the same N (median of the per-round ratios);
+- the client's CPU seconds per GB (its own process time, all its threads), that cost over the same case's at N = 1,
+  and the share of it spent in ZeroMQ's I/O threads (from /proc: one I/O thread busy all the time carries
+  1 / that GB/s);
+- the client's minor page faults per batch (of the 2,352 pages a batch fills: memory the allocator gave back to
+  the kernel and took again);
+- how many 100 GbE servers (12.5 GB/s each) one client core could absorb at the measured CPU per GB.
+
+On a 2-core machine the N senders share the cores with the receiver, so GB/s falls with N for every case alike; the
+ratios and the client's CPU per GB are what this part is for.
+``python benchmarks/bench_fanin.py [--quick] [--sweep] [--senders N ...] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import functools
 import json
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -169,11 +176,13 @@ def io_thread_seconds() -> float:
 def _timed(receive_one: Any, senders: int, count: int, io_threads: int, result: Any) -> None:
     for _ in range(4 * senders):
         touch(receive_one())
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu, io_cpu = time.perf_counter(), time.process_time(), io_thread_seconds()
     for _ in range(count):
         touch(receive_one())
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    result.put((seconds, cpu, io_thread_seconds() - io_cpu, peak_rss_mb(), io_threads))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    result.put((seconds, cpu, io_thread_seconds() - io_cpu, faults / count, peak_rss_mb(), io_threads))
 
 
 SEND = {"raw": send_raw, "stream": send_stream, "zreq": send_zreq}
@@ -204,7 +213,7 @@ def measure_once(case: str, senders: int, count: int) -> dict[str, float]:
         for _ in processes:
             ready.get(timeout=START_S)
         receiver.start()
-        seconds, cpu, io_cpu, rss, io_threads = results.get(timeout=START_S + 300)
+        seconds, cpu, io_cpu, faults, rss, io_threads = results.get(timeout=START_S + 300)
     finally:
         _stop(processes)  # senders first: none is cut off in the middle of a message
         senders_gone.set()
@@ -217,6 +226,7 @@ def measure_once(case: str, senders: int, count: int) -> dict[str, float]:
         "gb_per_s": gigabytes / seconds,
         "client_cpu_s_per_gb": cpu / gigabytes,
         "io_thread_cpu_s_per_gb": io_cpu / gigabytes,
+        "client_page_faults_per_batch": faults,
         "client_peak_rss_mb": rss,
         "io_threads": io_threads,
     }
@@ -273,15 +283,15 @@ def links_per_core(row: dict[str, Any]) -> float:
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| senders | case | client I/O threads | batches/s | GB/s | vs raw pyzmq (same N) | client CPU s/GB | "
-        "of which I/O threads | CPU/GB vs N=1 | 100 GbE servers per client core |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "of which I/O threads | CPU/GB vs N=1 | client page faults per batch | 100 GbE servers per client core |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['senders']} | {r['case']} | {r['io_threads']:.0f} | {r['batches_per_s']:.0f} | "
             f"{r['gb_per_s']:.2f} | {r['vs_raw']:.2f} | {r['client_cpu_s_per_gb']:.3f} | "
             f"{r.get('io_thread_cpu_s_per_gb', float('nan')):.3f} | {r['cpu_vs_one_sender']:.2f} | "
-            f"{links_per_core(r):.1f} |"
+            f"{r.get('client_page_faults_per_batch', float('nan')):.0f} | {links_per_core(r):.1f} |"
         )
     return "\n".join(lines)
 
