@@ -151,7 +151,7 @@ def receive(case: str, addresses: list[str], count: int, result: Any, senders_go
         options["stripes"] = int(words[-1])
     if case.startswith("zreq"):
         urls = [address.replace("tcp://", "zreq://") for address in addresses]
-        options["prefetch"] = max(4, 2 * senders)
+        options["prefetch"] = int(words[-1]) if "prefetch" in words else max(4, 2 * senders)
     else:
         urls = [address.replace("tcp://", "zrpull://") for address in addresses]
     with Connection(urls, **options) as connection:
