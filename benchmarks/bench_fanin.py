@@ -6,10 +6,10 @@ For N = 1, 2 and 4 senders of the transport part's 9.6 MB batch (64x3x224x224 ui
   both ways (the ceiling, and the baseline of every ratio with the same N);
 - stream: N ``Server`` processes (``zrpush``) into one ``Connection`` of N ``zrpull`` URLs;
 - zreq 1 worker: N ``RequestServer`` processes with one worker process each (``tensorcom serve -w 1``; the worker
-  answers the client directly) into one ``Connection`` of N ``zreq`` URLs with ``prefetch = max(4, 2 N)``.
+  answers the client directly) into one ``Connection`` of N ``zreq`` URLs (the default ``prefetch``, 4).
 
 ``--sweep`` adds, for measuring the defaults: the stream and zreq clients with ``io_threads`` 1 and 4 (the default is
-in the row), and the stream client with ``stripes=2`` (two sockets to each server).
+in the row), the stream client with ``stripes=2`` (two sockets to each server), and zreq with ``prefetch`` 8 and 16.
 
 The receiver treats each batch as a training loop would (views of the arrays, one byte of every 4 KB page touched,
 as in bench_transport.py). It starts once every sender is listening, takes ``4 N`` batches to warm up (every
@@ -57,6 +57,8 @@ SWEEP = (
     "stream stripes 2",
     "zreq io_threads 1",
     "zreq io_threads 4",
+    "zreq prefetch 8",
+    "zreq prefetch 16",
 )
 START_S = 120.0
 
@@ -151,7 +153,8 @@ def receive(case: str, addresses: list[str], count: int, result: Any, senders_go
         options["stripes"] = int(words[-1])
     if case.startswith("zreq"):
         urls = [address.replace("tcp://", "zreq://") for address in addresses]
-        options["prefetch"] = int(words[-1]) if "prefetch" in words else max(4, 2 * senders)
+        if "prefetch" in words:
+            options["prefetch"] = int(words[-1])
     else:
         urls = [address.replace("tcp://", "zrpull://") for address in addresses]
     with Connection(urls, **options) as connection:
