@@ -182,3 +182,26 @@ def test_request_stripes_give_the_exact_stream(serving: Any, workers: int) -> No
         assert connection.last.step == len(received) - 1
     assert wanted <= set(answered), answered
     assert_same_batches(received, reference(len(received), 5, ENDLESS))
+
+
+def test_seek_on_a_striped_stream_drops_what_every_stripe_held(ipc_url: Any) -> None:
+    """A pipeline server behind stripes=2 (ipc, shared-memory channel) is one server for seek: after SEEK to epoch 0
+    the next batches are that epoch's first, whichever stripe carried them or what they held before."""
+    expected = reference(3, 8)
+    server = Server(
+        factories.small, ipc_url("zrpush"), seed=8, control=ipc_url("zrep", "control"), send_timeout=8
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with Connection(ipc_url("zrpull"), stripes=2, timeout=30) as connection:
+            assert len(connection.endpoints) == 2
+            for _ in range(5):
+                connection.recv()
+            connection.seek(ipc_url("zreq", "control"), epoch=0)
+            received = [connection.recv() for _ in range(3)]
+            assert connection.last.epoch == 0
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+    assert_same_batches(received, expected)
