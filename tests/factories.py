@@ -76,3 +76,23 @@ def not_a_pipeline(*, seed: int, rank: int, world_size: int) -> Any:
 
 def pid(**_: Any) -> int:
     return os.getpid()
+
+
+class _HangIf:
+    """A map function that never returns (a 10-minute sleep, like a read from a dead NFS mount) in a process whose
+    environment has TENSORCOM_TEST_HANG=1, and returns the sample elsewhere: servers that differ only by it serve
+    the same pipeline (the same fingerprint)."""
+
+    __name__ = "hang_if"
+
+    def __call__(self, index: int) -> tuple[np.ndarray, int]:
+        if os.environ.get("TENSORCOM_TEST_HANG") == "1":
+            time.sleep(600)
+        return np.full(8, index % 251, np.uint8), index
+
+
+def hanging(*, seed: int, rank: int, world_size: int) -> Any:
+    """Endless small batches of 2 that hang where TENSORCOM_TEST_HANG=1 (see _HangIf)."""
+    return Conveyer(
+        [Permutation(1000, seed=seed, repeating=True), Partition(rank, world_size), Map(_HangIf()), Collate(2)]
+    )

@@ -326,3 +326,29 @@ def test_workers_stuck_in_the_dataset_die_with_their_front_end(start_process: St
     process.kill()
     process.wait(timeout=10)
     assert wait_until_gone(workers, seconds=20) == []
+
+
+def test_a_server_stuck_in_the_dataset_is_passed_by_after_the_request_deadline(start_process: StartProcess) -> None:
+    """Two servers, one whose worker hangs in the pipeline (its front end still answers pings): past
+    request_deadline its steps are asked of the other server, the stream stays exact, and the stuck one is shown
+    "stalled"."""
+    _, stuck = serve(start_process, "factories:hanging", env={"TENSORCOM_TEST_HANG": "1"})
+    _, good = serve(start_process, "factories:hanging")
+    expected = reference(factories.hanging, count=12, seed=3, rank=0, world_size=1)
+    with Connection([stuck, good], seed=3, timeout=60, heartbeat=0.2, request_deadline=2) as connection:
+        received = [connection.recv() for _ in range(12)]
+        assert "(stalled)" in connection._describe_servers()
+    assert_same_batches(received, expected)
+
+
+def test_a_worker_stuck_in_the_dataset_is_replaced_after_the_worker_deadline(start_process: StartProcess) -> None:
+    """A worker silent for longer than --worker-deadline (stuck in the pipeline) is killed and a new one started."""
+    process, url = serve(
+        start_process, "factories:hanging", "--worker-deadline", "2", env={"TENSORCOM_TEST_HANG": "1"}
+    )
+    wait_until(lambda: len(workers_of(process.pid)) == 1)
+    first = workers_of(process.pid)
+    with Connection(url, seed=3, timeout=2, heartbeat=0.2) as connection:
+        with pytest.raises(Timeout):
+            connection.recv()  # the worker is now stuck
+    wait_until(lambda: len(workers_of(process.pid)) == 1 and workers_of(process.pid) != first, seconds=60)

@@ -234,6 +234,13 @@ def _factory_options(options: tuple[str, ...]) -> dict[str, Any]:
     "-w", "--workers", default=2, show_default=True, help="Worker processes computing batches (0: inline)."
 )
 @click.option(
+    "--worker-deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds a worker may stay silent (stuck in the pipeline) before it is killed and replaced.",
+)
+@click.option(
     "--direct/--no-direct",
     default=True,
     show_default=True,
@@ -263,6 +270,7 @@ def serve(
     factory: str,
     urls: tuple[str, ...],
     workers: int,
+    worker_deadline: float,
     direct: bool,
     options: tuple[str, ...],
     report: float,
@@ -296,6 +304,7 @@ def serve(
         functools.partial(target, **extra) if extra else factory,
         list(urls),
         workers=workers,
+        worker_deadline=worker_deadline,
         direct=direct,
         report_interval=report,
         server_key=server_key,

@@ -299,6 +299,7 @@ class Connection(_Receiver):
         control: str | None = _DEFAULT,
         io_threads: int | None = _DEFAULT,
         stripes: int = _DEFAULT,
+        request_deadline: float | None = _DEFAULT,
     ) -> Connection:
         arguments = locals()
         given = [name for name in _NEW_OPTIONS if arguments[name] is not _DEFAULT]

@@ -93,6 +93,7 @@ class _Server:
     shutting_down: bool = False  # it said so; not used again until its connection drops (a new process)
     shm: bool = False  # it is on this host (ipc) and batches may come as shared-memory descriptors
     parent: _Server | None = None  # for a server's worker process: the server (see Welcome.workers)
+    stalled: bool = False  # it let a step pass its deadline; no requests until it answers one
     workers: list[_Server] = field(default_factory=list)
 
     @property
@@ -126,6 +127,10 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         io_threads: ZeroMQ I/O threads, as for every :class:`~tensorcom.client.Connection`. The sockets to the
             servers' worker processes (opened after the first WELCOME) share them, so the default counts
             :data:`EXPECTED_WORKERS` per server socket (see :meth:`_default_io_threads`).
+        request_deadline: seconds a server may take to answer a step before that is a fault (None: no limit): its
+            unanswered steps are asked of the other servers, and it gets no more requests until it answers one
+            (a PONG does not count: a server's front end answers pings while a worker is stuck). The default, 300 s,
+            leaves room for heavy augmentation of large batches.
         stripes: DEALER sockets opened to each server (default 1), each greeted, pinged and asked for steps as a
             server of its own (and each connecting to that server's workers itself), so one fast server's replies
             spread over ``stripes`` TCP connections. Batches are still yielded in step order, exactly once.
@@ -156,6 +161,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         shm: bool | None = None,
         io_threads: int | None = None,
         stripes: int = 1,
+        request_deadline: float | None = 300.0,
     ) -> None:
         default_rank, default_world = default_rank_and_world_size()
         rank = default_rank if rank is None else rank
@@ -168,6 +174,10 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             raise ConfigError(f"prefetch must be >= 1. Found: {prefetch}")
         if heartbeat <= 0:
             raise ConfigError(f"heartbeat must be > 0 seconds. Found: {heartbeat}")
+        if request_deadline is not None and request_deadline <= 0:
+            raise ConfigError(f"request_deadline must be > 0 seconds or None. Found: {request_deadline}")
+        self.request_deadline = request_deadline
+        self._asked: dict[int, float] = {}  # step -> when it was last requested
         super().__init__(
             urls,
             queue=prefetch * _GROUP + 16,  # the whole window fits: the server never waits on us
@@ -305,6 +315,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         self._end_step = None
         self._to_request = []
         self._replies = {}
+        self._asked.clear()
         for server in self._servers:
             server.outstanding.clear()
 
@@ -442,6 +453,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         if step is None:
             raise ProtocolError(f"server {server.address} sent {message.command.name} without a step")
         server.outstanding.discard(step)
+        self._asked.pop(step, None)
+        server.stalled = False  # it answers steps again
         if isinstance(message, Error) and message.error is ErrorKind.UNAVAILABLE:
             if server.shutting_down:
                 self._to_request = sorted({*self._to_request, step})
@@ -502,7 +515,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             for server in self._servers
             if server.alive
             and not server.shutting_down
-            and not any(worker.alive for worker in server.workers)
+            and not server.stalled
+            and not any(worker.alive and not worker.stalled for worker in server.workers)
             and (server.parent is None or (server.parent.alive and not server.parent.shutting_down))
         ]
 
@@ -534,6 +548,8 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             for server in sorted(self._live(), key=lambda s: len(s.outstanding)):
                 if self._send(server, self._request(server, step, count)):
                     server.outstanding.update(range(step, step + count))
+                    now = time.monotonic()
+                    self._asked.update((asked, now) for asked in range(step, step + count))
                     break
             else:
                 return  # no live server takes requests now; heartbeats will tell when one does
@@ -564,6 +580,11 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 server.disconnects = server.endpoint.disconnects
                 server.shutting_down = False
                 self._lose(server, "disconnected")
+            if self.request_deadline is not None and server.outstanding:
+                oldest = min(server.outstanding, key=lambda step: self._asked.get(step, now))
+                if now - self._asked.get(oldest, now) > self.request_deadline:
+                    server.stalled = True
+                    self._lose(server, f"did not answer step {oldest} within {self.request_deadline:g} s")
             if server.parent is not None:  # a worker: up while connected; its server answers the pings
                 if not server.alive and server.endpoint.peers > 0 and server.parent.alive:
                     server.alive = True
@@ -578,7 +599,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
     def _describe_servers(self) -> str:
         """Each server's address and whether it is up, down, or never answered (a wrong address, or not started)."""
         described = (  # a server striped over several sockets is named once per state its sockets are in
-            f"{s.address} ({'never answered' if not s.answered else 'up' if s.alive else 'down'})"
+            f"{s.address} ({'never answered' if not s.answered else 'stalled' if s.stalled else 'up' if s.alive else 'down'})"
             for s in self._servers
             if s.parent is None
         )

@@ -91,6 +91,7 @@ class _Worker:
         # where it takes requests from clients directly, per front-end URL ("": it does not)
         self.addresses: list[str] = []
         self.draining = False  # told to drain its direct clients' requests, and not done yet
+        self.last_heard = 0.0  # when it last sent the front end anything (it says ALIVE every second)
 
 
 class RequestServer(Server, sockets=("ROUTER",)):
@@ -110,6 +111,9 @@ class RequestServer(Server, sockets=("ROUTER",)):
         server_key, client_keys: CURVE: this server's ``.key_secret`` file and the folder of allowed client
             ``NAME.key`` files (default: $TENSORCOM_SERVER_KEY and $TENSORCOM_CLIENT_KEYS; neither: plain). The
             workers' own sockets use the same keys.
+        worker_deadline: seconds a worker may stay silent (stuck in the pipeline: a dead NFS mount, a FIFO nobody
+            writes) before it is killed and replaced; its requests go to the others, its direct clients ask other
+            servers. None: never.
         direct: workers take requests from clients on addresses of their own and reply directly (see the module
             docstring; the default); False: every request and reply passes through the front end (one port).
 
@@ -132,6 +136,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
         server_key: KeyPath | None = None,
         client_keys: KeyPath | None = None,
         direct: bool = True,
+        worker_deadline: float | None = 300.0,
     ) -> None:
         super().__init__(report_interval)
         if workers < 0:
@@ -142,6 +147,9 @@ class RequestServer(Server, sockets=("ROUTER",)):
         load_factory(factory)  # fail now, not in a worker
         self.workers = workers
         self.worker_queue = worker_queue
+        if worker_deadline is not None and worker_deadline <= 0:
+            raise ConfigError(f"worker_deadline must be > 0 seconds or None. Found: {worker_deadline}")
+        self.worker_deadline = worker_deadline
         self.direct = direct and workers > 0
         self.queue = queue
         parsed = parse_endpoints(urls, {"ROUTER"}, "request Server")
@@ -232,6 +240,20 @@ class RequestServer(Server, sockets=("ROUTER",)):
         """
         now = time.monotonic()
         for worker in self._processes:
+            if (
+                self.worker_deadline is not None
+                and worker.ready
+                and worker.process is not None
+                and worker.process.is_alive()
+                and now - worker.last_heard > self.worker_deadline
+            ):
+                log.warning(
+                    "worker %s silent for %.0f s (stuck in the pipeline?): replacing it",
+                    worker.identity.decode(),
+                    now - worker.last_heard,
+                )
+                worker.process.kill()
+                worker.process.join(timeout=5)
             if worker.process is None or worker.process.is_alive():
                 continue
             code = worker.process.exitcode
@@ -425,6 +447,9 @@ class RequestServer(Server, sockets=("ROUTER",)):
         identity = frames[0].bytes
         worker = next((w for w in self._processes if w.identity == identity), None)
         if worker is None:
+            return
+        worker.last_heard = time.monotonic()
+        if frames[1].bytes == b"ALIVE":
             return
         if frames[1].bytes == b"DRAINED":
             worker.draining = False

@@ -8,9 +8,11 @@ pipeline with a ``class_names`` attribute (label i named ``class_names[i]``) has
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import time
 import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -214,6 +216,7 @@ def _encodable(message: Welcome | Batch) -> bytes:
 
 _MAX_PENDING_PER_CLIENT = 256
 _PR_SET_PDEATHSIG = 1
+_ALIVE_EVERY = 1.0  # seconds between a worker's signs of life to its front end
 _OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
 _FRONT = (-1, b"")  # the key of the requests the front end hands over
 
@@ -298,6 +301,7 @@ def worker_main(
     outbox: dict[tuple[int, bytes], deque[list[Any]]] = {}
     draining = False  # the front end drains: new direct requests are refused, those received are answered
     drained = False
+    told_alive = time.monotonic()
 
     def flush(client: tuple[int, bytes]) -> None:
         waiting = outbox.get(client)
@@ -410,6 +414,11 @@ def worker_main(
                     from_client(index)
             for client in list(outbox):
                 flush(client)
+            now = time.monotonic()
+            if now - told_alive >= _ALIVE_EVERY:  # the front end replaces a worker that stays silent (stuck)
+                with contextlib.suppress(zmq.Again):
+                    socket.send_multipart([b"ALIVE"], flags=zmq.NOBLOCK)
+                told_alive = now
             if pending:
                 compute_one()
             elif draining and not drained and not outbox:
