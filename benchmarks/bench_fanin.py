@@ -25,7 +25,7 @@ connection made, the zreq workers found), then times the next ``count``. Reporte
 
 On a 2-core machine the N senders share the cores with the receiver, so GB/s falls with N for every case alike; the
 ratios and the client's CPU per GB are what this part is for.
-``python benchmarks/bench_fanin.py [--quick] [--sweep] [--senders N ...] [--json FILE]``.
+``python benchmarks/bench_fanin.py [--quick] [--repeat R] [--count B] [--sweep] [--senders N ...] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def measure_once(case: str, senders: int, count: int) -> dict[str, float]:
 
 def counts(quick: bool) -> int:
     """Batches timed per measurement."""
-    return 100 if quick else 300
+    return 100 if quick else 600
 
 
 def measure(
@@ -307,9 +307,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None, help="alternating rounds (median shown)")
     parser.add_argument("--sweep", action="store_true", help="also io_threads 1 and 4, and stripes 2")
     parser.add_argument("--senders", type=int, nargs="+", default=list(SENDERS), help="values of N")
+    parser.add_argument("--count", type=int, default=None, help="batches timed per measurement")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
     args = parser.parse_args()
-    rows = measure(args.quick, args.repeat, args.sweep, tuple(args.senders))
+    rows = measure(args.quick, args.repeat, args.sweep, tuple(args.senders), args.count)
     if args.json:
         Path(args.json).write_text(json.dumps(rows))
     print(format_table(rows))
