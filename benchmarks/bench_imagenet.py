@@ -22,8 +22,8 @@ Timing starts after the first batches, so process start-up is excluded. The thre
 figures are medians and each ratio the median of the ratios within a round. ``--profile`` adds a per-image
 breakdown (cProfile, one process) of both decodes: where the time goes and what limits the ratio. Run::
 
-    python benchmarks/bench_imagenet.py               # about a minute and a half
-    python benchmarks/bench_imagenet.py --quick       # about 20 s
+    python benchmarks/bench_imagenet.py               # about 40 s on 2 quiet cores
+    python benchmarks/bench_imagenet.py --quick       # about 15 s
     python benchmarks/bench_imagenet.py --profile --repeat 1
 """
 
