@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -243,3 +244,55 @@ def test_topic_frames_are_filtered_and_stripped(ipc_url: Callable[..., str]) -> 
         with pytest.raises(Timeout):
             other.recv()
     publisher.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_a_subscriber_that_stops_reading_is_cut_and_the_others_keep_every_batch(
+    transport: str, ipc_url: Callable[..., str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One zsub peer that never reads would hold an XPUB_NODROP publisher still forever: past stall_timeout its
+    connection is cut (one log line) and the reading subscriber gets every batch, in order."""
+    publisher = Server(
+        None, "zpub://127.0.0.1:0" if transport == "tcp" else ipc_url("zpub"),
+        queue=2, send_timeout=120, stall_timeout=1.0, linger=0,
+    )  # fmt: skip
+    address = publisher.endpoints[0]
+    stalled = zmq.Context.instance().socket(zmq.SUB)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.RECONNECT_IVL, 600_000)  # once cut, it stays away for this test
+    stalled.connect(address)
+    count, size = 200, 1 << 13  # 64 kB batches: under the shm threshold, so all go through the plain socket
+    received: list[int] = []
+    client_url = address.replace("tcp://", "zsub://").replace("ipc://", "zsub+ipc://")
+    with Connection(client_url, timeout=1) as good:
+        warm, subscribed = np.full(size, -1, np.int64), [False, False]
+        while not all(subscribed):  # both have a batch before the counted ones start
+            publisher.send([warm])
+            if stalled.poll(0):
+                stalled.recv_multipart()
+                subscribed[0] = True
+            with contextlib.suppress(Timeout):
+                good.recv()
+                subscribed[1] = True
+        good.timeout = 120
+
+        def read() -> None:
+            while len(received) < count:
+                value = int(good.recv()[0][0])
+                if value >= 0:
+                    received.append(value)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        with caplog.at_level("WARNING", logger="tensorcom.server.stream"):
+            for index in range(count):
+                publisher.send([np.full(size, index, np.int64)])
+        reader.join(READY_SECONDS * 4)
+    stalled.close()
+    publisher.close()
+    assert received == list(range(count))
+    assert publisher.cut_subscribers == 1
+    assert sum("cut 1 subscriber" in record.getMessage() for record in caplog.records) == 1

@@ -9,7 +9,12 @@ out at once, and a server logs the clients it refuses.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import socket as pysocket
+import struct
+import termios
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +88,7 @@ class Endpoint:
     handshake_failures: list[tuple[int, int]] = field(default_factory=list)
     refused: int = 0
     timed_sends: bool = False  # send_frames has set SNDTIMEO
+    fds: set[int] = field(default_factory=set)  # file descriptors of the open connections (monitored sockets)
 
     def __str__(self) -> str:
         return self.address
@@ -100,9 +106,11 @@ class Endpoint:
                 event, value = message["event"], message["value"]
                 if event in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
                     self.peers += 1
+                    self.fds.add(int(value))
                 elif event == zmq.EVENT_DISCONNECTED:
                     self.peers = max(0, self.peers - 1)
                     self.disconnects += 1
+                    self.fds.discard(int(value))
                 elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.handshake_failures.clear()
                 elif event & HANDSHAKE_EVENTS:
@@ -116,6 +124,24 @@ class Endpoint:
         self.refused += 1
         if not (event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self.curve == "server"):  # ZAP logs refused keys
             refusals.note(self.address, describe_handshake_failure(event, value, self.curve is not None))
+
+    def stalled_peers(self, pause: float = 0.25) -> list[int]:
+        """The connections whose peer has stopped reading: bytes wait in the kernel's send queue and their number has
+        not fallen over ``pause`` seconds (a peer that reads, however slowly, empties it while a send waits)."""
+        self.count_peers()
+        before = {fd: _unsent(fd) for fd in self.fds}
+        time.sleep(pause)
+        self.count_peers()
+        return [fd for fd in self.fds if before.get(fd, 0) > 0 and _unsent(fd) >= before[fd]]
+
+    def cut(self, fd: int) -> None:
+        """Shut one connection down (libzmq then closes it and drops what was queued for it; a connecting peer may
+        come back later and starts afresh)."""
+        try:
+            with pysocket.socket(fileno=os.dup(fd)) as connection:
+                connection.shutdown(pysocket.SHUT_RDWR)
+        except OSError as error:  # closed meanwhile
+            log.debug("could not shut down connection %d of %s: %s", fd, self.address, error)
 
     def check_handshakes(self) -> None:
         """Raise :class:`tensorcom.SecurityError` if the handshakes with the peer this socket connects to conclusively
@@ -295,6 +321,14 @@ def send_frames(
                     time.sleep(0.0002)
                 elif index:
                     socket.poll(int(_POLL_STEP * 1000), zmq.POLLOUT)
+
+
+def _unsent(fd: int) -> int:
+    """Bytes in a connection's kernel send queue that its peer has not yet read (0 if it cannot be told)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 def _drain(socket: zmq.Socket[Any], flags: int) -> int:

@@ -22,6 +22,7 @@ import zmq
 from tensorcom import codec
 from tensorcom._net import allocator
 from tensorcom._net import shm as _shm
+from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
 from tensorcom._net.transport import Endpoint, SendCancelled, open_endpoint, parse_endpoints, send_frames
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _SENDING = {"PUSH", "PUB"}
 _PEER_CHECK = 0.05  # seconds between looks at the sockets' connection events while sending
+_stalled = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
 _PICK_STEP = 0.1  # seconds between looks at handshakes, the timeout and stop() while no socket has room
 
 
@@ -62,6 +64,9 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         send_timeout: seconds to wait for a client to take a batch before raising :class:`tensorcom.Timeout`
             (None: wait for clients forever, logging every ``report_interval``).
         drop: for PUB URLs, use plain PUB semantics (drop batches for slow or absent subscribers).
+        stall_timeout: for PUB URLs without ``drop``: seconds a send may wait for a subscriber that does not read
+            before its connection is cut (one log line), so that one stalled subscriber never stops the stream for
+            the others; None: wait for every subscriber, whatever it takes.
         infos: per-array labels (up to 8 ASCII characters) written into the .ten headers.
         report_interval: seconds between rate reports through ``logging``.
         control: a ``zrep://`` URL where clients send SEEK messages (pipeline sources only): the server then
@@ -97,9 +102,14 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         server_key: KeyPath | None = None,
         client_keys: KeyPath | None = None,
         shm: bool | None = None,
+        stall_timeout: float | None = 10.0,
     ) -> None:
         if linger < 0:
             raise ConfigError(f"linger must be >= 0 seconds. Found: {linger}")
+        if stall_timeout is not None and stall_timeout <= 0:
+            raise ConfigError(f"stall_timeout must be > 0 seconds or None. Found: {stall_timeout}")
+        self.stall_timeout = stall_timeout
+        self.cut_subscribers = 0  # subscribers cut for not reading (stall_timeout)
         if send_timeout is not None and send_timeout <= 0:
             raise ConfigError(f"send_timeout must be > 0 seconds or None. Found: {send_timeout}")
         super().__init__(report_interval)
@@ -250,7 +260,10 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             descriptor = arena.put(frames) if shared else None
             if descriptor is not None:
                 message = [descriptor, *trailer]
-        send_frames(endpoint, message, timeout=self.send_timeout, waiting=self._waiting)
+        if endpoint.socket.type == zmq.XPUB and self.stall_timeout is not None:
+            self._publish(endpoint, message)
+        else:
+            send_frames(endpoint, message, timeout=self.send_timeout, waiting=self._waiting)
         self._turn = (self._turn + 1) % len(self._endpoints)
         self.served += 1
         self.nbytes += sum(getattr(a, "nbytes", 0) for a in arrays)
@@ -271,6 +284,38 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             if self._waiting():
                 raise SendCancelled(f"gave up sending a batch on {endpoint}: the server is stopping")
             time.sleep(_PICK_STEP)
+
+    def _publish(self, endpoint: Endpoint, message: list[Any]) -> None:
+        """Send on an XPUB socket, where one subscriber that stops reading would stop the stream for all: once a send
+        has waited ``stall_timeout`` seconds, the connections whose peer has stopped reading (bytes stuck in the
+        kernel's send queue) are cut, with one log line, and the send goes on. The others keep every batch, in order;
+        a cut subscriber that comes back gets the stream from where it then is."""
+        stall = self.stall_timeout or 0.0  # set: _publish is used only then
+        waited = 0.0
+        while True:
+            wait = stall if self.send_timeout is None else min(stall, self.send_timeout - waited)
+            try:
+                send_frames(endpoint, message, timeout=wait, waiting=self._waiting)
+                return
+            except Timeout:
+                waited += wait
+                if self.send_timeout is not None and waited >= self.send_timeout:
+                    raise Timeout(
+                        f"could not send a batch on {endpoint} within {self.send_timeout} s (no subscriber took it)"
+                    ) from None
+            stalled = endpoint.stalled_peers()
+            for fd in stalled:
+                endpoint.cut(fd)
+            if stalled:
+                self.cut_subscribers += len(stalled)
+                _stalled.note(
+                    endpoint.address,
+                    "cut %d subscriber(s) of %s that read nothing for %.0f s (%d so far); the others go on",
+                    len(stalled),
+                    endpoint,
+                    stall,
+                    self.cut_subscribers,
+                )
 
     def _pick(self, plain: Endpoint, channel: Endpoint) -> Endpoint:
         """The socket of a bound ipc URL that takes the next batch: its shm channel (clients that read descriptors)
