@@ -53,9 +53,12 @@ import msgpack
 from tensorcom.errors import ProtocolError
 
 __all__ = [
+    "MAX_ARRAY_ITEMS",
+    "MAX_CONTAINERS",
     "MAX_GROUP",
     "MAX_HEADER_BYTES",
     "MAX_INTEGER",
+    "MAX_MAP_ITEMS",
     "MAX_SEED",
     "MAX_WORKERS",
     "META_INFO",
@@ -83,6 +86,7 @@ __all__ = [
     "split_stream_meta",
     "stream_meta_bytes",
     "stream_meta_frame",
+    "unpack_bounded",
 ]
 
 VERSION = 1
@@ -94,10 +98,17 @@ MAX_INTEGER = 1 << 62
 far enough below msgpack's 64-bit limit that counting on from it cannot overflow."""
 MAX_SEED = (1 << 64) - 1
 MAX_GROUP = 64
+"""Most consecutive steps one REQUEST may ask for (``count``); each is answered by a BATCH of its own."""
 MAX_WORKERS = 256
 """Most worker addresses a WELCOME may name."""
-"""Most consecutive steps one REQUEST may ask for (``count``); each is answered by a BATCH of its own."""
 _MAX_DEPTH = 32
+MAX_CONTAINERS = 1 << 15
+"""Most maps and arrays one header, metadata frame or control message may hold (a pipeline state of a Join of
+thousands of sources fits)."""
+MAX_ARRAY_ITEMS = 1 << 20
+"""Longest array in a message from a peer (a batch's ``indices`` has one item per sample)."""
+MAX_MAP_ITEMS = 1 << 12
+"""Most keys of one map in a message from a peer."""
 _BATCH_KINDS = ("single", "tuple", "list", "dict")
 
 
@@ -138,16 +149,52 @@ def _pack(header: dict[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
 
 
+class _Overfull(Exception):
+    """Raised inside msgpack's hooks to stop decoding a message that holds too many maps and arrays."""
+
+
+def unpack_bounded(data: bytes | memoryview, what: str) -> Any:
+    """Decode msgpack from a peer within fixed bounds, checked while it is decoded, before anything is built for
+    what lies beyond them: at most :data:`MAX_CONTAINERS` maps and arrays, each at most :data:`MAX_MAP_ITEMS` /
+    :data:`MAX_ARRAY_ITEMS` long, strings and bytes no longer than the message, no ext types, map keys strings.
+    A message of a million empty maps is refused after decoding ``MAX_CONTAINERS`` of them (a few milliseconds), not
+    turned into a million dicts. Raises :class:`ProtocolError` naming ``what``."""
+    left = MAX_CONTAINERS
+
+    def count(value: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise _Overfull
+        return value
+
+    size = len(data)
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            object_hook=count,
+            list_hook=count,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=MAX_ARRAY_ITEMS,
+            max_map_len=MAX_MAP_ITEMS,
+            max_ext_len=0,
+        )
+    except _Overfull:
+        raise ProtocolError(f"{what} holds more than {MAX_CONTAINERS} maps and arrays") from None
+    except Exception as error:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"{what} is not valid msgpack within bounds: {str(error)[:200]}") from None
+
+
 def _parse(frame: Any, source: str) -> tuple[Command, dict[str, Any]]:
     """The command and the fields of a header frame, its version checked; anything malformed raises
     :class:`ProtocolError` naming ``source``."""
     data = frame if type(frame) is bytes else bytes(getattr(frame, "bytes", frame))
     if len(data) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header from {source} is {len(data)} bytes; at most {MAX_HEADER_BYTES}")
-    try:
-        header = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as error:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"header from {source} is not valid msgpack: {error}") from None
+    header = unpack_bounded(data, f"header from {source}")
     if not isinstance(header, dict):
         raise ProtocolError(f"header from {source} must be a map. Found: {type(header).__name__}")
     version = header.pop("v", None)

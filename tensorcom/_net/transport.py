@@ -45,6 +45,7 @@ __all__ = [
     "open_endpoint",
     "parse_endpoints",
     "receive",
+    "receive_small",
     "send_frames",
     "send_parts",
 ]
@@ -63,6 +64,11 @@ _POLL_STEP = 0.05
 
 MAX_CONTROL_MESSAGE = MAX_HEADER_BYTES + 4096
 """Largest frame a socket that receives only protocol headers, control messages or subscriptions accepts."""
+
+MAX_SUBSCRIPTION_SLACK = 2048
+"""Bytes an XPUB socket accepts in one message beyond its topic: a subscription longer than the topic cannot match
+it, but the limit also applies to the handshake (a CURVE INITIATE is about 300 bytes). A peer that sends a longer
+one is disconnected by libzmq before it is buffered."""
 
 COPY_BELOW = 128 * 1024
 """Frames smaller than this are copied into the message when sent; larger ones are sent in place. Zero-copy sends
@@ -133,6 +139,12 @@ class Endpoint:
         time.sleep(pause)
         self.count_peers()
         return [fd for fd in self.fds if before.get(fd, 0) > 0 and _unsent(fd) >= before[fd]]
+
+    def chatty_peers(self, limit: int) -> list[int]:
+        """The TCP connections whose peer has sent more than ``limit`` bytes (for sockets whose peers only ever send a
+        handshake and a subscription or two); connections of other transports are never counted."""
+        self.count_peers()
+        return [fd for fd in self.fds if _received(fd) > limit]
 
     def cut(self, fd: int) -> None:
         """Shut one connection down (libzmq then closes it and drops what was queued for it; a connecting peer may
@@ -217,6 +229,12 @@ def open_endpoint(
             keys.apply(socket)
         if kind == zmq.XPUB:
             socket.setsockopt(zmq.XPUB_NODROP, 1)
+            # Subscriptions are applied by the owner (XPUB_MANUAL), and only those that match its topic: libzmq
+            # would otherwise keep every distinct subscription a peer sends in a trie, and a long one is disconnected.
+            socket.setsockopt(zmq.XPUB_MANUAL, 1)
+            socket.setsockopt(
+                zmq.MAXMSGSIZE, min(max_message_size, 1 + len(url.topic) + MAX_SUBSCRIPTION_SLACK)
+            )
         if url.socket_type == "SUB":
             socket.setsockopt(zmq.SUBSCRIBE, url.topic)
         events = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS
@@ -329,6 +347,33 @@ def _unsent(fd: int) -> int:
         return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
     except OSError:
         return 0
+
+
+_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info
+
+
+def _received(fd: int) -> int:
+    """Bytes a TCP connection has received from its peer (0 for other sockets, or if it cannot be told)."""
+    try:
+        with pysocket.socket(fileno=os.dup(fd)) as connection:
+            if connection.family not in (pysocket.AF_INET, pysocket.AF_INET6):
+                return 0
+            info = connection.getsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_INFO, 192)
+    except OSError:
+        return 0
+    if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
+        return 0
+    return int(struct.unpack_from("Q", info, _TCP_INFO_BYTES_RECEIVED)[0])
+
+
+def receive_small(socket: zmq.Socket[Any], most: int, flags: int = 0) -> tuple[list[bytes], int]:
+    """Receive one multipart message of at most ``most`` frames (control messages, requests): ``(frames, extra)``
+    where ``extra`` counts the frames beyond ``most``, read one at a time and dropped, so a message of a million
+    empty frames costs its own bytes and never a list of a million objects. The caller refuses it when ``extra``."""
+    frames = [socket.recv(flags)]
+    while len(frames) < most and socket.get(_RCVMORE):
+        frames.append(socket.recv(flags))
+    return frames, _drain(socket, flags)
 
 
 def _drain(socket: zmq.Socket[Any], flags: int) -> int:

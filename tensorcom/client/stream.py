@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import msgpack
 import zmq
 
 from tensorcom import codec, protocol
@@ -25,6 +24,7 @@ from tensorcom.client._base import BatchInfo, Connection, check_fan_in
 from tensorcom.convert import ConverterSpec
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError, StateError, Timeout
 from tensorcom.protocol import (
+    MAX_HEADER_BYTES,
     META_INFO,
     Batch,
     Error,
@@ -34,6 +34,7 @@ from tensorcom.protocol import (
     rebuild_batch,
     split_stream_meta,
     stream_meta_bytes,
+    unpack_bounded,
 )
 from tensorcom.urls import ParsedURL
 
@@ -123,7 +124,7 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         self._recent: dict[
             tuple[Any, ...], str
         ] = {}  # recent batches' identities -> the server that sent them
-        self._duplicates: set[tuple[str, str]] = set()
+        self._duplicates: set[frozenset[str]] = set()
         self._sources = [*self._endpoints, *self._companions]  # every socket read: URLs' and shm channels
         self._unconnected = [  # zrpull+ipc sockets waiting for a server, and the shm channel they would read
             (e, channel.address)
@@ -264,7 +265,14 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             arrays, infos = decoded
             if packed is None and infos and infos[-1] == META_INFO:  # servers before the metadata frame
                 packed, arrays, infos = memoryview(arrays[-1].tobytes()), arrays[:-1], infos[:-1]
-            meta = None if packed is None else _metadata(packed, endpoint)
+            try:
+                meta = None if packed is None else _metadata(packed, endpoint)
+            except ProtocolError as error:
+                if self.on_malformed == "raise":
+                    raise
+                self.malformed += 1
+                log.warning("%s (skipped; %d so far)", error, self.malformed)
+                continue
             if meta is not None:
                 if meta.gen < self._generation:
                     continue  # sent before our seek
@@ -288,8 +296,9 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
         first = self._recent.setdefault(key, endpoint.address)
         if len(self._recent) > _RECENT_BATCHES:
             del self._recent[next(iter(self._recent))]
-        if first != endpoint.address and (first, endpoint.address) not in self._duplicates:
-            self._duplicates.add((first, endpoint.address))
+        pair = frozenset((first, endpoint.address))  # either may send a step first
+        if first != endpoint.address and pair not in self._duplicates:
+            self._duplicates.add(pair)
             log.warning(
                 "%s and %s send the same stream (seed %s, epoch %d, step %d): this client gets each of their "
                 "batches twice; give each server its own --seed, or its own --rank of --world-size",
@@ -397,11 +406,12 @@ def _split_meta(frames: list[Any]) -> tuple[list[Any], memoryview | None]:
 
 
 def _metadata(packed: memoryview, endpoint: Endpoint) -> Batch:
-    """The metadata a pipeline-mode server sends with a batch."""
-    try:
-        fields = msgpack.unpackb(packed, raw=False, strict_map_key=True)
-    except Exception:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"malformed batch metadata from {endpoint}") from None
+    """The metadata a pipeline-mode server sends with a batch (bounded before and while it is decoded)."""
+    if packed.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            f"batch metadata from {endpoint} is {packed.nbytes} bytes; at most {MAX_HEADER_BYTES}"
+        )
+    fields = unpack_bounded(packed, f"batch metadata from {endpoint}")
     if not isinstance(fields, dict):
         raise ProtocolError(f"batch metadata from {endpoint} must be a map")
     return Batch.from_fields(fields, f"the batch metadata from {endpoint}")

@@ -24,7 +24,14 @@ from tensorcom._net import allocator
 from tensorcom._net import shm as _shm
 from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
-from tensorcom._net.transport import Endpoint, SendCancelled, open_endpoint, parse_endpoints, send_frames
+from tensorcom._net.transport import (
+    Endpoint,
+    SendCancelled,
+    open_endpoint,
+    parse_endpoints,
+    receive_small,
+    send_frames,
+)
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError, Timeout
 from tensorcom.protocol import Error, ErrorKind, Seek, Sought, decode, flatten_batch, stream_meta_frame
 from tensorcom.server._base import Server
@@ -36,6 +43,11 @@ log = logging.getLogger(__name__)
 
 _SENDING = {"PUSH", "PUB"}
 _PEER_CHECK = 0.05  # seconds between looks at the sockets' connection events while sending
+_CONTROL_PER_LOOK = 16  # control messages answered per look, at most
+_SUBSCRIPTIONS_PER_LOOK = 256  # subscription messages read per look, at most
+_ODD_SUBSCRIPTIONS = 16  # subscriptions to other topics that make the server look for peers sending too much
+_SUBSCRIBER_BYTES = 64 * 1024  # most a subscriber may send (its handshake and subscriptions) before it is cut
+_chatty = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
 _stalled = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
 _PICK_STEP = 0.1  # seconds between looks at handshakes, the timeout and stop() while no socket has room
 
@@ -185,6 +197,8 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
                 [e.address for e in self._endpoints] + ([self._control.address] if self._control else [])
             )
         self._subscribed = {id(e): e.socket.type != zmq.XPUB for e in self._endpoints}
+        # per XPUB endpoint: subscriptions to other topics since the last look for chatty peers
+        self._odd_subscriptions: dict[int, int] = {}
         self._peers_checked = 0.0
         self._turn = 0  # the socket that gets the next batch
         self._plain_next = False  # alternation between an ipc URL's plain socket and its shm channel
@@ -207,14 +221,37 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             endpoint.socket.poll(250, zmq.POLLIN)
         self._subscribed[id(endpoint)] = True
 
-    @staticmethod
-    def _drain_subscriptions(endpoint: Endpoint) -> bool:
-        """Read pending (un)subscription messages; True if one subscribes to this endpoint's topic."""
+    def _drain_subscriptions(self, endpoint: Endpoint) -> bool:
+        """Read pending (un)subscription messages (a bounded number per call, so a flood cannot hold the sender
+        here) and apply those that match this endpoint's topic (the socket is XPUB_MANUAL); True if one subscribes
+        to the topic. Subscriptions that cannot match are counted, and past a few the connections that sent more
+        than ``_SUBSCRIBER_BYTES`` are cut: libzmq keeps every distinct subscription a peer sends until it leaves."""
         matched = False
-        while endpoint.socket.poll(0, zmq.POLLIN):
-            message = endpoint.socket.recv(copy=True)
-            if message[:1] == b"\x01" and endpoint.url.topic.startswith(message[1:]):
-                matched = True
+        socket = endpoint.socket
+        for _ in range(_SUBSCRIPTIONS_PER_LOOK):
+            if not socket.poll(0, zmq.POLLIN):
+                break
+            message = socket.recv(copy=True)
+            if message[:1] in (b"\x00", b"\x01") and endpoint.url.topic.startswith(message[1:]):
+                subscribe = message[:1] == b"\x01"
+                # applies to the pipe the message came from
+                socket.setsockopt(zmq.SUBSCRIBE if subscribe else zmq.UNSUBSCRIBE, message[1:])
+                matched = matched or subscribe
+            else:
+                self._odd_subscriptions[id(endpoint)] = self._odd_subscriptions.get(id(endpoint), 0) + 1
+        if self._odd_subscriptions.get(id(endpoint), 0) >= _ODD_SUBSCRIPTIONS:
+            self._odd_subscriptions[id(endpoint)] = 0
+            chatty = endpoint.chatty_peers(_SUBSCRIBER_BYTES)
+            for fd in chatty:
+                endpoint.cut(fd)
+            if chatty:
+                _chatty.note(
+                    endpoint.address,
+                    "cut %d peer(s) of %s that sent more than %d bytes of subscriptions to topics it does not publish",
+                    len(chatty),
+                    endpoint,
+                    _SUBSCRIBER_BYTES,
+                )
         return matched
 
     @property
@@ -295,7 +332,7 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         while True:
             wait = stall if self.send_timeout is None else min(stall, self.send_timeout - waited)
             try:
-                send_frames(endpoint, message, timeout=wait, waiting=self._waiting)
+                send_frames(endpoint, message, timeout=wait, waiting=lambda: self._waiting_on(endpoint))
                 return
             except Timeout:
                 waited += wait
@@ -338,6 +375,11 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             if self._waiting():
                 raise SendCancelled(f"gave up sending a batch on {plain}: the server is stopping")
             plain.check_handshakes()
+
+    def _waiting_on(self, endpoint: Endpoint) -> bool:
+        """:meth:`_waiting` for a send on an XPUB socket, which also keeps reading its subscriptions meanwhile."""
+        self._drain_subscriptions(endpoint)
+        return self._waiting()
 
     def _waiting(self) -> bool:
         """While a send waits for a client: keep reporting, and give up once :meth:`stop` was called."""
@@ -454,12 +496,21 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         control = self._control
         if control is None:
             return
-        while control.socket.poll(0, zmq.POLLIN):
-            frames = control.socket.recv_multipart()
+        for _ in range(_CONTROL_PER_LOOK):  # a flood of control messages cannot hold the stream here
+            if not control.socket.poll(0, zmq.POLLIN):
+                break
+            frames, extra = receive_small(control.socket, 2)
             if len(frames) < 2:
                 continue
+            reply = (
+                answer(frames[1])
+                if not extra
+                else Error(
+                    error=ErrorKind.PROTOCOL, message=f"a control message has 2 frames. Found: {2 + extra}"
+                )
+            )
             try:
-                control.socket.send_multipart([frames[0], answer(frames[1]).encode()], flags=zmq.NOBLOCK)
+                control.socket.send_multipart([frames[0], reply.encode()], flags=zmq.NOBLOCK)
             except zmq.ZMQError as error:
                 log.info("could not answer a control message on %s: %s", control, error)
 
