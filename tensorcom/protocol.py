@@ -44,6 +44,7 @@ server reads before it knows a request is well formed, and what tests use to bui
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, ClassVar, Self
@@ -147,6 +148,11 @@ _MISSING: Any = object()
 
 def _pack(header: dict[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
+
+
+def _frame_bytes(frame: Any) -> int:
+    """The size in bytes of a frame about to be sent (bytes, a buffer, a zmq.Frame or an array)."""
+    return memoryview(frame).nbytes
 
 
 class _Overfull(Exception):
@@ -344,12 +350,15 @@ class Hello(_ClientConfig):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Request(_ClientConfig):
-    """Ask for ``count`` consecutive steps from ``step`` on; ``shm``: the client reads shared memory."""
+    """Ask for ``count`` consecutive steps from ``step`` on; ``shm``: the client reads shared memory;
+    ``max_frame`` (optional): the largest frame the client's socket accepts, so that a server answers a batch with a
+    larger array by an ERROR naming both sizes instead of sending what the client's socket would drop."""
 
     command: ClassVar[Command] = Command.REQUEST
     step: int
     count: int = 1
     shm: bool = False
+    max_frame: int | None = None
 
     def encode(self) -> bytes:
         header = self._header(Command.REQUEST)
@@ -358,6 +367,8 @@ class Request(_ClientConfig):
             header["count"] = self.count
         if self.shm:
             header["shm"] = True
+        if self.max_frame is not None:
+            header["max_frame"] = self.max_frame
         return _pack(header)
 
     @classmethod
@@ -371,6 +382,19 @@ class Request(_ClientConfig):
             step=_integer(fields, "step", command, source),
             count=_integer(fields, "count", command, source, 1, MAX_GROUP, default=1),
             shm=shm,
+            max_frame=_optional_integer(fields, "max_frame", command, source),
+        )
+
+    def oversized(self, frames: Sequence[Any]) -> str | None:
+        """Why the reply ``frames`` (a .ten batch: header and data frames) cannot reach this client, or None."""
+        if self.max_frame is None:
+            return None
+        largest = max((_frame_bytes(frame) for frame in frames[1::2]), default=0)
+        if largest <= self.max_frame:
+            return None
+        return (
+            f"the batch for step {self.step} holds an array of {largest} bytes; the client accepts frames of at "
+            f"most {self.max_frame} bytes (its max_message_size)"
         )
 
 

@@ -15,9 +15,9 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from helpers import READY_SECONDS
+from helpers import READY_SECONDS, StartProcess, serve
 
-from tensorcom import Connection, ProtocolError, Server, Timeout, codec, protocol
+from tensorcom import Connection, ProtocolError, RemoteError, Server, Timeout, codec, protocol
 from tensorcom.protocol import MAX_CONTAINERS, Request, Seek, stream_meta_frame
 
 
@@ -191,3 +191,18 @@ def test_a_flood_of_distinct_subscriptions_is_cut_and_memory_stays_bounded(
     assert received == [-1, *range(sent), -2]
     assert peak - before < 100, (before, peak)
     assert "subscriptions to topics it does not publish" in caplog.text
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-the-front-end"])
+def test_a_batch_larger_than_the_clients_frame_limit_is_an_error_not_a_retry_loop(
+    start_process: StartProcess, direct: bool
+) -> None:
+    """A zreq client tells servers its max_message_size; a batch with a larger array comes back as an error naming
+    the step, the size and the limit, instead of a frame the client's socket drops (then asks for again, forever)."""
+    flag = "--direct" if direct else "--no-direct"
+    _, url = serve(start_process, "factories:big", "-o", "nbytes=300000", flag, workers=1)
+    with (
+        Connection(url, timeout=60, max_message_size=200_000) as client,
+        pytest.raises(RemoteError, match=r"step 0 holds an array of 600000 bytes.*at most 200000 bytes"),
+    ):
+        client.recv()

@@ -331,6 +331,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             step=step,
             count=count,
             shm=server.shm,
+            max_frame=self._max_message_size,
         )
 
     def _send(self, server: _Server, message: Hello | Request | Ping) -> bool:

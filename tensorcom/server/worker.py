@@ -178,10 +178,17 @@ class RequestHandler:
                 **shape,
             )
             header = _encodable(batch_header)  # before a slot is taken: this may fail
+            # A frame over the client's limit would make its socket drop the connection, and the client would ask
+            # again forever: refuse it, unless the client reads the batch from shared memory.
+            too_large = message.oversized(frames)
+            if too_large is not None and not message.shm:
+                raise ConfigError(too_large)
             if arena is not None:
                 descriptor = arena.put(frames)
                 if descriptor is not None:
-                    frames = [descriptor]
+                    return header, [descriptor]
+            if too_large is not None:
+                raise ConfigError(too_large)
             return header, frames
         except Exception as error:  # every failure becomes an ERROR reply; the server goes on
             self._forget(message)
