@@ -206,3 +206,24 @@ def test_a_batch_larger_than_the_clients_frame_limit_is_an_error_not_a_retry_loo
         pytest.raises(RemoteError, match=r"step 0 holds an array of 600000 bytes.*at most 200000 bytes"),
     ):
         client.recv()
+
+
+def test_a_stream_timeout_names_dropped_connections_and_the_frame_limit() -> None:
+    """A stream server sending an array over the client's max_message_size loses its connection each time; the
+    client's Timeout says so, with the limit, instead of a bare timeout."""
+    with Connection("zpull://127.0.0.1:0", timeout=5, max_message_size=100_000) as client:
+        server = Server(None, client.endpoints[0].replace("tcp://", "zpush://"), send_timeout=5, linger=0)
+        sender = threading.Thread(target=lambda: _send_quietly(server, np.zeros(300_000, np.uint8)), daemon=True)
+        sender.start()
+        with pytest.raises(Timeout, match=r"connections dropped meanwhile.*max_message_size=100000 bytes"):
+            client.recv()
+        sender.join(30)
+        server.close()
+
+
+def _send_quietly(server: Server, array: np.ndarray) -> None:
+    for _ in range(3):
+        try:
+            server.send([array])
+        except Timeout:
+            return

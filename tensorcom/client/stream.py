@@ -99,6 +99,7 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
                     f"stripes={stripes} cannot apply to {subscribers[0]!r}: every SUB socket receives every batch, "
                     "so striped zsub would deliver each batch several times; use stripes=1, or zrpull://"
                 )
+        self.max_message_size = max_message_size
         super().__init__(
             urls,
             queue=queue,
@@ -183,6 +184,7 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
 
     def _next_ready(self) -> Endpoint:
         self._ensure_open()
+        self._disconnects = sum(endpoint.disconnects for endpoint in self._sources)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             remaining = (
@@ -203,6 +205,12 @@ class StreamConnection(Connection, schemes=("zpull", "zrpull", "zsub", "zrsub"),
             if deadline is not None and time.monotonic() >= deadline:
                 waiting = ", ".join(str(endpoint) for endpoint, _ in self._unconnected)
                 waiting = f" (no server listens on {waiting} yet)" if waiting else ""
+                dropped = sum(endpoint.disconnects for endpoint in self._sources) - self._disconnects
+                if dropped:
+                    waiting += (
+                        f" ({dropped} connections dropped meanwhile; one cause: this socket drops a connection "
+                        f"that sends an array over max_message_size={self.max_message_size} bytes)"
+                    )
                 raise Timeout(f"no batch within {self.timeout} s from {', '.join(self.endpoints)}{waiting}")
 
     def _receive(self) -> tuple[Endpoint, list[Any]]:
