@@ -60,6 +60,11 @@ $(TC01):
 	.venv-tc01/bin/pip install --quiet $(TORCH) 'tensorcom==0.1.0'
 	touch $(TC01)
 
+## attacks: issue 21's attacks on real servers and clients, measured (a few minutes): RELIABILITY.md's "Attacks"
+.PHONY: attacks
+attacks: $(STAMP)
+	$(BIN)/python benchmarks/attacks.py
+
 ## interop: check the wire format against tensorcom 0.1 installed in its own virtual environment
 interop: $(STAMP) $(TC01)
 	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/pytest -q tests/test_interop.py
