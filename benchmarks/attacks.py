@@ -989,11 +989,14 @@ def row_xpub_subscriptions(run: Run) -> Outcome:
         made = run.socket(zmq.XSUB, address)
         long_sent = 0
         for index in range(long_count):
+            if index == long_count // 2:
+                run.mark(sampler)
             if run.over_cap(sampler, before) or not run.send(
                 made, [b"\x01" + index.to_bytes(8, "big") * 12_500], deadline
             ):
                 break
             long_sent += 1
+        run.mark(sampler)  # halfway and at the end of the attack
         short_sent = 0
         made = run.socket(zmq.XSUB, address)
         for index in range(short_count):
