@@ -241,6 +241,14 @@ def _factory_options(options: tuple[str, ...]) -> dict[str, Any]:
     help="Seconds a worker may stay silent (stuck in the pipeline) before it is killed and replaced.",
 )
 @click.option(
+    "--max-clients",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Clients the server keeps requests for at once; a new client beyond them is refused (it asks another "
+    "server). With the per-client budgets this bounds the server's memory (see RequestServer).",
+)
+@click.option(
     "--direct/--no-direct",
     default=True,
     show_default=True,
@@ -271,6 +279,7 @@ def serve(
     urls: tuple[str, ...],
     workers: int,
     worker_deadline: float,
+    max_clients: int,
     direct: bool,
     options: tuple[str, ...],
     report: float,
@@ -305,6 +314,7 @@ def serve(
         list(urls),
         workers=workers,
         worker_deadline=worker_deadline,
+        max_clients=max_clients,
         direct=direct,
         report_interval=report,
         server_key=server_key,

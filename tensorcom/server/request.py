@@ -38,7 +38,7 @@ import os
 import signal
 import tempfile
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -59,22 +59,33 @@ from tensorcom._net.transport import (
 from tensorcom.errors import ConfigError, DecodeError, ProtocolError
 from tensorcom.protocol import AnyMessage, Error, ErrorKind, Hello, Message, Ping, Pong, Request, Welcome
 from tensorcom.server._base import Server
+from tensorcom.server._peers import (
+    MOST_FRAMES,
+    OUTBOX,
+    Decoder,
+    Key,
+    Peer,
+    PeerTable,
+    Queued,
+    connection_of,
+    cut_connection,
+    receive_bounded,
+)
 from tensorcom.server.worker import Factory, RequestHandler, load_factory, worker_main
 from tensorcom.urls import ParsedURL
 
 __all__ = ["RequestServer"]
 
 log = logging.getLogger(__name__)
-_dropped = RateLimitedLog(
-    log, logging.INFO
-)  # a client that vanishes with replies owed, per endpoint and reason
+# per endpoint and reason: clients that vanish with replies owed, messages refused, clients that do not read
+_dropped = RateLimitedLog(log, logging.INFO)
+_refused = RateLimitedLog(log)
+_unanswered = RateLimitedLog(log)
 
-_MAX_PENDING_PER_CLIENT = 256
 _MAX_ATTEMPTS = 3
 _SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
 _LIMIT_DRAIN = 5.0  # seconds to answer the requests held once run()'s count or duration is reached
 _SUN_PATH = 107  # longest unix socket path
-_OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
 _STOPPING_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})  # the exit codes they give
 
 
@@ -85,7 +96,7 @@ class _Worker:
         self.identity = b"worker-%d" % index
         self.process: Any = None
         self.ready = False
-        self.outstanding: dict[int, tuple[tuple[int, bytes], Hello | Request, int]] = {}
+        self.outstanding: dict[int, tuple[Peer, Queued]] = {}
         self.next_ticket = 0
         self.died: float | None = None  # when it was first seen dead (None: alive, or not looked at since)
         # where it takes requests from clients directly, per front-end URL ("": it does not)
@@ -116,6 +127,25 @@ class RequestServer(Server, sockets=("ROUTER",)):
             servers. None: never.
         direct: workers take requests from clients on addresses of their own and reply directly (see the module
             docstring; the default); False: every request and reply passes through the front end (one port).
+        max_clients: clients the front end (and each worker) keeps requests and replies for at once; a new client
+            beyond them gets an ``unavailable`` ERROR (a zreq client asks another server) and a log line. A client
+            with nothing queued holds no place.
+        stall_timeout: seconds a client's replies may wait unread (its socket queue full and not moving) before
+            the client is dropped: its queues freed, its connection shut. A zreq client never gets there (its
+            receive queue holds its whole window). None: never.
+
+    Memory (see :mod:`tensorcom.server._peers`): with C = ``max_clients``, q = ``queue``, W = ``workers``,
+    w = ``worker_queue`` and B the largest reply (batch), what clients can make the front end hold is at most::
+
+        requests waiting   2 × C × 32 KiB                (header bytes as received: 64 MiB at C = 1024)
+        replies waiting    C × 4 × B  +  W × w × B       (outboxes; own replies count among the 4)
+        libzmq queues      C × q × B  (replies)  +  connections × q × (header ≤ 1 MiB, or 64 B a frame)
+
+    and each worker with ``direct`` the same with W × w replaced by the one reply it computes. Each client holds
+    at most 256 steps and 2 MiB of requests, and 4 replies beyond its socket queue; a client that does not read
+    for ``stall_timeout`` seconds gives all of it back, and so does one that leaves. Messages are read a frame at
+    a time and at most 4 frames kept: a message of a million empty frames costs the 64 MB libzmq buffered for it
+    (until it is read, about 0.6 µs a frame), not a list of a million objects.
 
     Shared memory (:mod:`tensorcom._net.shm`): workers hand batches to the front end through shared memory; a client
     that connects over ``ipc://`` and says it can read shared memory gets the descriptor itself, and the batch
@@ -137,6 +167,8 @@ class RequestServer(Server, sockets=("ROUTER",)):
         client_keys: KeyPath | None = None,
         direct: bool = True,
         worker_deadline: float | None = 300.0,
+        max_clients: int = 1024,
+        stall_timeout: float | None = 10.0,
     ) -> None:
         super().__init__(report_interval)
         if workers < 0:
@@ -150,6 +182,12 @@ class RequestServer(Server, sockets=("ROUTER",)):
         if worker_deadline is not None and worker_deadline <= 0:
             raise ConfigError(f"worker_deadline must be > 0 seconds or None. Found: {worker_deadline}")
         self.worker_deadline = worker_deadline
+        if max_clients < 1:
+            raise ConfigError(f"max_clients must be >= 1. Found: {max_clients}")
+        if stall_timeout is not None and stall_timeout <= 0:
+            raise ConfigError(f"stall_timeout must be > 0 seconds or None. Found: {stall_timeout}")
+        self.max_clients = max_clients
+        self.stall_timeout = stall_timeout
         self.direct = direct and workers > 0
         self.queue = queue
         parsed = parse_endpoints(urls, {"ROUTER"}, "request Server")
@@ -183,9 +221,10 @@ class RequestServer(Server, sockets=("ROUTER",)):
         self._backend.setsockopt(zmq.MAXMSGSIZE, MAX_BATCH_FRAME)
         self._backend_address = f"ipc://{self._folder.name}/workers"
         self._backend.bind(self._backend_address)
-        # requests waiting for a worker (or for this process), per client: (one step's request, attempts so far)
-        self._pending: OrderedDict[tuple[int, bytes], deque[tuple[Hello | Request, int]]] = OrderedDict()
-        self._outbox: dict[tuple[int, bytes], deque[list[Any]]] = {}  # replies its full socket queue refused
+        # what is queued for each client: its requests waiting for a worker, its replies waiting for its socket
+        self._peers = PeerTable(max_clients, stall_timeout)
+        self._pending = self._peers.waiting  # the clients with requests waiting, in turn
+        self._decoder = Decoder()
         self._reader = shm.Reader()
         self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
         self._shm = shm.enabled()
@@ -206,7 +245,13 @@ class RequestServer(Server, sockets=("ROUTER",)):
         worker.process = context.Process(
             target=worker_main,
             args=(self.factory, self._backend_address, worker.identity, os.getpid(), self.name),
-            kwargs={"listen": listen, "keys": self._keys, "queue": self.queue},
+            kwargs={
+                "listen": listen,
+                "keys": self._keys,
+                "queue": self.queue,
+                "max_clients": self.max_clients,
+                "stall_timeout": self.stall_timeout,
+            },
             name=f"tensorcom-{worker.identity.decode()}",
             daemon=True,
         )
@@ -279,32 +324,38 @@ class RequestServer(Server, sockets=("ROUTER",)):
         without blame (three deaths in a row make a request an ERROR).
         """
         for rank, ticket in enumerate(sorted(worker.outstanding, reverse=True)):
-            client, request, attempts = worker.outstanding[ticket]
-            oldest = rank == len(worker.outstanding) - 1
-            self._requeue(client, request, attempts + 1 if oldest else attempts)
+            peer, entry = worker.outstanding[ticket]
+            peer.working -= 1
+            if rank == len(worker.outstanding) - 1:  # the oldest
+                entry.attempts += 1
+            self._requeue(peer, entry)
         worker.outstanding.clear()
         worker.ready = False
         shm.sweep()  # its slot files
 
     def _refuse_pending(self, text: str) -> None:
         """Answer every request waiting for a worker with an ``unavailable`` ERROR (clients ask elsewhere)."""
-        for client, queue in list(self._pending.items()):
-            for request, _ in queue:
-                self._reply(client, Error.refusing(request, ErrorKind.UNAVAILABLE, text, self.name), [])
-        self._pending.clear()
+        for peer in list(self._peers.waiting.values()):
+            for entry in self._peers.clear_pending(peer):
+                for error in entry.errors(ErrorKind.UNAVAILABLE, text, self.name):
+                    self._reply(peer, error, [])
 
-    def _requeue(self, client: tuple[int, bytes], request: Hello | Request, attempts: int) -> None:
-        if attempts >= _MAX_ATTEMPTS:
-            text = f"the request killed {attempts} worker processes in a row"
-            self._reply(client, Error.refusing(request, ErrorKind.PIPELINE, text, self.name), [])
+    def _requeue(self, peer: Peer, entry: Queued) -> None:
+        """Queue a request again, first in its client's turn (a worker died with it); after three deaths it is an
+        ERROR."""
+        if peer.dropped:
             return
-        self._pending.setdefault(client, deque()).appendleft((request, attempts))
+        if entry.attempts >= _MAX_ATTEMPTS:
+            text = f"the request killed {entry.attempts} worker processes in a row"
+            self._reply(peer, entry.error(ErrorKind.PIPELINE, text, self.name), [])
+            return
+        self._peers.queue(peer, entry, first=True)
 
     # front end
 
-    def _reply(self, client: tuple[int, bytes], header: AnyMessage | bytes, frames: Sequence[Any]) -> None:
-        """Send a reply without blocking the front end: one that the client's full socket queue refuses waits in
-        its outbox (see :meth:`_flush`); one to a client that has gone is dropped."""
+    def _reply(self, peer: Peer, header: AnyMessage | bytes, frames: Sequence[Any]) -> None:
+        """Send a reply to one of a client's requests without blocking the front end: one that the client's full
+        socket queue refuses waits in its outbox (see :meth:`_flush`); one to a client that has gone is dropped."""
         data = header if isinstance(header, bytes) else header.encode()
         if shm.is_descriptor(frames):
             self.nbytes += shm.payload_size(frames[0])
@@ -312,32 +363,79 @@ class RequestServer(Server, sockets=("ROUTER",)):
             self.nbytes += sum(len(f) for f in frames[1::2])
         if frames:
             self.served += 1
-        self._outbox.setdefault(client, deque()).append([client[1], data, *frames])
-        self._flush(client)
+        self._peers.post(peer, [peer.key[1], data, *frames])
+        self._flush(peer)
 
-    def _flush(self, client: tuple[int, bytes]) -> None:
-        """Send what waits in a client's outbox, in order, until its socket queue is full again."""
-        outbox = self._outbox.get(client)
+    def _answer(self, client: Key, message: AnyMessage) -> None:
+        """Send a reply the front end writes itself (a PONG, an ERROR refusing a message): at once if the client's
+        socket queue takes it, else in its outbox while that holds fewer than ``OUTBOX`` replies; else it is
+        dropped (the client does not read), with a rate-limited log line. Nothing is kept for a client unknown."""
         endpoint = self._frontends[client[0]]
-        while outbox:
+        peer = self._peers.find(client)
+        parts = [client[1], message.encode()]
+        if peer is None or not peer.outbox:
             try:
-                send_parts(endpoint.socket, outbox[0], flags=zmq.NOBLOCK)
+                send_parts(endpoint.socket, parts, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            except zmq.ZMQError:  # gone
+                return
+        if peer is not None and self._peers.post(peer, parts, own=True):
+            return
+        _unanswered.note(
+            (endpoint.address, "unread"),
+            "a client of %s does not read its replies: its messages go unanswered (a %s dropped)",
+            endpoint,
+            message.command.name,
+        )
+
+    def _flush(self, peer: Peer) -> None:
+        """Send what waits in a client's outbox, in order, until its socket queue is full again; forget the client
+        once nothing is queued for it."""
+        endpoint = self._frontends[peer.key[0]]
+        while peer.outbox:
+            try:
+                send_parts(endpoint.socket, peer.outbox[0][0], flags=zmq.NOBLOCK)
             except zmq.Again:  # its queue is full: the client is busy; try again on the next turn
                 return
-            except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH)
+            except zmq.ZMQError as error:  # the client is gone (EHOSTUNREACH): so is what it asked for
                 _dropped.note(
                     (endpoint.address, str(error)),
-                    "dropping %d replies to a client of %s: %s",
-                    len(outbox),
+                    "dropping %d replies and %d requests of a client of %s: %s",
+                    len(peer.outbox),
+                    peer.steps,
                     endpoint,
                     error,
                 )
-                for parts in outbox:
-                    self._discard(parts[2:])
-                outbox.clear()
-                break
-            outbox.popleft()
-        self._outbox.pop(client, None)
+                self._drop(peer)
+                return
+            self._peers.sent(peer)
+        self._peers.release(peer)
+
+    def _drop(self, peer: Peer) -> None:
+        """Forget a client: its queues are freed, its shared-memory slots released; what workers compute for it
+        is discarded."""
+        for parts in self._peers.drop(peer):
+            self._discard(parts[2:])
+
+    def _drop_stalled(self, now: float) -> None:
+        """Drop the clients whose outbox has not moved for ``stall_timeout`` seconds, and shut their connections
+        (libzmq then frees the replies it queued for them)."""
+        for peer in self._peers.stalled(now):
+            endpoint = self._frontends[peer.key[0]]
+            _unanswered.note(
+                (endpoint.address, "stalled"),
+                "dropping a client of %s that has read nothing for %.0f s: %d replies (%d bytes) and %d requests "
+                "freed",
+                endpoint,
+                now - peer.progress,
+                len(peer.outbox),
+                peer.outbox_bytes,
+                peer.steps,
+            )
+            self._drop(peer)
+            cut_connection(peer.connection)
 
     def _materialize(self, descriptor: Any) -> list[Any]:
         """The frames of a batch in shared memory (views: the slot is released once they have been sent)."""
@@ -352,8 +450,20 @@ class RequestServer(Server, sockets=("ROUTER",)):
 
     def _receive_client(self, index: int) -> None:
         endpoint = self._frontends[index]
-        frames = endpoint.socket.recv_multipart(copy=False)
+        frames, dropped = receive_bounded(endpoint.socket)
         client = (index, frames[0].bytes)
+        if dropped:
+            total = len(frames) - 1 + dropped
+            _refused.note(
+                (endpoint.address, "frames"),
+                "refused a message of %d frames from a client of %s (at most %d)",
+                total,
+                endpoint,
+                MOST_FRAMES - 1,
+            )
+            text = f"a message has at most {MOST_FRAMES - 1} frames; this one had {total}"
+            self._answer(client, Error.refusing(None, ErrorKind.PROTOCOL, text, self.name))
+            return
         if len(frames) < 2:
             return
         header: Message | None = None
@@ -361,19 +471,28 @@ class RequestServer(Server, sockets=("ROUTER",)):
             header = Message.decode(frames[1], f"client of {endpoint}")
             message = header.typed(f"client of {endpoint}")
         except ProtocolError as error:
-            self._reply(client, Error.refusing(header, ErrorKind.PROTOCOL, str(error), self.name), [])
+            self._answer(client, Error.refusing(header, ErrorKind.PROTOCOL, str(error), self.name))
             return
         if isinstance(message, Ping):
             workers = self._worker_addresses(index) if self.direct else None
-            self._reply(client, Pong(server=self.name, workers=workers or None), [])
+            self._answer(client, Pong(server=self.name, workers=workers or None))
             return
         if not isinstance(message, Hello | Request):
             text = f"a server does not accept {message.command.name} messages"
-            self._reply(client, Error.refusing(message, ErrorKind.PROTOCOL, text, self.name), [])
+            self._answer(client, Error.refusing(message, ErrorKind.PROTOCOL, text, self.name))
             return
         if self.draining:
             text = f"server {self.name} is shutting down"
-            self._reply(client, Error.refusing(message, ErrorKind.UNAVAILABLE, text, self.name), [])
+            self._answer(client, Error.refusing(message, ErrorKind.UNAVAILABLE, text, self.name))
+            return
+        entry = Queued.of(message, frames[1].bytes)
+        refusal = self._peers.refusal(client, entry)
+        if refusal is not None:
+            kind, text = refusal
+            _refused.note(
+                (endpoint.address, kind), "refusing requests from a client of %s: %s", endpoint, text
+            )
+            self._answer(client, entry.error(kind, f"server {self.name}: {text}", self.name))
             return
         if (
             isinstance(message, Request)
@@ -384,63 +503,61 @@ class RequestServer(Server, sockets=("ROUTER",)):
             self._shm_clients[client] = None  # it shares this host and reads shared memory
             while len(self._shm_clients) > _SHM_CLIENTS:
                 self._shm_clients.popitem(last=False)
-        requests: list[Hello | Request] = [message]
-        if isinstance(message, Request) and message.count > 1:  # several consecutive steps, one reply each
-            first = message.step
-            requests = [replace(message, step=step, count=1) for step in range(first, first + message.count)]
-        queue = self._pending.get(client, deque())
-        if len(queue) + len(requests) > _MAX_PENDING_PER_CLIENT:
-            text = f"more than {_MAX_PENDING_PER_CLIENT} requests pending from one client"
-            self._reply(client, Error.refusing(message, ErrorKind.PROTOCOL, text, self.name), [])
-            return
-        self._pending[client] = queue
-        queue.extend((request, 0) for request in requests)
+        peer = self._peers.find(client) or self._peers.peer(client, connection_of(frames[0]))
+        self._peers.queue(peer, entry)
 
     def _dispatch(self) -> None:
-        """Hand pending requests to workers with room, one client at a time in turn."""
-        while self._pending:
+        """Hand pending requests to workers with room, one client at a time in turn; a client whose outbox is full
+        (it does not read) waits its turn until it reads."""
+        waiting = self._peers.waiting
+        skipped = 0
+        while waiting and skipped < len(waiting):
             if self.workers:
                 free = [w for w in self._processes if w.ready and len(w.outstanding) < self.worker_queue]
                 if not free:
                     return
                 worker = min(free, key=lambda w: len(w.outstanding))
-            client, queue = next(iter(self._pending.items()))
-            if len(self._outbox.get(client, ())) >= _OUTBOX:  # it does not read: compute nothing more for it
-                if all(len(self._outbox.get(other, ())) >= _OUTBOX for other in self._pending):
-                    return
-                self._pending.move_to_end(client)
+            peer = next(iter(waiting.values()))
+            if len(peer.outbox) >= OUTBOX:  # it does not read: compute nothing more for it
+                waiting.move_to_end(peer.key)
+                skipped += 1
                 continue
-            request, attempts = queue.popleft()
-            self._pending.move_to_end(client)  # round robin over clients
-            if not queue:
-                del self._pending[client]
+            skipped = 0
+            entry = self._peers.take(peer)
             if not self.workers:
-                self._handle_inline(client, request)
+                self._handle_inline(peer, entry)
                 continue
             ticket = worker.next_ticket
             worker.next_ticket += 1
-            worker.outstanding[ticket] = (client, request, attempts)
-            route = b"%d:%d:" % (client[0], ticket) + client[1]
+            worker.outstanding[ticket] = (peer, entry)
+            peer.working += 1
+            route = b"%d:%d:" % (peer.key[0], ticket) + peer.key[1]
             try:
-                self._backend.send_multipart([worker.identity, route, request.encode()])
+                self._backend.send_multipart([worker.identity, route, entry.header, b"%d" % entry.step])
             except zmq.ZMQError as error:  # the worker died since it last spoke (EHOSTUNREACH)
                 log.info(
                     "worker %s is gone (%s); its requests wait for another", worker.identity.decode(), error
                 )
                 del worker.outstanding[ticket]
+                peer.working -= 1
                 worker.ready = False  # supervision restarts it; until then it gets nothing
-                self._requeue(client, request, attempts)
+                self._requeue(peer, entry)
 
-    def _handle_inline(self, client: tuple[int, bytes], request: Hello | Request) -> None:
+    def _handle_inline(self, peer: Peer, entry: Queued) -> None:
         if self._handler is None:
             self._handler = RequestHandler(load_factory(self.factory), self.name)
         arena = None
-        if client in self._shm_clients and self._shm:
+        if peer.key in self._shm_clients and self._shm:
             if self._arena is None:
                 self._arena = shm.Arena()
             arena = self._arena
+        try:
+            request = self._decoder.message(entry, "a client")
+        except ProtocolError as error:  # checked when received: cannot happen, but must not stop the server
+            self._reply(peer, entry.error(ErrorKind.PROTOCOL, str(error), self.name), [])
+            return
         reply, tensors = self._handler.handle(request, arena)
-        self._reply(client, reply, tensors)
+        self._reply(peer, reply, tensors)
 
     def _receive_worker(self) -> None:
         frames = self._backend.recv_multipart(copy=False)
@@ -461,25 +578,31 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 "worker %s ready (%s)", identity.decode(), ", ".join(worker.addresses) or "via the front end"
             )
             return
-        index, ticket, client_identity = frames[1].bytes.split(b":", 2)
+        ticket = frames[1].bytes.split(b":", 2)[1]
         held = worker.outstanding.pop(int(ticket), None)
         if held is None:
             self._discard(frames[3:])
             return
-        client, replies = (int(index), client_identity), frames[3:]
-        if shm.is_descriptor(replies) and client not in self._shm_clients:
+        peer, entry = held
+        peer.working -= 1
+        if peer.dropped:  # a client dropped meanwhile: nobody to send it to
+            self._discard(frames[3:])
+            return
+        replies = frames[3:]
+        if shm.is_descriptor(replies) and peer.key not in self._shm_clients:
             try:  # send the batch itself, from the worker's shared memory without a copy
                 replies = self._materialize(replies[0])
             except DecodeError as error:
                 log.warning(
                     "cannot read a batch from worker %s (%s); computing it again", identity.decode(), error
                 )
-                self._requeue(held[0], held[1], held[2] + 1)
+                entry.attempts += 1
+                self._requeue(peer, entry)
                 return
         header = frames[2].bytes
-        if self.direct and isinstance(held[1], Hello):
-            header = self._with_workers(header, client[0])
-        self._reply(client, header, replies)
+        if self.direct and entry.hello:
+            header = self._with_workers(header, peer.key[0])
+        self._reply(peer, header, replies)
 
     def _with_workers(self, header: bytes, index: int) -> bytes:
         """A worker's WELCOME with the addresses of this server's workers (see :meth:`_worker_addresses`)."""
@@ -537,9 +660,10 @@ class RequestServer(Server, sockets=("ROUTER",)):
 
     def _serve_once(self, poller: zmq.Poller) -> None:
         self._reader.collect()  # slots of the batches the sockets have finished sending
-        for client in list(self._outbox):
-            self._flush(client)
-        for socket, _ in poller.poll(1 if self._outbox else 100):  # a full client queue: look again soon
+        for peer in list(self._peers.sending.values()):
+            self._flush(peer)
+        # a full client queue: look again soon
+        for socket, _ in poller.poll(1 if self._peers.sending else 100):
             if socket is self._backend:
                 self._receive_worker()
             else:
@@ -548,6 +672,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
         now = time.monotonic()
         if now - self._last_check > 0.25:
             self._supervise()
+            self._drop_stalled(now)
             for endpoint in self._frontends:
                 endpoint.count_peers()  # logs the clients refused meanwhile
             self._last_check = now
@@ -555,8 +680,8 @@ class RequestServer(Server, sockets=("ROUTER",)):
     @property
     def in_flight(self) -> int:
         """Requests received and not answered yet (queued, or being computed by a worker)."""
-        queued = sum(len(queue) for queue in self._pending.values())
-        queued += sum(len(outbox) for outbox in self._outbox.values())
+        queued = sum(peer.steps for peer in self._peers.waiting.values())
+        queued += sum(len(peer.outbox) for peer in self._peers.sending.values())
         queued += sum(worker.draining and worker.process.is_alive() for worker in self._processes)
         return queued + sum(len(worker.outstanding) for worker in self._processes)
 

@@ -24,6 +24,7 @@ import zmq
 
 from tensorcom import codec, protocol
 from tensorcom._net import allocator, shm
+from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom._net.security import Authenticator, ServerKeys
 from tensorcom._net.transport import MAX_BATCH_FRAME, MAX_CONTROL_MESSAGE, send_parts
 from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomError
@@ -39,6 +40,17 @@ from tensorcom.protocol import (
     Request,
     Welcome,
     flatten_batch,
+)
+from tensorcom.server._peers import (
+    OUTBOX,
+    Decoder,
+    Key,
+    Peer,
+    PeerTable,
+    Queued,
+    connection_of,
+    cut_connection,
+    receive_bounded,
 )
 
 __all__ = ["Factory", "RequestHandler", "load_factory", "worker_main"]
@@ -221,11 +233,13 @@ def _encodable(message: Welcome | Batch) -> bytes:
     return message.encode()
 
 
-_MAX_PENDING_PER_CLIENT = 256
 _PR_SET_PDEATHSIG = 1
 _ALIVE_EVERY = 1.0  # seconds between a worker's signs of life to its front end
-_OUTBOX = 4  # replies waiting for a client's socket queue before no more of its requests are computed
-_FRONT = (-1, b"")  # the key of the requests the front end hands over
+_READS_PER_TURN = 64  # client messages read from one socket before the next computation
+_CHECK_EVERY = 0.25  # seconds between looks for clients that do not read
+# per reason: messages refused (too many frames, requests or clients), clients that do not read
+_refused = RateLimitedLog(log)
+_unanswered = RateLimitedLog(log)
 
 
 def _die_with_parent() -> None:
@@ -250,14 +264,19 @@ def worker_main(
     listen: Sequence[str] = (),
     keys: ServerKeys | None = None,
     queue: int = 16,
+    max_clients: int = 1024,
+    stall_timeout: float | None = 10.0,
 ) -> None:
     """A worker process: take requests from the front end, and from clients directly on the ``listen`` addresses
     (its own ROUTER sockets, one per front-end URL), compute replies, until told to stop or orphaned.
 
     Its first message to the front end is READY followed by the addresses it listens on. Replies to direct
     requests go straight to the client (from the worker's memory, or its shared memory for a client on this host
-    that asks for it): no front end in the way. Clients take turns; one whose replies pile up unread (``_OUTBOX``)
-    gets nothing computed until it reads, so it cannot stall the others.
+    that asks for it): no front end in the way. The front end's requests and the clients' take turns, and clients
+    take turns among themselves; one whose replies pile up unread (``OUTBOX``) gets nothing computed until it
+    reads, so it cannot stall the others, and is dropped after ``stall_timeout`` seconds. Direct clients are
+    bounded as the front end bounds its own (:mod:`tensorcom.server._peers`): ``max_clients`` of them, each with
+    a budget of requests and replies.
     """
     import signal
 
@@ -303,102 +322,141 @@ def worker_main(
     poller.register(socket, zmq.POLLIN)
     for router in routers:
         poller.register(router, zmq.POLLIN)
-    # requests waiting, per source in turn: the front end's (route, message), a client's (None, message)
-    pending: OrderedDict[tuple[int, bytes], deque[tuple[bytes | None, AnyMessage]]] = OrderedDict()
-    outbox: dict[tuple[int, bytes], deque[list[Any]]] = {}
+    where = f"worker {identity.decode()}"
+    source = f"client of {where}"
+    front: deque[tuple[bytes, AnyMessage]] = deque()  # the front end's requests: (route, message)
+    peers = PeerTable(max_clients, stall_timeout)  # the direct clients' requests and replies
+    decoder = Decoder()
+    front_turn = False  # whether the front end's requests go before the clients' on the next computation
     draining = False  # the front end drains: new direct requests are refused, those received are answered
     drained = False
-    told_alive = time.monotonic()
+    told_alive = last_check = time.monotonic()
 
-    def flush(client: tuple[int, bytes]) -> None:
-        waiting = outbox.get(client)
-        while waiting:
+    def answer(client: Key, message: AnyMessage) -> None:
+        """Send a reply of the worker's own (PONG, ERROR) at once, or in the client's outbox while it has room;
+        else drop it (the client does not read). Nothing is kept for a client unknown."""
+        peer = peers.find(client)
+        parts = [client[1], message.encode()]
+        if peer is None or not peer.outbox:
             try:
-                send_parts(routers[client[0]], waiting[0], flags=zmq.NOBLOCK)
+                send_parts(routers[client[0]], parts, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            except zmq.ZMQError:  # gone
+                return
+        if peer is not None and peers.post(peer, parts, own=True):
+            return
+        _unanswered.note(
+            (where, "unread"),
+            "a client of %s does not read its replies: its messages go unanswered (a %s dropped)",
+            where,
+            message.command.name,
+        )
+
+    def flush(peer: Peer) -> None:
+        while peer.outbox:
+            try:
+                send_parts(routers[peer.key[0]], peer.outbox[0][0], flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-            except zmq.ZMQError:  # the client is gone
-                waiting.clear()
-                break
-            waiting.popleft()
-        outbox.pop(client, None)
+            except zmq.ZMQError:  # the client is gone: so is what it asked for
+                peers.drop(peer)
+                return
+            peers.sent(peer)
+        peers.release(peer)
 
     def from_client(index: int) -> None:
-        frames = routers[index].recv_multipart(copy=True)
+        frames, dropped = receive_bounded(routers[index])
+        client = (index, frames[0].bytes)
+        if dropped:
+            total = len(frames) - 1 + dropped
+            _refused.note(
+                (where, "frames"), "refused a message of %d frames from a %s (at most %d)", total, source, 1
+            )
+            text = f"a message to a worker has 1 frame; this one had {total}"
+            answer(client, Error.refusing(None, ErrorKind.PROTOCOL, text, server))
+            return
         if len(frames) != 2:
             return
-        client = (index, frames[0])
         try:
-            message = protocol.decode(frames[1], f"client of worker {identity.decode()}")
+            message = protocol.decode(frames[1], source)
         except ProtocolError as error:
-            reply = Error.refusing(None, ErrorKind.PROTOCOL, str(error), server).encode()
-            outbox.setdefault(client, deque()).append([client[1], reply])
+            answer(client, Error.refusing(None, ErrorKind.PROTOCOL, str(error), server))
             return
         if isinstance(message, Ping):
-            outbox.setdefault(client, deque()).append([client[1], Pong(server=server).encode()])
+            answer(client, Pong(server=server))
             return
         if draining and isinstance(message, Hello | Request):
             text = f"server {server} is shutting down"
-            refusal = Error.refusing(message, ErrorKind.UNAVAILABLE, text, server).encode()
-            outbox.setdefault(client, deque()).append([client[1], refusal])
+            answer(client, Error.refusing(message, ErrorKind.UNAVAILABLE, text, server))
             return
         if not isinstance(message, Hello | Request):
             text = f"a worker does not accept {message.command.name} messages"
-            outbox.setdefault(client, deque()).append(
-                [client[1], Error.refusing(message, ErrorKind.PROTOCOL, text, server).encode()]
-            )
+            answer(client, Error.refusing(message, ErrorKind.PROTOCOL, text, server))
             return
-        requests: list[AnyMessage] = [message]
-        if isinstance(message, Request) and message.count > 1:
-            requests = [
-                replace(message, step=step, count=1)
-                for step in range(message.step, message.step + message.count)
-            ]
-        waiting = pending.setdefault(client, deque())
-        if len(waiting) + len(requests) > _MAX_PENDING_PER_CLIENT:
-            text = f"more than {_MAX_PENDING_PER_CLIENT} requests pending from one client"
-            outbox.setdefault(client, deque()).append(
-                [client[1], Error.refusing(message, ErrorKind.PROTOCOL, text, server).encode()]
-            )
+        entry = Queued.of(message, frames[1].bytes)
+        refusal = peers.refusal(client, entry)
+        if refusal is not None:
+            kind, text = refusal
+            _refused.note((where, kind), "refusing requests from a %s: %s", source, text)
+            answer(client, entry.error(kind, f"server {server}: {text}", server))
             return
-        waiting.extend((None, request) for request in requests)
+        peer = peers.find(client) or peers.peer(client, connection_of(frames[0]))
+        peers.queue(peer, entry)
+
+    def next_peer() -> Peer | None:
+        """The first client in turn that reads its replies (None: none)."""
+        waiting = peers.waiting
+        for _ in range(len(waiting)):
+            peer = next(iter(waiting.values()))
+            if len(peer.outbox) < OUTBOX:
+                return peer
+            waiting.move_to_end(peer.key)  # it does not read: the others go first
+        return None
+
+    def compute(message: AnyMessage, shared: shm.Arena | None) -> list[Any]:
+        """``[header, *tensor frames]`` of the reply to ``message``."""
+        try:
+            data, tensors = handler.handle(message, shared)
+        except Exception as error:  # handle() answers errors itself; this keeps the worker alive regardless
+            log.exception("%s: unexpected failure", where)
+            text = f"{type(error).__name__}: {error}"
+            data, tensors = Error.refusing(message, ErrorKind.PIPELINE, text, server).encode(), []
+        return [data, *tensors]
 
     def compute_one() -> None:
-        for client in list(pending):
-            if client != _FRONT and len(outbox.get(client, ())) >= _OUTBOX:
-                pending.move_to_end(client)  # it does not read: the others go first
-                continue
-            waiting = pending[client]
-            route, message = waiting.popleft()
-            pending.move_to_end(client)
-            if not waiting:
-                del pending[client]
-            direct = client != _FRONT
-            shared = (
-                arena
-                if not direct
-                or (isinstance(message, Request) and message.shm and listen[client[0]].startswith("ipc://"))
-                else None
-            )
-            try:
-                data, tensors = handler.handle(message, shared)
-            except (
-                Exception
-            ) as error:  # handle() answers errors itself; this keeps the worker alive regardless
-                log.exception("worker %s: unexpected failure", identity.decode())
-                text = f"{type(error).__name__}: {error}"
-                data, tensors = Error.refusing(message, ErrorKind.PIPELINE, text, server).encode(), []
-            if direct:
-                outbox.setdefault(client, deque()).append([client[1], data, *tensors])
-                flush(client)
-            else:
-                send_parts(socket, [route, data, *tensors])
+        nonlocal front_turn
+        peer = next_peer()
+        if front and (peer is None or front_turn):
+            front_turn = False
+            route, message = front.popleft()
+            send_parts(socket, [route, *compute(message, arena)])
             return
+        if peer is None:
+            return
+        front_turn = True
+        entry = peers.take(peer)
+        try:
+            message = decoder.message(entry, source)
+        except ProtocolError as error:  # checked when received: cannot happen, but must not stop the worker
+            reply = [entry.error(ErrorKind.PROTOCOL, str(error), server).encode()]
+        else:
+            local = isinstance(message, Request) and message.shm and listen[peer.key[0]].startswith("ipc://")
+            reply = compute(message, arena if local else None)
+        peers.post(peer, [peer.key[1], *reply])
+        flush(peer)
+
+    def from_front_end(frames: list[bytes]) -> None:
+        message = protocol.decode(frames[1], "front end")
+        if len(frames) > 2 and isinstance(message, Request):  # one step of a request for several
+            message = replace(message, step=int(frames[2]), count=1)
+        front.append((frames[0], message))
 
     try:
         while os.getppid() == parent:
-            busy = any(client == _FRONT or len(outbox.get(client, ())) < _OUTBOX for client in pending)
-            ready = dict(poller.poll(0 if busy else (10 if outbox else 500)))
+            busy = bool(front) or any(len(peer.outbox) < OUTBOX for peer in peers.waiting.values())
+            ready = dict(poller.poll(0 if busy else (10 if peers.sending else 500)))
             if socket in ready:
                 stop = False
                 while True:
@@ -412,23 +470,37 @@ def worker_main(
                     if frames == [b"DRAIN"]:
                         draining = True
                         continue
-                    message = protocol.decode(frames[1], "front end")
-                    pending.setdefault(_FRONT, deque()).append((frames[0], message))
+                    from_front_end(frames)
                 if stop:
                     break
             for index, router in enumerate(routers):
-                while router in ready and router.poll(0, zmq.POLLIN):
+                reads = 0
+                while router in ready and reads < _READS_PER_TURN and router.poll(0, zmq.POLLIN):
                     from_client(index)
-            for client in list(outbox):
-                flush(client)
+                    reads += 1
+            for peer in list(peers.sending.values()):
+                flush(peer)
             now = time.monotonic()
             if now - told_alive >= _ALIVE_EVERY:  # the front end replaces a worker that stays silent (stuck)
                 with contextlib.suppress(zmq.Again):
                     socket.send_multipart([b"ALIVE"], flags=zmq.NOBLOCK)
                 told_alive = now
-            if pending:
+            if now - last_check >= _CHECK_EVERY:
+                for peer in peers.stalled(now):
+                    _unanswered.note(
+                        (where, "stalled"),
+                        "%s drops a client that has read nothing for %.0f s: %d replies and %d requests freed",
+                        where,
+                        now - peer.progress,
+                        len(peer.outbox),
+                        peer.steps,
+                    )
+                    peers.drop(peer)
+                    cut_connection(peer.connection)
+                last_check = now
+            if front or peers.waiting:
                 compute_one()
-            elif draining and not drained and not outbox:
+            elif draining and not drained and not peers.sending:
                 socket.send_multipart([b"DRAINED"])  # every direct request received has been answered
                 drained = True
     finally:
