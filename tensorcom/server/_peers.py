@@ -16,11 +16,12 @@ replies waiting for its socket queue (batches, and the ERRORs and PONGs the serv
   connection shut, so libzmq frees what it queued for it too;
 - at most ``max_clients`` peers: a new one beyond them is refused (ERROR ``unavailable``: a zreq client asks
   another server) and nothing is kept for it. A peer with nothing queued is forgotten, so the count goes down as
-  clients leave, and the memory of their queues is given back.
+  clients leave, and the memory of their queues is given back (:class:`Trimmer` hands it to the kernel).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket as pysocket
@@ -36,16 +37,19 @@ from tensorcom.protocol import AnyMessage, Error, ErrorKind, Hello, Request
 
 __all__ = [
     "ENTRY_BYTES",
+    "FRAME_BYTES",
     "MOST_FRAMES",
     "OUTBOX",
     "PEER_PENDING_BYTES",
     "PEER_STEPS",
     "RESERVE_BYTES",
+    "TRIM_AFTER",
     "Decoder",
     "Key",
     "Peer",
     "PeerTable",
     "Queued",
+    "Trimmer",
     "connection_of",
     "cut_connection",
     "receive_bounded",
@@ -71,7 +75,11 @@ OUTBOX = 4
 """Replies waiting in a peer's outbox (its socket queue being full) beyond which nothing more is computed for it
 and the server's own replies to it are dropped."""
 
-_RCVMORE = int(zmq.RCVMORE)
+TRIM_AFTER = 8 << 20
+"""Bytes freed (queues of clients that left, a huge message read and dropped) after which the process hands free
+memory back to the kernel."""
+FRAME_BYTES = 64
+"""What libzmq holds for each frame of a message until it is read (its message structure)."""
 
 
 def receive_bounded(socket: zmq.Socket[Any], most: int = MOST_FRAMES) -> tuple[list[zmq.Frame], int]:
@@ -354,3 +362,34 @@ class PeerTable:
     @property
     def outbox_bytes(self) -> int:
         return sum(peer.outbox_bytes for peer in self.sending.values())
+
+
+class Trimmer:
+    """Hand memory back to the kernel once much of it was freed (glibc's ``malloc_trim``, at most once a second).
+
+    The allocator's thresholds (:mod:`tensorcom._net.allocator`) keep up to 64 MiB of freed memory per arena for
+    the next batches; what a flood of clients made the server hold is handed back once they leave.
+    """
+
+    def __init__(self) -> None:
+        self.freed = 0
+        self.held = 0
+        self._last = 0.0
+        self._trim: Any = None
+        try:
+            self._trim = ctypes.CDLL(None).malloc_trim
+            self._trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc
+            self._trim = None
+
+    def check(self, held: int, now: float, freed: int = 0) -> bool:
+        """Note that the queues hold ``held`` bytes now and ``freed`` more bytes were freed elsewhere; trim if it
+        is time. Return whether it trimmed."""
+        self.freed += freed + max(0, self.held - held)
+        self.held = held
+        if self._trim is None or self.freed < TRIM_AFTER or now - self._last < 1.0:
+            return False
+        self._trim(0)
+        self.freed = 0
+        self._last = now
+        return True

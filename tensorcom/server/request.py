@@ -60,6 +60,7 @@ from tensorcom.errors import ConfigError, DecodeError, ProtocolError
 from tensorcom.protocol import AnyMessage, Error, ErrorKind, Hello, Message, Ping, Pong, Request, Welcome
 from tensorcom.server._base import Server
 from tensorcom.server._peers import (
+    FRAME_BYTES,
     MOST_FRAMES,
     OUTBOX,
     Decoder,
@@ -67,6 +68,7 @@ from tensorcom.server._peers import (
     Peer,
     PeerTable,
     Queued,
+    Trimmer,
     connection_of,
     cut_connection,
     receive_bounded,
@@ -225,6 +227,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
         self._peers = PeerTable(max_clients, stall_timeout)
         self._pending = self._peers.waiting  # the clients with requests waiting, in turn
         self._decoder = Decoder()
+        self._trimmer = Trimmer()
         self._reader = shm.Reader()
         self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
         self._shm = shm.enabled()
@@ -463,6 +466,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
             )
             text = f"a message has at most {MOST_FRAMES - 1} frames; this one had {total}"
             self._answer(client, Error.refusing(None, ErrorKind.PROTOCOL, text, self.name))
+            self._trimmer.check(self._held(), time.monotonic(), freed=dropped * FRAME_BYTES)
             return
         if len(frames) < 2:
             return
@@ -673,9 +677,14 @@ class RequestServer(Server, sockets=("ROUTER",)):
         if now - self._last_check > 0.25:
             self._supervise()
             self._drop_stalled(now)
+            self._trimmer.check(self._held(), now)
             for endpoint in self._frontends:
                 endpoint.count_peers()  # logs the clients refused meanwhile
             self._last_check = now
+
+    def _held(self) -> int:
+        """Bytes of the requests and replies queued for clients."""
+        return self._peers.pending_bytes + self._peers.outbox_bytes
 
     @property
     def in_flight(self) -> int:

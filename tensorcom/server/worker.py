@@ -42,12 +42,14 @@ from tensorcom.protocol import (
     flatten_batch,
 )
 from tensorcom.server._peers import (
+    FRAME_BYTES,
     OUTBOX,
     Decoder,
     Key,
     Peer,
     PeerTable,
     Queued,
+    Trimmer,
     connection_of,
     cut_connection,
     receive_bounded,
@@ -327,6 +329,7 @@ def worker_main(
     front: deque[tuple[bytes, AnyMessage]] = deque()  # the front end's requests: (route, message)
     peers = PeerTable(max_clients, stall_timeout)  # the direct clients' requests and replies
     decoder = Decoder()
+    trimmer = Trimmer()
     front_turn = False  # whether the front end's requests go before the clients' on the next computation
     draining = False  # the front end drains: new direct requests are refused, those received are answered
     drained = False
@@ -376,6 +379,9 @@ def worker_main(
             )
             text = f"a message to a worker has 1 frame; this one had {total}"
             answer(client, Error.refusing(None, ErrorKind.PROTOCOL, text, server))
+            trimmer.check(
+                peers.pending_bytes + peers.outbox_bytes, time.monotonic(), freed=dropped * FRAME_BYTES
+            )
             return
         if len(frames) != 2:
             return
@@ -497,6 +503,7 @@ def worker_main(
                     )
                     peers.drop(peer)
                     cut_connection(peer.connection)
+                trimmer.check(peers.pending_bytes + peers.outbox_bytes, now)
                 last_check = now
             if front or peers.waiting:
                 compute_one()
