@@ -7,14 +7,18 @@
 Parts, each run by its own script in its own process (``--json``) and rendered as its own table and plot panel:
 
 - transport (bench_transport.py): raw pyzmq, a shared-memory ring, stream and zreq with and without the
-  shared-memory fast path (``TENSORCOM_SHM=0``), tensorcom 0.1, DataLoader;
+  shared-memory fast path (``TENSORCOM_SHM=0``), zreq servers with 1 and 2 worker processes (what
+  ``tensorcom serve -w 1`` and ``-w 2`` run), tensorcom 0.1, DataLoader;
 - pipeline (bench_pipeline.py): DistributedBatchedMap and PipelineBuilder against DataLoader on the same function;
   Join's memory and build time with sources of 10**6 to 10**8 samples;
-- images (bench_imagenet.py): serve-imagenet-dir against DataLoader with the same decode and augmentation;
+- images (bench_imagenet.py): serve-imagenet-dir against the standard torchvision pipeline (ImageFolder +
+  RandomResizedCrop + DataLoader) and against DataLoader running our decode, at 1 and 2 worker processes;
 - loader (bench_loader.py): SwiftLoader against DataLoader, throughput and start-up;
 - codec (bench_codec.py): encode and decode microseconds per batch from 64 KB to 96 MB (flat: views, no copies);
 - fanin (bench_fanin.py): N = 1, 2, 4 sender processes into one client over tcp, stream and zreq (one worker per
-  server) against raw pyzmq N -> 1, with the client's CPU seconds per GB.
+  server) against raw pyzmq N -> 1, with the client's CPU seconds per GB;
+- calls (bench_calls.py): Python calls and system calls per batch in each process of a zreq server with one worker
+  and of raw pyzmq, 64 KB and 9.6 MB over tcp and ipc (reported, no target).
 
 Each part measures its cases side by side, in alternating rounds so drift hits all alike, and reports medians;
 ratios are medians of the ratios within a round. Absolute figures on shared machines drift by ±30 %, ratios much
@@ -49,8 +53,9 @@ PARTS = {
     "loader": "bench_loader.py",
     "codec": "bench_codec.py",
     "fanin": "bench_fanin.py",
+    "calls": "bench_calls.py",
 }
-QUICK_REPEAT = {"transport": 2, "pipeline": 2, "images": 1, "loader": 2, "codec": 2, "fanin": 2}
+QUICK_REPEAT = {"transport": 2, "pipeline": 2, "images": 1, "loader": 2, "codec": 2, "fanin": 2, "calls": 1}
 PART_TIMEOUT_S = 1800
 
 # threshold of each target (None: reported, no target); "client CPU" is an upper bound, the rest lower bounds
@@ -63,7 +68,10 @@ TARGETS: dict[str, float | None] = {
     "stream / raw pyzmq, 64 KB": 0.70,
     "zreq shm / shm ring, 9.6 MB": 0.6,
     "zreq shm / DataLoader(2 workers), 9.6 MB": 3.0,
-    "zreq 1 worker / raw pyzmq, 9.6 MB": None,
+    "zreq 1 worker / raw pyzmq, 9.6 MB": 0.90,
+    "zreq 1 worker / raw pyzmq, 64 KB": 0.70,
+    "zreq 2 workers / zreq 1 worker, 9.6 MB": 1.0,
+    "zreq 2 workers / zreq 1 worker, 64 KB": 1.0,
     "zreq credit 4 / raw pyzmq, 64 KB": 0.70,
     "stream / tensorcom 0.1, 64 KB": None,
     "stream queue 32 / raw pyzmq, 64 KB": None,
@@ -73,6 +81,7 @@ TARGETS: dict[str, float | None] = {
     "stream, N servers / raw pyzmq N -> 1, 9.6 MB": 0.9,
     "zreq 1 worker, N servers / raw pyzmq N -> 1, 9.6 MB": 0.9,
     "client CPU s/GB, N servers / 1 server": 1.2,
+    "serve-imagenet-dir / torchvision pipeline, img/s": 2.0,
 }
 AT_MOST = {
     "client CPU s/GB, best same-host case, 9.6 MB",
@@ -95,6 +104,9 @@ RATIO_CHECKS = [
     ("zreq shm / shm ring, 9.6 MB", "zreq credit 4", "shm ring", "9.6MB", ("ipc",)),
     ("zreq shm / DataLoader(2 workers), 9.6 MB", "zreq credit 4", "DataLoader 2 workers", "9.6MB", ("ipc",)),
     ("zreq 1 worker / raw pyzmq, 9.6 MB", "zreq 1 worker", "raw pyzmq", "9.6MB", ("ipc", "tcp")),
+    ("zreq 1 worker / raw pyzmq, 64 KB", "zreq 1 worker", "raw pyzmq", "64KB", ("ipc", "tcp")),
+    ("zreq 2 workers / zreq 1 worker, 9.6 MB", "zreq 2 workers", "zreq 1 worker", "9.6MB", ("ipc", "tcp")),
+    ("zreq 2 workers / zreq 1 worker, 64 KB", "zreq 2 workers", "zreq 1 worker", "64KB", ("ipc", "tcp")),
     ("zreq credit 4 / raw pyzmq, 64 KB", "zreq credit 4", "raw pyzmq", "64KB", ("ipc", "tcp")),
     ("stream / tensorcom 0.1, 64 KB", "stream", "tensorcom 0.1", "64KB", ("ipc", "tcp")),
     ("stream queue 32 / raw pyzmq, 64 KB", "stream queue 32", "raw pyzmq", "64KB", ("ipc", "tcp")),
@@ -179,6 +191,7 @@ def target_rows(
     transport: list[dict[str, Any]],
     codec: list[dict[str, Any]] | None = None,
     fanin: list[dict[str, Any]] | None = None,
+    images: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     for name, case, baseline, size, transports in RATIO_CHECKS:
@@ -203,7 +216,20 @@ def target_rows(
 
         name = "decode time, 96 MB batch / 64 KB batch"
         rows.append(_target_row(name, name, bench_codec.decode_growth(codec)))
-    return rows + fanin_target_rows(fanin or [])
+    return rows + fanin_target_rows(fanin or []) + images_target_rows(images or [])
+
+
+def images_target_rows(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """serve-imagenet-dir over the standard torchvision pipeline at each worker count (rows of runs before the
+    torchvision baseline have no such ratio and no target row)."""
+    name = "serve-imagenet-dir / torchvision pipeline, img/s"
+    return [
+        _target_row(
+            name, f"{name} ({r['workers']} worker{'s' if r['workers'] != 1 else ''})", r["vs_torchvision"]
+        )
+        for r in sorted(images, key=lambda r: r["workers"])
+        if r.get("group") == "images" and "vs_torchvision" in r
+    ]
 
 
 def fanin_target_rows(fanin: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -227,7 +253,7 @@ def fanin_target_rows(fanin: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _targets_table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
-        return ["(no transport, codec or fanin part in this run)"]
+        return ["(no transport, codec, fanin or images part in this run)"]
     lines = ["| ratio | measured | target | met |", "| --- | ---: | ---: | --- |"]
     for r in rows:
         at_most = r.get("target_name") in AT_MOST
@@ -258,7 +284,9 @@ def markdown(result: dict[str, Any]) -> str:
         *_targets_table(result.get("targets", [])),
         "",
         '"zreq shm" is zreq with credit 4 over ipc as configured by default (the shared-memory fast path where it '
-        "applies); the client-CPU row names the same-host case with the least client CPU per GB.",
+        'applies); "zreq 1 worker" and "zreq 2 workers" are request servers as `tensorcom serve -w 1` and `-w 2` '
+        "run them (workers reply to the client directly), read with credit 4; the client-CPU row names the "
+        "same-host case with the least client CPU per GB.",
     ]
     if result.get("transport"):
         lines += [
@@ -297,6 +325,15 @@ def markdown(result: dict[str, Any]) -> str:
             "N sender processes into one client over loopback tcp, 9.6 MB batches; ratios to raw pyzmq N -> 1 in "
             "the same round. Client CPU per GB is the receiving process's own time (its ZeroMQ I/O threads "
             "included); the last column is that cost turned into 100 GbE (12.5 GB/s) servers per client core.",
+        ),
+        (
+            "calls",
+            "Calls per batch",
+            "Per batch received, in each process of the transfer (no target): Python calls (functions and C "
+            "functions, as cProfile counts them) from a sys.setprofile counter started inside each process, and "
+            "system calls from perf stat (raw_syscalls) on all its threads, in a window of their own. The client "
+            "loop (views, one byte touched per 4 KB page) is the same in every case. Over ipc the zreq worker "
+            "hands 9.6 MB batches over in shared memory, as configured by default.",
         ),
     ):
         if result.get(part):
@@ -373,10 +410,12 @@ def _pipeline_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
 
 def _images_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
     labels = [f"{r['workers']} worker{'s' if r['workers'] != 1 else ''}" for r in rows]
-    series = {
-        "serve-imagenet-dir": [r["images_per_s"] for r in rows],
-        "DataLoader": [r["dataloader_images_per_s"] for r in rows],
-    }
+    rows = [r for r in rows if r.get("group", "images") == "images"]
+    labels = [f"{r['workers']} worker{'s' if r['workers'] != 1 else ''}" for r in rows]
+    series = {"serve-imagenet-dir": [r["images_per_s"] for r in rows]}
+    if all("torchvision_images_per_s" in r for r in rows):
+        series["torchvision pipeline"] = [r["torchvision_images_per_s"] for r in rows]
+    series["DataLoader, our decode"] = [r["dataloader_images_per_s"] for r in rows]
     _grouped(axis, labels, series, "images/s", "Images: decode + augment, same JPEGs")
 
 
@@ -401,6 +440,26 @@ def _fanin_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
     )
 
 
+def _calls_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
+    totals = [r for r in rows if r.get("process") == "all processes"]
+    labels = list(dict.fromkeys(f"{r['size']} {r['transport']}" for r in totals))
+    series = {
+        case: [
+            next(
+                (
+                    r["python_calls_per_batch"]
+                    for r in totals
+                    if r["case"] == case and label == f"{r['size']} {r['transport']}"
+                ),
+                0.0,
+            )
+            for label in labels
+        ]
+        for case in dict.fromkeys(r["case"] for r in totals)
+    }
+    _grouped(axis, labels, series, "Python calls per batch, all processes", "Calls per batch")
+
+
 def _codec_panel(axis: Any, rows: list[dict[str, Any]]) -> None:
     labels = [r["size"] for r in rows]
     series = {"decode": [r["decode_us"] for r in rows], "copy instead": [r["copy_us"] for r in rows]}
@@ -414,6 +473,7 @@ PANELS: dict[str, Callable[[Any, list[dict[str, Any]]], None]] = {
     "loader": _loader_panel,
     "codec": _codec_panel,
     "fanin": _fanin_panel,
+    "calls": _calls_panel,
 }
 
 
@@ -423,7 +483,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure = plt.figure(figsize=(19, 10))
+    figure = plt.figure(figsize=(22, 10))
     grid = figure.add_gridspec(2, len(PANELS), height_ratios=[1.2, 1])
     if result.get("transport"):
         _transport_panel(figure.add_subplot(grid[0, :]), result["transport"])
@@ -456,8 +516,10 @@ def main() -> None:
         name = "quick" if args.quick else "latest"
         saved = json.loads((RESULTS / f"{name}.json").read_text())
         # target definitions may have changed since the run: recompute them from the rows
-        if "transport" in saved or "codec" in saved or "fanin" in saved:
-            saved["targets"] = target_rows(saved.get("transport", []), saved.get("codec"), saved.get("fanin"))
+        if any(part in saved for part in ("transport", "codec", "fanin", "images")):
+            saved["targets"] = target_rows(
+                saved.get("transport", []), saved.get("codec"), saved.get("fanin"), saved.get("images")
+            )
             (RESULTS / f"{name}.json").write_text(json.dumps(saved, indent=1))
         (RESULTS / f"{name}.md").write_text(markdown(saved))
         plot(saved, RESULTS / f"{name}.png")
@@ -469,7 +531,9 @@ def main() -> None:
         if part in args.parts:
             print(f"{part} ...", file=sys.stderr)
             result[part], result["seconds"][part] = run_part(part, args.quick, args.repeat)
-    result["targets"] = target_rows(result.get("transport", []), result.get("codec"), result.get("fanin"))
+    result["targets"] = target_rows(
+        result.get("transport", []), result.get("codec"), result.get("fanin"), result.get("images")
+    )
     result["total_s"] = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     name = "quick" if args.quick else "latest"

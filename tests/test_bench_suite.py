@@ -158,3 +158,145 @@ def test_fanin_benchmark_measures_two_stream_senders() -> None:
     assert row["batches_per_s"] > 0 and row["client_cpu_s_per_gb"] > 0 and row["io_threads"] == 1
     rows = [{**row, "case": "stream", "senders": 2, "vs_raw": 1.0, "cpu_vs_one_sender": 1.0}]
     assert "| 2 | stream | 1 |" in bench_fanin.format_table(rows)
+
+
+def test_worker_targets_compare_serve_w1_with_raw_and_w2_with_w1() -> None:
+    """`serve -w 1` ("zreq 1 worker") gets 0.9x raw at 9.6 MB and 0.7x at 64 KB; `-w 2` over `-w 1` at least 1."""
+    rows = [
+        transport_row("raw pyzmq", "tcp", "9.6MB", [100, 100, 100]),
+        transport_row("zreq 1 worker", "tcp", "9.6MB", [88, 91, 95]),
+        transport_row("zreq 2 workers", "tcp", "9.6MB", [92, 91, 90]),
+        transport_row("raw pyzmq", "ipc", "64KB", [20_000, 10_000, 20_000]),
+        transport_row("zreq 1 worker", "ipc", "64KB", [13_000, 7_000, 15_000]),
+        transport_row("zreq 2 workers", "ipc", "64KB", [12_000, 8_000, 15_000]),
+    ]
+    targets = {r["case"]: r for r in suite.target_rows(rows)}
+    assert targets["zreq 1 worker / raw pyzmq, 9.6 MB (tcp)"]["ratio"] == pytest.approx(0.91)
+    assert targets["zreq 1 worker / raw pyzmq, 9.6 MB (tcp)"]["met"] is True
+    small = targets["zreq 1 worker / raw pyzmq, 64 KB (ipc)"]  # rounds .65, .7, .75
+    assert (
+        small["ratio"] == pytest.approx(0.7)
+        and small["target"] == pytest.approx(0.7)
+        and small["met"] is True
+    )
+    # -w 2 / -w 1 pairs the rounds: 92/88, 91/91, 90/95 -> median 1.0: met
+    assert targets["zreq 2 workers / zreq 1 worker, 9.6 MB (tcp)"]["ratio"] == pytest.approx(1.0)
+    assert targets["zreq 2 workers / zreq 1 worker, 9.6 MB (tcp)"]["met"] is True
+    slower = [*rows[:2], transport_row("zreq 2 workers", "tcp", "9.6MB", [80, 90, 94])]
+    worse = {r["case"]: r for r in suite.target_rows(slower)}["zreq 2 workers / zreq 1 worker, 9.6 MB (tcp)"]
+    assert worse["ratio"] == pytest.approx(90 / 91) and worse["met"] is False
+    assert "zreq 1 worker / raw pyzmq, 64 KB (tcp)" not in targets  # not measured over tcp here
+
+
+def images_row(workers: int, vs_torchvision: float | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"group": "images", "workers": workers, "vs_dataloader": 1.2}
+    if vs_torchvision is not None:
+        row["vs_torchvision"] = vs_torchvision
+    return row
+
+
+def test_images_targets_compare_with_the_torchvision_pipeline_at_each_worker_count() -> None:
+    """serve-imagenet-dir over the torchvision pipeline at 1 and 2 workers, target 2; older rows have none."""
+    rows = [images_row(2, 2.4), images_row(1, 1.6), {"group": "images-profile", "workers": 1}]
+    targets = suite.target_rows([], None, None, rows)
+    assert [(r["case"], r["met"]) for r in targets] == [
+        ("serve-imagenet-dir / torchvision pipeline, img/s (1 worker)", False),
+        ("serve-imagenet-dir / torchvision pipeline, img/s (2 workers)", True),
+    ]
+    assert suite.target_rows([], None, None, [images_row(1, None)]) == []
+
+
+def calls_rows() -> list[dict[str, Any]]:
+    rows = []
+    for case, processes in (
+        ("raw pyzmq", ("client", "sender")),
+        ("zreq 1 worker", ("client", "front end", "worker")),
+    ):
+        for process in (*processes, "all processes"):
+            count = 100.0 if process == "all processes" else 50.0
+            rows.append(
+                {
+                    "group": "calls",
+                    "case": case,
+                    "size": "64KB",
+                    "transport": "tcp",
+                    "process": process,
+                    "python_calls_per_batch": count,
+                    "c_calls_per_batch": count / 2,
+                    "syscalls_per_batch": None if case == "raw pyzmq" else count / 4,
+                    "zmq_thread_syscalls_per_batch": None if case == "raw pyzmq" else 3.0,
+                }
+            )
+    return rows
+
+
+def test_markdown_renders_the_calls_part_without_targets() -> None:
+    """The calls part is a table of its own (totals in bold, "—" where perf could not count) and adds no target."""
+    result = {
+        "quick": True,
+        "machine": {"date": "d", "cores": 2, "cpu": "c", "python": "3.11", "libzmq": "4.3.5", "versions": {}},
+        "calls": calls_rows(),
+        "targets": [],
+    }
+    text = suite.markdown(result)
+    assert "### Calls per batch" in text
+    assert "| 64KB | tcp | zreq 1 worker | **all processes** | **100** | 50 | **25** | 3.0 |" in text
+    assert "| 64KB | tcp | raw pyzmq | sender | 50 | 25 | — | — |" in text
+    assert suite.target_rows([], None, None, None) == []
+
+
+def test_call_counter_counts_the_calls_between_start_and_stop(tmp_path: Path) -> None:
+    """The counter inside each process counts Python and C function calls in its window and writes them."""
+    import bench_calls
+
+    def step(value: int) -> int:
+        return abs(value)
+
+    counter = bench_calls.CallCounter("client", tmp_path)
+    step(1)  # before the window: not counted
+    counter.start()
+    for value in range(1000):
+        step(value)
+    counter.stop()
+    step(2)  # after: not counted
+    (written,) = tmp_path.glob("client-*.json")
+    counts = __import__("json").loads(written.read_text())
+    assert 1000 <= counts["python_calls"] < 1010
+    assert 1000 <= counts["c_calls"] < 1010  # abs()
+    assert sys.getprofile() is None
+
+
+def test_perf_output_is_split_by_process_and_main_thread() -> None:
+    """perf stat --per-thread lines add up per process: main thread (tid = pid) apart from its other threads."""
+    import bench_calls
+
+    text = "\n".join(
+        [
+            "# started on Sat Dec  5 06:35:21 2026",
+            "",
+            "python-100,40,,raw_syscalls:sys_enter,9460848,100.00,,",
+            "ZMQbg/IO/0-101,25,,raw_syscalls:sys_enter,9460848,100.00,,",
+            "ZMQbg/Reaper-102,1,,raw_syscalls:sys_enter,9460848,100.00,,",
+            "python-200,7,,raw_syscalls:sys_enter,3916106,100.00,,Events disabled",
+            "python-300,<not counted>,,raw_syscalls:sys_enter,0,0.00,,",
+            "python-999,5,,raw_syscalls:sys_enter,1,100.00,,",
+        ]
+    )
+    threads = {100: 100, 101: 100, 102: 100, 200: 200, 300: 300}
+    assert bench_calls.parse_perf(text, threads) == {100: (40, 26), 200: (7, 0)}
+
+
+def test_calls_benchmark_counts_a_raw_transfer() -> None:
+    """The calls part end to end, small: raw pyzmq over ipc, a row per process and one for both."""
+    import bench_calls
+
+    rows = bench_calls.measure_once("raw pyzmq", "64KB", "ipc", 0.3)
+    assert [r["process"] for r in rows] == ["client", "sender", "all processes"]
+    client, sender, total = rows
+    assert client["python_calls_per_batch"] > 5 and sender["python_calls_per_batch"] > 1
+    assert total["python_calls_per_batch"] == pytest.approx(
+        client["python_calls_per_batch"] + sender["python_calls_per_batch"]
+    )
+    if total["syscalls_per_batch"] is not None:  # perf could attach
+        assert client["syscalls_per_batch"] > 1 and sender["syscalls_per_batch"] > 1
+    assert "| 64KB | ipc | raw pyzmq | **all processes** |" in bench_calls.format_table(rows)
