@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark in one run, written to benchmarks/results/ as JSON, markdown and a plot.
 
-    python benchmarks/suite.py            # make bench: the full run (about five minutes, 2 quiet cores)
-    python benchmarks/suite.py --quick    # make bench-quick: about 1½ minutes
+    python benchmarks/suite.py            # make bench: the full run (several minutes, 2 quiet cores)
+    python benchmarks/suite.py --quick    # make bench-quick: about 3 minutes
     python benchmarks/suite.py --quick --parts transport images   # some parts only (results still written)
 
 Parts, each run by its own script in its own process (``--json``) and rendered as its own table and plot panel:
@@ -503,7 +503,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer batches and rounds (about 1½ minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer batches and rounds (about 3 minutes)")
     parser.add_argument("--repeat", type=int, default=None, help="rounds in every part (median shown)")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to run")
     parser.add_argument(
