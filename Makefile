@@ -45,7 +45,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check tensorcom servers tools tests benchmarks examples
 	$(BIN)/mypy
 
-## bench: the benchmark suite (several minutes): benchmarks/results/latest.{json,md,png}; bench-quick: about 1½ minutes
+## bench: the benchmark suite (several minutes): benchmarks/results/latest.{json,md,png}; bench-quick: about 3 minutes
 bench: $(STAMP) $(TC01)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	TENSORCOM_01_PYTHON=$(CURDIR)/.venv-tc01/bin/python $(BIN)/python benchmarks/suite.py
