@@ -15,7 +15,7 @@ import pytest
 import zmq
 from helpers import assert_same_batches, wait_until
 
-from tensorcom import ConfigError, Connection, Server
+from tensorcom import ConfigError, Connection, Server, Timeout
 from tensorcom.client._base import MAX_DEFAULT_IO_THREADS, default_io_threads
 from tensorcom.client.request import EXPECTED_WORKERS
 from tensorcom.server.request import RequestServer
@@ -186,8 +186,12 @@ def test_request_stripes_give_the_exact_stream(serving: Any, workers: int) -> No
 
 def test_seek_on_a_striped_stream_drops_what_every_stripe_held(ipc_url: Any) -> None:
     """A pipeline server behind stripes=2 (ipc, shared-memory channel) is one server for seek: after SEEK to epoch 0
-    the next batches are that epoch's first, whichever stripe carried them or what they held before."""
-    expected = reference(3, 8)
+    the next 15 batches are that epoch's 15 batches, each once, whichever stripe carried them or what they held
+    before. Stripes interleave (stream mode promises no order across sockets), so each batch is matched to the
+    epoch's batch of the same samples."""
+    expected = reference(15, 8)
+    by_samples = {tuple(int(i) for i in batch[1]): position for position, batch in enumerate(expected)}
+    assert len(by_samples) == 15
     server = Server(
         factories.small, ipc_url("zrpush"), seed=8, control=ipc_url("zrep", "control"), send_timeout=8
     )
@@ -198,10 +202,21 @@ def test_seek_on_a_striped_stream_drops_what_every_stripe_held(ipc_url: Any) -> 
             assert len(connection.endpoints) == 2
             for _ in range(5):
                 connection.recv()
+            # the other 10 are on their way or queued in the stripes when the seek comes
+            assert wait_until(lambda: server.served == 15), server.served
             connection.seek(ipc_url("zreq", "control"), epoch=0)
-            received = [connection.recv() for _ in range(3)]
-            assert connection.last.epoch == 0
+            received: dict[int, Any] = {}
+            for _ in range(15):
+                batch = connection.recv()
+                assert connection.last.epoch == 0
+                samples = tuple(connection.last.indices)
+                assert samples in by_samples, f"samples {samples} are not one of epoch 0's batches"
+                assert by_samples[samples] not in received, f"epoch 0's batch {by_samples[samples]} came twice"
+                received[by_samples[samples]] = batch
+            connection.timeout = 5  # the epoch is complete: a batch more would be one sent before the seek
+            with pytest.raises((Timeout, StopIteration)):
+                connection.recv()
     finally:
         server.stop()
         thread.join(timeout=30)
-    assert_same_batches(received, expected)
+    assert_same_batches([received[position] for position in range(15)], expected)

@@ -468,7 +468,7 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             if self.generation != generation:
                 self._linger_ends = None
                 return True
-            connected = any(endpoint.count_peers() for endpoint in self._endpoints)
+            connected = any(endpoint.count_peers() for endpoint in (*self._endpoints, *self._companions))
             if not connected or time.monotonic() >= deadline:
                 return False
             self._control.socket.poll(20, zmq.POLLIN)
