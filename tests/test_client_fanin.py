@@ -211,7 +211,9 @@ def test_seek_on_a_striped_stream_drops_what_every_stripe_held(ipc_url: Any) -> 
                 assert connection.last.epoch == 0
                 samples = tuple(connection.last.indices)
                 assert samples in by_samples, f"samples {samples} are not one of epoch 0's batches"
-                assert by_samples[samples] not in received, f"epoch 0's batch {by_samples[samples]} came twice"
+                assert by_samples[samples] not in received, (
+                    f"epoch 0's batch {by_samples[samples]} came twice"
+                )
                 received[by_samples[samples]] = batch
             connection.timeout = 5  # the epoch is complete: a batch more would be one sent before the seek
             with pytest.raises((Timeout, StopIteration)):
