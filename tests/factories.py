@@ -94,5 +94,10 @@ class _HangIf:
 def hanging(*, seed: int, rank: int, world_size: int) -> Any:
     """Endless small batches of 2 that hang where TENSORCOM_TEST_HANG=1 (see _HangIf)."""
     return Conveyer(
-        [Permutation(1000, seed=seed, repeating=True), Partition(rank, world_size), Map(_HangIf()), Collate(2)]
+        [
+            Permutation(1000, seed=seed, repeating=True),
+            Partition(rank, world_size),
+            Map(_HangIf()),
+            Collate(2),
+        ]
     )

@@ -213,7 +213,9 @@ def test_a_stream_timeout_names_dropped_connections_and_the_frame_limit() -> Non
     client's Timeout says so, with the limit, instead of a bare timeout."""
     with Connection("zpull://127.0.0.1:0", timeout=5, max_message_size=100_000) as client:
         server = Server(None, client.endpoints[0].replace("tcp://", "zpush://"), send_timeout=5, linger=0)
-        sender = threading.Thread(target=lambda: _send_quietly(server, np.zeros(300_000, np.uint8)), daemon=True)
+        sender = threading.Thread(
+            target=lambda: _send_quietly(server, np.zeros(300_000, np.uint8)), daemon=True
+        )
         sender.start()
         with pytest.raises(Timeout, match=r"connections dropped meanwhile.*max_message_size=100000 bytes"):
             client.recv()

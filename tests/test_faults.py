@@ -328,7 +328,9 @@ def test_workers_stuck_in_the_dataset_die_with_their_front_end(start_process: St
     assert wait_until_gone(workers, seconds=20) == []
 
 
-def test_a_server_stuck_in_the_dataset_is_passed_by_after_the_request_deadline(start_process: StartProcess) -> None:
+def test_a_server_stuck_in_the_dataset_is_passed_by_after_the_request_deadline(
+    start_process: StartProcess,
+) -> None:
     """Two servers, one whose worker hangs in the pipeline (its front end still answers pings): past
     request_deadline its steps are asked of the other server, the stream stays exact, and the stuck one is shown
     "stalled"."""
@@ -341,7 +343,9 @@ def test_a_server_stuck_in_the_dataset_is_passed_by_after_the_request_deadline(s
     assert_same_batches(received, expected)
 
 
-def test_a_worker_stuck_in_the_dataset_is_replaced_after_the_worker_deadline(start_process: StartProcess) -> None:
+def test_a_worker_stuck_in_the_dataset_is_replaced_after_the_worker_deadline(
+    start_process: StartProcess,
+) -> None:
     """A worker silent for longer than --worker-deadline (stuck in the pipeline) is killed and a new one started."""
     process, url = serve(
         start_process, "factories:hanging", "--worker-deadline", "2", env={"TENSORCOM_TEST_HANG": "1"}

@@ -65,14 +65,20 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "loader": BOTTOM | {"pipeline", "_net", "client", "server", "adapters"},  # adapters.device for to_device
     "adapters": BOTTOM | {"client", "datasets"},  # the ImageNet mean and std for normalize_images
     "tenbin": BOTTOM,  # tensorcom 0.1's tenbin over the codec
-    "zcom": BOTTOM | {"tenbin", "_net", "client", "server"},  # tensorcom 0.1's zcom over our client and server
+    "zcom": BOTTOM
+    | {"tenbin", "_net", "client", "server"},  # tensorcom 0.1's zcom over our client and server
     "cli": EVERYTHING - {"examples"},
     "examples": EVERYTHING,
     INIT: EVERYTHING,  # it re-exports lazily
     "servers/": EVERYTHING,  # programs
     "tools/": EVERYTHING,
 }
-NUMPY_ONLY = BOTTOM | {"tenbin", "pipeline", "datasets", "monitoring"}  # neither zmq nor torch at module level
+NUMPY_ONLY = BOTTOM | {
+    "tenbin",
+    "pipeline",
+    "datasets",
+    "monitoring",
+}  # neither zmq nor torch at module level
 HEAVY = ("zmq", "torch")
 
 
