@@ -139,6 +139,8 @@ class ErrorKind(StrEnum):
     """The pipeline failed computing the step (or killed its worker process three times)."""
     UNAVAILABLE = "unavailable"
     """The server is shutting down or has finished: ask another one."""
+    BUSY = "busy"
+    """The server holds as many clients or requests as it may now: ask another one, or this one again later."""
 
 
 _COMMANDS: dict[Any, Command] = {int(command): command for command in Command}
@@ -560,6 +562,9 @@ class Error:
     message: str
     server: str | None = None
     request: str | None = None
+    count: int | None = (
+        None  # the refused REQUEST's steps from ``step`` (a BUSY refusal answers them all at once)
+    )
 
     def encode(self) -> bytes:
         header = {
@@ -571,6 +576,7 @@ class Error:
             "message": self.message,
             "server": self.server,
             "request": self.request,
+            "count": self.count,
         }
         return _pack(_without_none(header))
 
@@ -610,6 +616,7 @@ class Error:
             message=_string(fields, "message", command, source),
             server=_optional_string(fields, "server", command, source),
             request=_optional_string(fields, "request", command, source),
+            count=_optional_integer(fields, "count", command, source),
         )
 
 

@@ -39,7 +39,7 @@ from helpers import (
 from reliability import record, reference
 
 from tensorcom import Connection
-from tensorcom.protocol import Command, Error, ErrorKind, Message, Pong, decode
+from tensorcom.protocol import Command, Error, ErrorKind, Message, Ping, Pong, decode
 from tensorcom.server.request import RequestServer
 
 BUSY_SEED = 666
@@ -288,8 +288,9 @@ def test_message_of_many_frames_is_refused_by_the_front_end_and_a_worker(
 def test_client_cap_refuses_one_client_too_many_and_takes_one_after_another_leaves(
     start_process: StartProcess, context: TrackedContext
 ) -> None:
-    """With --max-clients 2 and two clients waiting for slow batches, a third gets an ``unavailable`` ERROR saying
-    why; once one of the two has its batch (it leaves the server's books), a new client is served."""
+    """With --max-clients 2 and two clients waiting for slow batches, a third gets a ``busy`` ERROR saying why and
+    covering every step it asked for; once one of the two has its batch (it leaves the server's books), a new client
+    is served."""
     process, url = serve(start_process, FACTORY, "--max-clients", "2", "-o", "delay=0.4")
     tcp = url.replace("zreq://", "tcp://")
     first, second = reader(context, tcp), reader(context, tcp)
@@ -297,9 +298,10 @@ def test_client_cap_refuses_one_client_too_many_and_takes_one_after_another_leav
     second.send(request(BUSY_SEED, 1))
     time.sleep(0.3)  # both taken before the third asks (the batches take 0.8 s each)
     third = reader(context, tcp)
-    third.send(request(5, 0))
+    third.send(request(5, 3, count=4))
     refusal = reply_of(third, "a request beyond max_clients")
-    assert isinstance(refusal, Error) and refusal.error is ErrorKind.UNAVAILABLE, refusal
+    assert isinstance(refusal, Error) and refusal.error is ErrorKind.BUSY, refusal
+    assert (refusal.step, refusal.count) == (3, 4), refusal
     assert "2 clients" in refusal.message, refusal.message
     assert isinstance(reply_of(first, "the first client's request").step, int)
     latecomer = reader(context, tcp)
@@ -307,6 +309,39 @@ def test_client_cap_refuses_one_client_too_many_and_takes_one_after_another_leav
     batch = reply_of(latecomer, "a request after a client left")
     assert not isinstance(batch, Error), batch
     assert batch.step == 0
+    assert process.poll() is None
+
+
+def test_a_zreq_client_waits_out_a_full_server_instead_of_giving_it_up(
+    start_process: StartProcess, context: TrackedContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server at --max-clients 1 refuses a zreq Connection's HELLO as busy while another client's slow requests
+    hold its one place; the Connection leaves it aside for a while, greets it again, and once the place is free
+    gets its exact stream from it (an ``unavailable`` refusal would have made it give the server up for good)."""
+    process, url = serve(start_process, FACTORY, "--max-clients", "1", "-o", "delay=0.4")
+    tcp = url.replace("zreq://", "tcp://")
+    holder = keep_busy(context, tcp, requests=3)  # 0.8 s a batch: the place is held for about 2.4 s
+    holder.send(Ping().encode())  # answered after its requests were taken: then the place is held
+    assert isinstance(reply_of(holder, "a PING after the holder's requests"), Pong)
+    received: list[Any] = []
+    failed: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            with Connection(url, seed=5, timeout=60) as connection:
+                received.extend(connection.recv() for _ in range(4))
+        except BaseException as error:  # reported by the assertion below
+            failed.append(error)
+
+    with caplog.at_level("WARNING", logger="tensorcom.client.request"):
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        for step in range(3):  # the holder reads its batches, then leaves the server's books
+            assert reply_of(holder, f"the holder's step {step}", seconds=60).step == step
+        thread.join(timeout=90)
+    assert not thread.is_alive() and not failed, failed
+    assert any("is busy" in record.getMessage() for record in caplog.records), "the HELLO was never refused"
+    assert_same_batches(received, reference(busy_or_fast, count=4, seed=5, rank=0, world_size=1))
     assert process.poll() is None
 
 

@@ -157,6 +157,20 @@ GOLDEN: dict[str, tuple[AnyMessage, str]] = {
         "84a17601a3636d6406a56572726f72ab756e617661696c61626c65a76d657373616765d93874686520736572766572206861732066"
         "696e69736865642028313220626174636865732073656e742920616e6420697320636c6f73696e67",
     ),
+    "error-busy": (
+        Error(
+            gen=2,
+            step=40,
+            error=ErrorKind.BUSY,
+            message="the server keeps requests for 1024 clients already",
+            server="host:1234",
+            request="REQUEST",
+            count=8,
+        ),
+        "89a17601a3636d6406a367656e02a47374657028a56572726f72a462757379a76d657373616765d93274686520736572766572206b"
+        "6565707320726571756573747320666f72203130323420636c69656e747320616c7265616479a6736572766572a9686f73743a3132"
+        "3334a772657175657374a752455155455354a5636f756e7408",
+    ),
 }
 
 
@@ -185,7 +199,7 @@ def test_the_pins_cover_every_command_and_every_error_kind() -> None:
 
 def test_error_kinds_travel_as_the_strings_of_before() -> None:
     """ErrorKind values are the strings that servers sent before the enum existed, and compare equal to them."""
-    assert [kind.value for kind in ErrorKind] == ["state", "protocol", "pipeline", "unavailable"]
+    assert [kind.value for kind in ErrorKind] == ["state", "protocol", "pipeline", "unavailable", "busy"]
     assert ErrorKind.STATE == "state" and isinstance(ErrorKind.PIPELINE, str)
 
 

@@ -246,7 +246,7 @@ def _factory_options(options: tuple[str, ...]) -> dict[str, Any]:
     default=1024,
     show_default=True,
     help="Clients the server keeps requests for at once; a new client beyond them is refused (it asks another "
-    "server). With the per-client budgets this bounds the server's memory (see RequestServer).",
+    "server, or this one again after a wait). With the per-client budgets this bounds the server's memory (see RequestServer).",
 )
 @click.option(
     "--direct/--no-direct",

@@ -26,6 +26,7 @@ import zmq
 
 from tensorcom import codec, protocol
 from tensorcom._net import shm as _shm
+from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom._net.security import KeyPath
 from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, receive
 from tensorcom.client._base import BatchInfo, Connection, default_io_threads
@@ -58,6 +59,7 @@ from tensorcom.urls import parse_url
 __all__ = ["RequestConnection", "default_rank_and_world_size"]
 
 log = logging.getLogger(__name__)
+_busy = RateLimitedLog(log, logging.WARNING)
 
 EXPECTED_WORKERS = 1
 """Data sockets per server socket that the default number of I/O threads counts on. One, whatever the server's
@@ -80,6 +82,10 @@ def default_rank_and_world_size() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+_BUSY_WAIT = 0.1  # seconds a server that refused requests as busy is left aside at first
+_BUSY_WAIT_MOST = 2.0
+
+
 @dataclass
 class _Server:
     endpoint: Endpoint
@@ -94,11 +100,28 @@ class _Server:
     shm: bool = False  # it is on this host (ipc) and batches may come as shared-memory descriptors
     parent: _Server | None = None  # for a server's worker process: the server (see Welcome.workers)
     stalled: bool = False  # it let a step pass its deadline; no requests until it answers one
+    busy_until: float = 0.0  # it refused requests as busy (full): none until then
+    busy_wait: float = (
+        _BUSY_WAIT  # how long the next busy refusal keeps it aside (doubles, up to _BUSY_WAIT_MOST)
+    )
+    busy_why: str = ""  # what it said when it last refused as busy
+    greet_again: bool = False  # it refused our HELLO as busy: greet it again once busy_until has passed
     workers: list[_Server] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return self.endpoint.address
+
+
+def _server_state(server: _Server) -> str:
+    """How a server stands, for messages: never answered, stalled, busy (and why), up or down."""
+    if not server.answered:
+        return "never answered"
+    if server.stalled:
+        return "stalled"
+    if server.busy_why and server.busy_until > time.monotonic() - _BUSY_WAIT_MOST:
+        return f"busy: {server.busy_why}"
+    return "up" if server.alive else "down"
 
 
 class RequestConnection(Connection, schemes=("zreq",), mode="deterministic request"):
@@ -350,6 +373,9 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         greeted: set[int] = set()
         while self.fingerprint is None:
             for index, server in enumerate(self._servers):
+                if server.greet_again and time.monotonic() >= server.busy_until:
+                    server.greet_again = False
+                    greeted.discard(index)  # it was full when we said HELLO: try again
                 if index not in greeted and self._send(server, hello):
                     greeted.add(index)
             self._poll_once(min(self.heartbeat, 0.1))
@@ -456,6 +482,9 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         server.outstanding.discard(step)
         self._asked.pop(step, None)
         server.stalled = False  # it answers steps again
+        if isinstance(message, Error) and message.error is ErrorKind.BUSY:
+            self._on_busy(server, message)
+            return
         if isinstance(message, Error) and message.error is ErrorKind.UNAVAILABLE:
             if server.shutting_down:
                 self._to_request = sorted({*self._to_request, step})
@@ -479,6 +508,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         if isinstance(message, End):
             self._end_step = step if self._end_step is None else min(self._end_step, step)
             return
+        server.busy_wait, server.busy_why = _BUSY_WAIT, ""  # it computes for us again
         if message.fingerprint != self.fingerprint:
             raise ProtocolError(
                 f"server {server.address} now serves pipeline {message.fingerprint}, "
@@ -507,16 +537,42 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             with contextlib.suppress(DecodeError):
                 self._reader.read(frames[0], f"server {server.address}")
 
+    def _on_busy(self, server: _Server, message: Error) -> None:
+        """A server refused a HELLO or REQUEST because it is full (clients or queued requests): leave it aside for a
+        while (longer each time in a row) and ask others, or it again then, for the refused steps."""
+        now = time.monotonic()
+        server.busy_until = now + server.busy_wait
+        server.busy_wait = min(server.busy_wait * 2, _BUSY_WAIT_MOST)
+        server.busy_why = message.message
+        if message.request == "HELLO":
+            server.greet_again = True
+        else:
+            first = message.step or 0
+            steps = range(first, first + max(1, message.count or 1))
+            server.outstanding.difference_update(steps)
+            for step in steps:
+                self._asked.pop(step, None)
+            self._to_request = sorted({*self._to_request, *steps})
+        _busy.note(
+            server.address,
+            "server %s is busy (%s); asking others, or it again in %.1f s",
+            server.address,
+            message.message,
+            server.busy_until - now,
+        )
+
     # the request window
 
     def _live(self) -> list[_Server]:
         """The servers that take requests now: a server's connected workers rather than the server itself."""
+        now = time.monotonic()
         return [
             server
             for server in self._servers
             if server.alive
             and not server.shutting_down
             and not server.stalled
+            and server.busy_until <= now
             and not any(worker.alive and not worker.stalled for worker in server.workers)
             and (server.parent is None or (server.parent.alive and not server.parent.shutting_down))
         ]
@@ -600,9 +656,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
     def _describe_servers(self) -> str:
         """Each server's address and whether it is up, down, or never answered (a wrong address, or not started)."""
         described = (  # a server striped over several sockets is named once per state its sockets are in
-            f"{s.address} ({'never answered' if not s.answered else 'stalled' if s.stalled else 'up' if s.alive else 'down'})"
-            for s in self._servers
-            if s.parent is None
+            f"{s.address} ({_server_state(s)})" for s in self._servers if s.parent is None
         )
         return ", ".join(dict.fromkeys(described))
 

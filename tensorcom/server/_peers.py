@@ -14,8 +14,9 @@ replies waiting for its socket queue (batches, and the ERRORs and PONGs the serv
   that the peer does not read: its messages go unanswered) and nothing more is computed for it;
 - a peer whose outbox makes no progress for ``stall_timeout`` seconds is dropped: its queues are freed and its
   connection shut, so libzmq frees what it queued for it too;
-- at most ``max_clients`` peers: a new one beyond them is refused (ERROR ``unavailable``: a zreq client asks
-  another server) and nothing is kept for it. A peer with nothing queued is forgotten, so the count goes down as
+- at most ``max_clients`` peers: a new one beyond them is refused (ERROR ``busy``, covering every step it asked
+  for: a zreq client asks another server, or this one again after a wait that doubles from 0.1 s to 2 s; a server
+  that says ``unavailable`` is shutting down and is not asked again) and nothing is kept for it. A peer with nothing queued is forgotten, so the count goes down as
   clients leave, and the memory of their queues is given back (:class:`Trimmer` hands it to the kernel).
 """
 
@@ -80,6 +81,10 @@ TRIM_AFTER = 8 << 20
 memory back to the kernel."""
 FRAME_BYTES = 64
 """What libzmq holds for each frame of a message until it is read (its message structure)."""
+RECEIVE_QUEUE = 2
+"""Messages libzmq reads ahead from one client connection before the server takes them (the sockets' RCVHWM).
+libzmq holds a message whole before any part of it can be read, with no limit on its frames, so what one
+connection can make it hold is (RECEIVE_QUEUE + 1) messages: kept small, as the server reads as fast as they come."""
 
 
 def receive_bounded(socket: zmq.Socket[Any], most: int = MOST_FRAMES) -> tuple[list[zmq.Frame], int]:
@@ -155,7 +160,7 @@ class Queued:
         return first
 
     def error(self, kind: ErrorKind, text: str, server: str) -> Error:
-        """The ERROR that answers this request's first step."""
+        """The ERROR that answers this request's first step (a BUSY one answers all its steps: ``count``)."""
         return Error(
             gen=self.gen,
             step=0 if self.hello else self.step,
@@ -163,12 +168,13 @@ class Queued:
             message=text,
             server=server,
             request="HELLO" if self.hello else "REQUEST",
+            count=self.count if kind is ErrorKind.BUSY and not self.hello else None,
         )
 
     def errors(self, kind: ErrorKind, text: str, server: str) -> list[Error]:
         """One ERROR for each step of this entry."""
         return [
-            replace(self.error(kind, text, server), step=step)
+            replace(self.error(kind, text, server), step=step, count=None)
             for step in range(self.step, self.step + self.count)
         ]
 
@@ -248,7 +254,7 @@ class PeerTable:
         if peer is None:
             if len(self.peers) >= self.max_clients:
                 return (
-                    ErrorKind.UNAVAILABLE,
+                    ErrorKind.BUSY,
                     f"the server keeps requests for {self.max_clients} clients already",
                 )
             steps = held = 0
@@ -263,7 +269,7 @@ class PeerTable:
                 f"more than {PEER_PENDING_BYTES} bytes of requests pending from one client",
             )
         if self.pending_bytes + cost > self.budget and held + cost > RESERVE_BYTES:
-            return ErrorKind.UNAVAILABLE, f"the server holds {self.pending_bytes} bytes of requests already"
+            return ErrorKind.BUSY, f"the server holds {self.pending_bytes} bytes of requests already"
         return None
 
     def peer(self, key: Key, connection: tuple[int, int] | None = None) -> Peer:

@@ -63,6 +63,7 @@ from tensorcom.server._peers import (
     FRAME_BYTES,
     MOST_FRAMES,
     OUTBOX,
+    RECEIVE_QUEUE,
     Decoder,
     Key,
     Peer,
@@ -141,7 +142,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
 
         requests waiting   2 × C × 32 KiB                (header bytes as received: 64 MiB at C = 1024)
         replies waiting    C × 4 × B  +  W × w × B       (outboxes; own replies count among the 4)
-        libzmq queues      C × q × B  (replies)  +  connections × q × (header ≤ 1 MiB, or 64 B a frame)
+        libzmq queues      C × q × B  (replies)  +  connections × 3 × (header ≤ 1 MiB, or 64 B a frame)
 
     and each worker with ``direct`` the same with W × w replaced by the one reply it computes. Each client holds
     at most 256 steps and 2 MiB of requests, and 4 replies beyond its socket queue; a client that does not read
@@ -210,6 +211,9 @@ class RequestServer(Server, sockets=("ROUTER",)):
             for url in parsed:
                 endpoint = open_endpoint(self._context, url, queue=queue, monitor=True, keys=keys)
                 endpoint.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                endpoint.socket.setsockopt(
+                    zmq.RCVHWM, RECEIVE_QUEUE
+                )  # before any client: it is not ready yet
                 self._frontends.append(endpoint)
         except BaseException:
             self.close()

@@ -44,6 +44,7 @@ from tensorcom.protocol import (
 from tensorcom.server._peers import (
     FRAME_BYTES,
     OUTBOX,
+    RECEIVE_QUEUE,
     Decoder,
     Key,
     Peer,
@@ -305,7 +306,7 @@ def worker_main(
         routers.append(router)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.SNDHWM, queue)
-        router.setsockopt(zmq.RCVHWM, queue)
+        router.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_MESSAGE)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if not address:  # no address of its own for that URL: its clients go through the front end
