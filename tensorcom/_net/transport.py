@@ -140,6 +140,16 @@ class Endpoint:
         self.count_peers()
         return [fd for fd in self.fds if before.get(fd, 0) > 0 and _unsent(fd) >= before[fd]]
 
+    def queued(self) -> dict[int, int]:
+        """Bytes waiting in each open connection's kernel send queue (by file descriptor): data its peer has not yet
+        taken (TCP: not yet acknowledged; ipc: not yet read by the peer process)."""
+        self.count_peers()
+        return {fd: _unsent(fd) for fd in self.fds}
+
+    def delivered(self, fd: int) -> int | None:
+        """Bytes a TCP connection's peer has acknowledged (taken from us) so far; None for other transports."""
+        return _tcp_counter(fd, _TCP_INFO_BYTES_ACKED)
+
     def chatty_peers(self, limit: int) -> list[int]:
         """The TCP connections whose peer has sent more than ``limit`` bytes (for sockets whose peers only ever send a
         handshake and a subscription or two); connections of other transports are never counted."""
@@ -349,21 +359,28 @@ def _unsent(fd: int) -> int:
         return 0
 
 
-_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info
+# offsets of tcpi_bytes_acked and tcpi_bytes_received (u64) in Linux's struct tcp_info
+_TCP_INFO_BYTES_ACKED = 120
+_TCP_INFO_BYTES_RECEIVED = 128
+
+
+def _tcp_counter(fd: int, offset: int) -> int | None:
+    """A u64 counter of a TCP connection's ``tcp_info`` (None for other sockets, or if it cannot be told)."""
+    try:
+        with pysocket.socket(fileno=os.dup(fd)) as connection:
+            if connection.family not in (pysocket.AF_INET, pysocket.AF_INET6):
+                return None
+            info = connection.getsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_INFO, 192)
+    except OSError:
+        return None
+    if len(info) < offset + 8:
+        return None
+    return int(struct.unpack_from("Q", info, offset)[0])
 
 
 def _received(fd: int) -> int:
     """Bytes a TCP connection has received from its peer (0 for other sockets, or if it cannot be told)."""
-    try:
-        with pysocket.socket(fileno=os.dup(fd)) as connection:
-            if connection.family not in (pysocket.AF_INET, pysocket.AF_INET6):
-                return 0
-            info = connection.getsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_INFO, 192)
-    except OSError:
-        return 0
-    if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
-        return 0
-    return int(struct.unpack_from("Q", info, _TCP_INFO_BYTES_RECEIVED)[0])
+    return _tcp_counter(fd, _TCP_INFO_BYTES_RECEIVED) or 0
 
 
 def receive_small(socket: zmq.Socket[Any], most: int, flags: int = 0) -> tuple[list[bytes], int]:

@@ -50,6 +50,76 @@ _SUBSCRIBER_BYTES = 64 * 1024  # most a subscriber may send (its handshake and s
 _chatty = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
 _stalled = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
 _PICK_STEP = 0.1  # seconds between looks at handshakes, the timeout and stop() while no socket has room
+_HOLD_SHARE = 0.5  # share of wall time one subscriber may hold a zpub stream while another subscriber waits
+_HOLD_LOOK = 0.02  # seconds between looks at the subscribers' send queues while a send on a zpub socket waits
+_RECEIVER_BYTES = 4096  # a TCP peer that took more than this receives the stream (a handshake: ~100 B)
+_held = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
+
+
+class _HoldAccount:
+    """Per connection of one XPUB socket: how long it has held the stream while another subscriber waited for it,
+    as a leaky bucket (see :class:`StreamServer`'s ``stall_timeout``).
+
+    While a send waits, every ``_HOLD_LOOK`` seconds the connections' kernel send queues are read: those with bytes
+    queued hold the stream (XPUB_NODROP refuses a send while any subscriber's queue is full, and a full queue
+    means bytes stuck in the kernel), those with none have taken everything and wait. When at least one subscriber
+    waits, every holder is charged the time since the last look. Each account drains at ``share`` of wall time, and
+    a connection whose account passes ``budget`` seconds is cut. A subscriber slower than the server but alone (or
+    beside others as slow) is never charged: nobody waits for it in particular.
+
+    A waiting connection counts only if it receives the stream: over TCP, once it has taken more than
+    ``_RECEIVER_BYTES`` (an idle or unsubscribed peer never does, so it cannot make another subscriber be cut). ipc
+    has no byte counters: there every connection counts, so a slow subscriber beside an idle local connection (one
+    subscribed to another topic) is charged as if that connection waited; ipc is local and guarded by the file
+    permissions of its path.
+    """
+
+    def __init__(self, budget: float, share: float = _HOLD_SHARE) -> None:
+        self.budget = budget
+        self.share = share
+        self.looked = 0.0  # time of the last look during the current wait
+        self._accounts: dict[int, list[float]] = {}  # fd -> [seconds held, time of last update]
+        self._receivers: set[int] = set()
+
+    def start(self) -> None:
+        """A new wait begins: time before it is never charged."""
+        self.looked = time.monotonic()
+
+    def look(self, endpoint: Endpoint) -> list[int]:
+        """Charge the connections that held the last ``_HOLD_LOOK`` seconds of a wait; return those over budget."""
+        now = time.monotonic()
+        elapsed, self.looked = now - self.looked, now
+        queued = endpoint.queued()
+        for fd in [fd for fd in self._accounts if fd not in queued]:  # gone (a new connection may reuse it)
+            del self._accounts[fd]
+            self._receivers.discard(fd)
+        holders = [fd for fd, size in queued.items() if size > 0]
+        self._receivers.update(holders)
+        waiting = bool(holders) and self._someone_waits(endpoint, [fd for fd in queued if fd not in holders])
+        over = []
+        for fd, size in queued.items():
+            account = self._accounts.setdefault(fd, [0.0, now])
+            account[0] = max(0.0, account[0] - self.share * (now - account[1]))
+            account[1] = now
+            if waiting and size > 0:
+                account[0] += elapsed
+                if account[0] >= self.budget:
+                    over.append(fd)
+        for fd in over:
+            del self._accounts[fd]
+            self._receivers.discard(fd)
+        return over
+
+    def _someone_waits(self, endpoint: Endpoint, idle: list[int]) -> bool:
+        """Whether one of the connections with nothing queued receives the stream (so it waits for the others)."""
+        if any(fd in self._receivers for fd in idle):
+            return True
+        for fd in idle:
+            delivered = endpoint.delivered(fd)
+            if delivered is None or delivered > _RECEIVER_BYTES:  # None: ipc, where every peer counts
+                self._receivers.add(fd)
+                return True
+        return False
 
 
 def _as_arrays(batch: Any) -> Sequence[Any]:
@@ -76,9 +146,18 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         send_timeout: seconds to wait for a client to take a batch before raising :class:`tensorcom.Timeout`
             (None: wait for clients forever, logging every ``report_interval``).
         drop: for PUB URLs, use plain PUB semantics (drop batches for slow or absent subscribers).
-        stall_timeout: for PUB URLs without ``drop``: seconds a send may wait for a subscriber that does not read
-            before its connection is cut (one log line), so that one stalled subscriber never stops the stream for
-            the others; None: wait for every subscriber, whatever it takes.
+        stall_timeout: for PUB URLs without ``drop``: XPUB_NODROP holds every subscriber to the slowest one's
+            pace, so a subscriber's connection is cut (one log line) when it holds the others too long. Each
+            connection has a leaky bucket: while a send waits, a subscriber whose kernel send queue holds bytes is
+            charged the waiting time whenever another subscriber has taken everything and waits; the bucket drains
+            at half of wall time, and the connection is cut once it holds ``stall_timeout / 2`` seconds. So a
+            subscriber that holds the stream all the time while others wait is cut after about ``stall_timeout``,
+            one that holds it 75 % of the time after about 2 ``stall_timeout``, and one that holds it at most half
+            the time never (the others keep at least half the server's pace). A subscriber slower than the server
+            but alone, or beside others as slow, is never charged. Over TCP only peers that have received the
+            stream count as waiting; ipc has no byte counters, so there every local connection counts. Besides,
+            a send that waits a whole ``stall_timeout`` cuts the connections whose peer reads nothing at all.
+            None: wait for every subscriber, whatever it takes.
         infos: per-array labels (up to 8 ASCII characters) written into the .ten headers.
         report_interval: seconds between rate reports through ``logging``.
         control: a ``zrep://`` URL where clients send SEEK messages (pipeline sources only): the server then
@@ -197,6 +276,8 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
                 [e.address for e in self._endpoints] + ([self._control.address] if self._control else [])
             )
         self._subscribed = {id(e): e.socket.type != zmq.XPUB for e in self._endpoints}
+        hold_budget = (stall_timeout or 0.0) * (1.0 - _HOLD_SHARE)  # always holding: cut after stall_timeout
+        self._holds = {id(e): _HoldAccount(hold_budget) for e in self._endpoints if e.socket.type == zmq.XPUB}
         # per XPUB endpoint: subscriptions to other topics since the last look for chatty peers
         self._odd_subscriptions: dict[int, int] = {}
         self._peers_checked = 0.0
@@ -328,11 +409,19 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         kernel's send queue) are cut, with one log line, and the send goes on. The others keep every batch, in order;
         a cut subscriber that comes back gets the stream from where it then is."""
         stall = self.stall_timeout or 0.0  # set: _publish is used only then
+        holds = self._holds[id(endpoint)]
         waited = 0.0
+
+        def waiting() -> bool:
+            if time.monotonic() - holds.looked >= _HOLD_LOOK:
+                self._cut_holders(endpoint, holds.look(endpoint))
+            return self._waiting_on(endpoint)
+
         while True:
             wait = stall if self.send_timeout is None else min(stall, self.send_timeout - waited)
+            holds.start()
             try:
-                send_frames(endpoint, message, timeout=wait, waiting=lambda: self._waiting_on(endpoint))
+                send_frames(endpoint, message, timeout=wait, waiting=waiting)
                 return
             except Timeout:
                 waited += wait
@@ -353,6 +442,24 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
                     stall,
                     self.cut_subscribers,
                 )
+
+    def _cut_holders(self, endpoint: Endpoint, over: list[int]) -> None:
+        """Cut the subscribers whose hold account passed its budget (one rate-limited log line)."""
+        if not over:
+            return
+        for fd in over:
+            endpoint.cut(fd)
+        self.cut_subscribers += len(over)
+        _held.note(
+            endpoint.address,
+            "cut %d subscriber(s) of %s that held the stream while others waited more than %.0f%% of the time, "
+            "%.2g s past that share (%d so far); the others go on",
+            len(over),
+            endpoint,
+            _HOLD_SHARE * 100,
+            self._holds[id(endpoint)].budget,
+            self.cut_subscribers,
+        )
 
     def _pick(self, plain: Endpoint, channel: Endpoint) -> Endpoint:
         """The socket of a bound ipc URL that takes the next batch: its shm channel (clients that read descriptors)
