@@ -12,8 +12,13 @@ is ever unpickled.
                                                       (or Error)
     Request  {..., gen, step[, count][, shm]}    ->   Batch   {gen, step, epoch, indices, state, fingerprint,
              [count: n consecutive steps]                      server, kind[, keys]}
-                                                      (n replies: one Batch, End or Error per step)
+                                                      (n steps: one Batch, End or Error per step, or a Batches
+                                                      for several consecutive steps)
                                                        + tensor frames [hdr0, data0, ...]
+                                                      Batches {gen, step, arrays, epochs, indices,
+                                                               states | state + changes,
+                                                               fingerprint, server, kind[, keys]}
+                                                       + the tensor frames of each batch in turn
                                                       End     {gen, step, server}  the epoch has no step `step`
                                                       Error   {gen, step, error, message, server, request}
     Ping     {}                                 ->    Pong    {server[, workers]}
@@ -29,6 +34,14 @@ message has an odd number of frames: ``[hdr0, data0, ..., meta]``. tensorcom 0.1
 (``zip(frames[::2], frames[1::2])``) and so ignores the lone trailing frame: its clients receive exactly their
 arrays from a default server. (Servers before this change sent the metadata as a last uint8 array labelled
 ``META_INFO``; clients still read that.)
+
+A worker answers the steps of a REQUEST for several with small batches (not in shared memory) in one BATCHES
+message (:class:`Batches`): ``len(epochs)`` consecutive steps from ``step``, each ``arrays`` arrays, their frames
+one batch after the other. The fields the batches share are sent once; each step's state is sent whole
+(``states``), or, where every state of the group is a map with the same keys in the same order, the first whole
+(``state``) and for each later one the top-level fields that differ from the one before it (``changes``), from
+which :meth:`Batches.state_at` rebuilds it exactly. A step that fails or ends the epoch is still an ERROR or an END
+of its own, so a group holds the consecutive batches between them.
 
 ``base`` (:class:`Base`) says where step 0 starts: ``{"state": <pipeline state> | None, "epoch": <int> | None}``; a
 server builds the pipeline with the client's seed, rank and world size, loads that state (or sets that epoch),
@@ -68,6 +81,7 @@ __all__ = [
     "AnyMessage",
     "Base",
     "Batch",
+    "Batches",
     "Command",
     "End",
     "Error",
@@ -85,6 +99,7 @@ __all__ = [
     "flatten_batch",
     "rebuild_batch",
     "split_stream_meta",
+    "state_changes",
     "stream_meta_bytes",
     "stream_meta_frame",
     "unpack_bounded",
@@ -99,7 +114,8 @@ MAX_INTEGER = 1 << 62
 far enough below msgpack's 64-bit limit that counting on from it cannot overflow."""
 MAX_SEED = (1 << 64) - 1
 MAX_GROUP = 64
-"""Most consecutive steps one REQUEST may ask for (``count``); each is answered by a BATCH of its own."""
+"""Most consecutive steps one REQUEST may ask for (``count``); each is answered by a BATCH of its own, or several
+consecutive ones together by one BATCHES message."""
 MAX_WORKERS = 256
 """Most worker addresses a WELCOME may name."""
 _MAX_DEPTH = 32
@@ -126,6 +142,7 @@ class Command(IntEnum):
     PONG = 8
     SEEK = 9
     SOUGHT = 10
+    BATCHES = 11
 
 
 class ErrorKind(StrEnum):
@@ -177,13 +194,15 @@ def unpack_bounded(data: bytes | memoryview, what: str) -> Any:
         return value
 
     size = len(data)
+    # Every map and array takes a byte at least: a message that short cannot hold too many (no hook calls needed).
+    hook = None if size <= MAX_CONTAINERS else count
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
-            object_hook=count,
-            list_hook=count,
+            object_hook=hook,
+            list_hook=hook,
             max_str_len=size,
             max_bin_len=size,
             max_array_len=MAX_ARRAY_ITEMS,
@@ -496,7 +515,7 @@ class Batch:
         if epoch is not None and type(epoch) is not int:
             raise _field_error(command, source, "epoch", "an integer or nil", epoch)
         indices = get("indices", [])
-        if type(indices) is not list or not all(type(index) is int for index in indices):
+        if not _integers(indices):
             raise _field_error(command, source, "indices", "a list of integers", indices)
         fingerprint, server, seed = get("fingerprint"), get("server"), get("seed")
         if fingerprint is not None and type(fingerprint) is not str:
@@ -522,6 +541,200 @@ class Batch:
             kind=kind,
             keys=keys,
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batches:
+    """Consecutive steps' batches in one message (see the module docstring): step ``step + i`` has epoch
+    ``epochs[i]``, sample indices ``indices[i]``, state :meth:`state_at` ``(i)`` and ``arrays`` arrays, whose frames
+    are the ``2 * arrays`` tensor frames from ``2 * arrays * i`` on. ``kind``, ``keys``, ``fingerprint`` and ``server``
+    are those of every batch in the group."""
+
+    command: ClassVar[Command] = Command.BATCHES
+    gen: int = 0
+    step: int
+    arrays: int
+    epochs: list[int | None]
+    indices: list[list[int]]
+    states: list[Any] | None = None
+    state: Any = None
+    changes: list[dict[str, Any]] | None = None
+    fingerprint: str | None = None
+    server: str | None = None
+    kind: str = "single"
+    keys: list[str] | None = None
+
+    @property
+    def count(self) -> int:
+        """How many steps (batches) the message carries."""
+        return len(self.epochs)
+
+    def state_at(self, index: int) -> Any:
+        """The pipeline state after step ``step + index``, rebuilt exactly from ``changes`` where they were sent."""
+        if self.states is not None:
+            return self.states[index]
+        state = self.state
+        for changed in (self.changes or [])[:index]:
+            state = {**state, **changed}
+        return state
+
+    def batch(self, index: int) -> Batch:
+        """The header step ``step + index`` would have had as a BATCH of its own."""
+        return Batch(
+            gen=self.gen,
+            step=self.step + index,
+            epoch=self.epochs[index],
+            indices=self.indices[index],
+            state=self.state_at(index),
+            fingerprint=self.fingerprint,
+            server=self.server,
+            kind=self.kind,
+            keys=self.keys,
+        )
+
+    @classmethod
+    def of(cls, batches: Sequence[Batch], arrays: int) -> Batches:
+        """The message carrying ``batches`` (consecutive steps with the same kind, keys, fingerprint and server),
+        each ``arrays`` arrays; states sent as changes where they can be rebuilt exactly."""
+        first = batches[0]
+        states = [batch.state for batch in batches]
+        changes = state_changes(states)
+        return cls(
+            gen=first.gen,
+            step=first.step,
+            arrays=arrays,
+            epochs=[batch.epoch for batch in batches],
+            indices=[batch.indices for batch in batches],
+            states=states if changes is None else None,
+            state=None if changes is None else states[0],
+            changes=changes,
+            fingerprint=first.fingerprint,
+            server=first.server,
+            kind=first.kind,
+            keys=first.keys,
+        )
+
+    def encode(self) -> bytes:
+        header: dict[str, Any] = {
+            "v": VERSION,
+            "cmd": Command.BATCHES,
+            "gen": self.gen,
+            "step": self.step,
+            "arrays": self.arrays,
+            "epochs": self.epochs,
+            "indices": self.indices,
+        }
+        if self.changes is None:
+            header["states"] = self.states
+        else:
+            header["state"] = self.state
+            header["changes"] = self.changes
+        if self.fingerprint is not None:
+            header["fingerprint"] = self.fingerprint
+        if self.server is not None:
+            header["server"] = self.server
+        header["kind"] = self.kind
+        if self.keys is not None:
+            header["keys"] = self.keys
+        return _pack(header)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
+        command, get = Command.BATCHES, fields.get
+        gen, step, arrays = get("gen", 0), get("step", _MISSING), get("arrays", _MISSING)
+        if type(gen) is not int:
+            raise _field_error(command, source, "gen", "an integer", gen)
+        if type(step) is not int:
+            raise _field_error(command, source, "step", "an integer", step)
+        if type(arrays) is not int or not 0 <= arrays <= MAX_ARRAY_ITEMS:
+            raise _field_error(command, source, "arrays", f"an integer in [0, {MAX_ARRAY_ITEMS}]", arrays)
+        epochs = get("epochs", _MISSING)
+        if type(epochs) is not list or not 1 <= len(epochs) <= MAX_GROUP or not _integers(epochs, nil=True):
+            raise _field_error(
+                command, source, "epochs", f"a list of 1 to {MAX_GROUP} integers or nils", epochs
+            )
+        count = len(epochs)
+        indices = get("indices", _MISSING)
+        if type(indices) is not list or len(indices) != count or not all(map(_integers, indices)):
+            raise _field_error(
+                command, source, "indices", f"{count} lists of integers (one per epoch)", indices
+            )
+        states, changes = get("states"), get("changes")
+        if changes is None:
+            if type(states) is not list or len(states) != count:
+                raise _field_error(command, source, "states", f"a list of {count} states", states)
+        elif (
+            type(get("state")) is not dict
+            or type(changes) is not list
+            or len(changes) != count - 1
+            or not all(type(changed) is dict for changed in changes)
+        ):
+            raise _field_error(
+                command, source, "changes", f"{count - 1} maps of changed fields after a map 'state'", changes
+            )
+        fingerprint, server = get("fingerprint"), get("server")
+        if fingerprint is not None and type(fingerprint) is not str:
+            raise _field_error(command, source, "fingerprint", "a string or nil", fingerprint)
+        if server is not None and type(server) is not str:
+            raise _field_error(command, source, "server", "a string or nil", server)
+        kind, keys = get("kind", _MISSING), get("keys")
+        if type(kind) is not str or kind not in _BATCH_KINDS:
+            raise _field_error(command, source, "kind", f"one of {', '.join(_BATCH_KINDS)}", kind)
+        if keys is not None and (type(keys) is not list or not all(type(key) is str for key in keys)):
+            raise _field_error(command, source, "keys", "a list of strings", keys)
+        return cls(
+            gen=gen,
+            step=step,
+            arrays=arrays,
+            epochs=epochs,
+            indices=indices,
+            states=states if changes is None else None,
+            state=None if changes is None else get("state"),
+            changes=changes,
+            fingerprint=fingerprint,
+            server=server,
+            kind=kind,
+            keys=keys,
+        )
+
+
+def _integers(values: Any, nil: bool = False) -> bool:
+    """Whether ``values`` is a list of integers (``nil``: or nils); a loop, not a generator: this runs per batch."""
+    if type(values) is not list:
+        return False
+    for value in values:
+        if type(value) is not int and (not nil or value is not None):
+            return False
+    return True
+
+
+def state_changes(states: Sequence[Any]) -> list[dict[str, Any]] | None:
+    """For each state after the first, its top-level fields that differ from the state before it; None unless every
+    state is a map with the same keys in the same order (then ``{**before, **changed}`` is the state, exactly).
+
+    A field counts as unchanged only if it is the same scalar (same type, equal value) or the very same object, so
+    that a rebuilt state packs to the same bytes (``1 == True == 1.0`` in Python, not in msgpack)."""
+    first = states[0]
+    if type(first) is not dict:
+        return None
+    keys = list(first)
+    changes = []
+    before = first
+    for state in states[1:]:
+        if type(state) is not dict or list(state) != keys:
+            return None
+        changes.append({key: value for key, value in state.items() if not _same(value, before[key])})
+        before = state
+    return changes
+
+
+def _same(value: Any, other: Any) -> bool:
+    if value is other:
+        return True
+    return type(value) is type(other) and type(value) in _SCALARS and value == other
+
+
+_SCALARS = (int, float, str, bytes, bool, type(None))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -707,9 +920,10 @@ class Sought:
         )
 
 
-AnyMessage = Hello | Welcome | Request | Batch | End | Error | Ping | Pong | Seek | Sought
+AnyMessage = Hello | Welcome | Request | Batch | Batches | End | Error | Ping | Pong | Seek | Sought
 _CLASSES: dict[Command, Any] = {
-    cls.command: cls for cls in (Hello, Welcome, Request, Batch, End, Error, Ping, Pong, Seek, Sought)
+    cls.command: cls
+    for cls in (Hello, Welcome, Request, Batch, Batches, End, Error, Ping, Pong, Seek, Sought)
 }
 _PING = _pack({"v": VERSION, "cmd": Command.PING})
 

@@ -20,6 +20,7 @@ from tensorcom.protocol import (
     AnyMessage,
     Base,
     Batch,
+    Batches,
     Command,
     End,
     Error,
@@ -93,6 +94,34 @@ GOLDEN: dict[str, tuple[AnyMessage, str]] = {
         "a673747265616d83a47365656401a565706f636800a8706f736974696f6e04ab66696e6765727072696e74d920376663386562663262"
         "3236333965313833633835376362343463313035313363a6736572766572a9686f73743a31323334a46b696e64a464696374a46b6579"
         "7392a5696d616765a56c6162656c",
+    ),
+    # BATCHES (issue 20), pinned from msgpack.packb of the header map in the documented field order: two steps whose
+    # states are maps with the same keys (the second sent as its changed top-level fields), and two whose are not
+    "batches": (
+        Batches(
+            gen=1,
+            step=123,
+            arrays=2,
+            epochs=[0, 0],
+            indices=[[27, 26], [55, 31]],
+            state=STATE,
+            changes=[{"step": 2, "stream": {"seed": 1, "epoch": 0, "position": 8}}],
+            fingerprint=FINGERPRINT,
+            server="host:1234",
+            kind="dict",
+            keys=["image", "label"],
+        ),
+        "8da17601a3636d640ba367656e01a4737465707ba661727261797302a665706f636873920000a7696e646963657392921b1a92371fa5"
+        "737461746584a6666f726d617401ab66696e6765727072696e74d9203766633865626632623236333965313833633835376362343463"
+        "313035313363a47374657001a673747265616d83a47365656401a565706f636800a8706f736974696f6e04a76368616e6765739182a4"
+        "7374657002a673747265616d83a47365656401a565706f636800a8706f736974696f6e08ab66696e6765727072696e74d92037666338"
+        "65626632623236333965313833633835376362343463313035313363a6736572766572a9686f73743a31323334a46b696e64a4646963"
+        "74a46b65797392a5696d616765a56c6162656c",
+    ),
+    "batches-states": (
+        Batches(step=7, arrays=1, epochs=[None, None], indices=[[], []], states=[[1], [2]]),
+        "89a17601a3636d640ba367656e00a47374657007a661727261797301a665706f63687392c0c0a7696e6469636573929090a673746174"
+        "65739291019102a46b696e64a673696e676c65",
     ),
     "end": (
         End(gen=1, step=15, server="host:1234"),
@@ -270,6 +299,37 @@ MALFORMED: list[tuple[Command, dict[str, Any], str]] = [
     (Command.BATCH, {"step": 0, "kind": "dict", "keys": [1]}, "field 'keys' .* a list of strings"),
     (Command.BATCH, {"step": 0, "kind": "tuple", "fingerprint": 5}, "field 'fingerprint'"),
     (Command.BATCH, {"step": 0, "kind": "tuple", "seed": -1}, "field 'seed'"),
+    (Command.BATCHES, {"step": 0, "epochs": [0], "indices": [[]], "states": [None]}, "has no field 'arrays'"),
+    (Command.BATCHES, {"step": 0, "arrays": -1, "epochs": [0]}, "field 'arrays'"),
+    (Command.BATCHES, {"step": 0, "arrays": 1, "epochs": []}, "field 'epochs' .* 1 to 64"),
+    (Command.BATCHES, {"step": 0, "arrays": 1, "epochs": [0] * 65}, "field 'epochs'"),
+    (Command.BATCHES, {"step": 0, "arrays": 1, "epochs": ["0"]}, "field 'epochs'"),
+    (
+        Command.BATCHES,
+        {"step": 0, "arrays": 1, "epochs": [0, 0], "indices": [[1]]},
+        "field 'indices' .* 2 lists",
+    ),
+    (Command.BATCHES, {"step": 0, "arrays": 1, "epochs": [0], "indices": [[1.5]]}, "field 'indices'"),
+    (
+        Command.BATCHES,
+        {"step": 0, "arrays": 1, "epochs": [0, 0], "indices": [[], []], "states": [None]},
+        "field 'states' .* a list of 2 states",
+    ),
+    (
+        Command.BATCHES,
+        {"step": 0, "arrays": 1, "epochs": [0, 0], "indices": [[], []], "state": [1], "changes": [{}]},
+        "field 'changes' .* after a map 'state'",
+    ),
+    (
+        Command.BATCHES,
+        {"step": 0, "arrays": 1, "epochs": [0, 0], "indices": [[], []], "state": {}, "changes": [{}, {}]},
+        "field 'changes' .* 1 maps",
+    ),
+    (
+        Command.BATCHES,
+        {"step": 0, "arrays": 1, "epochs": [0], "indices": [[]], "states": [None], "kind": "set"},
+        "field 'kind'",
+    ),
     (Command.END, {"gen": 1}, "has no field 'step'"),
     (Command.ERROR, {"error": "oops", "message": "m"}, "field 'error' .* one of state, protocol, pipeline"),
     (Command.ERROR, {"error": ["state"], "message": "m"}, "field 'error'"),
@@ -404,3 +464,47 @@ def test_worker_addresses_travel_in_welcome_and_pong_and_are_bounded(kind: Any) 
         header = Message(kind.command, {"server": "s", "workers": bad}).encode()
         with pytest.raises(ProtocolError, match="workers"):
             decode(header, "server x")
+
+
+STEP_STATES = [
+    {
+        "format": 1,
+        "fingerprint": FINGERPRINT,
+        "step": step,
+        "stream": {"seed": 1, "epoch": 0, "position": 4 * step},
+    }
+    for step in range(1, 5)
+]
+
+
+@pytest.mark.parametrize(
+    "states, as_changes",
+    [
+        (STEP_STATES, True),
+        ([{"a": 1, "b": 1}, {"a": True, "b": 1}, {"a": 1.0, "b": 2}], True),
+        ([{"a": 1, "b": 2}, {"b": 2, "a": 1}], False),
+        ([{"a": 1}, {"a": 1, "b": 2}], False),
+        ([[1], [2]], False),
+        ([None, {"a": 1}], False),
+    ],
+    ids=["pipeline states", "1, True and 1.0 differ", "key order", "new key", "not maps", "first not a map"],
+)
+def test_batches_rebuild_every_state_exactly(states: list[Any], as_changes: bool) -> None:
+    """States are sent as changes only where every one is a map with the same keys in the same order, and each
+    rebuilt state packs to the very bytes of the state sent (msgpack tells 1, True and 1.0 apart)."""
+    batches = [Batch(step=10 + i, state=state, indices=[i]) for i, state in enumerate(states)]
+    group = Batches.of(batches, arrays=1)
+    assert (group.changes is not None) == as_changes
+    received = decode(group.encode(), "test")
+    assert isinstance(received, Batches) and received.count == len(states)
+    for index, state in enumerate(states):
+        packed = msgpack.packb(received.state_at(index), use_bin_type=True)
+        assert packed == msgpack.packb(state, use_bin_type=True)
+        assert received.batch(index) == batches[index]
+
+
+def test_a_command_this_version_does_not_know_is_a_clear_protocol_error() -> None:
+    """A header with the next command number (one a newer peer might send) raises ProtocolError naming it."""
+    frame = msgpack.packb({"v": 1, "cmd": max(Command) + 1, "step": 0})
+    with pytest.raises(ProtocolError, match=f"unknown command from server x: {max(Command) + 1}"):
+        decode(frame, "server x")

@@ -44,6 +44,7 @@ from tensorcom.protocol import (
     MAX_WORKERS,
     Base,
     Batch,
+    Batches,
     End,
     Error,
     ErrorKind,
@@ -233,15 +234,15 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         self._generation = 0
         self._base = Base()
         self._base_step = 0  # the absolute step (last.step) of the base's step 0
-        self._state: dict[str, Any] | None = None  # pipeline state after the last batch delivered
+        self._state: Any = None  # pipeline state after the last batch delivered
+        self._state_in: tuple[Batches, int] | None = None  # or: where to rebuild it from (see state())
         self._next_step = 0  # the step the caller gets next
         self._next_request = 0  # the lowest step never requested
         self._end_step: int | None = None
         self._last_epoch: int | None = None
         self._to_request: list[int] = []
-        self._replies: dict[
-            int, tuple[Batch | Error, Any]
-        ] = {}  # step -> (header, (arrays, infos) or frames)
+        # step -> (header, the step's place in a BATCHES header, (arrays, infos) or frames)
+        self._replies: dict[int, tuple[Batch | Batches | Error, int, Any]] = {}
         self._expected_fingerprint: str | None = None
         self._group = 1  # steps per request: _GROUP once batches are known to be small
         self._started_waiting = time.monotonic()
@@ -263,6 +264,9 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
     def state(self) -> dict[str, Any]:
         """Where the stream stands: plain data to store in a checkpoint and pass to ``Connection(state=...)`` or
         :meth:`load_state_dict` (``state_dict`` is the same method)."""
+        if self._state_in is not None:  # the last batch came in a BATCHES message: rebuild its state once
+            group, index = self._state_in
+            self._state, self._state_in = group.state_at(index), None
         return {
             "kind": STATE_KIND,
             "format": STATE_FORMAT,
@@ -333,7 +337,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         self._generation += 1
         self._base = base
         self._base_step = base_step
-        self._state = None
+        self._state = self._state_in = None
         self._next_step = self._next_request = first_step
         self._end_step = None
         self._to_request = []
@@ -464,6 +468,9 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             log.info("server %s answers again", server.address)
             server.alive = True
         message = protocol.decode(frames[0], f"server {server.address}")
+        if isinstance(message, Batches):
+            self._on_batches(server, message, frames)
+            return
         if isinstance(message, Pong):
             if message.workers and server.parent is None:
                 self._add_workers(server, message.workers)
@@ -503,7 +510,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 raise ProtocolError(text)
             if hello:
                 raise RemoteError(text)
-            self._replies.setdefault(step, (message, []))
+            self._replies.setdefault(step, (message, 0, []))
             return
         if isinstance(message, End):
             self._end_step = step if self._end_step is None else min(self._end_step, step)
@@ -529,7 +536,36 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 log.warning("%s; asking for step %d again", error, step)
                 self._to_request = sorted({*self._to_request, step})
                 return
-        self._replies[step] = (message, payload)
+        self._replies[step] = (message, 0, payload)
+
+    def _on_batches(self, server: _Server, message: Batches, frames: list[Any]) -> None:
+        """Consecutive steps' batches in one message: each is kept as a reply of its own."""
+        if message.gen != self._generation:
+            return  # replies to requests made before the last load_state (never in shared memory)
+        first, count, width = message.step, message.count, 2 * message.arrays
+        if len(frames) - 1 != width * count:
+            raise ProtocolError(
+                f"server {server.address} sent {count} batches of {message.arrays} arrays in "
+                f"{len(frames) - 1} tensor frames; expected {width * count}"
+            )
+        steps = range(first, first + count)
+        server.outstanding.difference_update(steps)
+        asked = self._asked
+        for step in steps:
+            asked.pop(step, None)
+        server.stalled = False
+        server.busy_wait, server.busy_why = _BUSY_WAIT, ""
+        if message.fingerprint != self.fingerprint:
+            raise ProtocolError(
+                f"server {server.address} now serves pipeline {message.fingerprint}, "
+                f"not {self.fingerprint}: it was restarted with a different configuration"
+            )
+        replies, next_step = self._replies, self._next_step
+        start = 1
+        for index, step in enumerate(steps):
+            if step >= next_step and step not in replies:
+                replies[step] = (message, index, frames[start : start + width])
+            start += width
 
     def _release(self, server: _Server, frames: list[Any]) -> None:
         """Release the shared-memory slot of a reply that is dropped unread (late, or a duplicate)."""
@@ -678,7 +714,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 raise Timeout(
                     f"no batch for step {step} within {self.timeout} s from {self._describe_servers()}"
                 )
-        message, payload = self._replies.pop(step)
+        message, index, payload = self._replies.pop(step)
         self._next_step += 1
         self._fill_window()
         if isinstance(message, Error):
@@ -687,10 +723,16 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             arrays, infos = payload if isinstance(payload, tuple) else codec.decode(payload, infos=True)
         except ValueError as error:  # DecodeError, or any other ValueError a malformed batch raises
             raise DecodeError(f"malformed batch for step {step} from {message.server}: {error}") from None
-        self._state = message.state
-        nbytes = sum(a.nbytes for a in arrays)
+        if isinstance(message, Batches):
+            self._state_in = (message, index)  # rebuilt only if state() is asked for (see Batches.state_at)
+            epoch, indices = message.epochs[index], message.indices[index]
+        else:
+            self._state, self._state_in = message.state, None
+            epoch, indices = message.epoch, message.indices
+        nbytes = 0
+        for array in arrays:
+            nbytes += array.nbytes
         self._group = _GROUP if nbytes < _SMALL_BATCH else 1
-        epoch = message.epoch
         self._last_epoch = epoch if isinstance(epoch, int) else self._last_epoch
         self.count += 1
         self.last = BatchInfo(
@@ -700,7 +742,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
             count=self.count,
             step=self._base_step + step,
             epoch=self._last_epoch,
-            indices=list(message.indices),
+            indices=list(indices),
         )
         return rebuild_batch(self.convert(arrays), message.kind, message.keys)
 

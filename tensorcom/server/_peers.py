@@ -11,7 +11,8 @@ replies waiting for its socket queue (batches, and the ERRORs and PONGs the serv
   :data:`RESERVE_BYTES` of its own, so a client with little pending (a zreq client's window is a few hundred bytes)
   is always taken and requests never hold more than 2 × ``max_clients`` × :data:`RESERVE_BYTES` in all;
 - a peer's outbox takes the server's own replies only while it holds fewer than :data:`OUTBOX` replies (beyond
-  that the peer does not read: its messages go unanswered) and nothing more is computed for it;
+  that the peer does not read: its messages go unanswered) and nothing more is computed for it; a BATCHES message
+  counts as the replies (steps) it carries;
 - a peer whose outbox makes no progress for ``stall_timeout`` seconds is dropped: its queues are freed and its
   connection shut, so libzmq frees what it queued for it too;
 - at most ``max_clients`` peers: a new one beyond them is refused (ERROR ``busy``, covering every step it asked
@@ -150,13 +151,13 @@ class Queued:
     def cost(self) -> int:
         return len(self.header) + ENTRY_BYTES
 
-    def take(self) -> Queued:
-        """The first step as a request of its own (this one keeps the rest)."""
-        if self.count == 1:
+    def take(self, most: int = 1) -> Queued:
+        """The first ``most`` steps as a request of their own (this one keeps the rest)."""
+        if self.count <= most:
             return self
-        first = Queued(self.header, self.hello, self.gen, self.step, 1, self.attempts, self.route)
-        self.step += 1
-        self.count -= 1
+        first = Queued(self.header, self.hello, self.gen, self.step, most, self.attempts, self.route)
+        self.step += most
+        self.count -= most
         return first
 
     def error(self, kind: ErrorKind, text: str, server: str) -> Error:
@@ -180,8 +181,9 @@ class Queued:
 
 
 class Decoder:
-    """The message a queued entry stands for, decoded when it is computed; the last decoding is kept, so the
-    steps of one REQUEST for several cost one decoding, and nothing decoded is kept for what waits."""
+    """The message a queued entry stands for (its steps: ``step`` and ``count``), decoded when it is computed; the
+    last decoding is kept, so the steps of one REQUEST for several cost one decoding, and nothing decoded is kept
+    for what waits."""
 
     def __init__(self) -> None:
         self._header: bytes | None = None
@@ -192,8 +194,8 @@ class Decoder:
             self._message = protocol.decode(entry.header, source)
             self._header = entry.header
         message = self._message
-        if isinstance(message, Request) and (message.step != entry.step or message.count != 1):
-            message = replace(message, step=entry.step, count=1)
+        if isinstance(message, Request) and (message.step != entry.step or message.count != entry.count):
+            message = replace(message, step=entry.step, count=entry.count)
         return message
 
 
@@ -206,6 +208,7 @@ class Peer:
         "key",
         "outbox",
         "outbox_bytes",
+        "outbox_replies",
         "pending",
         "pending_bytes",
         "progress",
@@ -219,8 +222,9 @@ class Peer:
         self.pending: deque[Queued] = deque()
         self.pending_bytes = 0
         self.steps = 0
-        self.outbox: deque[tuple[list[Any], int]] = deque()
+        self.outbox: deque[tuple[list[Any], int, int]] = deque()  # (parts, bytes, replies)
         self.outbox_bytes = 0
+        self.outbox_replies = 0  # steps answered by what the outbox holds (a BATCHES message answers several)
         self.progress = 0.0  # when its outbox last moved (or filled from empty)
         self.working = 0  # requests a worker is computing for it
         self.dropped = False
@@ -291,11 +295,12 @@ class PeerTable:
         if peer.key not in self.waiting:
             self.waiting[peer.key] = peer
 
-    def take(self, peer: Peer) -> Queued:
-        """The next step waiting for ``peer``, whose turn then passes to the next peer."""
+    def take(self, peer: Peer, most: int = 1) -> Queued:
+        """The next step waiting for ``peer`` (or its next request's next ``most`` steps), whose turn then passes to
+        the next peer."""
         head = peer.pending[0]
-        entry = head.take()
-        peer.steps -= 1
+        entry = head.take(most)
+        peer.steps -= entry.count
         if entry is head:
             peer.pending.popleft()
             peer.pending_bytes -= head.cost
@@ -315,32 +320,34 @@ class PeerTable:
         self.waiting.pop(peer.key, None)
         return entries
 
-    def post(self, peer: Peer, parts: list[Any], own: bool = False) -> bool:
-        """Put a reply in ``peer``'s outbox; one the server writes itself (``own``) only while the outbox holds fewer
-        than :data:`OUTBOX`. Return whether it was taken."""
-        if own and len(peer.outbox) >= OUTBOX:
+    def post(self, peer: Peer, parts: list[Any], own: bool = False, replies: int = 1) -> bool:
+        """Put a message answering ``replies`` steps in ``peer``'s outbox; one the server writes itself (``own``)
+        only while the outbox holds fewer than :data:`OUTBOX` replies. Return whether it was taken."""
+        if own and peer.outbox_replies >= OUTBOX:
             return False
         size = sum(memoryview(part).nbytes for part in parts)
         if not peer.outbox:
             peer.progress = time.monotonic()
-        peer.outbox.append((parts, size))
+        peer.outbox.append((parts, size, replies))
         peer.outbox_bytes += size
+        peer.outbox_replies += replies
         self.sending[peer.key] = peer
         return True
 
     def sent(self, peer: Peer) -> None:
         """The first reply in ``peer``'s outbox has left."""
-        _, size = peer.outbox.popleft()
+        _, size, replies = peer.outbox.popleft()
         peer.outbox_bytes -= size
+        peer.outbox_replies -= replies
         peer.progress = time.monotonic()
         if not peer.outbox:
             self.sending.pop(peer.key, None)
 
     def clear_outbox(self, peer: Peer) -> list[list[Any]]:
         """Remove and return every reply waiting in ``peer``'s outbox."""
-        replies = [parts for parts, _ in peer.outbox]
+        replies = [parts for parts, _, _ in peer.outbox]
         peer.outbox = deque()
-        peer.outbox_bytes = 0
+        peer.outbox_bytes = peer.outbox_replies = 0
         self.sending.pop(peer.key, None)
         return replies
 

@@ -86,6 +86,7 @@ _refused = RateLimitedLog(log)
 _unanswered = RateLimitedLog(log)
 
 _MAX_ATTEMPTS = 3
+_INLINE_STEPS = 8  # steps of one client's request computed in one turn by a server without workers
 _SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
 _LIMIT_DRAIN = 5.0  # seconds to answer the requests held once run()'s count or duration is reached
 _SUN_PATH = 107  # longest unix socket path
@@ -360,17 +361,18 @@ class RequestServer(Server, sockets=("ROUTER",)):
 
     # front end
 
-    def _reply(self, peer: Peer, header: AnyMessage | bytes, frames: Sequence[Any]) -> None:
-        """Send a reply to one of a client's requests without blocking the front end: one that the client's full
-        socket queue refuses waits in its outbox (see :meth:`_flush`); one to a client that has gone is dropped."""
+    def _reply(self, peer: Peer, header: AnyMessage | bytes, frames: Sequence[Any], steps: int = 1) -> None:
+        """Send a reply to ``steps`` of a client's requests without blocking the front end: one that the client's
+        full socket queue refuses waits in its outbox (see :meth:`_flush`); one to a client that has gone is
+        dropped."""
         data = header if isinstance(header, bytes) else header.encode()
         if shm.is_descriptor(frames):
             self.nbytes += shm.payload_size(frames[0])
         else:
             self.nbytes += sum(len(f) for f in frames[1::2])
         if frames:
-            self.served += 1
-        self._peers.post(peer, [peer.key[1], data, *frames])
+            self.served += steps
+        self._peers.post(peer, [peer.key[1], data, *frames], replies=steps)
         self._flush(peer)
 
     def _answer(self, client: Key, message: AnyMessage) -> None:
@@ -410,7 +412,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 _dropped.note(
                     (endpoint.address, str(error)),
                     "dropping %d replies and %d requests of a client of %s: %s",
-                    len(peer.outbox),
+                    peer.outbox_replies,
                     peer.steps,
                     endpoint,
                     error,
@@ -437,7 +439,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 "freed",
                 endpoint,
                 now - peer.progress,
-                len(peer.outbox),
+                peer.outbox_replies,
                 peer.outbox_bytes,
                 peer.steps,
             )
@@ -526,12 +528,12 @@ class RequestServer(Server, sockets=("ROUTER",)):
                     return
                 worker = min(free, key=lambda w: len(w.outstanding))
             peer = next(iter(waiting.values()))
-            if len(peer.outbox) >= OUTBOX:  # it does not read: compute nothing more for it
+            if peer.outbox_replies >= OUTBOX:  # it does not read: compute nothing more for it
                 waiting.move_to_end(peer.key)
                 skipped += 1
                 continue
             skipped = 0
-            entry = self._peers.take(peer)
+            entry = self._peers.take(peer, _INLINE_STEPS if not self.workers else 1)
             if not self.workers:
                 self._handle_inline(peer, entry)
                 continue
@@ -562,7 +564,12 @@ class RequestServer(Server, sockets=("ROUTER",)):
         try:
             request = self._decoder.message(entry, "a client")
         except ProtocolError as error:  # checked when received: cannot happen, but must not stop the server
-            self._reply(peer, entry.error(ErrorKind.PROTOCOL, str(error), self.name), [])
+            for refusal in entry.errors(ErrorKind.PROTOCOL, str(error), self.name):
+                self._reply(peer, refusal, [])
+            return
+        if isinstance(request, Request):  # its steps, small batches together in one BATCHES message
+            for parts, steps in self._handler.answer(request, arena):
+                self._reply(peer, parts[0], parts[1:], steps)
             return
         reply, tensors = self._handler.handle(request, arena)
         self._reply(peer, reply, tensors)
@@ -694,7 +701,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
     def in_flight(self) -> int:
         """Requests received and not answered yet (queued, or being computed by a worker)."""
         queued = sum(peer.steps for peer in self._peers.waiting.values())
-        queued += sum(len(peer.outbox) for peer in self._peers.sending.values())
+        queued += sum(peer.outbox_replies for peer in self._peers.sending.values())
         queued += sum(worker.draining and worker.process.is_alive() for worker in self._processes)
         return queued + sum(len(worker.outstanding) for worker in self._processes)
 

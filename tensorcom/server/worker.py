@@ -31,6 +31,7 @@ from tensorcom.errors import ConfigError, ProtocolError, StateError, TensorcomEr
 from tensorcom.protocol import (
     AnyMessage,
     Batch,
+    Batches,
     End,
     Error,
     ErrorKind,
@@ -56,12 +57,14 @@ from tensorcom.server._peers import (
     receive_bounded,
 )
 
-__all__ = ["Factory", "RequestHandler", "load_factory", "worker_main"]
+__all__ = ["GROUP_BYTES", "Factory", "RequestHandler", "load_factory", "worker_main"]
 
 log = logging.getLogger(__name__)
 
 Factory = Callable[..., Any]
 _CACHED_PIPELINES = 8
+GROUP_BYTES = 4 << 20
+"""Most bytes of batches one BATCHES message carries (the worker holds them until it is sent)."""
 
 
 def load_factory(spec: str | Factory) -> Factory:
@@ -145,89 +148,174 @@ class RequestHandler:
             pipeline.close()
 
     def handle(self, message: AnyMessage, arena: shm.Arena | None = None) -> tuple[bytes, list[Any]]:
-        """Answer one HELLO or REQUEST with (encoded header, tensor frames); errors become ERROR replies.
+        """Answer one HELLO or one step of a REQUEST (its ``step``) with (encoded header, tensor frames); errors
+        become ERROR replies.
 
         With an ``arena``, a large batch goes into shared memory and its one frame is the descriptor.
         """
         step = message.step if isinstance(message, Request) else 0
         try:
             if isinstance(message, Hello):
-                pipeline = self._build(message)
-                try:
-                    names = getattr(pipeline, "class_names", None)  # optional: label i is named names[i]
-                    reply = Welcome(
-                        fingerprint=pipeline.fingerprint,
-                        state=pipeline.state(),
-                        server=self.server,
-                        classes=None if names is None else tuple(str(name) for name in names),
-                    )
-                finally:
-                    pipeline.close()
-                return _encodable(reply), []
+                return self._welcome(message), []
             if not isinstance(message, Request):
                 raise ProtocolError(f"a worker cannot handle {message.command.name}")
-            gen = message.gen
-            key, pipeline = self._pipeline_at(message, step)
-            try:
-                batch, meta = pipeline.next_with_meta()
-            except StopIteration:
-                self._forget(message)
-                return End(gen=gen, step=step, server=self.server).encode(), []
-            self._pipelines[key] = (pipeline, step + 1)
-            arrays, shape = flatten_batch(batch)
-            frames = codec.encode(arrays)
-            largest = max((memoryview(frame).nbytes for frame in frames[1::2]), default=0)
-            if largest > MAX_BATCH_FRAME:
-                raise ConfigError(
-                    f"an array of {largest} bytes is larger than the {MAX_BATCH_FRAME}-byte frame limit; "
-                    "split it into several arrays"
-                )
-            batch_header = Batch(
-                gen=gen,
-                step=step,
-                epoch=int(meta.get("epoch", 0)),
-                indices=[int(i) for i in meta.get("indices", [])],
-                state=pipeline.state(),
-                fingerprint=pipeline.fingerprint,
-                server=self.server,
-                **shape,
-            )
-            header = _encodable(batch_header)  # before a slot is taken: this may fail
-            # A frame over the client's limit would make its socket drop the connection, and the client would ask
-            # again forever: refuse it, unless the client reads the batch from shared memory.
-            too_large = message.oversized(frames)
-            if too_large is not None and not message.shm:
-                raise ConfigError(too_large)
-            if arena is not None:
-                descriptor = arena.put(frames)
-                if descriptor is not None:
-                    return header, [descriptor]
-            if too_large is not None:
-                raise ConfigError(too_large)
-            return header, frames
+            computed = self._compute(message, step, arena)
+            if isinstance(computed, bytes):
+                return computed, []
+            batch, encoded, frames, _ = computed
+            return encoded or batch.encode(), frames
         except Exception as error:  # every failure becomes an ERROR reply; the server goes on
-            self._forget(message)
-            kind = (
-                ErrorKind.STATE
-                if isinstance(error, StateError)
-                else ErrorKind.PROTOCOL
-                if isinstance(error, ProtocolError)
-                else ErrorKind.PIPELINE
+            return self._failed(message, step, error), []
+
+    def answer(self, message: Request, arena: shm.Arena | None = None) -> list[tuple[list[Any], int]]:
+        """Every reply to a REQUEST for ``count`` steps, as ``(parts, steps answered)``, in step order: consecutive
+        batches sent from memory (not through shared memory) go together in one BATCHES message, up to
+        :data:`GROUP_BYTES`; an ERROR or END, or a batch in shared memory, is a reply of its own."""
+        if message.count == 1:
+            header, frames = self.handle(message, arena)
+            return [([header, *frames], 1)]
+        replies: list[tuple[list[Any], int]] = []
+        group: list[Batch] = []
+        group_frames: list[Any] = []
+        group_bytes = arrays = 0
+
+        def close_group() -> None:
+            nonlocal group, group_frames, group_bytes
+            try:
+                if len(group) == 1:
+                    replies.append(([group[0].encode(), *group_frames], 1))
+                elif group:
+                    replies.append(([Batches.of(group, arrays).encode(), *group_frames], len(group)))
+            except Exception as error:  # a state msgpack cannot hold: each step of the group is an ERROR
+                replies.extend(([self._failed(message, batch.step, error)], 1) for batch in group)
+            group, group_frames, group_bytes = [], [], 0
+
+        for step in range(message.step, message.step + message.count):
+            try:
+                computed = self._compute(message, step, arena)
+                if isinstance(computed, bytes):
+                    close_group()
+                    replies.append(([computed], 1))
+                    continue
+                batch, encoded, frames, nbytes = computed
+                if encoded is not None:  # in shared memory: its header is encoded, its frame a descriptor
+                    close_group()
+                    replies.append(([encoded, *frames], 1))
+                    continue
+                if group and not _groups_with(group[0], batch, arrays, len(frames) // 2):
+                    close_group()
+                arrays = len(frames) // 2
+                group.append(batch)
+                group_frames.extend(frames)
+                group_bytes += nbytes
+                if group_bytes >= GROUP_BYTES:
+                    close_group()
+            except Exception as error:
+                close_group()
+                replies.append(([self._failed(message, step, error)], 1))
+        close_group()
+        return replies
+
+    def _welcome(self, message: Hello) -> bytes:
+        pipeline = self._build(message)
+        try:
+            names = getattr(pipeline, "class_names", None)  # optional: label i is named names[i]
+            reply = Welcome(
+                fingerprint=pipeline.fingerprint,
+                state=pipeline.state(),
+                server=self.server,
+                classes=None if names is None else tuple(str(name) for name in names),
             )
-            if kind is ErrorKind.PIPELINE and not isinstance(error, TensorcomError):
-                log.warning(
-                    "pipeline error at step %s: %s",
-                    step,
-                    "".join(traceback.format_exception_only(error)).strip(),
-                )
-            text = f"{type(error).__name__}: {error}"
-            return Error.refusing(message, kind, text, self.server).encode(), []
+        finally:
+            pipeline.close()
+        return _encodable(reply)
+
+    def _compute(
+        self, message: Request, step: int, arena: shm.Arena | None
+    ) -> bytes | tuple[Batch, bytes | None, list[Any], int]:
+        """Step ``step`` of the client's stream: an encoded END, or its BATCH header, the header encoded where the
+        batch went into shared memory (its one frame then the descriptor), its tensor frames and their bytes.
+        Failures raise."""
+        gen = message.gen
+        key, pipeline = self._pipeline_at(message, step)
+        try:
+            batch, meta = pipeline.next_with_meta()
+        except StopIteration:
+            self._forget(message)
+            return End(gen=gen, step=step, server=self.server).encode()
+        self._pipelines[key] = (pipeline, step + 1)
+        arrays, shape = flatten_batch(batch)
+        frames = codec.encode(arrays)
+        sizes = [memoryview(frame).nbytes for frame in frames[1::2]]
+        largest = max(sizes, default=0)
+        if largest > MAX_BATCH_FRAME:
+            raise ConfigError(
+                f"an array of {largest} bytes is larger than the {MAX_BATCH_FRAME}-byte frame limit; "
+                "split it into several arrays"
+            )
+        header = Batch(
+            gen=gen,
+            step=step,
+            epoch=int(meta.get("epoch", 0)),
+            indices=[int(i) for i in meta.get("indices", [])],
+            state=pipeline.state(),
+            fingerprint=pipeline.fingerprint,
+            server=self.server,
+            **shape,
+        )
+        # A frame over the client's limit would make its socket drop the connection, and the client would ask
+        # again forever: refuse it, unless the client reads the batch from shared memory.
+        max_frame = message.max_frame
+        too_large = None
+        if max_frame is not None and largest > max_frame:
+            too_large = replace(message, step=step, count=1).oversized(frames)
+        if too_large is not None and not message.shm:
+            raise ConfigError(too_large)
+        if arena is not None:
+            encoded = _encodable(header)  # before a slot is taken: this may fail
+            descriptor = arena.put(frames)
+            if descriptor is not None:
+                return header, encoded, [descriptor], -1
+        if too_large is not None:
+            raise ConfigError(too_large)
+        return header, None, frames, sum(sizes)
+
+    def _failed(self, message: AnyMessage, step: int, error: Exception) -> bytes:
+        """The ERROR answering step ``step`` of ``message`` that raised ``error`` (the pipeline is forgotten)."""
+        self._forget(message)
+        kind = (
+            ErrorKind.STATE
+            if isinstance(error, StateError)
+            else ErrorKind.PROTOCOL
+            if isinstance(error, ProtocolError)
+            else ErrorKind.PIPELINE
+        )
+        if kind is ErrorKind.PIPELINE and not isinstance(error, TensorcomError):
+            log.warning(
+                "pipeline error at step %s: %s",
+                step,
+                "".join(traceback.format_exception_only(error)).strip(),
+            )
+        text = f"{type(error).__name__}: {error}"
+        if isinstance(message, Request) and message.step != step:
+            message = replace(message, step=step, count=1)
+        return Error.refusing(message, kind, text, self.server).encode()
 
     def close(self) -> None:
         """Close every cached pipeline (stopping their worker processes, if any)."""
         for pipeline, _ in self._pipelines.values():
             pipeline.close()
         self._pipelines.clear()
+
+
+def _groups_with(first: Batch, batch: Batch, arrays: int, batch_arrays: int) -> bool:
+    """Whether ``batch`` may join the group that starts with ``first`` (of ``arrays`` arrays a batch)."""
+    return (
+        batch_arrays == arrays
+        and batch.kind == first.kind
+        and batch.keys == first.keys
+        and batch.fingerprint == first.fingerprint
+    )
 
 
 def _encodable(message: Welcome | Batch) -> bytes:
@@ -239,6 +327,7 @@ def _encodable(message: Welcome | Batch) -> bytes:
 _PR_SET_PDEATHSIG = 1
 _ALIVE_EVERY = 1.0  # seconds between a worker's signs of life to its front end
 _READS_PER_TURN = 64  # client messages read from one socket before the next computation
+_STEPS_PER_TURN = 8  # steps of one direct client's request computed (and answered together) in one turn
 _CHECK_EVERY = 0.25  # seconds between looks for clients that do not read
 # per reason: messages refused (too many frames, requests or clients), clients that do not read
 _refused = RateLimitedLog(log)
@@ -417,20 +506,22 @@ def worker_main(
         waiting = peers.waiting
         for _ in range(len(waiting)):
             peer = next(iter(waiting.values()))
-            if len(peer.outbox) < OUTBOX:
+            if peer.outbox_replies < OUTBOX:
                 return peer
             waiting.move_to_end(peer.key)  # it does not read: the others go first
         return None
 
-    def compute(message: AnyMessage, shared: shm.Arena | None) -> list[Any]:
-        """``[header, *tensor frames]`` of the reply to ``message``."""
+    def compute(message: AnyMessage, shared: shm.Arena | None) -> list[tuple[list[Any], int]]:
+        """The replies to ``message`` (``[header, *tensor frames]`` each) and the steps each answers."""
         try:
+            if isinstance(message, Request):
+                return handler.answer(message, shared)
             data, tensors = handler.handle(message, shared)
         except Exception as error:  # handle() answers errors itself; this keeps the worker alive regardless
             log.exception("%s: unexpected failure", where)
             text = f"{type(error).__name__}: {error}"
             data, tensors = Error.refusing(message, ErrorKind.PIPELINE, text, server).encode(), []
-        return [data, *tensors]
+        return [([data, *tensors], 1)]
 
     def compute_one() -> None:
         nonlocal front_turn
@@ -438,20 +529,23 @@ def worker_main(
         if front and (peer is None or front_turn):
             front_turn = False
             route, message = front.popleft()
-            send_parts(socket, [route, *compute(message, arena)])
+            for parts, _ in compute(message, arena):
+                send_parts(socket, [route, *parts])
             return
         if peer is None:
             return
         front_turn = True
-        entry = peers.take(peer)
+        entry = peers.take(peer, _STEPS_PER_TURN)
         try:
             message = decoder.message(entry, source)
         except ProtocolError as error:  # checked when received: cannot happen, but must not stop the worker
-            reply = [entry.error(ErrorKind.PROTOCOL, str(error), server).encode()]
+            refusals = entry.errors(ErrorKind.PROTOCOL, str(error), server)
+            replies = [([refusal.encode()], 1) for refusal in refusals]
         else:
             local = isinstance(message, Request) and message.shm and listen[peer.key[0]].startswith("ipc://")
-            reply = compute(message, arena if local else None)
-        peers.post(peer, [peer.key[1], *reply])
+            replies = compute(message, arena if local else None)
+        for parts, steps in replies:
+            peers.post(peer, [peer.key[1], *parts], replies=steps)
         flush(peer)
 
     def from_front_end(frames: list[bytes]) -> None:
@@ -462,7 +556,7 @@ def worker_main(
 
     try:
         while os.getppid() == parent:
-            busy = bool(front) or any(len(peer.outbox) < OUTBOX for peer in peers.waiting.values())
+            busy = bool(front) or any(peer.outbox_replies < OUTBOX for peer in peers.waiting.values())
             ready = dict(poller.poll(0 if busy else (10 if peers.sending else 500)))
             if socket in ready:
                 stop = False
@@ -499,7 +593,7 @@ def worker_main(
                         "%s drops a client that has read nothing for %.0f s: %d replies and %d requests freed",
                         where,
                         now - peer.progress,
-                        len(peer.outbox),
+                        peer.outbox_replies,
                         peer.steps,
                     )
                     peers.drop(peer)
