@@ -723,18 +723,21 @@ def state_changes(states: Sequence[Any]) -> list[dict[str, Any]] | None:
     for state in states[1:]:
         if type(state) is not dict or list(state) != keys:
             return None
-        changes.append({key: value for key, value in state.items() if not _same(value, before[key])})
+        changes.append(
+            {
+                key: value
+                for key, value in state.items()
+                if not (  # unchanged: the very same object, or the same scalar (type and value); inline: per step
+                    value is (other := before[key])
+                    or (type(value) is type(other) and type(value) in _SCALARS and value == other)
+                )
+            }
+        )
         before = state
     return changes
 
 
-def _same(value: Any, other: Any) -> bool:
-    if value is other:
-        return True
-    return type(value) is type(other) and type(value) in _SCALARS and value == other
-
-
-_SCALARS = (int, float, str, bytes, bool, type(None))
+_SCALARS = frozenset((int, float, str, bytes, bool, type(None)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

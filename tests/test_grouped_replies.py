@@ -110,21 +110,24 @@ def request(seed: int, step: int, count: int) -> Request:
     return Request(seed=seed, rank=0, world_size=1, base=Base(), step=step, count=count)
 
 
-@pytest.mark.parametrize("workers", [1, 0], ids=["direct worker", "inline"])
+@pytest.mark.parametrize(
+    "workers, direct", [(1, True), (1, False), (0, False)], ids=["direct worker", "via front end", "inline"]
+)
 def test_a_group_of_four_arrives_as_one_message_and_splits_into_the_exact_batches(
-    serving: Any, dealer: Any, workers: int
+    serving: Any, dealer: Any, workers: int, direct: bool
 ) -> None:
     """A REQUEST for steps 5..8 of small batches is answered by exactly one message, a BATCHES of 4 whose split
-    batches and rebuilt states are the pipeline's own, byte for byte."""
-    server = serving(ENDLESS, workers=workers)
+    batches and rebuilt states are the pipeline's own, byte for byte: from a worker to its direct client, from a
+    worker through the front end, and from a server without workers."""
+    server = serving(ENDLESS, workers=workers, direct=direct)
     front = server.client_urls[0].replace("zreq://", "tcp://")
-    if workers:
+    if direct:
         assert wait_until(lambda: server._worker_addresses(0), seconds=60), "the worker never became ready"
         address = "tcp://127.0.0.1:" + server._worker_addresses(0)[0].rsplit(":", 1)[1]
     else:
         address = front
     socket = dealer(address)
-    if not workers:
+    if not direct:
         greeted(socket, address, seed=3)
     replies = ask(socket, address, request(seed=3, step=5, count=4))
     assert len(replies) == 1, [type(message).__name__ for message, _ in replies]
@@ -178,10 +181,14 @@ def test_state_after_every_batch_of_a_group_resumes_exactly(serving: Any) -> Non
         assert_same_batches(got, expected[step + 1 : step + 4])
 
 
-def test_a_worker_killed_in_the_middle_of_groups_loses_and_repeats_nothing(serving: Any) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via front end"])
+def test_a_worker_killed_in_the_middle_of_groups_loses_and_repeats_nothing(
+    serving: Any, direct: bool
+) -> None:
     """SIGKILL the only worker while it computes a group (40 ms a batch, 16 steps asked at once): the steps it
-    owed are asked again and the stream is exactly the pipeline's, each batch once and in order."""
-    server = serving(SLOW, workers=1)
+    owed are asked again (by the client, or given to the restarted worker by the front end) and the stream is
+    exactly the pipeline's, each batch once and in order."""
+    server = serving(SLOW, workers=1, direct=direct)
     count = 40
     expected, _ = reference(SLOW, count, seed=9)
     with Connection(server.client_urls[0], seed=9, timeout=60, heartbeat=0.2) as connection:

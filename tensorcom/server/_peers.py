@@ -38,6 +38,7 @@ from tensorcom import protocol
 from tensorcom.protocol import AnyMessage, Error, ErrorKind, Hello, Request
 
 __all__ = [
+    "DECODED",
     "ENTRY_BYTES",
     "FRAME_BYTES",
     "MOST_FRAMES",
@@ -73,6 +74,8 @@ PEER_PENDING_BYTES = 2 << 20
 RESERVE_BYTES = 32 << 10
 """Bytes of requests every peer may hold however full the server is (the server-wide budget is ``max_clients``
 times this)."""
+DECODED = 8
+"""Decoded requests a :class:`Decoder` keeps (the last ones queued or computed)."""
 OUTBOX = 4
 """Replies waiting in a peer's outbox (its socket queue being full) beyond which nothing more is computed for it
 and the server's own replies to it are dropped."""
@@ -181,19 +184,27 @@ class Queued:
 
 
 class Decoder:
-    """The message a queued entry stands for (its steps: ``step`` and ``count``), decoded when it is computed; the
-    last decoding is kept, so the steps of one REQUEST for several cost one decoding, and nothing decoded is kept
-    for what waits."""
+    """The message a queued entry stands for (its steps: ``step`` and ``count``), decoded when it is computed. The
+    messages of the last :data:`DECODED` entries queued or computed are kept (a fixed number, whatever the clients
+    send), so a request read and computed soon after, or the steps of one REQUEST for several, cost one decoding;
+    nothing decoded is kept for the requests that wait beyond them."""
 
     def __init__(self) -> None:
-        self._header: bytes | None = None
-        self._message: AnyMessage | None = None
+        self._recent: deque[tuple[bytes, AnyMessage]] = deque(maxlen=DECODED)
+
+    def keep(self, entry: Queued, message: AnyMessage) -> None:
+        """``message`` is what ``entry`` (just queued) decodes to."""
+        self._recent.append((entry.header, message))
 
     def message(self, entry: Queued, source: str) -> AnyMessage:
-        if entry.header is not self._header or self._message is None:
-            self._message = protocol.decode(entry.header, source)
-            self._header = entry.header
-        message = self._message
+        header = entry.header
+        for kept, decoded in self._recent:
+            if kept is header:
+                message = decoded
+                break
+        else:
+            message = protocol.decode(header, source)
+            self._recent.append((header, message))
         if isinstance(message, Request) and (message.step != entry.step or message.count != entry.count):
             message = replace(message, step=entry.step, count=entry.count)
         return message
@@ -320,12 +331,16 @@ class PeerTable:
         self.waiting.pop(peer.key, None)
         return entries
 
-    def post(self, peer: Peer, parts: list[Any], own: bool = False, replies: int = 1) -> bool:
-        """Put a message answering ``replies`` steps in ``peer``'s outbox; one the server writes itself (``own``)
-        only while the outbox holds fewer than :data:`OUTBOX` replies. Return whether it was taken."""
+    def post(
+        self, peer: Peer, parts: list[Any], own: bool = False, replies: int = 1, size: int | None = None
+    ) -> bool:
+        """Put a message answering ``replies`` steps in ``peer``'s outbox (``size``: its bytes, if known); one the
+        server writes itself (``own``) only while the outbox holds fewer than :data:`OUTBOX` replies. Return
+        whether it was taken."""
         if own and peer.outbox_replies >= OUTBOX:
             return False
-        size = sum(memoryview(part).nbytes for part in parts)
+        if size is None:
+            size = sum(memoryview(part).nbytes for part in parts)
         if not peer.outbox:
             peer.progress = time.monotonic()
         peer.outbox.append((parts, size, replies))

@@ -86,7 +86,7 @@ _refused = RateLimitedLog(log)
 _unanswered = RateLimitedLog(log)
 
 _MAX_ATTEMPTS = 3
-_INLINE_STEPS = 8  # steps of one client's request computed in one turn by a server without workers
+_STEPS_AT_ONCE = 8  # steps of one client's request handed to a worker (or computed inline) at once
 _SHM_CLIENTS = 4096  # clients remembered as able to read shared memory
 _LIMIT_DRAIN = 5.0  # seconds to answer the requests held once run()'s count or duration is reached
 _SUN_PATH = 107  # longest unix socket path
@@ -355,7 +355,8 @@ class RequestServer(Server, sockets=("ROUTER",)):
             return
         if entry.attempts >= _MAX_ATTEMPTS:
             text = f"the request killed {entry.attempts} worker processes in a row"
-            self._reply(peer, entry.error(ErrorKind.PIPELINE, text, self.name), [])
+            for error in entry.errors(ErrorKind.PIPELINE, text, self.name):
+                self._reply(peer, error, [])
             return
         self._peers.queue(peer, entry, first=True)
 
@@ -515,6 +516,8 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 self._shm_clients.popitem(last=False)
         peer = self._peers.find(client) or self._peers.peer(client, connection_of(frames[0]))
         self._peers.queue(peer, entry)
+        if not self.workers:
+            self._decoder.keep(entry, message)
 
     def _dispatch(self) -> None:
         """Hand pending requests to workers with room, one client at a time in turn; a client whose outbox is full
@@ -533,7 +536,7 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 skipped += 1
                 continue
             skipped = 0
-            entry = self._peers.take(peer, _INLINE_STEPS if not self.workers else 1)
+            entry = self._peers.take(peer, _STEPS_AT_ONCE)
             if not self.workers:
                 self._handle_inline(peer, entry)
                 continue
@@ -543,7 +546,8 @@ class RequestServer(Server, sockets=("ROUTER",)):
             peer.working += 1
             route = b"%d:%d:" % (peer.key[0], ticket) + peer.key[1]
             try:
-                self._backend.send_multipart([worker.identity, route, entry.header, b"%d" % entry.step])
+                steps = b"%d:%d" % (entry.step, entry.count)
+                self._backend.send_multipart([worker.identity, route, entry.header, steps])
             except zmq.ZMQError as error:  # the worker died since it last spoke (EHOSTUNREACH)
                 log.info(
                     "worker %s is gone (%s); its requests wait for another", worker.identity.decode(), error
@@ -568,8 +572,13 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 self._reply(peer, refusal, [])
             return
         if isinstance(request, Request):  # its steps, small batches together in one BATCHES message
-            for parts, steps in self._handler.answer(request, arena):
-                self._reply(peer, parts[0], parts[1:], steps)
+            peer.working += 1  # the client is not forgotten between the replies (see PeerTable.release)
+            try:
+                for parts, steps, _ in self._handler.answer(request, arena):
+                    self._reply(peer, parts[0], parts[1:], steps)
+            finally:
+                peer.working -= 1
+            self._flush(peer)
             return
         reply, tensors = self._handler.handle(request, arena)
         self._reply(peer, reply, tensors)
@@ -593,17 +602,24 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 "worker %s ready (%s)", identity.decode(), ", ".join(worker.addresses) or "via the front end"
             )
             return
-        ticket = frames[1].bytes.split(b":", 2)[1]
-        held = worker.outstanding.pop(int(ticket), None)
+        # [route, steps answered, header, *tensor frames]: one of the replies to the steps handed over with a ticket
+        ticket = int(frames[1].bytes.split(b":", 2)[1])
+        held = worker.outstanding.get(ticket)
         if held is None:
-            self._discard(frames[3:])
+            self._discard(frames[4:])
             return
         peer, entry = held
-        peer.working -= 1
+        steps = int(frames[2].bytes)
+        first = entry.step
+        entry.step += steps  # what is left of it goes to another worker if this one dies
+        entry.count -= steps
+        if entry.count <= 0:
+            del worker.outstanding[ticket]
+            peer.working -= 1
         if peer.dropped:  # a client dropped meanwhile: nobody to send it to
-            self._discard(frames[3:])
+            self._discard(frames[4:])
             return
-        replies = frames[3:]
+        replies = frames[4:]
         if shm.is_descriptor(replies) and peer.key not in self._shm_clients:
             try:  # send the batch itself, from the worker's shared memory without a copy
                 replies = self._materialize(replies[0])
@@ -611,13 +627,13 @@ class RequestServer(Server, sockets=("ROUTER",)):
                 log.warning(
                     "cannot read a batch from worker %s (%s); computing it again", identity.decode(), error
                 )
-                entry.attempts += 1
-                self._requeue(peer, entry)
+                again = Queued(entry.header, entry.hello, entry.gen, first, steps, entry.attempts + 1)
+                self._requeue(peer, again)
                 return
-        header = frames[2].bytes
+        header = frames[3].bytes
         if self.direct and entry.hello:
             header = self._with_workers(header, peer.key[0])
-        self._reply(peer, header, replies)
+        self._reply(peer, header, replies, steps)
 
     def _with_workers(self, header: bytes, index: int) -> bytes:
         """A worker's WELCOME with the addresses of this server's workers (see :meth:`_worker_addresses`)."""

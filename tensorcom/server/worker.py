@@ -123,9 +123,12 @@ class RequestHandler:
             pipeline.set_epoch(message.base.epoch)
         return pipeline
 
-    def _pipeline_at(self, message: Request, step: int) -> tuple[bytes | str, Any]:
-        """The client's pipeline positioned at ``step``, and its cache key."""
-        key = _base_key(message)
+    def _pipeline_at(
+        self, message: Request, step: int, key: bytes | str | None = None
+    ) -> tuple[bytes | str, Any]:
+        """The client's pipeline positioned at ``step``, and its cache key (``key``, if known)."""
+        if key is None:
+            key = _base_key(message)
         pipeline, position = self._pipelines.pop(key, (None, 0))
         if pipeline is not None and position > step:
             pipeline.close()
@@ -167,40 +170,44 @@ class RequestHandler:
         except Exception as error:  # every failure becomes an ERROR reply; the server goes on
             return self._failed(message, step, error), []
 
-    def answer(self, message: Request, arena: shm.Arena | None = None) -> list[tuple[list[Any], int]]:
-        """Every reply to a REQUEST for ``count`` steps, as ``(parts, steps answered)``, in step order: consecutive
-        batches sent from memory (not through shared memory) go together in one BATCHES message, up to
+    def answer(self, message: Request, arena: shm.Arena | None = None) -> list[tuple[list[Any], int, int]]:
+        """Every reply to a REQUEST for ``count`` steps, as ``(parts, steps answered, bytes)``, in step order:
+        consecutive batches sent from memory (not through shared memory) go together in one BATCHES message, up to
         :data:`GROUP_BYTES`; an ERROR or END, or a batch in shared memory, is a reply of its own."""
         if message.count == 1:
             header, frames = self.handle(message, arena)
-            return [([header, *frames], 1)]
-        replies: list[tuple[list[Any], int]] = []
+            return [_sized([header, *frames], 1)]
+        replies: list[tuple[list[Any], int, int]] = []
         group: list[Batch] = []
         group_frames: list[Any] = []
         group_bytes = arrays = 0
+        key = _base_key(message)
 
         def close_group() -> None:
             nonlocal group, group_frames, group_bytes
             try:
                 if len(group) == 1:
-                    replies.append(([group[0].encode(), *group_frames], 1))
+                    header = group[0].encode()
                 elif group:
-                    replies.append(([Batches.of(group, arrays).encode(), *group_frames], len(group)))
+                    header = Batches.of(group, arrays).encode()
+                if group:
+                    size = len(header) + group_bytes + sum(map(len, group_frames[0::2]))
+                    replies.append(([header, *group_frames], len(group), size))
             except Exception as error:  # a state msgpack cannot hold: each step of the group is an ERROR
-                replies.extend(([self._failed(message, batch.step, error)], 1) for batch in group)
+                replies.extend(_sized([self._failed(message, batch.step, error)], 1) for batch in group)
             group, group_frames, group_bytes = [], [], 0
 
         for step in range(message.step, message.step + message.count):
             try:
-                computed = self._compute(message, step, arena)
+                computed = self._compute(message, step, arena, key)
                 if isinstance(computed, bytes):
                     close_group()
-                    replies.append(([computed], 1))
+                    replies.append(_sized([computed], 1))
                     continue
                 batch, encoded, frames, nbytes = computed
                 if encoded is not None:  # in shared memory: its header is encoded, its frame a descriptor
                     close_group()
-                    replies.append(([encoded, *frames], 1))
+                    replies.append(_sized([encoded, *frames], 1))
                     continue
                 if group and not _groups_with(group[0], batch, arrays, len(frames) // 2):
                     close_group()
@@ -212,7 +219,7 @@ class RequestHandler:
                     close_group()
             except Exception as error:
                 close_group()
-                replies.append(([self._failed(message, step, error)], 1))
+                replies.append(_sized([self._failed(message, step, error)], 1))
         close_group()
         return replies
 
@@ -231,13 +238,13 @@ class RequestHandler:
         return _encodable(reply)
 
     def _compute(
-        self, message: Request, step: int, arena: shm.Arena | None
+        self, message: Request, step: int, arena: shm.Arena | None, key: bytes | str | None = None
     ) -> bytes | tuple[Batch, bytes | None, list[Any], int]:
         """Step ``step`` of the client's stream: an encoded END, or its BATCH header, the header encoded where the
         batch went into shared memory (its one frame then the descriptor), its tensor frames and their bytes.
         Failures raise."""
         gen = message.gen
-        key, pipeline = self._pipeline_at(message, step)
+        key, pipeline = self._pipeline_at(message, step, key)
         try:
             batch, meta = pipeline.next_with_meta()
         except StopIteration:
@@ -306,6 +313,11 @@ class RequestHandler:
         for pipeline, _ in self._pipelines.values():
             pipeline.close()
         self._pipelines.clear()
+
+
+def _sized(parts: list[Any], steps: int) -> tuple[list[Any], int, int]:
+    """``(parts, steps, bytes)`` of a reply."""
+    return parts, steps, sum(memoryview(part).nbytes for part in parts)
 
 
 def _groups_with(first: Batch, batch: Batch, arrays: int, batch_arrays: int) -> bool:
@@ -500,6 +512,7 @@ def worker_main(
             return
         peer = peers.find(client) or peers.peer(client, connection_of(frames[0]))
         peers.queue(peer, entry)
+        decoder.keep(entry, message)
 
     def next_peer() -> Peer | None:
         """The first client in turn that reads its replies (None: none)."""
@@ -511,8 +524,8 @@ def worker_main(
             waiting.move_to_end(peer.key)  # it does not read: the others go first
         return None
 
-    def compute(message: AnyMessage, shared: shm.Arena | None) -> list[tuple[list[Any], int]]:
-        """The replies to ``message`` (``[header, *tensor frames]`` each) and the steps each answers."""
+    def compute(message: AnyMessage, shared: shm.Arena | None) -> list[tuple[list[Any], int, int]]:
+        """The replies to ``message`` (``[header, *tensor frames]`` each), the steps and the bytes of each."""
         try:
             if isinstance(message, Request):
                 return handler.answer(message, shared)
@@ -521,7 +534,7 @@ def worker_main(
             log.exception("%s: unexpected failure", where)
             text = f"{type(error).__name__}: {error}"
             data, tensors = Error.refusing(message, ErrorKind.PIPELINE, text, server).encode(), []
-        return [([data, *tensors], 1)]
+        return [_sized([data, *tensors], 1)]
 
     def compute_one() -> None:
         nonlocal front_turn
@@ -529,8 +542,8 @@ def worker_main(
         if front and (peer is None or front_turn):
             front_turn = False
             route, message = front.popleft()
-            for parts, _ in compute(message, arena):
-                send_parts(socket, [route, *parts])
+            for parts, steps, _ in compute(message, arena):
+                send_parts(socket, [route, b"%d" % steps, *parts])
             return
         if peer is None:
             return
@@ -540,18 +553,21 @@ def worker_main(
             message = decoder.message(entry, source)
         except ProtocolError as error:  # checked when received: cannot happen, but must not stop the worker
             refusals = entry.errors(ErrorKind.PROTOCOL, str(error), server)
-            replies = [([refusal.encode()], 1) for refusal in refusals]
+            replies = [_sized([refusal.encode()], 1) for refusal in refusals]
         else:
             local = isinstance(message, Request) and message.shm and listen[peer.key[0]].startswith("ipc://")
             replies = compute(message, arena if local else None)
-        for parts, steps in replies:
-            peers.post(peer, [peer.key[1], *parts], replies=steps)
+        for parts, steps, size in replies:
+            peers.post(peer, [peer.key[1], *parts], replies=steps, size=size + len(peer.key[1]))
         flush(peer)
 
     def from_front_end(frames: list[bytes]) -> None:
         message = protocol.decode(frames[1], "front end")
-        if len(frames) > 2 and isinstance(message, Request):  # one step of a request for several
-            message = replace(message, step=int(frames[2]), count=1)
+        if len(frames) > 2 and isinstance(
+            message, Request
+        ):  # "step:count": some steps of a request for several
+            step, _, count = frames[2].partition(b":")
+            message = replace(message, step=int(step), count=int(count or 1))
         front.append((frames[0], message))
 
     try:
