@@ -3,6 +3,8 @@ connections, is cut, and a good subscriber keeps every batch, in order (issue 21
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,9 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+import zmq.utils.monitor
 from helpers import READY_SECONDS
 
-from tensorcom import Connection, Server, Timeout
+from tensorcom import ConfigError, Connection, Server, Timeout
 
 SEND_SECONDS = 45.0  # what a test's batches may take at most: seconds when bounded, far longer when not
 
@@ -177,3 +180,108 @@ def test_a_slow_subscriber_nobody_waits_for_is_never_cut(
     publisher.close()
     assert reader.received == list(range(count))
     assert publisher.cut_subscribers == 0, [record.getMessage() for record in caplog.records]
+
+
+_SHORT_FLOOD = r"""
+import sys, zmq
+address, connections, per_connection = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+context, cut, index = zmq.Context(), 0, 0
+for number in range(connections):
+    socket = context.socket(zmq.XSUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 100_000)
+    monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED, addr=f"inproc://monitor-{number}")
+    socket.connect(address)
+    for _ in range(per_connection):  # distinct, 255 bytes: the longest a zpub socket takes
+        socket.send(b"\x01" + index.to_bytes(8, "big") * 31 + b"\x00" * 6)
+        index += 1
+    cut += bool(monitor.poll(5_000))  # a patient attacker: waits until all is sent (cut within ms here)
+    monitor.close()
+    socket.close()
+print(cut, flush=True)
+"""
+
+
+def test_short_odd_subscriptions_on_many_connections_are_cut_and_the_stream_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Distinct 255-byte subscriptions, 200 to a connection (51 kB) over 20 connections: every connection that
+    sends more than a subscriber's handshake and topic is cut, by a thread that does not wait for the sending
+    thread's next look (libzmq applies them inside the publisher's own calls), and the good subscriber gets every
+    batch in order all along."""
+    publisher = Server(None, "zpub://127.0.0.1:0", queue=2, send_timeout=SEND_SECONDS, linger=0)
+    address = publisher.endpoints[0]
+    connections = 20
+    with Connection(zsub(address), timeout=1) as good:
+        warm_up(publisher, 1024, got_one(good))
+        good.timeout = SEND_SECONDS
+        reader = Reader(good, 10**9)
+        reader.start()
+        attacker = subprocess.Popen(
+            [sys.executable, "-c", _SHORT_FLOOD, address, str(connections), "200"], stdout=subprocess.PIPE
+        )
+        sent = 0
+        with caplog.at_level("WARNING", logger="tensorcom.server.stream"):
+            while attacker.poll() is None or sent < 100:  # publish all along the flood
+                publish(publisher, 1, 1024, sent)
+                sent += 1
+        output, _ = attacker.communicate(timeout=READY_SECONDS)
+        reader.count = sent
+        publisher.send([np.full(1024, -1, np.int64)])  # wakes the reader if it already has them all
+        reader.join(SEND_SECONDS)
+    publisher.close()
+    assert reader.received == list(range(sent))
+    assert int(output) == connections  # each saw its connection cut
+    assert publisher.refused_subscribers >= connections
+    assert "that sent more than" in caplog.text
+
+
+@pytest.mark.parametrize("transport_address", ["tcp", "ipc"], indirect=True)
+def test_connections_beyond_max_subscribers_are_refused_and_the_others_keep_every_batch(
+    transport_address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With max_subscribers=2, a third connection is shut down (one log line) and the two subscribers keep every
+    batch, in order."""
+    publisher = Server(None, transport_address, send_timeout=SEND_SECONDS, linger=0, max_subscribers=2)
+    address = publisher.endpoints[0]
+    count = 50
+    with Connection(zsub(address), timeout=1) as first, Connection(zsub(address), timeout=1) as second:
+        warm_up(publisher, 1024, got_one(first), got_one(second))
+        for connection in (first, second):
+            connection.timeout = SEND_SECONDS
+        readers = [Reader(first, count), Reader(second, count)]
+        for reader in readers:
+            reader.start()
+        extra = zmq.Context.instance().socket(zmq.SUB)
+        extra.setsockopt(zmq.LINGER, 0)
+        extra.setsockopt(zmq.RECONNECT_IVL, 600_000)  # once refused, it stays away for this test
+        extra.setsockopt(zmq.SUBSCRIBE, b"")
+        monitor = extra.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        extra.connect(address)
+        with caplog.at_level("WARNING", logger="tensorcom.server.stream"):
+            sent, deadline = 0, time.monotonic() + SEND_SECONDS
+            while not monitor.poll(0):  # the refusal is an event the third peer sees (while it reads)
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the third connection to {address} was not refused in {SEND_SECONDS:.0f} s")
+                while extra.poll(0):
+                    extra.recv_multipart()
+                if sent < count:
+                    publish(publisher, 1, 1024, sent)
+                    sent += 1
+                else:
+                    time.sleep(0.01)
+            publish(publisher, count - sent, 1024, sent)
+        for reader in readers:
+            reader.join(SEND_SECONDS)
+        monitor.close()
+        extra.close()
+    publisher.close()
+    assert [reader.received for reader in readers] == [list(range(count))] * 2
+    assert publisher.refused_subscribers == 1
+    assert sum("refused 1 connection" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_max_subscribers_must_be_positive() -> None:
+    """max_subscribers=0 is a configuration error naming the value."""
+    with pytest.raises(ConfigError, match="max_subscribers must be >= 1. Found: 0"):
+        Server(None, "zpub://127.0.0.1:0", max_subscribers=0)

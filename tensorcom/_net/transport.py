@@ -16,7 +16,7 @@ import socket as pysocket
 import struct
 import termios
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from tensorcom.urls import ParsedURL, expand_urls, parse_url
 __all__ = [
     "MAX_BATCH_FRAME",
     "MAX_CONTROL_MESSAGE",
+    "ConnectionScan",
     "Endpoint",
     "SendCancelled",
     "open_endpoint",
@@ -69,6 +70,11 @@ MAX_SUBSCRIPTION_SLACK = 2048
 """Bytes an XPUB socket accepts in one message beyond its topic: a subscription longer than the topic cannot match
 it, but the limit also applies to the handshake (a CURVE INITIATE is about 300 bytes). A peer that sends a longer
 one is disconnected by libzmq before it is buffered."""
+
+XPUB_RECEIVE_BUFFER = 2048
+"""Kernel receive buffer (SO_RCVBUF, which Linux doubles) of an XPUB socket's connections: their peers only send a
+handshake and a subscription, so little needs to be in flight, and a peer that sends much more cannot have it
+queued in the kernel ahead of the checks on what it sent."""
 
 COPY_BELOW = 128 * 1024
 """Frames smaller than this are copied into the message when sent; larger ones are sent in place. Zero-copy sends
@@ -150,20 +156,10 @@ class Endpoint:
         """Bytes a TCP connection's peer has acknowledged (taken from us) so far; None for other transports."""
         return _tcp_counter(fd, _TCP_INFO_BYTES_ACKED)
 
-    def chatty_peers(self, limit: int) -> list[int]:
-        """The TCP connections whose peer has sent more than ``limit`` bytes (for sockets whose peers only ever send a
-        handshake and a subscription or two); connections of other transports are never counted."""
-        self.count_peers()
-        return [fd for fd in self.fds if _received(fd) > limit]
-
     def cut(self, fd: int) -> None:
         """Shut one connection down (libzmq then closes it and drops what was queued for it; a connecting peer may
         come back later and starts afresh)."""
-        try:
-            with pysocket.socket(fileno=os.dup(fd)) as connection:
-                connection.shutdown(pysocket.SHUT_RDWR)
-        except OSError as error:  # closed meanwhile
-            log.debug("could not shut down connection %d of %s: %s", fd, self.address, error)
+        _shut_down(fd, self.address)
 
     def check_handshakes(self) -> None:
         """Raise :class:`tensorcom.SecurityError` if the handshakes with the peer this socket connects to conclusively
@@ -182,6 +178,105 @@ class Endpoint:
             self.monitor.close(linger=0)
             self.monitor = None
         self.socket.close(linger=int(linger * 1000))
+
+
+class ConnectionScan:
+    """The connections accepted on one bound TCP or ipc address, found among this process's file descriptors with
+    plain system calls: another thread may use it while the zmq socket's own thread is busy inside libzmq (which
+    reads what peers send, and applies their subscriptions, without returning to Python in between).
+
+    :meth:`scan` lists them in the order first seen (newest last); :meth:`received` and :meth:`cut` act on one.
+    A descriptor is matched by its local address (the bound port, or the ipc path), so sockets that this process
+    connects to the address itself never count."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._port: int | None = None
+        self._path: str | None = None
+        if address.startswith("tcp://"):
+            self._port = int(address.rsplit(":", 1)[1])
+        elif address.startswith("ipc://"):
+            path = address[len("ipc://") :]
+            self._path = "\0" + path[1:] if path.startswith("@") else path
+        self._known: dict[tuple[int, str], bool] = {}  # (fd, its socket's inode) -> accepted on our address
+        self._order: dict[tuple[int, str], int] = {}
+        self._cut: set[tuple[int, str]] = set()
+        self._current: dict[int, tuple[int, str]] = {}
+        self._seen = 0
+        self.new = 0  # connections the last scan found for the first time
+
+    def scan(self, hint: Iterable[int] = (), everything: bool = True) -> list[int]:
+        """The file descriptors of the connections open now, oldest first (those cut until libzmq closes them).
+
+        ``everything`` looks at every descriptor of the process (a millisecond or so per 200); otherwise only at
+        ``hint`` (e.g. the connections a socket monitor reported) and the connections found before."""
+        if self._port is None and self._path is None:
+            return []
+        if everything:
+            try:
+                fds: Iterable[int] = [int(name) for name in os.listdir("/proc/self/fd")]
+            except OSError:
+                return []
+        else:
+            fds = {*hint, *(fd for (fd, _), accepted in self._known.items() if accepted)}
+        found: list[tuple[int, int]] = []
+        current: dict[int, tuple[int, str]] = {}
+        self.new = 0
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if not link.startswith("socket:"):
+                continue
+            key = current[fd] = (fd, link)
+            if key not in self._known:
+                self._known[key] = self._accepted_here(fd)
+                self._order[key] = self._seen
+                self._seen += 1
+                self.new += self._known[key]
+            if self._known[key]:
+                found.append((self._order[key], fd))
+        examined = set(fds)
+        for key in [key for key in self._known if current.get(key[0]) != key]:
+            if everything or key[0] in examined:  # closed, or its number now used by another socket
+                del self._known[key]
+                self._order.pop(key, None)
+                self._cut.discard(key)
+        if everything:
+            self._current = current
+        else:
+            self._current.update(current)
+        return [fd for _, fd in sorted(found)]
+
+    def _accepted_here(self, fd: int) -> bool:
+        try:
+            with pysocket.socket(fileno=os.dup(fd)) as connection:
+                if connection.type != pysocket.SOCK_STREAM:
+                    return False
+                local = connection.getsockname()
+                connection.getpeername()  # a listening socket has no peer
+        except OSError:
+            return False
+        if self._port is not None:
+            return isinstance(local, tuple) and len(local) >= 2 and local[1] == self._port
+        if isinstance(local, bytes):
+            local = local.decode(errors="replace")
+        return bool(local) and local == self._path
+
+    def is_cut(self, fd: int) -> bool:
+        """Whether :meth:`cut` shut this connection down already (it stays open until libzmq notices)."""
+        return fd in self._current and self._current[fd] in self._cut
+
+    def received(self, fd: int) -> int | None:
+        """Bytes the connection's peer has sent (TCP), or None (ipc keeps no count)."""
+        return _tcp_counter(fd, _TCP_INFO_BYTES_RECEIVED)
+
+    def cut(self, fd: int) -> None:
+        """Shut the connection down (libzmq then closes it); see :meth:`Endpoint.cut`."""
+        _shut_down(fd, self.address)
+        if fd in self._current:
+            self._cut.add(self._current[fd])
 
 
 def parse_endpoints(urls: str | Sequence[str], allowed: set[str], role: str) -> list[ParsedURL]:
@@ -242,6 +337,7 @@ def open_endpoint(
             # Subscriptions are applied by the owner (XPUB_MANUAL), and only those that match its topic: libzmq
             # would otherwise keep every distinct subscription a peer sends in a trie, and a long one is disconnected.
             socket.setsockopt(zmq.XPUB_MANUAL, 1)
+            socket.setsockopt(zmq.RCVBUF, XPUB_RECEIVE_BUFFER)  # peers only send subscriptions
             socket.setsockopt(
                 zmq.MAXMSGSIZE, min(max_message_size, 1 + len(url.topic) + MAX_SUBSCRIPTION_SLACK)
             )
@@ -351,6 +447,14 @@ def send_frames(
                     socket.poll(int(_POLL_STEP * 1000), zmq.POLLOUT)
 
 
+def _shut_down(fd: int, address: str) -> None:
+    try:
+        with pysocket.socket(fileno=os.dup(fd)) as connection:
+            connection.shutdown(pysocket.SHUT_RDWR)
+    except OSError as error:  # closed meanwhile
+        log.debug("could not shut down connection %d of %s: %s", fd, address, error)
+
+
 def _unsent(fd: int) -> int:
     """Bytes in a connection's kernel send queue that its peer has not yet read (0 if it cannot be told)."""
     try:
@@ -376,11 +480,6 @@ def _tcp_counter(fd: int, offset: int) -> int | None:
     if len(info) < offset + 8:
         return None
     return int(struct.unpack_from("Q", info, offset)[0])
-
-
-def _received(fd: int) -> int:
-    """Bytes a TCP connection has received from its peer (0 for other sockets, or if it cannot be told)."""
-    return _tcp_counter(fd, _TCP_INFO_BYTES_RECEIVED) or 0
 
 
 def receive_small(socket: zmq.Socket[Any], most: int, flags: int = 0) -> tuple[list[bytes], int]:

@@ -13,6 +13,7 @@ Batches must not be modified after they are handed to the server: their memory i
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from tensorcom._net import shm as _shm
 from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom._net.security import Authenticator, KeyPath, server_keys_from
 from tensorcom._net.transport import (
+    ConnectionScan,
     Endpoint,
     SendCancelled,
     open_endpoint,
@@ -45,15 +47,94 @@ _SENDING = {"PUSH", "PUB"}
 _PEER_CHECK = 0.05  # seconds between looks at the sockets' connection events while sending
 _CONTROL_PER_LOOK = 16  # control messages answered per look, at most
 _SUBSCRIPTIONS_PER_LOOK = 256  # subscription messages read per look, at most
-_ODD_SUBSCRIPTIONS = 16  # subscriptions to other topics that make the server look for peers sending too much
-_SUBSCRIBER_BYTES = 64 * 1024  # most a subscriber may send (its handshake and subscriptions) before it is cut
-_chatty = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
+_SUBSCRIBER_BYTES = 2048  # most a subscriber may send besides its topic (handshake + subscription: < 1 kB)
+_GUARD_LOOK = 0.02  # seconds between the subscriber guard's looks at a zpub socket's connections
+_GUARD_SCAN = 0.2  # seconds between its looks at all of the process's file descriptors for new connections...
+_GUARD_ALERT = 5.0  # ...but at each look for this long after a new connection or a cut
+_guarded = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
 _stalled = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
 _PICK_STEP = 0.1  # seconds between looks at handshakes, the timeout and stop() while no socket has room
 _HOLD_SHARE = 0.5  # share of wall time one subscriber may hold a zpub stream while another subscriber waits
 _HOLD_LOOK = 0.02  # seconds between looks at the subscribers' send queues while a send on a zpub socket waits
 _RECEIVER_BYTES = 4096  # a TCP peer that took more than this receives the stream (a handshake: ~100 B)
 _held = RateLimitedLog(logging.getLogger(__name__), logging.WARNING, 60.0)
+
+
+class _SubscriberGuard(threading.Thread):
+    """Watches the connections of zpub sockets from a thread of its own, with plain system calls (see
+    :class:`ConnectionScan`), and shuts down those that sent more than ``limit`` bytes (TCP) and the newest beyond
+    ``most`` per socket. libzmq applies every subscription a peer sends to a trie of its own (XPUB_MANUAL included)
+    inside whatever call the server's thread makes on the socket, which can last as long as peers keep sending, so
+    a look from that thread between sends comes too late; this one does not wait for it.
+
+    Every ``_GUARD_LOOK`` seconds it reads the byte counts of the connections it knows and of those the sending
+    thread's monitor reported; every ``_GUARD_SCAN`` seconds, and at every look for ``_GUARD_ALERT`` seconds after a
+    new connection or a cut, it looks through all of the process's file descriptors for new ones (about 1 ms per
+    200 descriptors)."""
+
+    def __init__(self, endpoints: Sequence[Endpoint], most: int) -> None:
+        super().__init__(name="zpub-subscriber-guard", daemon=True)
+        self.most = most
+        self.refused = 0  # connections cut: over the cap, or sending too much
+        self._scans = [(e, ConnectionScan(e.address), _subscriber_bytes(e)) for e in endpoints]
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        scanned = alerted = 0.0
+        while not self._stop_event.wait(_GUARD_LOOK):
+            now = time.monotonic()
+            everything = now - scanned >= _GUARD_SCAN or now - alerted < _GUARD_ALERT
+            if everything:
+                scanned = now
+            for endpoint, scan, limit in self._scans:
+                try:
+                    # between full scans, the connections the sending thread's monitor reported (unless libzmq
+                    # holds that thread) and those found before
+                    if self._look(scan, limit, endpoint.fds.copy(), everything):
+                        alerted = now
+                except Exception:  # never let the guard die quietly: say why, and keep guarding
+                    log.exception("subscriber guard of %s failed a look", scan.address)
+
+    def _look(self, scan: ConnectionScan, limit: int, hint: set[int], everything: bool) -> bool:
+        """Cut what sent too much, then the newest beyond the cap: connections cut but not yet closed by libzmq
+        still count, since libzmq still holds what they sent. True if there was a new connection or a cut."""
+        connections = scan.scan(hint, everything)
+        new = scan.new
+        chatty = [fd for fd in connections if not scan.is_cut(fd) and (scan.received(fd) or 0) > limit]
+        for fd in chatty:
+            scan.cut(fd)
+        over = [fd for fd in connections[self.most :] if not scan.is_cut(fd)]
+        for fd in over:
+            scan.cut(fd)
+        self.refused += len(chatty) + len(over)
+        if chatty:
+            _guarded.note(
+                (scan.address, "bytes"),
+                "cut %d peer(s) of %s that sent more than %d bytes: a subscriber sends a handshake and its topic, "
+                "the rest was subscriptions to topics it does not publish",
+                len(chatty),
+                scan.address,
+                limit,
+            )
+        if over:
+            _guarded.note(
+                (scan.address, "count"),
+                "refused %d connection(s) to %s: it has %d subscribers, the most it takes (max_subscribers)",
+                len(over),
+                scan.address,
+                self.most,
+            )
+        return bool(new or chatty or over)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=5.0)
+
+
+def _subscriber_bytes(endpoint: Endpoint) -> int:
+    """The most a subscriber of ``endpoint`` may send before it is cut: a handshake and a few (un)subscriptions."""
+    return _SUBSCRIBER_BYTES + 4 * len(endpoint.url.topic)
 
 
 class _HoldAccount:
@@ -158,6 +239,19 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             stream count as waiting; ipc has no byte counters, so there every local connection counts. Besides,
             a send that waits a whole ``stall_timeout`` cuts the connections whose peer reads nothing at all.
             None: wait for every subscriber, whatever it takes.
+        max_subscribers: for bound PUB URLs: the most connections one socket keeps; a thread of the server shuts the
+            newest ones beyond it down (one log line, rate-limited; :attr:`refused_subscribers` counts them). The
+            same thread cuts a TCP connection once its peer has sent more than 2 kB plus 4 times the topic (a
+            subscriber sends a handshake and its topic: about 100 bytes, 600 with CURVE). This bounds libzmq's own
+            memory: it keeps every subscription a peer sends in a trie (XPUB_MANUAL included) until the peer leaves,
+            about 15 bytes per byte of distinct 255-byte subscriptions (60,000 of them on short-lived connections
+            held 215 MB and stalled the stream for 20 s), and up to one 56-byte node per byte in the worst case. A
+            connection's kernel receive buffer is small (:data:`~tensorcom._net.transport.XPUB_RECEIVE_BUFFER`, 4 kB
+            once Linux doubles it), so the subscriptions libzmq holds stay under about ``max_subscribers`` × (2 kB
+            + 4 × topic + 4 kB) bytes (1.6 MB at the default 256 and a short topic: 24 MB of trie, 90 MB at
+            worst), plus what arrives in the 20 ms between two looks of the thread. Over ipc there are no byte counters: only the connection cap holds there, and a local peer may
+            send any number of distinct subscriptions on its connections, each at most the topic plus 2 kB; ipc is
+            local and guarded by the permissions of its path.
         infos: per-array labels (up to 8 ASCII characters) written into the .ten headers.
         report_interval: seconds between rate reports through ``logging``.
         control: a ``zrep://`` URL where clients send SEEK messages (pipeline sources only): the server then
@@ -194,9 +288,13 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         client_keys: KeyPath | None = None,
         shm: bool | None = None,
         stall_timeout: float | None = 10.0,
+        max_subscribers: int = 256,
     ) -> None:
         if linger < 0:
             raise ConfigError(f"linger must be >= 0 seconds. Found: {linger}")
+        if max_subscribers < 1:
+            raise ConfigError(f"max_subscribers must be >= 1. Found: {max_subscribers}")
+        self._guard: _SubscriberGuard | None = None
         if stall_timeout is not None and stall_timeout <= 0:
             raise ConfigError(f"stall_timeout must be > 0 seconds or None. Found: {stall_timeout}")
         self.stall_timeout = stall_timeout
@@ -278,8 +376,10 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
         self._subscribed = {id(e): e.socket.type != zmq.XPUB for e in self._endpoints}
         hold_budget = (stall_timeout or 0.0) * (1.0 - _HOLD_SHARE)  # always holding: cut after stall_timeout
         self._holds = {id(e): _HoldAccount(hold_budget) for e in self._endpoints if e.socket.type == zmq.XPUB}
-        # per XPUB endpoint: subscriptions to other topics since the last look for chatty peers
-        self._odd_subscriptions: dict[int, int] = {}
+        published = [e for e in self._endpoints if e.socket.type == zmq.XPUB and e.url.bind]
+        if published:
+            self._guard = _SubscriberGuard(published, max_subscribers)
+            self._guard.start()
         self._peers_checked = 0.0
         self._turn = 0  # the socket that gets the next batch
         self._plain_next = False  # alternation between an ipc URL's plain socket and its shm channel
@@ -305,8 +405,7 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
     def _drain_subscriptions(self, endpoint: Endpoint) -> bool:
         """Read pending (un)subscription messages (a bounded number per call, so a flood cannot hold the sender
         here) and apply those that match this endpoint's topic (the socket is XPUB_MANUAL); True if one subscribes
-        to the topic. Subscriptions that cannot match are counted, and past a few the connections that sent more
-        than ``_SUBSCRIBER_BYTES`` are cut: libzmq keeps every distinct subscription a peer sends until it leaves."""
+        to the topic. Peers that send more than a subscriber does are cut by the subscriber guard's thread."""
         matched = False
         socket = endpoint.socket
         for _ in range(_SUBSCRIPTIONS_PER_LOOK):
@@ -318,21 +417,6 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
                 # applies to the pipe the message came from
                 socket.setsockopt(zmq.SUBSCRIBE if subscribe else zmq.UNSUBSCRIBE, message[1:])
                 matched = matched or subscribe
-            else:
-                self._odd_subscriptions[id(endpoint)] = self._odd_subscriptions.get(id(endpoint), 0) + 1
-        if self._odd_subscriptions.get(id(endpoint), 0) >= _ODD_SUBSCRIPTIONS:
-            self._odd_subscriptions[id(endpoint)] = 0
-            chatty = endpoint.chatty_peers(_SUBSCRIBER_BYTES)
-            for fd in chatty:
-                endpoint.cut(fd)
-            if chatty:
-                _chatty.note(
-                    endpoint.address,
-                    "cut %d peer(s) of %s that sent more than %d bytes of subscriptions to topics it does not publish",
-                    len(chatty),
-                    endpoint,
-                    _SUBSCRIBER_BYTES,
-                )
         return matched
 
     @property
@@ -646,9 +730,18 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             seconds = min(seconds, max(0.0, self._linger_ends - time.monotonic()))
         self._close(seconds, await_clients=True)
 
+    @property
+    def refused_subscribers(self) -> int:
+        """Connections to zpub sockets cut for sending more than a subscriber does, or refused past
+        ``max_subscribers``."""
+        return self._guard.refused if self._guard is not None else 0
+
     def _close(self, seconds: float, await_clients: bool) -> None:
         if await_clients:
             self._await_disconnect(seconds)
+        guard: _SubscriberGuard | None = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.stop()
         for endpoint in [*self._endpoints, *getattr(self, "_companions", [])]:
             endpoint.close(linger=seconds)
         self._endpoints = []
