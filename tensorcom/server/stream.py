@@ -249,9 +249,10 @@ class StreamServer(Server, sockets=("PUSH", "PUB")):
             connection's kernel receive buffer is small (:data:`~tensorcom._net.transport.XPUB_RECEIVE_BUFFER`, 4 kB
             once Linux doubles it), so the subscriptions libzmq holds stay under about ``max_subscribers`` × (2 kB
             + 4 × topic + 4 kB) bytes (1.6 MB at the default 256 and a short topic: 24 MB of trie, 90 MB at
-            worst), plus what arrives in the 20 ms between two looks of the thread. Over ipc there are no byte counters: only the connection cap holds there, and a local peer may
-            send any number of distinct subscriptions on its connections, each at most the topic plus 2 kB; ipc is
-            local and guarded by the permissions of its path.
+            worst), plus what arrives in the 20 ms between two looks of the thread. Over ipc there are no byte
+            counters: only the connection cap holds there, and a local peer may send any number of distinct
+            subscriptions on its connections, each at most the topic plus 2 kB; ipc is local and guarded by the
+            permissions of its path.
         infos: per-array labels (up to 8 ASCII characters) written into the .ten headers.
         report_interval: seconds between rate reports through ``logging``.
         control: a ``zrep://`` URL where clients send SEEK messages (pipeline sources only): the server then
