@@ -1008,7 +1008,7 @@ def row_xpub_subscriptions(run: Run) -> Outcome:
 
 def row_xpub_short_subscriptions(run: Run) -> Outcome:
     """Many distinct subscriptions of the longest size a zpub server accepts (255 bytes), 200 to a connection
-    (51 kB: under the 64 kB a subscriber may send before it is cut)."""
+    (51 kB: under the 64 kB a subscriber could send before it was cut; it is cut past 2 kB now)."""
     target, words = run.stream_server("zpub://127.0.0.1:0")
     good = run.client(words[0], pace=STREAM_PACE, timeout=60)
     address = _zmq_address(words[0])
