@@ -16,9 +16,9 @@ is ever unpickled.
                                                       for several consecutive steps)
                                                        + tensor frames [hdr0, data0, ...]
                                                       Batches {gen, step, arrays, epochs, indices,
-                                                               states | state + changes,
+                                                               states | state + changes, tensors,
                                                                fingerprint, server, kind[, keys]}
-                                                       + the tensor frames of each batch in turn
+                                                       + one data frame: every array's bytes in turn
                                                       End     {gen, step, server}  the epoch has no step `step`
                                                       Error   {gen, step, error, message, server, request}
     Ping     {}                                 ->    Pong    {server[, workers]}
@@ -36,8 +36,11 @@ arrays from a default server. (Servers before this change sent the metadata as a
 ``META_INFO``; clients still read that.)
 
 A worker answers the steps of a REQUEST for several with small batches (not in shared memory) in one BATCHES
-message (:class:`Batches`): ``len(epochs)`` consecutive steps from ``step``, each ``arrays`` arrays, their frames
-one batch after the other. The fields the batches share are sent once; each step's state is sent whole
+message (:class:`Batches`): ``len(epochs)`` consecutive steps from ``step``, each ``arrays`` arrays. ``tensors``
+holds the .ten header chunk of every array, batch after batch, and the message has one frame after the header:
+the arrays' bytes in the same order, each starting at a multiple of 64 bytes (:data:`tensorcom.codec.ALIGNMENT`)
+with zeros between them, so that a client receives the group as two frames and makes its arrays as views of the
+second. The fields the batches share are sent once; each step's state is sent whole
 (``states``), or, where every state of the group is a map with the same keys in the same order, the first whole
 (``state``) and for each later one the top-level fields that differ from the one before it (``changes``), from
 which :meth:`Batches.state_at` rebuilds it exactly. A step that fails or ends the epoch is still an ERROR or an END
@@ -64,6 +67,7 @@ from typing import Any, ClassVar, Self
 
 import msgpack
 
+from tensorcom.codec import ALIGNMENT as _ALIGNMENT
 from tensorcom.errors import ProtocolError
 
 __all__ = [
@@ -546,9 +550,9 @@ class Batch:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Batches:
     """Consecutive steps' batches in one message (see the module docstring): step ``step + i`` has epoch
-    ``epochs[i]``, sample indices ``indices[i]``, state :meth:`state_at` ``(i)`` and ``arrays`` arrays, whose frames
-    are the ``2 * arrays`` tensor frames from ``2 * arrays * i`` on. ``kind``, ``keys``, ``fingerprint`` and ``server``
-    are those of every batch in the group."""
+    ``epochs[i]``, sample indices ``indices[i]``, state :meth:`state_at` ``(i)`` and ``arrays`` arrays, whose .ten
+    headers are ``tensors[arrays * i : arrays * (i + 1)]`` and whose bytes follow in the data frame (see
+    :meth:`layout`). ``kind``, ``keys``, ``fingerprint`` and ``server`` are those of every batch in the group."""
 
     command: ClassVar[Command] = Command.BATCHES
     gen: int = 0
@@ -559,6 +563,7 @@ class Batches:
     states: list[Any] | None = None
     state: Any = None
     changes: list[dict[str, Any]] | None = None
+    tensors: list[bytes] = field(default_factory=list)
     fingerprint: str | None = None
     server: str | None = None
     kind: str = "single"
@@ -593,9 +598,10 @@ class Batches:
         )
 
     @classmethod
-    def of(cls, batches: Sequence[Batch], arrays: int) -> Batches:
+    def of(cls, batches: Sequence[Batch], arrays: int, tensors: list[bytes] | None = None) -> Batches:
         """The message carrying ``batches`` (consecutive steps with the same kind, keys, fingerprint and server),
-        each ``arrays`` arrays; states sent as changes where they can be rebuilt exactly."""
+        each ``arrays`` arrays with the .ten headers ``tensors``; states sent as changes where they can be rebuilt
+        exactly."""
         first = batches[0]
         states = [batch.state for batch in batches]
         changes = state_changes(states)
@@ -608,11 +614,40 @@ class Batches:
             states=states if changes is None else None,
             state=None if changes is None else states[0],
             changes=changes,
+            tensors=tensors or [],
             fingerprint=first.fingerprint,
             server=first.server,
             kind=first.kind,
             keys=first.keys,
         )
+
+    @staticmethod
+    def pack(frames: Sequence[Any]) -> tuple[list[bytes], bytearray]:
+        """The ``tensors`` and the data frame for the .ten frames ``[hdr0, data0, hdr1, data1, ...]`` of the
+        batches of a group, one after the other (the data is copied into place, 64-byte aligned)."""
+        tensors = [bytes(header) for header in frames[0::2]]
+        datas = [memoryview(data).cast("B") for data in frames[1::2]]
+        total = 0
+        for data in datas:
+            total = -(-total // _ALIGNMENT) * _ALIGNMENT + data.nbytes
+        buffer = bytearray(total)
+        offset = 0
+        for data in datas:
+            offset = -(-offset // _ALIGNMENT) * _ALIGNMENT
+            buffer[offset : offset + data.nbytes] = data
+            offset += data.nbytes
+        return tensors, buffer
+
+    def layout(self, sizes: Sequence[int]) -> list[tuple[int, int]]:
+        """``(offset, length)`` in the data frame of each array, given each array's bytes (announced by its header
+        in ``tensors``)."""
+        places = []
+        offset = 0
+        for size in sizes:
+            offset = -(-offset // _ALIGNMENT) * _ALIGNMENT
+            places.append((offset, size))
+            offset += size
+        return places
 
     def encode(self) -> bytes:
         header: dict[str, Any] = {
@@ -629,6 +664,7 @@ class Batches:
         else:
             header["state"] = self.state
             header["changes"] = self.changes
+        header["tensors"] = self.tensors
         if self.fingerprint is not None:
             header["fingerprint"] = self.fingerprint
         if self.server is not None:
@@ -672,6 +708,15 @@ class Batches:
             raise _field_error(
                 command, source, "changes", f"{count - 1} maps of changed fields after a map 'state'", changes
             )
+        tensors = get("tensors", _MISSING)
+        if type(tensors) is not list or len(tensors) != count * arrays or not _all_bytes(tensors):
+            raise _field_error(
+                command,
+                source,
+                "tensors",
+                f"{count * arrays} .ten headers ({count} x {arrays} arrays)",
+                tensors,
+            )
         fingerprint, server = get("fingerprint"), get("server")
         if fingerprint is not None and type(fingerprint) is not str:
             raise _field_error(command, source, "fingerprint", "a string or nil", fingerprint)
@@ -691,11 +736,19 @@ class Batches:
             states=states if changes is None else None,
             state=None if changes is None else get("state"),
             changes=changes,
+            tensors=tensors,
             fingerprint=fingerprint,
             server=server,
             kind=kind,
             keys=keys,
         )
+
+
+def _all_bytes(values: list[Any]) -> bool:
+    for value in values:
+        if type(value) is not bytes:
+            return False
+    return True
 
 
 def _integers(values: Any, nil: bool = False) -> bool:

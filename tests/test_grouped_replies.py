@@ -97,13 +97,19 @@ def greeted(socket: zmq.Socket[Any], address: str, seed: int) -> None:
 
 
 def split(message: Batches, frames: list[bytes]) -> list[Any]:
-    """The batches of a BATCHES message, rebuilt as a client rebuilds them."""
-    width = 2 * message.arrays
-    assert len(frames) == width * message.count
-    return [
-        rebuild_batch(codec.decode(frames[i * width : (i + 1) * width]), message.kind, message.keys)
-        for i in range(message.count)
-    ]
+    """The batches of a BATCHES message (its header, then one data frame), rebuilt from views of the data frame."""
+    assert len(frames) == 1, f"a BATCHES message has one data frame; this one had {len(frames)}"
+    data = memoryview(frames[0])
+    places = message.layout([codec.data_size(header) for header in message.tensors])
+    assert places[-1][0] + places[-1][1] == len(data)
+    batches = []
+    for index in range(message.count):
+        pairs = []
+        for array in range(index * message.arrays, (index + 1) * message.arrays):
+            offset, size = places[array]
+            pairs += [message.tensors[array], data[offset : offset + size]]
+        batches.append(rebuild_batch(codec.decode(pairs), message.kind, message.keys))
+    return batches
 
 
 def request(seed: int, step: int, count: int) -> Request:

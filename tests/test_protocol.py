@@ -40,6 +40,9 @@ from tensorcom.protocol import (
 
 FINGERPRINT = "7fc8ebf2b2639e183c857cb44c10513c"
 STATE = {"format": 1, "fingerprint": FINGERPRINT, "step": 1, "stream": {"seed": 1, "epoch": 0, "position": 4}}
+UINT8_2X2 = bytes.fromhex("75310000000000000000000000000000020000000000000002000000000000000200000000000000")
+INT64_SCALAR = bytes.fromhex("693800000000000000000000000000000000000000000000")
+FLOAT32_3 = bytes.fromhex("6634000000000000000000000000000001000000000000000300000000000000")
 CLIENT: dict[str, Any] = {"seed": 7, "rank": 1, "world_size": 2, "base": Base(), "gen": 0}
 
 # Generated from Message(Command.X, fields).encode() before the typed classes existed, with the fields in the order
@@ -96,7 +99,8 @@ GOLDEN: dict[str, tuple[AnyMessage, str]] = {
         "7392a5696d616765a56c6162656c",
     ),
     # BATCHES (issue 20), pinned from msgpack.packb of the header map in the documented field order: two steps whose
-    # states are maps with the same keys (the second sent as its changed top-level fields), and two whose are not
+    # states are maps with the same keys (the second sent as its changed top-level fields), and two whose are not;
+    # tensors: the .ten headers of a 2x2 uint8 array and an int64 scalar (twice), and of a float32 array of 3 (twice)
     "batches": (
         Batches(
             gen=1,
@@ -106,22 +110,34 @@ GOLDEN: dict[str, tuple[AnyMessage, str]] = {
             indices=[[27, 26], [55, 31]],
             state=STATE,
             changes=[{"step": 2, "stream": {"seed": 1, "epoch": 0, "position": 8}}],
+            tensors=[UINT8_2X2, INT64_SCALAR, UINT8_2X2, INT64_SCALAR],
             fingerprint=FINGERPRINT,
             server="host:1234",
             kind="dict",
             keys=["image", "label"],
         ),
-        "8da17601a3636d640ba367656e01a4737465707ba661727261797302a665706f636873920000a7696e646963657392921b1a92371fa5"
+        "8ea17601a3636d640ba367656e01a4737465707ba661727261797302a665706f636873920000a7696e646963657392921b1a92371fa5"
         "737461746584a6666f726d617401ab66696e6765727072696e74d9203766633865626632623236333965313833633835376362343463"
         "313035313363a47374657001a673747265616d83a47365656401a565706f636800a8706f736974696f6e04a76368616e6765739182a4"
-        "7374657002a673747265616d83a47365656401a565706f636800a8706f736974696f6e08ab66696e6765727072696e74d92037666338"
-        "65626632623236333965313833633835376362343463313035313363a6736572766572a9686f73743a31323334a46b696e64a4646963"
-        "74a46b65797392a5696d616765a56c6162656c",
+        "7374657002a673747265616d83a47365656401a565706f636800a8706f736974696f6e08a774656e736f727394c42875310000000000"
+        "000000000000000000020000000000000002000000000000000200000000000000c41869380000000000000000000000000000000000"
+        "0000000000c42875310000000000000000000000000000020000000000000002000000000000000200000000000000c4186938000000"
+        "00000000000000000000000000000000000000ab66696e6765727072696e74d920376663386562663262323633396531383363383537"
+        "6362343463313035313363a6736572766572a9686f73743a31323334a46b696e64a464696374a46b65797392a5696d616765a56c6162"
+        "656c",
     ),
     "batches-states": (
-        Batches(step=7, arrays=1, epochs=[None, None], indices=[[], []], states=[[1], [2]]),
-        "89a17601a3636d640ba367656e00a47374657007a661727261797301a665706f63687392c0c0a7696e6469636573929090a673746174"
-        "65739291019102a46b696e64a673696e676c65",
+        Batches(
+            step=7,
+            arrays=1,
+            epochs=[None, None],
+            indices=[[], []],
+            states=[[1], [2]],
+            tensors=[FLOAT32_3, FLOAT32_3],
+        ),
+        "8aa17601a3636d640ba367656e00a47374657007a661727261797301a665706f63687392c0c0a7696e6469636573929090a673746174"
+        "65739291019102a774656e736f727392c4206634000000000000000000000000000001000000000000000300000000000000c4206634"
+        "000000000000000000000000000001000000000000000300000000000000a46b696e64a673696e676c65",
     ),
     "end": (
         End(gen=1, step=15, server="host:1234"),
@@ -327,7 +343,25 @@ MALFORMED: list[tuple[Command, dict[str, Any], str]] = [
     ),
     (
         Command.BATCHES,
-        {"step": 0, "arrays": 1, "epochs": [0], "indices": [[]], "states": [None], "kind": "set"},
+        {"step": 0, "arrays": 2, "epochs": [0], "indices": [[]], "states": [None], "tensors": [FLOAT32_3]},
+        "field 'tensors' .* 2 .ten headers",
+    ),
+    (
+        Command.BATCHES,
+        {"step": 0, "arrays": 1, "epochs": [0], "indices": [[]], "states": [None], "tensors": ["f4"]},
+        "field 'tensors'",
+    ),
+    (
+        Command.BATCHES,
+        {
+            "step": 0,
+            "arrays": 1,
+            "epochs": [0],
+            "indices": [[]],
+            "states": [None],
+            "tensors": [FLOAT32_3],
+            "kind": 1,
+        },
         "field 'kind'",
     ),
     (Command.END, {"gen": 1}, "has no field 'step'"),
@@ -493,7 +527,7 @@ def test_batches_rebuild_every_state_exactly(states: list[Any], as_changes: bool
     """States are sent as changes only where every one is a map with the same keys in the same order, and each
     rebuilt state packs to the very bytes of the state sent (msgpack tells 1, True and 1.0 apart)."""
     batches = [Batch(step=10 + i, state=state, indices=[i]) for i, state in enumerate(states)]
-    group = Batches.of(batches, arrays=1)
+    group = Batches.of(batches, arrays=1, tensors=[FLOAT32_3] * len(states))
     assert (group.changes is not None) == as_changes
     received = decode(group.encode(), "test")
     assert isinstance(received, Batches) and received.count == len(states)
@@ -508,3 +542,31 @@ def test_a_command_this_version_does_not_know_is_a_clear_protocol_error() -> Non
     frame = msgpack.packb({"v": 1, "cmd": max(Command) + 1, "step": 0})
     with pytest.raises(ProtocolError, match=f"unknown command from server x: {max(Command) + 1}"):
         decode(frame, "server x")
+
+
+def test_batches_pack_their_arrays_64_byte_aligned_in_one_frame() -> None:
+    """Batches.pack puts each array's bytes at the next multiple of 64 (zeros between), and layout() finds them
+    from the sizes the headers announce: the arrays decode back from views of the one frame."""
+    import numpy as np
+
+    from tensorcom import codec
+
+    arrays = [
+        np.arange(5, dtype=np.int16),
+        np.array(7, dtype=np.int64),
+        np.zeros((0, 3), np.uint8),
+        np.ones(70, "u1"),
+    ]
+    frames = codec.encode(arrays)
+    tensors, data = Batches.pack(frames)
+    assert tensors == [bytes(header) for header in frames[0::2]]
+    group = Batches(step=0, arrays=2, epochs=[0, 0], indices=[[], []], states=[None, None], tensors=tensors)
+    places = group.layout([codec.data_size(header) for header in tensors])
+    assert places == [(0, 10), (64, 8), (128, 0), (128, 70)] and len(data) == 198
+    assert bytes(data[10:64]) == bytes(54) and bytes(data[72:128]) == bytes(56)
+    view = memoryview(data)
+    decoded = codec.decode(
+        [x for t, (o, n) in zip(tensors, places, strict=True) for x in (t, view[o : o + n])]
+    )
+    for got, want in zip(decoded, arrays, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)

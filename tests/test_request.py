@@ -376,8 +376,9 @@ def test_one_request_for_several_steps_gets_its_steps_in_one_reply(
     request_server: StartServer, socket: MakeSocket
 ) -> None:
     """REQUEST with count=3 of small batches is answered by one BATCHES reply for steps 2, 3 and 4 (issue 20: it
-    was three BATCH replies), the reference's batches; a count out of [1, MAX_GROUP] is a protocol ERROR."""
-    from tensorcom.codec import decode
+    was three BATCH replies): a header, then one frame with every array's bytes at 64-byte boundaries; they are the
+    reference's batches. A count out of [1, MAX_GROUP] is a protocol ERROR."""
+    from tensorcom.codec import data_size, decode
     from tensorcom.protocol import MAX_GROUP
 
     _, url = request_server("factories:small", workers=1)
@@ -390,7 +391,13 @@ def test_one_request_for_several_steps_gets_its_steps_in_one_reply(
     message = Message.decode(header)
     assert message.command == Command.BATCHES
     assert (message.fields["step"], len(message.fields["epochs"]), message.fields["arrays"]) == (2, 3, 2)
-    batches = [tuple(decode(frames[i * 4 : (i + 1) * 4])) for i in range(3)]
+    (data,) = frames  # every array's bytes, each from a multiple of 64 bytes
+    tensors, places = message.fields["tensors"], []
+    for header in tensors:
+        start = -(-places[-1][1] // 64) * 64 if places else 0
+        places.append((start, start + data_size(header)))
+    pairs = [part for header, (a, b) in zip(tensors, places, strict=True) for part in (header, data[a:b])]
+    batches = [tuple(decode(pairs[i * 4 : (i + 1) * 4])) for i in range(3)]
     expected = reference(factories.small, count=5, seed=5, rank=0, world_size=1)[2:]
     assert_same_batches(batches, expected)
     for count in (0, MAX_GROUP + 1, "3"):

@@ -28,7 +28,7 @@ from tensorcom import codec, protocol
 from tensorcom._net import shm as _shm
 from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom._net.security import KeyPath
-from tensorcom._net.transport import MAX_BATCH_FRAME, Endpoint, open_endpoint, receive
+from tensorcom._net.transport import MAX_BATCH_FRAME, PREALLOCATE, Endpoint, open_endpoint, receive
 from tensorcom.client._base import BatchInfo, Connection, default_io_threads
 from tensorcom.convert import ConverterSpec
 from tensorcom.errors import (
@@ -67,6 +67,8 @@ EXPECTED_WORKERS = 1
 workers: they share the server's link, so a server's bytes are counted once (benchmarks/README.md, "Many servers
 into one rank")."""
 _SMALL_BATCH = 1 << 20  # below this many bytes, requests go in groups (see RequestConnection)
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: an enum flag costs an enum construction per call
+_RCVMORE = int(zmq.RCVMORE)
 _GROUP = 4
 STATE_KIND = "tensorcom.zreq"
 STATE_FORMAT = 2
@@ -246,6 +248,7 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         self._expected_fingerprint: str | None = None
         self._group = 1  # steps per request: _GROUP once batches are known to be small
         self._started_waiting = time.monotonic()
+        self._received: tuple[bytes, protocol.AnyMessage, list[tuple[int, int]] | None] | None = None
         try:
             if state is not None:
                 self.load_state(state)
@@ -452,24 +455,72 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
     def _poll_once(self, seconds: float) -> None:
         for socket, _ in self._poller.poll(int(seconds * 1000)):
             server = self._by_socket[socket]
-            while True:
+            while True:  # every message the socket holds
                 try:
-                    # From a server that sends shared-memory descriptors, messages are small: copies (bytes),
-                    # not zmq.Frame objects, whose deallocation checks for signals and would swallow a Ctrl-C.
-                    frames = receive(socket, copy=server.shm, flags=zmq.NOBLOCK, lead=1)
+                    header = socket.recv(_NOBLOCK)
                 except zmq.Again:
                     break
+                message = protocol.decode(header, f"server {server.address}")
+                places = None
+                if not socket.getsockopt(_RCVMORE):
+                    frames: list[Any] = [header]
+                elif isinstance(message, Batches):
+                    data, places = self._group_data(socket, server, message)
+                    frames = [header, data]
+                else:
+                    # From a server that sends shared-memory descriptors, messages are small: copies (bytes),
+                    # not zmq.Frame objects, whose deallocation checks for signals and would swallow a Ctrl-C.
+                    frames = [header, *receive(socket, copy=server.shm)]
+                self._received = (header, message, places)  # so that _on_message does not decode it again
                 self._on_message(server, frames)
 
+    def _group_data(
+        self, socket: zmq.Socket[Any], server: _Server, message: Batches
+    ) -> tuple[memoryview, list[tuple[int, int]]]:
+        """The data frame of a BATCHES message and where each array lies in it, checked against the length its
+        headers announce (received into a buffer of that length from a server on this host, as :func:`receive`
+        receives small frames; else as a zmq.Frame, without a copy)."""
+        try:
+            places, end = _layout(message, server)
+        except ProtocolError:
+            _drain(socket)
+            raise
+        if server.shm and end <= PREALLOCATE:
+            buffer = bytearray(end)
+            received = socket.recv_into(buffer)
+            data = memoryview(buffer)
+        else:
+            frame = socket.recv(copy=False)
+            data = frame.buffer
+            received = data.nbytes
+        extra = _drain(socket)
+        if received != end or extra:
+            raise ProtocolError(
+                f"server {server.address} sent {message.count} batches whose headers announce {end} bytes in one "
+                f"frame, in a data frame of {received} bytes and {extra} frames more"
+            )
+        return data, places
+
     def _on_message(self, server: _Server, frames: list[Any]) -> None:
+        """A message from ``server``: its header frame, and the frames after it (one for BATCHES: its data)."""
+        received, places = self._received, None
+        if received is not None and received[0] is frames[0]:
+            _, message, places = received
+        else:
+            message = protocol.decode(frames[0], f"server {server.address}")
         server.last_heard = time.monotonic()
         server.answered = True
         if not server.alive:
             log.info("server %s answers again", server.address)
             server.alive = True
-        message = protocol.decode(frames[0], f"server {server.address}")
         if isinstance(message, Batches):
-            self._on_batches(server, message, frames)
+            if places is None:
+                places, end = _layout(message, server)
+                if len(frames) != 2 or memoryview(frames[1]).nbytes != end:
+                    raise ProtocolError(
+                        f"server {server.address} sent a BATCHES message without its {end} bytes"
+                    )
+            self._on_batches(server, message, memoryview(frames[1]), places)
             return
         if isinstance(message, Pong):
             if message.workers and server.parent is None:
@@ -538,16 +589,14 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 return
         self._replies[step] = (message, 0, payload)
 
-    def _on_batches(self, server: _Server, message: Batches, frames: list[Any]) -> None:
-        """Consecutive steps' batches in one message: each is kept as a reply of its own."""
+    def _on_batches(
+        self, server: _Server, message: Batches, data: memoryview, places: list[tuple[int, int]]
+    ) -> None:
+        """Consecutive steps' batches in one message (array j's bytes at ``places[j]`` in ``data``): each is kept
+        as a reply of its own, the .ten frames ``[header, view of data, ...]`` of its arrays."""
         if message.gen != self._generation:
             return  # replies to requests made before the last load_state (never in shared memory)
-        first, count, width = message.step, message.count, 2 * message.arrays
-        if len(frames) - 1 != width * count:
-            raise ProtocolError(
-                f"server {server.address} sent {count} batches of {message.arrays} arrays in "
-                f"{len(frames) - 1} tensor frames; expected {width * count}"
-            )
+        first, count = message.step, message.count
         steps = range(first, first + count)
         server.outstanding.difference_update(steps)
         asked = self._asked
@@ -560,12 +609,14 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
                 f"server {server.address} now serves pipeline {message.fingerprint}, "
                 f"not {self.fingerprint}: it was restarted with a different configuration"
             )
-        replies, next_step = self._replies, self._next_step
-        start = 1
+        replies, next_step, tensors, arrays = self._replies, self._next_step, message.tensors, message.arrays
         for index, step in enumerate(steps):
             if step >= next_step and step not in replies:
-                replies[step] = (message, index, frames[start : start + width])
-            start += width
+                frames: list[Any] = []
+                for array in range(index * arrays, (index + 1) * arrays):
+                    offset, size = places[array]
+                    frames += (tensors[array], data[offset : offset + size])
+                replies[step] = (message, index, frames)
 
     def _release(self, server: _Server, frames: list[Any]) -> None:
         """Release the shared-memory slot of a reply that is dropped unread (late, or a duplicate)."""
@@ -758,6 +809,29 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         epoch = self._last_epoch if self._last_epoch is not None else _epoch_in(self._base.state) or 0
         self._restart(Base(epoch=epoch + 1))
         self._last_epoch = None
+
+
+def _layout(message: Batches, server: _Server) -> tuple[list[tuple[int, int]], int]:
+    """Where each array of a BATCHES message lies in its data frame, and the frame's length."""
+    sizes = []
+    for header in message.tensors:
+        size = codec.data_size(header)
+        if size is None:
+            raise ProtocolError(
+                f"server {server.address} sent a BATCHES message with a malformed .ten header"
+            )
+        sizes.append(size)
+    places = message.layout(sizes)
+    return places, places[-1][0] + places[-1][1] if places else 0
+
+
+def _drain(socket: zmq.Socket[Any]) -> int:
+    """Read and drop the rest of a message; return how many frames that was."""
+    dropped = 0
+    while socket.getsockopt(_RCVMORE):
+        socket.recv(copy=False)
+        dropped += 1
+    return dropped
 
 
 def _step_of(state: dict[str, Any]) -> int:

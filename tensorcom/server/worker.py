@@ -188,11 +188,12 @@ class RequestHandler:
             try:
                 if len(group) == 1:
                     header = group[0].encode()
-                elif group:
-                    header = Batches.of(group, arrays).encode()
-                if group:
                     size = len(header) + group_bytes + sum(map(len, group_frames[0::2]))
-                    replies.append(([header, *group_frames], len(group), size))
+                    replies.append(([header, *group_frames], 1, size))
+                elif group:
+                    tensors, data = Batches.pack(group_frames)
+                    header = Batches.of(group, arrays, tensors).encode()
+                    replies.append(([header, data], len(group), len(header) + len(data)))
             except Exception as error:  # a state msgpack cannot hold: each step of the group is an ERROR
                 replies.extend(_sized([self._failed(message, batch.step, error)], 1) for batch in group)
             group, group_frames, group_bytes = [], [], 0
