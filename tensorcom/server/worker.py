@@ -279,14 +279,16 @@ class RequestHandler:
             too_large = replace(message, step=step, count=1).oversized(frames)
         if too_large is not None and not message.shm:
             raise ConfigError(too_large)
-        if arena is not None:
+        nbytes = sum(sizes)
+        # a chunk's framing adds at most 127 bytes: below that bound the arena refuses the batch, so do not ask it
+        if arena is not None and nbytes + 128 * len(frames) >= arena.min_bytes:
             encoded = _encodable(header)  # before a slot is taken: this may fail
             descriptor = arena.put(frames)
             if descriptor is not None:
                 return header, encoded, [descriptor], -1
         if too_large is not None:
             raise ConfigError(too_large)
-        return header, None, frames, sum(sizes)
+        return header, None, frames, nbytes
 
     def _failed(self, message: AnyMessage, step: int, error: Exception) -> bytes:
         """The ERROR answering step ``step`` of ``message`` that raised ``error`` (the pipeline is forgotten)."""
