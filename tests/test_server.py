@@ -157,14 +157,16 @@ def test_run_stops_after_count_batches_and_answers_the_requests_it_holds(
     thread, result = in_thread(lambda: server.run(count=4))
     thread.join(THREAD_SECONDS)
     assert result == [6]
-    steps = []
-    for _ in range(6):
+    steps: list[int] = []
+    while len(steps) < 6:  # small batches: several steps may come in one BATCHES message (grouped replies)
         assert dealer.poll(THREAD_SECONDS * 1000), f"replies for steps {steps} only"
         header, *frames = dealer.recv_multipart()
         message = Message.decode(header)
-        assert message.command == Command.BATCH and frames
-        steps.append(message.fields["step"])
+        assert message.command in (Command.BATCH, Command.BATCHES) and frames, message
+        count = len(message.fields["epochs"]) if message.command == Command.BATCHES else 1
+        steps += range(message.fields["step"], message.fields["step"] + count)
     assert steps == list(range(6))
+    assert not dealer.poll(100), "a reply beyond the six steps asked for"
 
 
 @pytest.mark.parametrize("kind", ["stream", "request"])
