@@ -18,7 +18,7 @@ import termios
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -159,7 +159,7 @@ class Endpoint:
     def cut(self, fd: int) -> None:
         """Shut one connection down (libzmq then closes it and drops what was queued for it; a connecting peer may
         come back later and starts afresh)."""
-        _shut_down(fd, self.address)
+        shut_down(fd, self.address)
 
     def check_handshakes(self) -> None:
         """Raise :class:`tensorcom.SecurityError` if the handshakes with the peer this socket connects to conclusively
@@ -274,7 +274,7 @@ class ConnectionScan:
 
     def cut(self, fd: int) -> None:
         """Shut the connection down (libzmq then closes it); see :meth:`Endpoint.cut`."""
-        _shut_down(fd, self.address)
+        shut_down(fd, self.address)
         if fd in self._current:
             self._cut.add(self._current[fd])
 
@@ -447,12 +447,18 @@ def send_frames(
                     socket.poll(int(_POLL_STEP * 1000), zmq.POLLOUT)
 
 
-def _shut_down(fd: int, address: str) -> None:
+def shut_down(fd: int, address: str, inode: int | None = None) -> bool:
+    """Shut connection ``fd`` down (libzmq then closes it and frees what it queued for it); with ``inode``, only if
+    the descriptor is still that connection and not a later one given the same number. Return whether it was."""
     try:
+        if inode is not None and os.fstat(fd).st_ino != inode:
+            return False
         with pysocket.socket(fileno=os.dup(fd)) as connection:
             connection.shutdown(pysocket.SHUT_RDWR)
     except OSError as error:  # closed meanwhile
         log.debug("could not shut down connection %d of %s: %s", fd, address, error)
+        return False
+    return True
 
 
 def _unsent(fd: int) -> int:
@@ -482,13 +488,28 @@ def _tcp_counter(fd: int, offset: int) -> int | None:
     return int(struct.unpack_from("Q", info, offset)[0])
 
 
-def receive_small(socket: zmq.Socket[Any], most: int, flags: int = 0) -> tuple[list[bytes], int]:
+@overload
+def receive_small(
+    socket: zmq.Socket[Any], most: int, flags: int = 0, *, copy: Literal[True] = True
+) -> tuple[list[bytes], int]: ...
+
+
+@overload
+def receive_small(
+    socket: zmq.Socket[Any], most: int, flags: int = 0, *, copy: Literal[False]
+) -> tuple[list[zmq.Frame], int]: ...
+
+
+def receive_small(
+    socket: zmq.Socket[Any], most: int, flags: int = 0, *, copy: bool = True
+) -> tuple[list[Any], int]:
     """Receive one multipart message of at most ``most`` frames (control messages, requests): ``(frames, extra)``
-    where ``extra`` counts the frames beyond ``most``, read one at a time and dropped, so a message of a million
-    empty frames costs its own bytes and never a list of a million objects. The caller refuses it when ``extra``."""
-    frames = [socket.recv(flags)]
+    where ``extra`` counts the frames beyond ``most``, read one at a time and dropped (each freed at once), so a
+    message of a million empty frames costs its own bytes and never a list of a million objects. The caller refuses
+    it when ``extra``. ``copy=False`` gives :class:`zmq.Frame` objects (whose connection can be asked for)."""
+    frames = [socket.recv(flags, copy=copy)]
     while len(frames) < most and socket.get(_RCVMORE):
-        frames.append(socket.recv(flags))
+        frames.append(socket.recv(flags, copy=copy))
     return frames, _drain(socket, flags)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import socket as pysocket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from typing import Any
 import zmq
 
 from tensorcom import protocol
+from tensorcom._net.transport import receive_small, shut_down
 from tensorcom.protocol import AnyMessage, Error, ErrorKind, Hello, Request
 
 __all__ = [
@@ -93,16 +93,8 @@ connection can make it hold is (RECEIVE_QUEUE + 1) messages: kept small, as the 
 
 def receive_bounded(socket: zmq.Socket[Any], most: int = MOST_FRAMES) -> tuple[list[zmq.Frame], int]:
     """Read one whole message from ``socket`` (which has one ready), keeping at most ``most`` frames; return them
-    and how many more were read and dropped one at a time (each freed at once: no list of them is built)."""
-    frames = [socket.recv(copy=False)]
-    while len(frames) < most and frames[-1].more:
-        frames.append(socket.recv(copy=False))
-    dropped = 0
-    more = frames[-1].more
-    while more:
-        more = socket.recv(copy=False).more  # about 0.6 µs a frame
-        dropped += 1
-    return frames, dropped
+    and how many more were read and dropped one at a time (about 0.6 µs a frame; no list of them is built)."""
+    return receive_small(socket, most, copy=False)
 
 
 def connection_of(frame: zmq.Frame) -> tuple[int, int] | None:
@@ -115,20 +107,10 @@ def connection_of(frame: zmq.Frame) -> tuple[int, int] | None:
         return None
 
 
-def cut_connection(connection: tuple[int, int] | None) -> bool:
+def cut_connection(connection: tuple[int, int] | None, address: str = "a client") -> bool:
     """Shut a connection down if it is still the one recorded (libzmq then closes it and frees what it queued
     for it); return whether it was."""
-    if connection is None:
-        return False
-    fd, inode = connection
-    try:
-        if os.fstat(fd).st_ino != inode:
-            return False
-        with pysocket.socket(fileno=os.dup(fd)) as duplicate:
-            duplicate.shutdown(pysocket.SHUT_RDWR)
-    except OSError:
-        return False
-    return True
+    return connection is not None and shut_down(connection[0], address, connection[1])
 
 
 @dataclass(slots=True)
