@@ -60,7 +60,7 @@ server reads before it knows a request is well formed, and what tests use to bui
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, ClassVar, Self
@@ -508,8 +508,9 @@ class Batch:
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
-        # One per batch on every client: the checks are written out, not calls to the helpers above. Positions
-        # are not bounded by MAX_INTEGER: a server counts on from the state it was given, which may be that high.
+        # One per batch on every client: the checks are written out, not calls to the helpers above (but for the
+        # labels, shared with BATCHES). Positions are not bounded by MAX_INTEGER: a server counts on from the state
+        # it was given, which may be that high.
         command, get = Command.BATCH, fields.get
         gen, step, epoch = get("gen", 0), get("step", _MISSING), get("epoch")
         if type(gen) is not int:
@@ -521,18 +522,10 @@ class Batch:
         indices = get("indices", [])
         if not _integers(indices):
             raise _field_error(command, source, "indices", "a list of integers", indices)
-        fingerprint, server, seed = get("fingerprint"), get("server"), get("seed")
-        if fingerprint is not None and type(fingerprint) is not str:
-            raise _field_error(command, source, "fingerprint", "a string or nil", fingerprint)
-        if server is not None and type(server) is not str:
-            raise _field_error(command, source, "server", "a string or nil", server)
+        seed = get("seed")
         if seed is not None and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
             raise _field_error(command, source, "seed", f"an integer in [0, {MAX_SEED}] or nil", seed)
-        kind, keys = get("kind", _MISSING), get("keys")
-        if type(kind) is not str or kind not in _BATCH_KINDS:
-            raise _field_error(command, source, "kind", f"one of {', '.join(_BATCH_KINDS)}", kind)
-        if keys is not None and (type(keys) is not list or not all(type(key) is str for key in keys)):
-            raise _field_error(command, source, "keys", "a list of strings", keys)
+        fingerprint, server, kind, keys = _batch_labels(command, source, get)
         return cls(
             gen=gen,
             step=step,
@@ -717,16 +710,7 @@ class Batches:
                 f"{count * arrays} .ten headers ({count} x {arrays} arrays)",
                 tensors,
             )
-        fingerprint, server = get("fingerprint"), get("server")
-        if fingerprint is not None and type(fingerprint) is not str:
-            raise _field_error(command, source, "fingerprint", "a string or nil", fingerprint)
-        if server is not None and type(server) is not str:
-            raise _field_error(command, source, "server", "a string or nil", server)
-        kind, keys = get("kind", _MISSING), get("keys")
-        if type(kind) is not str or kind not in _BATCH_KINDS:
-            raise _field_error(command, source, "kind", f"one of {', '.join(_BATCH_KINDS)}", kind)
-        if keys is not None and (type(keys) is not list or not all(type(key) is str for key in keys)):
-            raise _field_error(command, source, "keys", "a list of strings", keys)
+        fingerprint, server, kind, keys = _batch_labels(command, source, get)
         return cls(
             gen=gen,
             step=step,
@@ -742,6 +726,24 @@ class Batches:
             kind=kind,
             keys=keys,
         )
+
+
+def _batch_labels(
+    command: Command, source: str, get: Callable[..., Any]
+) -> tuple[str | None, str | None, str, list[str] | None]:
+    """The checked ``fingerprint``, ``server``, ``kind`` and ``keys`` of a BATCH or BATCHES header (``get`` is its
+    fields' ``get``)."""
+    fingerprint, server = get("fingerprint"), get("server")
+    if fingerprint is not None and type(fingerprint) is not str:
+        raise _field_error(command, source, "fingerprint", "a string or nil", fingerprint)
+    if server is not None and type(server) is not str:
+        raise _field_error(command, source, "server", "a string or nil", server)
+    kind, keys = get("kind", _MISSING), get("keys")
+    if type(kind) is not str or kind not in _BATCH_KINDS:
+        raise _field_error(command, source, "kind", f"one of {', '.join(_BATCH_KINDS)}", kind)
+    if keys is not None and (type(keys) is not list or not all(type(key) is str for key in keys)):
+        raise _field_error(command, source, "keys", "a list of strings", keys)
+    return fingerprint, server, kind, keys
 
 
 def _all_bytes(values: list[Any]) -> bool:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import factories
 import pytest
 from helpers import MakeSocket, Processes, StartProcess, TrackedContext, close_and_term, serve
 from reliability import Keys
+
+from tensorcom.server.request import RequestServer
 
 
 @pytest.fixture
@@ -87,3 +92,24 @@ def no_key_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 def keys(tmp_path: Path) -> Keys:
     """CURVE key files from `tensorcom keygen` under the test's temporary folder (see reliability.Keys)."""
     return Keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def serving() -> Iterator[Callable[..., RequestServer]]:
+    """Start a RequestServer in a thread of this process: ``serving(url="zrep://127.0.0.1:0", factory=
+    factories.small, **options) -> server``; each is stopped and its thread joined at teardown."""
+    started: list[tuple[RequestServer, threading.Thread]] = []
+
+    def start(
+        url: str = "zrep://127.0.0.1:0", factory: Any = factories.small, **options: Any
+    ) -> RequestServer:
+        server = RequestServer(factory, url, **options)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.stop()
+        thread.join(timeout=30)

@@ -18,25 +18,6 @@ from helpers import assert_same_batches, wait_until
 from tensorcom import ConfigError, Connection, Server, Timeout
 from tensorcom.client._base import MAX_DEFAULT_IO_THREADS, default_io_threads
 from tensorcom.client.request import EXPECTED_WORKERS
-from tensorcom.server.request import RequestServer
-
-
-@pytest.fixture
-def serving() -> Iterator[Any]:
-    """Start a RequestServer in a thread: ``serving(url, **options) -> server``; stopped at teardown."""
-    started: list[tuple[RequestServer, threading.Thread]] = []
-
-    def start(url: str = "zrep://127.0.0.1:0", **options: Any) -> RequestServer:
-        server = RequestServer(options.pop("factory", factories.small), url, **options)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.stop()
-        thread.join(timeout=30)
 
 
 def reference(count: int, seed: int, factory: Any = factories.small) -> list[Any]:

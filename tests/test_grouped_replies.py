@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,29 +17,10 @@ from helpers import assert_same_batch, assert_same_batches, wait_until
 
 from tensorcom import Connection, codec, protocol
 from tensorcom.protocol import Base, Batch, Batches, Error, ErrorKind, Hello, Request, Welcome, rebuild_batch
-from tensorcom.server.request import RequestServer
 
 RECEIVE_MS = 30_000
 ENDLESS = functools.partial(factories.small, n=400, repeating=True)
 SLOW = functools.partial(factories.big, nbytes=1 << 10, delay=0.02)  # 40 ms a batch of 2 samples: 1 kB each
-
-
-@pytest.fixture
-def serving() -> Iterator[Any]:
-    """Start a RequestServer in a thread: ``serving(factory, **options) -> server``; stopped at teardown."""
-    started: list[tuple[RequestServer, threading.Thread]] = []
-
-    def start(factory: Any, **options: Any) -> RequestServer:
-        server = RequestServer(factory, "zrep://127.0.0.1:0", **options)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.stop()
-        thread.join(timeout=30)
 
 
 def reference(factory: Any, count: int, seed: int) -> tuple[list[Any], list[Any]]:
@@ -125,7 +105,7 @@ def test_a_group_of_four_arrives_as_one_message_and_splits_into_the_exact_batche
     """A REQUEST for steps 5..8 of small batches is answered by exactly one message, a BATCHES of 4 whose split
     batches and rebuilt states are the pipeline's own, byte for byte: from a worker to its direct client, from a
     worker through the front end, and from a server without workers."""
-    server = serving(ENDLESS, workers=workers, direct=direct)
+    server = serving(factory=ENDLESS, workers=workers, direct=direct)
     front = server.client_urls[0].replace("zreq://", "tcp://")
     if direct:
         assert wait_until(lambda: server._worker_addresses(0), seconds=60), "the worker never became ready"
@@ -150,7 +130,7 @@ def test_a_group_of_four_arrives_as_one_message_and_splits_into_the_exact_batche
 def test_a_failing_step_inside_a_group_is_an_error_of_its_own(serving: Any, dealer: Any) -> None:
     """Steps 2..5 where step 3 fails: step 2 comes as a BATCH, step 3 as a pipeline ERROR for that step only, and
     steps 4 and 5 together as a BATCHES of 2; their batches are the pipeline's."""
-    server = serving(factories.failing, workers=0)
+    server = serving(factory=factories.failing, workers=0)
     address = server.client_urls[0].replace("zreq://", "tcp://")
     socket = dealer(address)
     greeted(socket, address, seed=0)
@@ -170,7 +150,7 @@ def test_a_failing_step_inside_a_group_is_an_error_of_its_own(serving: Any, deal
 def test_state_after_every_batch_of_a_group_resumes_exactly(serving: Any) -> None:
     """state() taken after each of 16 batches, those in the middle of a group included, makes a new connection
     continue with exactly the batches that followed."""
-    server = serving(ENDLESS, workers=1)
+    server = serving(factory=ENDLESS, workers=1)
     url = server.client_urls[0]
     expected, _ = reference(ENDLESS, 20, seed=5)
     states, places = [], []
@@ -194,7 +174,7 @@ def test_a_worker_killed_in_the_middle_of_groups_loses_and_repeats_nothing(
     """SIGKILL the only worker while it computes a group (40 ms a batch, 16 steps asked at once): the steps it
     owed are asked again (by the client, or given to the restarted worker by the front end) and the stream is
     exactly the pipeline's, each batch once and in order."""
-    server = serving(SLOW, workers=1, direct=direct)
+    server = serving(factory=SLOW, workers=1, direct=direct)
     count = 40
     expected, _ = reference(SLOW, count, seed=9)
     with Connection(server.client_urls[0], seed=9, timeout=60, heartbeat=0.2) as connection:

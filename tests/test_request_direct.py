@@ -7,8 +7,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +15,12 @@ import pytest
 from helpers import assert_same_batches, wait_until
 
 from tensorcom import Connection
-from tensorcom.server.request import RequestServer
 
 
 def reference(count: int, seed: int, factory: Any = factories.small) -> list[Any]:
     """The first ``count`` batches of the pipeline for ``seed`` (rank 0 of 1)."""
     with factory(seed=seed, rank=0, world_size=1) as pipeline:
         return [next(pipeline) for _ in range(count)]
-
-
-@pytest.fixture
-def serving() -> Iterator[Any]:
-    """Start a RequestServer in a thread: ``serving(url, **options) -> server``; stopped at teardown."""
-    started: list[tuple[RequestServer, threading.Thread]] = []
-
-    def start(url: str, **options: Any) -> RequestServer:
-        server = RequestServer(options.pop("factory", factories.small), url, **options)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.stop()
-        thread.join(timeout=30)
 
 
 def workers_used(connection: Any) -> list[Any]:
