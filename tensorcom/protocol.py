@@ -495,16 +495,7 @@ class Batch:
         header["indices"] = self.indices
         if self.state is not None:
             header["state"] = self.state
-        if self.fingerprint is not None:
-            header["fingerprint"] = self.fingerprint
-        if self.server is not None:
-            header["server"] = self.server
-        if self.seed is not None:
-            header["seed"] = self.seed
-        header["kind"] = self.kind
-        if self.keys is not None:
-            header["keys"] = self.keys
-        return _pack(header)
+        return _pack_with_labels(header, self.fingerprint, self.server, self.seed, self.kind, self.keys)
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
@@ -658,14 +649,7 @@ class Batches:
             header["state"] = self.state
             header["changes"] = self.changes
         header["tensors"] = self.tensors
-        if self.fingerprint is not None:
-            header["fingerprint"] = self.fingerprint
-        if self.server is not None:
-            header["server"] = self.server
-        header["kind"] = self.kind
-        if self.keys is not None:
-            header["keys"] = self.keys
-        return _pack(header)
+        return _pack_with_labels(header, self.fingerprint, self.server, None, self.kind, self.keys)
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any], source: str) -> Self:
@@ -726,6 +710,27 @@ class Batches:
             kind=kind,
             keys=keys,
         )
+
+
+def _pack_with_labels(
+    header: dict[str, Any],
+    fingerprint: str | None,
+    server: str | None,
+    seed: int | None,
+    kind: str,
+    keys: list[str] | None,
+) -> bytes:
+    """A BATCH or BATCHES header with its labels added last (those that are not nil), packed."""
+    if fingerprint is not None:
+        header["fingerprint"] = fingerprint
+    if server is not None:
+        header["server"] = server
+    if seed is not None:
+        header["seed"] = seed
+    header["kind"] = kind
+    if keys is not None:
+        header["keys"] = keys
+    return _pack(header)
 
 
 def _batch_labels(
