@@ -290,8 +290,8 @@ def test_a_zreq_client_that_keeps_every_batch_still_gets_them_all(tmp_path: Path
         thread.join(timeout=40)
 
 
-def _stream(url: str, count: int, shm_option: bool | None) -> None:
-    server = Server(None, url, queue=2, linger=20, shm=shm_option)
+def _stream(url: str, count: int, shm_option: bool | None, linger: float = 300) -> None:
+    server = Server(None, url, queue=2, linger=linger, shm=shm_option)
     for i in range(count):
         server.send(batch(i % 200, side=128))  # 393 kB: above shm.MIN_BYTES
     server.close()
@@ -340,20 +340,20 @@ def test_a_bound_server_feeds_shm_and_plain_clients_at_once(tmp_path: Path) -> N
     """A zrpush+ipc server with one client on its shm channel and one on its plain socket: each batch reaches one of
     them, both get batches, and the shm client's come through shared memory."""
     url = f"ipc://{tmp_path}/s"
+    # the server waits (linger) until both clients have gone: what it queued is not dropped while they read
     thread = threading.Thread(target=_stream, args=(f"zrpush+{url}", 40, None))
     thread.start()
-    fast = Connection(f"zrpull+{url}", timeout=5, queue=1)
-    plain = Connection(f"zrpull+{url}", timeout=5, queue=1, shm=False)
+    fast = Connection(f"zrpull+{url}", timeout=0.5, queue=1)
+    plain = Connection(f"zrpull+{url}", timeout=0.5, queue=1, shm=False)
     try:
         got: dict[str, list[str]] = {"fast": [], "plain": []}
-        idle = 0  # rounds in a row where neither got a batch (a batch left in a closing ipc pipe may be lost)
-        while len(got["fast"]) + len(got["plain"]) < 40 and idle < 4:  # in turn, so that each keeps taking
-            idle += 1
+        deadline = time.monotonic() + 120
+        # in turn with short waits, so that each keeps taking while the other has nothing queued
+        while len(got["fast"]) + len(got["plain"]) < 40 and time.monotonic() < deadline:
             for name, connection in (("fast", fast), ("plain", plain)):
                 if len(got["fast"]) + len(got["plain"]) < 40:
                     try:
                         got[name] += digests([connection.recv()])
-                        idle = 0
                     except Timeout:
                         pass
         assert got["fast"] and got["plain"]
