@@ -7,10 +7,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import factories
+import late_worker
 import pytest
 from helpers import assert_same_batches, wait_until
 
@@ -46,6 +48,29 @@ def test_replies_come_straight_from_the_workers(serving: Any, tmp_path: Path, tr
         through_workers = len(received) - server.served
     assert_same_batches(received, reference(len(received), 4, ENDLESS))
     assert through_workers > len(received) // 2, (through_workers, len(received))
+
+
+def test_a_worker_that_becomes_ready_late_is_announced_to_clients_at_once(
+    serving: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that becomes ready after a client's HELLO is named to that client in an unasked PONG, not at its
+    next PING (here an hour away): the client then sends it requests, and the stream is exactly the pipeline's."""
+    monkeypatch.setenv("TENSORCOM_TEST_LATE_WORKER", str(tmp_path))
+    server = serving("zrep://127.0.0.1:0", factory=late_worker.endless, workers=2, direct=True)
+    with Connection(server.client_urls[0], seed=5, timeout=60, heartbeat=3600) as connection:
+        received = [connection.recv() for _ in range(10)]
+        assert len(workers_used(connection)) == 1  # the second still waits at its import
+        assert not server._processes[0].ready or not server._processes[1].ready
+        (tmp_path / "gate").touch()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            len(workers_used(connection)) == 2 and all(worker.answered for worker in workers_used(connection))
+        ):
+            received.append(connection.recv())
+            time.sleep(0.01)
+        assert len(workers_used(connection)) == 2
+        assert all(worker.answered for worker in workers_used(connection))
+    assert_same_batches(received, reference(len(received), 5, late_worker.endless))
 
 
 def test_a_worker_killed_mid_stream_is_replaced_and_nothing_is_lost(serving: Any) -> None:

@@ -237,6 +237,9 @@ class RequestServer(Server, sockets=("ROUTER",)):
         self._arena: shm.Arena | None = None  # for batches computed here (workers=0)
         self._shm = shm.enabled()
         self._shm_clients: OrderedDict[tuple[int, bytes], None] = OrderedDict()
+        # the clients that greeted or pinged lately (newest last, at most max_clients): told at once when a worker
+        # becomes ready, rather than at their next PING (a second later, when all of start-up ran on one worker)
+        self._greeted: OrderedDict[tuple[int, bytes], None] = OrderedDict()
 
     def _addresses(self) -> list[tuple[ParsedURL, str]]:
         return [(endpoint.url, endpoint.address) for endpoint in self._frontends]
@@ -484,6 +487,8 @@ class RequestServer(Server, sockets=("ROUTER",)):
         except ProtocolError as error:
             self._answer(client, Error.refusing(header, ErrorKind.PROTOCOL, str(error), self.name))
             return
+        if self.direct and isinstance(message, Ping | Hello):
+            self._greet(client)
         if isinstance(message, Ping):
             workers = self._worker_addresses(index) if self.direct else None
             self._answer(client, Pong(server=self.name, workers=workers or None))
@@ -601,6 +606,8 @@ class RequestServer(Server, sockets=("ROUTER",)):
             log.debug(
                 "worker %s ready (%s)", identity.decode(), ", ".join(worker.addresses) or "via the front end"
             )
+            if self.direct:
+                self._announce_workers()
             return
         # [route, steps answered, header, *tensor frames]: one of the replies to the steps handed over with a ticket
         ticket = int(frames[1].bytes.split(b":", 2)[1])
@@ -634,6 +641,29 @@ class RequestServer(Server, sockets=("ROUTER",)):
         if self.direct and entry.hello:
             header = self._with_workers(header, peer.key[0])
         self._reply(peer, header, replies, steps)
+
+    def _greet(self, client: tuple[int, bytes]) -> None:
+        """Remember ``client`` as one to tell when a worker becomes ready (the newest ``max_clients``)."""
+        self._greeted[client] = None
+        self._greeted.move_to_end(client)
+        while len(self._greeted) > max(self._peers.max_clients, 1):
+            self._greeted.popitem(last=False)
+
+    def _announce_workers(self) -> None:
+        """Tell every client that greeted lately where the ready workers are, in an unasked PONG: a client then
+        spreads its requests over a worker that has just started (or replaced one) at once. Sent only where the
+        client's socket queue takes it (else its next PING tells it); a client that has gone is forgotten."""
+        for client in list(self._greeted):
+            addresses = self._worker_addresses(client[0])
+            if not addresses:
+                continue
+            pong = Pong(server=self.name, workers=addresses).encode()
+            try:
+                send_parts(self._frontends[client[0]].socket, [client[1], pong], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            except zmq.ZMQError:  # it has gone (EHOSTUNREACH)
+                del self._greeted[client]
 
     def _with_workers(self, header: bytes, index: int) -> bytes:
         """A worker's WELCOME with the addresses of this server's workers (see :meth:`_worker_addresses`)."""
