@@ -18,8 +18,8 @@ batches of torch tensors to the training process (this one):
 
 The transport share is the time one batch of that shape costs to move (encode, send, receive, decode) over zreq,
 measured with a server that has nothing to compute, as a fraction of one batch's time from the image server.
-Timing starts after the first batches, so process start-up is excluded. The three take turns, ``--repeat`` rounds;
-figures are medians and each ratio the median of the ratios within a round. ``--profile`` adds a per-image
+Timing starts after the first batches and a second of reading, so process start-up is excluded. The three take
+turns, ``--repeat`` rounds; figures are medians and each ratio the median of the ratios within a round. ``--profile`` adds a per-image
 breakdown (cProfile, one process) of both decodes: where the time goes and what limits the ratio. Run::
 
     python benchmarks/bench_imagenet.py               # about 40 s on 2 quiet cores
@@ -215,10 +215,19 @@ def _cpu_seconds() -> float:
     return total
 
 
+SETTLE_SECONDS = 1.0  # read after the first batch before timing: every worker process of every pipeline is up
+
+
 def rate_and_cpu(batches: Iterator[Any], count: int, warmup: int, batch_size: int) -> tuple[float, float]:
-    """Images per second over ``count`` batches after ``warmup`` batches, and the CPU milliseconds per image that
-    this process and its children (servers, workers) spent meanwhile: images per core, whatever else runs."""
-    for _ in range(warmup):
+    """Images per second over ``count`` batches after ``warmup`` batches and at least :data:`SETTLE_SECONDS`
+    after the first (a server's second worker may still be starting when its first answers), and the CPU
+    milliseconds per image that this process and its children (servers, workers) spent meanwhile: images per
+    core, whatever else runs."""
+    next(batches)
+    first = time.perf_counter()
+    for _ in range(warmup - 1):
+        next(batches)
+    while time.perf_counter() - first < SETTLE_SECONDS:
         next(batches)
     started, cpu = time.perf_counter(), _cpu_seconds()
     for _ in range(count):

@@ -107,6 +107,13 @@ def image_server_options(function: Function) -> Function:
             help="Send float32 normalised with the ImageNet mean/std (default uint8).",
         ),
         click.option(
+            "--exact-decode",
+            is_flag=True,
+            help="Decode JPEGs at full size with libjpeg's exact settings, as torchvision does (default: at 1/2, "
+            "1/4 or 1/8 size when the crop allows, with fast chroma upsampling; about 5 % less CPU per image, "
+            "0.2 levels of 255 apart on average).",
+        ),
+        click.option(
             "--augment/--no-augment",
             default=True,
             show_default=True,
@@ -175,6 +182,7 @@ def build_image_server(
     normalize: bool = False,
     augment: bool = True,
     shuffle: bool = True,
+    exact_decode: bool = False,
     benchmark: bool = False,
     workers: int = 2,
     seed: int = 0,
@@ -207,6 +215,7 @@ def build_image_server(
         "normalize": normalize,
         "augment": augment,
         "shuffle": shuffle,
+        "draft": not exact_decode,
     }
     ImageTransform(dataset, size, normalize=normalize, augment=augment)  # validate before opening sockets
     keys = {"server_key": server_key, "client_keys": client_keys, "report_interval": report_interval}
