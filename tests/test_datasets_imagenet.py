@@ -467,6 +467,25 @@ def test_directory_server_streams_the_in_process_pipeline_bit_for_bit(
     assert str(folder / "train" / CORRUPT) in log_file.read_text()
 
 
+def test_exact_decode_serves_the_exact_pipeline(
+    folder: Path, tmp_path: Path, start_process: StartProcess
+) -> None:
+    """serve-imagenet-dir --exact-decode sends the pipeline with ``draft=False`` bit for bit (its fingerprint
+    differs from the default's), which is not the default stream."""
+    args = ("-d", str(folder), "-b", str(BATCH), "--size", str(SIZE), "-w", "1", "-q", "--exact-decode")
+    process, url = start_image_server(start_process, "imagenet_dir", tmp_path / "server.log", *args)
+    with Connection(url, seed=3, timeout=30) as connection:
+        received = [connection.recv() for _ in range(4)]
+        state = connection.state()
+    process.terminate()
+    assert process.wait(timeout=20) == 0
+    assert_same_batches(received, reference(folder, seed=3, count=4, draft=False))
+    with directory_pipeline(directory=str(folder), seed=3, batch_size=BATCH, size=SIZE) as default:
+        assert default.state()["fingerprint"] != state["fingerprint"]
+        if HAVE_SIMPLEJPEG and HAVE_OPENCV:  # the default decodes 4:2:0 chroma fast: other pixels
+            assert not same_batches(received, [next(default) for _ in range(4)])
+
+
 def test_shard_server_sends_what_the_directory_server_sends(
     folder: Path, tmp_path: Path, start_process: StartProcess
 ) -> None:
