@@ -57,13 +57,17 @@ def test_stream_connection_honours_io_threads() -> None:
 
 
 def test_request_connection_honours_io_threads(serving: Any) -> None:
-    """A zreq connection's context has the threads asked for; its default counts the workers it expects."""
+    """A zreq connection's context has the threads asked for; by default one per worker connection it expects
+    (two per server), at most MAX_DEFAULT_IO_THREADS."""
     server = serving(workers=0)
-    with Connection(server.client_urls[0], io_threads=2, timeout=60) as connection:
-        assert io_threads_of(connection) == 2
+    with Connection(server.client_urls[0], io_threads=3, timeout=60) as connection:
+        assert io_threads_of(connection) == 3
         connection.recv()
+    assert EXPECTED_WORKERS == 2
+    with Connection(server.client_urls[0], timeout=60) as connection:
+        assert connection.io_threads == 2 and io_threads_of(connection) == 2
     with Connection([server.client_urls[0]] * 3, timeout=60) as connection:
-        assert io_threads_of(connection) == default_io_threads(3 * EXPECTED_WORKERS)
+        assert io_threads_of(connection) == MAX_DEFAULT_IO_THREADS == 4
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from tensorcom._net import shm as _shm
 from tensorcom._net.ratelog import RateLimitedLog
 from tensorcom._net.security import KeyPath
 from tensorcom._net.transport import MAX_BATCH_FRAME, PREALLOCATE, Endpoint, open_endpoint, receive
-from tensorcom.client._base import BatchInfo, Connection, default_io_threads
+from tensorcom.client._base import MAX_DEFAULT_IO_THREADS, BatchInfo, Connection
 from tensorcom.convert import ConverterSpec
 from tensorcom.errors import (
     ConfigError,
@@ -62,10 +62,12 @@ __all__ = ["RequestConnection", "default_rank_and_world_size"]
 log = logging.getLogger(__name__)
 _busy = RateLimitedLog(log, logging.WARNING)
 
-EXPECTED_WORKERS = 1
-"""Data sockets per server socket that the default number of I/O threads counts on. One, whatever the server's
-workers: they share the server's link, so a server's bytes are counted once (benchmarks/README.md, "Many servers
-into one rank")."""
+EXPECTED_WORKERS = 2
+"""Data sockets per server socket that the default number of I/O threads counts on: a server's workers (two by
+default, ``tensorcom serve -w 2``) each send on a connection of their own, and the default gives each such
+connection an I/O thread (up to :data:`~tensorcom.client._base.MAX_DEFAULT_IO_THREADS`). Two workers' 9.6 MB
+batches read by one I/O thread ran at 0.83-0.85 of one worker's rate over loopback tcp, at 1.0 with a thread each
+(benchmarks/README.md, "Many servers into one rank")."""
 _SMALL_BATCH = 1 << 20  # below this many bytes, requests go in groups (see RequestConnection)
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: an enum flag costs an enum construction per call
 _RCVMORE = int(zmq.RCVMORE)
@@ -259,8 +261,9 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
 
     def _default_io_threads(self, sockets: int) -> int:
         """The context exists before the servers name their workers, so count :data:`EXPECTED_WORKERS` sockets to
-        workers for each socket to a server (whose own traffic, once workers answer, is pings and requests)."""
-        return default_io_threads(sockets * EXPECTED_WORKERS)
+        workers for each socket to a server (whose own traffic, once workers answer, is pings and requests), and
+        give each of them an I/O thread, at most :data:`~tensorcom.client._base.MAX_DEFAULT_IO_THREADS`."""
+        return max(1, min(MAX_DEFAULT_IO_THREADS, sockets * EXPECTED_WORKERS))
 
     # state
 
