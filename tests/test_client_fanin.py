@@ -4,6 +4,7 @@ from its number of sockets) and striping one server over several sockets (``stri
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import zmq
 from helpers import assert_same_batches, wait_until
 
 from tensorcom import ConfigError, Connection, Server, Timeout
+from tensorcom.client import request as request_client
 from tensorcom.client._base import MAX_DEFAULT_IO_THREADS, default_io_threads
 from tensorcom.client.request import EXPECTED_WORKERS
 
@@ -56,18 +58,27 @@ def test_stream_connection_honours_io_threads() -> None:
         assert len(connection.endpoints) == 4 and io_threads_of(connection) == 2
 
 
-def test_request_connection_honours_io_threads(serving: Any) -> None:
+@pytest.mark.parametrize("cpus", [1, 2, 16])
+def test_request_connection_honours_io_threads(
+    serving: Any, monkeypatch: pytest.MonkeyPatch, cpus: int
+) -> None:
     """A zreq connection's context has the threads asked for; by default one per worker connection it expects
-    (two per server), at most MAX_DEFAULT_IO_THREADS."""
+    (two per server), at most MAX_DEFAULT_IO_THREADS and at most the CPUs it may run on."""
+    monkeypatch.setattr(request_client, "usable_cpus", lambda: cpus)
     server = serving(workers=0)
     with Connection(server.client_urls[0], io_threads=3, timeout=60) as connection:
         assert io_threads_of(connection) == 3
         connection.recv()
-    assert EXPECTED_WORKERS == 2
+    assert EXPECTED_WORKERS == 2 and MAX_DEFAULT_IO_THREADS == 4
     with Connection(server.client_urls[0], timeout=60) as connection:
-        assert connection.io_threads == 2 and io_threads_of(connection) == 2
+        assert connection.io_threads == io_threads_of(connection) == min(2, cpus)
     with Connection([server.client_urls[0]] * 3, timeout=60) as connection:
-        assert io_threads_of(connection) == MAX_DEFAULT_IO_THREADS == 4
+        assert io_threads_of(connection) == min(4, cpus)
+
+
+def test_usable_cpus_is_this_process_s_affinity() -> None:
+    """The CPU cap is the affinity mask's size (what taskset or a container's cpuset allows)."""
+    assert request_client.usable_cpus() == len(os.sched_getaffinity(0)) >= 1
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,8 @@ _busy = RateLimitedLog(log, logging.WARNING)
 EXPECTED_WORKERS = 2
 """Data sockets per server socket that the default number of I/O threads counts on: a server's workers (two by
 default, ``tensorcom serve -w 2``) each send on a connection of their own, and the default gives each such
-connection an I/O thread (up to :data:`~tensorcom.client._base.MAX_DEFAULT_IO_THREADS`). Two workers' 9.6 MB
+connection an I/O thread (up to :data:`~tensorcom.client._base.MAX_DEFAULT_IO_THREADS` and the CPUs the process may
+run on). Two workers' 9.6 MB
 batches read by one I/O thread ran at 0.83-0.85 of one worker's rate over loopback tcp, at 1.0 with a thread each
 (benchmarks/README.md, "Many servers into one rank")."""
 _SMALL_BATCH = 1 << 20  # below this many bytes, requests go in groups (see RequestConnection)
@@ -262,8 +263,9 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
     def _default_io_threads(self, sockets: int) -> int:
         """The context exists before the servers name their workers, so count :data:`EXPECTED_WORKERS` sockets to
         workers for each socket to a server (whose own traffic, once workers answer, is pings and requests), and
-        give each of them an I/O thread, at most :data:`~tensorcom.client._base.MAX_DEFAULT_IO_THREADS`."""
-        return max(1, min(MAX_DEFAULT_IO_THREADS, sockets * EXPECTED_WORKERS))
+        give each of them an I/O thread, at most :data:`~tensorcom.client._base.MAX_DEFAULT_IO_THREADS` and at most
+        the CPUs this process may run on (more threads than cores only take turns on them)."""
+        return max(1, min(MAX_DEFAULT_IO_THREADS, usable_cpus(), sockets * EXPECTED_WORKERS))
 
     # state
 
@@ -812,6 +814,14 @@ class RequestConnection(Connection, schemes=("zreq",), mode="deterministic reque
         epoch = self._last_epoch if self._last_epoch is not None else _epoch_in(self._base.state) or 0
         self._restart(Base(epoch=epoch + 1))
         self._last_epoch = None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform tells it, else the CPU count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _layout(message: Batches, server: _Server) -> tuple[list[tuple[int, int]], int]:
