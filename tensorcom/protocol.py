@@ -70,6 +70,8 @@ import msgpack
 from tensorcom.codec import ALIGNMENT as _ALIGNMENT
 from tensorcom.errors import ProtocolError
 
+_ZEROS = bytes(_ALIGNMENT)  # the padding between the arrays of a BATCHES data frame is cut from this
+
 __all__ = [
     "MAX_ARRAY_ITEMS",
     "MAX_CONTAINERS",
@@ -606,21 +608,21 @@ class Batches:
         )
 
     @staticmethod
-    def pack(frames: Sequence[Any]) -> tuple[list[bytes], bytearray]:
+    def pack(frames: Sequence[Any]) -> tuple[list[bytes], bytes]:
         """The ``tensors`` and the data frame for the .ten frames ``[hdr0, data0, hdr1, data1, ...]`` of the
-        batches of a group, one after the other (the data is copied into place, 64-byte aligned)."""
+        batches of a group, one after the other (the data is copied into place, 64-byte aligned, zeros between).
+        One pass over the bytes: a join writes each array once into a buffer it does not clear first."""
         tensors = [bytes(header) for header in frames[0::2]]
-        datas = [memoryview(data).cast("B") for data in frames[1::2]]
-        total = 0
-        for data in datas:
-            total = -(-total // _ALIGNMENT) * _ALIGNMENT + data.nbytes
-        buffer = bytearray(total)
+        pieces: list[Any] = []
         offset = 0
-        for data in datas:
-            offset = -(-offset // _ALIGNMENT) * _ALIGNMENT
-            buffer[offset : offset + data.nbytes] = data
-            offset += data.nbytes
-        return tensors, buffer
+        for data in frames[1::2]:
+            view = memoryview(data).cast("B")
+            padding = -offset % _ALIGNMENT
+            if padding:
+                pieces.append(_ZEROS[:padding])
+            pieces.append(view)
+            offset += padding + view.nbytes
+        return tensors, b"".join(pieces)
 
     def layout(self, sizes: Sequence[int]) -> list[tuple[int, int]]:
         """``(offset, length)`` in the data frame of each array, given each array's bytes (announced by its header
