@@ -66,9 +66,8 @@ EXPECTED_WORKERS = 2
 """Data sockets per server socket that the default number of I/O threads counts on: a server's workers (two by
 default, ``tensorcom serve -w 2``) each send on a connection of their own, and the default gives each such
 connection an I/O thread (up to :data:`~tensorcom.client._base.MAX_DEFAULT_IO_THREADS` and the CPUs the process may
-run on). Two workers' 9.6 MB
-batches read by one I/O thread ran at 0.83-0.85 of one worker's rate over loopback tcp, at 1.0 with a thread each
-(benchmarks/README.md, "Many servers into one rank")."""
+run on). Two workers' 9.6 MB batches read by one I/O thread ran at 0.83-0.85 of one worker's rate over loopback
+tcp, at 0.96-1.0 with a thread each (benchmarks/README.md, "Many servers into one rank")."""
 _SMALL_BATCH = 1 << 20  # below this many bytes, requests go in groups (see RequestConnection)
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: an enum flag costs an enum construction per call
 _RCVMORE = int(zmq.RCVMORE)
