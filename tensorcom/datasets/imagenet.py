@@ -15,8 +15,9 @@ per-sample generator, so a zreq stream is a pure function of (seed, epoch, rank,
 decoded at 1/2, 1/4 or 1/8 scale when the crop still covers the output size at that scale (simplejpeg where
 installed, with libjpeg's fast chroma upsampling; else Pillow's draft mode), see :class:`ImageTransform` for what
 that changes; crop, resize and flip are one OpenCV warp where OpenCV is installed (box-averaged when the crop is
-over 1.25 times the output, keeping Pillow's antialiasing), else one Pillow ``resize``. Output is uint8 HWC (or float32 normalised with the ImageNet mean and standard deviation) and an int64
-label; :func:`image_pipeline` writes each image straight into its batch array.
+over 1.25 times the output, keeping Pillow's antialiasing), else one Pillow ``resize``. Output is uint8 HWC (or
+float32 normalised with the ImageNet mean and standard deviation) and an int64 label; :func:`image_pipeline` writes
+each image straight into its batch array.
 
 **Unreadable images.** A sample whose file cannot be read or decoded is replaced by the next readable sample in
 index order (``i + 1``, ``i + 2``, ... modulo the dataset size), with the augmentation parameters sample ``i``
