@@ -19,8 +19,9 @@ batches of torch tensors to the training process (this one):
 The transport share is the time one batch of that shape costs to move (encode, send, receive, decode) over zreq,
 measured with a server that has nothing to compute, as a fraction of one batch's time from the image server.
 Timing starts after the first batches and a second of reading, so process start-up is excluded. The three take
-turns, ``--repeat`` rounds; figures are medians and each ratio the median of the ratios within a round. ``--profile`` adds a per-image
-breakdown (cProfile, one process) of both decodes: where the time goes and what limits the ratio. Run::
+turns, ``--repeat`` rounds; figures are medians and each ratio the median of the ratios within a round.
+``--profile`` adds a per-image breakdown (cProfile, one process) of both decodes: where the time goes and what
+limits the ratio. Run::
 
     python benchmarks/bench_imagenet.py               # about 40 s on 2 quiet cores
     python benchmarks/bench_imagenet.py --quick       # about 15 s

@@ -653,13 +653,17 @@ class RequestServer(Server, sockets=("ROUTER",)):
         """Tell every client that greeted lately where the ready workers are, in an unasked PONG: a client then
         spreads its requests over a worker that has just started (or replaced one) at once. Sent only where the
         client's socket queue takes it (else its next PING tells it); a client that has gone is forgotten."""
+        pongs: dict[int, bytes | None] = {}  # one PONG per front-end URL, whatever the number of clients
         for client in list(self._greeted):
-            addresses = self._worker_addresses(client[0])
-            if not addresses:
+            index = client[0]
+            if index not in pongs:
+                addresses = self._worker_addresses(index)
+                pongs[index] = Pong(server=self.name, workers=addresses).encode() if addresses else None
+            pong = pongs[index]
+            if pong is None:
                 continue
-            pong = Pong(server=self.name, workers=addresses).encode()
             try:
-                send_parts(self._frontends[client[0]].socket, [client[1], pong], flags=zmq.NOBLOCK)
+                send_parts(self._frontends[index].socket, [client[1], pong], flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass
             except zmq.ZMQError:  # it has gone (EHOSTUNREACH)
